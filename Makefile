@@ -1,0 +1,48 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each sets itself up first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fdpipe-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test bench setup data clean help
+
+help:
+	@echo "make demo   set up, then run extract -> distill -> finetune on Fashion-MNIST (see README)"
+	@echo "make test   set up, then run the full test suite"
+	@echo "make bench  set up, then run the benchmarks in bench/ (writes bench/results/*.json)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[demo,s3,test]"
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package. Without apt, point FDPIPE_DATA at a folder
+# holding the four *-idx?-ubyte.gz files instead.
+data:
+	@if [ -z "$$FDPIPE_DATA" ] && [ ! -f $(FMNIST)/t10k-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; \
+	  else \
+	    echo "error: apt-get is unavailable; put the Fashion-MNIST *.gz files in a folder and set FDPIPE_DATA to it"; exit 1; \
+	  fi; \
+	fi
+
+demo: setup
+	$(BIN)/fdpipe demo --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) bench/results .pytest_cache

@@ -1,0 +1,165 @@
+"""The augmentation plan: (key, view) -> seed -> crop parameters, and applying them.
+
+A stored target only means something together with the exact crop it was computed on, so parameters are a pure
+function of (plan.seed, key, view) drawn from a private Philox stream, never from a global RNG. Parameters live in
+pixels of the original image; every consumer applies the same box and only differs in the final resize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+POLICY_NAME = "fd-rrc-flip"
+POLICY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """One view's crop box in pixels of the original image, plus the horizontal flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AugParams":
+        return cls(int(d["top"]), int(d["left"]), int(d["height"]), int(d["width"]), bool(d["flip"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "AugParams":
+        return cls.from_dict(json.loads(s))
+
+
+def view_seed(plan_seed: int, key: str, view: int) -> int:
+    """64-bit seed of one (key, view): stable across processes, machines and Python versions."""
+    digest = hashlib.blake2b(f"{plan_seed}/{key}/{view}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def sample_resized_crop(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng`: 10 attempts, then the centre crop."""
+    height, width = size
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _size2(size: int | Sequence[int]) -> list[int]:
+    return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+def interpolation_mode(name: str | InterpolationMode) -> InterpolationMode:
+    """timm's pretrained_cfg names ('bicubic', 'bilinear', ...) as torchvision modes."""
+    return name if isinstance(name, InterpolationMode) else InterpolationMode(name)
+
+
+@dataclass(frozen=True)
+class AugmentationPlan:
+    """V views per image, each a RandomResizedCrop + flip drawn from its own seed (the FD policy, no colour jitter)."""
+
+    seed: int = 0
+    views: int = 8
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    policy: str = field(default=POLICY_NAME)
+    policy_version: int = field(default=POLICY_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+        object.__setattr__(self, "ratio", tuple(float(r) for r in self.ratio))
+
+    def view_seed(self, key: str, view: int) -> int:
+        return view_seed(self.seed, key, view)
+
+    def sample(self, key: str, view: int, size: tuple[int, int]) -> AugParams:
+        """Parameters of `view` of image `key` whose original (height, width) is `size`."""
+        rng = np.random.Generator(np.random.Philox(self.view_seed(key, view)))
+        top, left, h, w = sample_resized_crop(rng, size, self.scale, self.ratio)
+        flip = bool(rng.random() < self.flip_p)
+        return AugParams(top, left, h, w, flip)
+
+    @staticmethod
+    def apply(
+        image: Image.Image | torch.Tensor,
+        params: AugParams,
+        size: int | Sequence[int],
+        interpolation: str | InterpolationMode = "bicubic",
+    ) -> Image.Image | torch.Tensor:
+        """Crop the stored box, resize to `size` with the consumer's interpolation, then flip if the view says so."""
+        out = TF.resized_crop(
+            image, params.top, params.left, params.height, params.width, _size2(size),
+            interpolation=interpolation_mode(interpolation), antialias=True,
+        )
+        return TF.horizontal_flip(out) if params.flip else out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AugmentationPlan":
+        d = dict(d)
+        if d.get("policy", POLICY_NAME) != POLICY_NAME or int(d.get("policy_version", POLICY_VERSION)) > POLICY_VERSION:
+            from .errors import FdpipeError
+
+            raise FdpipeError(
+                f"augmentation policy {d.get('policy')} v{d.get('policy_version')} is unknown to this fdpipe "
+                f"({POLICY_NAME} v{POLICY_VERSION}); upgrade fdpipe"
+            )
+        return cls(
+            seed=int(d["seed"]), views=int(d["views"]), scale=tuple(d["scale"]), ratio=tuple(d["ratio"]),
+            flip_p=float(d["flip_p"]), policy=d.get("policy", POLICY_NAME),
+            policy_version=int(d.get("policy_version", POLICY_VERSION)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "AugmentationPlan":
+        return cls.from_dict(json.loads(s))

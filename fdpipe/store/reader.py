@@ -1,0 +1,165 @@
+"""Reading a store: random access by (image_idx, view) for zarr, streaming by shard for wds.
+
+Both give float32 targets (dequantized as the manifest says) together with the index row(s) they belong to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from ..augment import AugmentationPlan, AugParams
+from ..errors import IncompleteStoreError, StoreError
+from . import index as index_mod
+from . import layouts
+from .fs import StoreLocation
+from .manifest import DRAFT, MANIFEST, check_integrity, check_version
+from .quantize import get_quantizer
+
+
+@dataclass
+class ImageTargets:
+    """All V views of one image: float32 targets [V, *target_shape] and the V index rows."""
+
+    image_idx: int
+    key: str
+    label: int | None
+    targets: np.ndarray
+    rows: list[dict[str, Any]]
+
+
+def open_store(url: str, storage_options: dict | None = None) -> "Store":
+    """Open a complete store; one clear line for every way that can fail."""
+    loc = StoreLocation(url, storage_options or {})
+    try:
+        exists = loc.exists()
+        has_manifest = exists and loc.exists(MANIFEST)
+    except (PermissionError, OSError) as e:
+        raise StoreError(f"cannot reach {url}: {e}; check the URL and credentials") from None
+    if not exists:
+        raise StoreError(f"no store at {url}: the path does not exist")
+    if not has_manifest:
+        if loc.exists(DRAFT):
+            raise IncompleteStoreError(
+                f"incomplete store: {url} has no manifest.json; run `fdpipe extract` again to resume "
+                "(or `fdpipe store finalize` once every shard is committed)"
+            )
+        raise StoreError(f"{url} is not an fdpipe store (no manifest.json); point at a directory made by fdpipe extract")
+    raw = loc.read_bytes(MANIFEST)
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise StoreError(f"{loc.path(MANIFEST)} is not valid JSON; the manifest is corrupt") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{loc.path(MANIFEST)} is not a manifest object; the manifest is corrupt")
+    check_version(manifest, loc.path(MANIFEST))
+    check_integrity(manifest, raw, loc.path(MANIFEST))
+    return Store(loc, manifest)
+
+
+class Store:
+    def __init__(self, loc: StoreLocation, manifest: dict[str, Any]):
+        self.loc = loc
+        self.manifest = manifest
+        self.quantizer = get_quantizer(manifest["dtype"])
+
+    # ---------------------------------------------------------------------------------------------- description
+    url = property(lambda self: self.loc.url)
+    layout = property(lambda self: self.manifest["layout"])
+    num_images = property(lambda self: int(self.manifest["num_images"]))
+    views = property(lambda self: int(self.manifest["views"]))
+    shard_size = property(lambda self: int(self.manifest["shard_size"]))
+    target_shape = property(lambda self: tuple(self.manifest["target_shape"]))
+    teacher = property(lambda self: self.manifest["teacher"])
+    fingerprint = property(lambda self: self.manifest["fingerprint"])
+    num_shards = property(lambda self: len(self.manifest["shards"]))
+
+    @property
+    def plan(self) -> AugmentationPlan:
+        return AugmentationPlan.from_dict(self.manifest["plan"])
+
+    def data_bytes(self) -> int:
+        return sum(f["bytes"] for s in self.manifest["shards"] for rel, f in s["files"].items()
+                   if not rel.startswith("index/"))
+
+    def bytes_per_view(self) -> float:
+        return self.data_bytes() / max(1, self.num_images * self.views)
+
+    # ------------------------------------------------------------------------------------------------------ index
+    def index_part(self, shard: int) -> pa.Table:
+        rel = index_mod.part_name(shard)
+        try:
+            return index_mod.decode(self.loc.read_bytes(rel))
+        except FileNotFoundError:
+            raise StoreError(f"{self.loc.path(rel)} is missing; the store is damaged (run `fdpipe store verify`)") from None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.loc.path(rel)} is not a readable parquet file ({e}); the store is damaged") from None
+
+    @cached_property
+    def index(self) -> pa.Table:
+        """All index rows, ordered by (image_idx, view): row image_idx*V + view."""
+        return pa.concat_tables([self.index_part(i) for i in range(self.num_shards)])
+
+    def row(self, image_idx: int, view: int) -> dict[str, Any]:
+        r = self.index.slice(image_idx * self.views + view, 1).to_pylist()[0]
+        assert r["image_idx"] == image_idx and r["view"] == view, "index out of order"
+        return r
+
+    # ---------------------------------------------------------------------------------------------------- targets
+    @cached_property
+    def _zarr(self):
+        if self.layout != "zarr":
+            raise StoreError(f"{self.url} is a wds store: random access needs zarr; "
+                             "convert it with `fdpipe store convert SRC DST --format zarr`")
+        g = layouts.zarr_open(self.loc)
+        return g["targets"], (g["scales"] if self.quantizer.has_scales else None)
+
+    def target(self, image_idx: int, view: int) -> np.ndarray:
+        """float32 target [*target_shape] of one view (zarr only)."""
+        t, s = self._zarr
+        return self.quantizer.dequantize(t[image_idx, view], None if s is None else s[image_idx, view])
+
+    def get(self, image_idx: int, view: int) -> tuple[np.ndarray, dict[str, Any]]:
+        return self.target(image_idx, view), self.row(image_idx, view)
+
+    def iter_images(self, shards: list[int] | None = None) -> Iterator[ImageTargets]:
+        """Stream every image of the given shards (all by default), in order, in either layout."""
+        for shard in range(self.num_shards) if shards is None else shards:
+            if self.layout == "wds":
+                yield from self._iter_wds_shard(shard)
+            else:
+                yield from self._iter_zarr_shard(shard)
+
+    def _iter_zarr_shard(self, shard: int) -> Iterator[ImageTargets]:
+        t, s = self._zarr
+        start = shard * self.shard_size
+        stop = min(start + self.shard_size, self.num_images)
+        values = self.quantizer.dequantize(t[start:stop], None if s is None else s[start:stop])
+        rows = self.index_part(shard).to_pylist()
+        v = self.views
+        for j in range(stop - start):
+            r = rows[j * v:(j + 1) * v]
+            yield ImageTargets(start + j, r[0]["key"], r[0]["label"], values[j], r)
+
+    def _iter_wds_shard(self, shard: int) -> Iterator[ImageTargets]:
+        for sample in layouts.wds_iter_shard(self.loc, shard):
+            rows = json.loads(sample["params.json"])
+            values = layouts.npy_load(sample["targets.npy"])
+            scales = layouts.npy_load(sample["scales.npy"]) if "scales.npy" in sample else None
+            yield ImageTargets(rows[0]["image_idx"], rows[0]["key"], rows[0]["label"],
+                               self.quantizer.dequantize(values, scales), rows)
+
+    def views_iter(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+        """Every (target [*target_shape], index row) of the store."""
+        for it in self.iter_images():
+            for v, r in enumerate(it.rows):
+                yield it.targets[v], r
+
+    @staticmethod
+    def params(row: dict[str, Any]) -> AugParams:
+        return AugParams.from_dict(row)

@@ -1,0 +1,94 @@
+"""`fdpipe store verify`: every file re-hashed, counts and shapes compared, and with --deep every target decoded."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import StoreError
+from . import index as index_mod
+from .reader import Store, open_store
+
+WHITENED_TOL = 0.05
+
+
+def _check_files(store: Store) -> Iterator[str]:
+    m = store.manifest
+    files = [(None, rel, meta) for rel, meta in m.get("metadata_files", {}).items()]
+    files += [(s["shard"], rel, meta) for s in m["shards"] for rel, meta in s["files"].items()]
+    for shard, rel, meta in files:
+        where = f"shard {shard}: {rel}" if shard is not None else rel
+        if not store.loc.exists(rel):
+            yield f"{where}: missing"
+            continue
+        nbytes, sha = store.loc.sha256(rel)
+        if nbytes != meta["bytes"]:
+            yield f"{where}: {nbytes} bytes, manifest says {meta['bytes']}"
+        elif sha != meta["sha256"]:
+            yield f"{where}: sha256 mismatch (the file is corrupt)"
+
+
+def _check_counts(store: Store) -> Iterator[str]:
+    m = store.manifest
+    if sum(s["images"] for s in m["shards"]) != store.num_images:
+        yield f"manifest.json: shards hold {sum(s['images'] for s in m['shards'])} images, expected {store.num_images}"
+    for s in m["shards"]:
+        try:
+            part = store.index_part(s["shard"])
+        except StoreError as e:
+            yield str(e)
+            continue
+        if part.num_rows != s["rows"]:
+            yield f"shard {s['shard']}: {index_mod.part_name(s['shard'])} has {part.num_rows} rows, expected {s['rows']}"
+    if store.layout == "zarr":
+        t, _ = store._zarr
+        want = (store.num_images, store.views, *store.target_shape)
+        if tuple(t.shape) != want:
+            yield f"targets.zarr/targets: shape {tuple(t.shape)}, expected {want}"
+
+
+def _check_values(store: Store, whitened: bool) -> Iterator[str]:
+    for it in store.iter_images():
+        ok = np.array([r["status"] in (None, "ok") for r in it.rows])
+        x = it.targets[ok]
+        if not np.isfinite(x).all():
+            yield f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key}) has non-finite targets"
+        elif whitened and x.size:
+            mean, var = x.mean(-1), x.var(-1)
+            bad = (np.abs(mean) > WHITENED_TOL) | ((np.abs(var - 1) > WHITENED_TOL) & (var > 1e-3))
+            if bad.any():
+                yield (f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key}) is not whitened "
+                       f"(token mean {float(mean.flat[np.argmax(bad)]):.3f}, var {float(var.flat[np.argmax(bad)]):.3f})")
+
+
+def verify_store(url: str, storage_options: dict | None = None, deep: bool = False) -> tuple[Store | None, list[str]]:
+    """All problems found, each naming the shard and file; an empty list means the store is intact."""
+    try:
+        store = open_store(url, storage_options)
+    except StoreError as e:
+        return None, [str(e)]
+    problems = list(_check_files(store))
+    if problems:
+        return store, problems
+    problems += _check_counts(store)
+    if deep and not problems:
+        whitened = bool(store.manifest.get("whitening")) and store.manifest.get("target") == "features"
+        problems += _check_values(store, whitened)
+    return store, problems
+
+
+def describe(store: Store) -> dict[str, Any]:
+    """What `fdpipe store info` prints."""
+    m, t = store.manifest, store.teacher
+    return {
+        "store": store.url, "complete": True, "layout": store.layout, "fingerprint": store.fingerprint,
+        "teacher": f"{t.get('alias') or t.get('timm_name')} ({t.get('timm_name')})", "layer": t.get("layer"),
+        "target": m["target"], "plan": m["plan"], "images": store.num_images, "views": store.views,
+        "failed images": m["counts"]["failed"], "shards": store.num_shards, "shard size": store.shard_size,
+        "T": t.get("tokens"), "C": t.get("channels"), "grid": t.get("grid"),
+        "prefix tokens": t.get("num_prefix_tokens"), "target shape": list(store.target_shape),
+        "dtype": m["dtype"], "size on disk": store.data_bytes() + sum(
+            f["bytes"] for s in m["shards"] for rel, f in s["files"].items() if rel.startswith("index/")),
+        "bytes per view": round(store.bytes_per_view(), 1),
+    }

@@ -1,0 +1,189 @@
+"""Writing a store: draft first, whole shards committed one by one, manifest last.
+
+A writer owns whole shards (zarr v3 has no locks; two writers in one shard lose rows). Each shard's files go to
+temporary names and are moved into place, then its `_progress` marker records their sizes and sha256. A resumed run
+skips shards whose marker is there and whose files still hash to it; any rank that finds every shard committed
+writes manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+from . import index as index_mod
+from . import layouts
+from .fs import StoreLocation, sha256_bytes
+from .manifest import DRAFT, MANIFEST, canonical, describe_value, first_difference, make_draft, make_final
+from .quantize import get_quantizer
+
+PROGRESS = "_progress"
+
+
+def progress_name(shard: int) -> str:
+    return f"{PROGRESS}/shard-{shard:05d}.json"
+
+
+def num_shards(num_images: int, shard_size: int) -> int:
+    return max(1, math.ceil(num_images / shard_size))
+
+
+def shard_range(shard: int, shard_size: int, num_images: int) -> tuple[int, int]:
+    return shard * shard_size, min((shard + 1) * shard_size, num_images)
+
+
+def shards_of_rank(n_shards: int, rank: int, world: int) -> list[int]:
+    """Rank r owns shards i with i % world == r (DESIGN.md "Scale")."""
+    return [i for i in range(n_shards) if i % world == rank]
+
+
+def default_shard_size(bytes_per_image: int, target_bytes: int = 768 << 20) -> int:
+    """Images per shard so that a shard holds about 0.5-1 GiB."""
+    return max(1, target_bytes // max(1, bytes_per_image))
+
+
+class StoreWriter:
+    """Creates or resumes a store with fixed settings and commits whole shards."""
+
+    def __init__(self, url: str, settings: dict[str, Any], storage_options: dict | None = None):
+        self.loc = StoreLocation(url, storage_options or {})
+        self.draft = make_draft(settings)
+        self.q = get_quantizer(settings["dtype"])
+        self.n = settings["num_images"]
+        self.v = settings["views"]
+        self.s = settings["shard_size"]
+        self.layout = settings["layout"]
+        self.num_shards = num_shards(self.n, self.s)
+
+    # -------------------------------------------------------------------------------------------------- opening
+    def open(self) -> set[int]:
+        """Write or check the draft; returns the shards already committed (all of them for a complete store)."""
+        loc = self.loc
+        if loc.exists(MANIFEST):
+            self._check_same(loc.read_json(MANIFEST), MANIFEST)
+        elif loc.exists(DRAFT):
+            self._check_same(loc.read_json(DRAFT), DRAFT)
+        else:
+            if loc.exists() and loc.ls(""):
+                raise StoreError(
+                    f"{loc.url} exists and is not an fdpipe store; choose a new or empty directory for --out"
+                )
+            try:
+                loc.put_atomic(DRAFT, canonical(self.draft))
+            except OSError as e:
+                raise StoreError(f"cannot write to {loc.url}: {e.strerror or e}; choose a writable --out") from None
+        if self.layout == "zarr":
+            for rel, data in layouts.zarr_metadata(self.draft, self.q).items():
+                if not loc.exists(rel):
+                    loc.put_atomic(rel, data)
+        return {i for i in range(self.num_shards) if self.is_committed(i)}
+
+    def _check_same(self, existing: dict[str, Any], name: str) -> None:
+        old = {k: existing.get(k) for k in self.draft}
+        diff = first_difference(old, self.draft)
+        if diff:
+            raise StoreError(
+                f"{self.loc.url} was made with other settings: {diff} is {describe_value(old, diff)!r} there, "
+                f"{describe_value(self.draft, diff)!r} now; use the original settings to resume, or another --out"
+            )
+
+    def is_committed(self, shard: int) -> bool:
+        """The marker exists and every file it names still has its recorded size and sha256."""
+        rel = progress_name(shard)
+        if not self.loc.exists(rel):
+            return False
+        try:
+            marker = self.loc.read_json(rel)
+            for f, meta in marker["files"].items():
+                if not self.loc.exists(f) or self.loc.sha256(f) != (meta["bytes"], meta["sha256"]):
+                    return False
+        except (StoreError, KeyError, TypeError):
+            return False
+        return True
+
+    # -------------------------------------------------------------------------------------------------- writing
+    def write_shard(self, shard: int, targets: np.ndarray, rows: list[dict[str, Any]],
+                    images: list[tuple[str, bytes] | None] | None = None) -> None:
+        """Commit one whole shard.
+
+        targets: float32 [n, V, *target_shape] (NaN for images that failed to decode).
+        rows:    n*V index rows, image-major, each with the index columns except `shard`.
+        images:  optional (extension, bytes) per image, embedded in wds shards.
+        """
+        start, stop = shard_range(shard, self.s, self.n)
+        n = stop - start
+        if targets.shape[:2] != (n, self.v) or len(rows) != n * self.v:
+            raise ValueError(f"shard {shard}: expected {n} images x {self.v} views, got {targets.shape} / {len(rows)}")
+        rows = [index_mod.normalize(r, shard=shard) for r in rows]
+        values, scales = self.q.quantize(targets)
+        files: dict[str, dict[str, Any]] = {}
+        if self.layout == "zarr":
+            for rel, data in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
+                self.loc.put_atomic(rel, data)
+                files[rel] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+        else:
+            samples = []
+            for j in range(n):
+                r = rows[j * self.v:(j + 1) * self.v]
+                samples.append(layouts.wds_sample(
+                    r[0]["key"], values[j], None if scales is None else scales[j], r, r[0].get("label"),
+                    images[j] if images else None,
+                ))
+            nbytes, sha = layouts.wds_write_shard(self.loc, shard, samples)
+            files[layouts.wds_shard_name(shard)] = {"bytes": nbytes, "sha256": sha}
+        part = index_mod.encode(rows)
+        self.loc.put_atomic(index_mod.part_name(shard), part)
+        files[index_mod.part_name(shard)] = {"bytes": len(part), "sha256": sha256_bytes(part)}
+        marker = {"shard": shard, "images": n, "rows": n * self.v,
+                  "failed": sum(1 for r in rows[::self.v] if r.get("status") not in (None, "ok")), "files": files}
+        self.loc.put_atomic(progress_name(shard), canonical(marker))
+
+    # ------------------------------------------------------------------------------------------------- finishing
+    def try_finalize(self) -> bool:
+        """Write manifest.json when every shard is committed (by any rank); True when the store is complete."""
+        if self.loc.exists(MANIFEST):
+            return True
+        if len(self.loc.ls(PROGRESS)) < self.num_shards:
+            return False
+        finalize(self.loc.url, self.loc.storage_options)
+        return True
+
+
+def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Build manifest.json from the draft and every shard's marker; refuses while a shard is missing."""
+    loc = StoreLocation(url, storage_options or {})
+    if loc.exists(MANIFEST):
+        return loc.read_json(MANIFEST)
+    if not loc.exists(DRAFT):
+        raise StoreError(f"{url} has no {DRAFT}: it is not an fdpipe store being written")
+    draft = loc.read_json(DRAFT)
+    n_shards = num_shards(draft["num_images"], draft["shard_size"])
+    missing = [i for i in range(n_shards) if not loc.exists(progress_name(i))]
+    if missing:
+        raise StoreError(
+            f"{url}: {len(missing)} of {n_shards} shards are not committed (first: {missing[0]}); "
+            "run `fdpipe extract` again to finish them"
+        )
+    shards, digest, counts = [], hashlib.sha256(), {"images": 0, "rows": 0, "failed": 0}
+    for i in range(n_shards):
+        marker = loc.read_json(progress_name(i))
+        shards.append({"shard": i, "images": marker["images"], "rows": marker["rows"], "files": marker["files"]})
+        for k in counts:
+            counts[k] += int(marker[k])
+        table = index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
+        for key, sha, view in zip(*(table.column(c).to_pylist() for c in ("key", "image_sha256", "view"))):
+            if view == 0:
+                digest.update(f"{key}\t{sha}\n".encode())
+    q = get_quantizer(draft["dtype"])
+    meta = {}
+    if draft["layout"] == "zarr":
+        for rel in layouts.zarr_metadata(draft, q):
+            nbytes, sha = loc.sha256(rel)
+            meta[rel] = {"bytes": nbytes, "sha256": sha}
+    manifest = make_final(draft, shards, meta, counts, digest.hexdigest())
+    loc.put_atomic(MANIFEST, canonical(manifest))
+    return manifest

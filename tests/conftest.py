@@ -1,0 +1,85 @@
+"""Shared fixtures: small real stores built through fdpipe's own writer, and the CLI runner."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)).astype(np.float32)
+
+
+def store_settings(layout: str = "zarr", dtype: str = "float16", n: int = 5, v: int = 2, t: int = 4, c: int = 8,
+                   s: int = 2, seed: int = 0, teacher: str = "synthetic") -> dict:
+    from fdpipe.augment import AugmentationPlan
+
+    return dict(
+        layout=layout, dtype=dtype, quantizer={"name": dtype}, target="features", num_images=n, views=v,
+        shard_size=s, target_shape=[t, c], data={"spec": "synthetic"},
+        teacher={"alias": teacher, "timm_name": teacher, "tokens": t, "channels": c, "grid": [2, 2],
+                 "num_prefix_tokens": 0},
+        whitening={"name": "layernorm-noaffine", "eps": 1e-6}, plan=AugmentationPlan(seed=seed, views=v).to_dict(),
+    )
+
+
+def shard_rows(settings: dict, shard: int) -> list[dict]:
+    from fdpipe.augment import AugmentationPlan
+
+    plan = AugmentationPlan.from_dict(settings["plan"])
+    s, n, v = settings["shard_size"], settings["num_images"], settings["views"]
+    rows = []
+    for i in range(shard * s, min((shard + 1) * s, n)):
+        key = f"img/{i:04d}"
+        for view in range(v):
+            p = plan.sample(key, view, (40 + i, 50))
+            rows.append(dict(image_idx=i, key=key, source=f"/data/{key}.png", label=i % 3, view=view,
+                             seed=plan.view_seed(key, view), **p.to_dict(), orig_height=40 + i, orig_width=50,
+                             image_sha256=f"{i:064x}", status="ok"))
+    return rows
+
+
+def write_store(url: str, settings: dict, targets: np.ndarray, shards: list[int] | None = None) -> None:
+    from fdpipe.store import StoreWriter, shard_range
+
+    w = StoreWriter(url, settings)
+    w.open()
+    for shard in range(w.num_shards) if shards is None else shards:
+        a, b = shard_range(shard, w.s, w.n)
+        w.write_shard(shard, targets[a:b], shard_rows(settings, shard))
+    w.try_finalize()
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    """Build a small complete store; returns (url, float32 targets written, settings)."""
+
+    def make(layout: str = "zarr", dtype: str = "float16", name: str | None = None, **kw):
+        settings = store_settings(layout, dtype, **kw)
+        n, v, (t, c) = settings["num_images"], settings["views"], settings["target_shape"]
+        targets = whitened(np.random.default_rng(kw.get("seed", 0)), (n, v, t, c))
+        url = str(tmp_path / (name or f"{layout}-{dtype}"))
+        write_store(url, settings, targets)
+        return url, targets, settings
+
+    return make
+
+
+@pytest.fixture
+def cli():
+    """Invoke the fdpipe CLI in-process; returns click's Result (exit_code, output)."""
+    from fdpipe.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

@@ -1,0 +1,83 @@
+"""The augmentation plan: deterministic per (seed, key, view), within its policy, and applied like torchvision."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from fdpipe.augment import AugmentationPlan, AugParams
+
+PLAN = AugmentationPlan(seed=7, views=4)
+
+
+def test_same_seed_key_view_gives_identical_params_in_another_process():
+    here = [PLAN.sample(f"k{i}", v, (240, 320)).to_dict() for i in range(20) for v in range(4)]
+    code = ("import json; from fdpipe.augment import AugmentationPlan as P; p=P(seed=7, views=4); "
+            "print(json.dumps([p.sample(f'k{i}', v, (240, 320)).to_dict() for i in range(20) for v in range(4)]))")
+    there = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert here == there
+
+
+def test_different_views_keys_and_seeds_give_different_params():
+    base = PLAN.sample("a", 0, (240, 320))
+    assert PLAN.sample("a", 1, (240, 320)) != base
+    assert PLAN.sample("b", 0, (240, 320)) != base
+    assert AugmentationPlan(seed=8, views=4).sample("a", 0, (240, 320)) != base
+    seeds = {PLAN.view_seed(f"k{i}", v) for i in range(200) for v in range(4)}
+    assert len(seeds) == 800
+
+
+def test_params_stay_within_the_policy_over_10000_samples():
+    h, w = 300, 400
+    ps = [PLAN.sample(f"img{i}", i % 4, (h, w)) for i in range(10_000)]
+    area = np.array([p.height * p.width / (h * w) for p in ps])
+    ratio = np.array([p.width / p.height for p in ps])
+    assert area.min() >= 0.08 * 0.97 and area.max() <= 1.0
+    assert ratio.min() >= 0.75 * 0.97 and ratio.max() <= (4 / 3) * 1.03
+    assert all(0 <= p.top and p.top + p.height <= h and 0 <= p.left and p.left + p.width <= w for p in ps)
+    assert abs(np.mean([p.flip for p in ps]) - 0.5) <= 0.02
+    assert area.std() > 0.1  # really random, not a constant box
+
+
+def test_plan_and_params_survive_json():
+    assert AugmentationPlan.from_json(PLAN.to_json()) == PLAN
+    p = PLAN.sample("x", 3, (50, 60))
+    assert AugParams.from_json(p.to_json()) == p
+    assert AugParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+@pytest.fixture
+def photo():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_apply_is_repeatable_and_matches_torchvision_resized_crop(photo, flip):
+    p = AugParams(top=10, left=20, height=50, width=70, flip=flip)
+    a = np.asarray(PLAN.apply(photo, p, 32, "bicubic"))
+    b = np.asarray(PLAN.apply(photo, p, 32, "bicubic"))
+    ref = TF.resized_crop(photo, 10, 20, 50, 70, [32, 32], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    ref = np.asarray(TF.horizontal_flip(ref) if flip else ref)
+    assert a.shape == (32, 32, 3)
+    assert np.array_equal(a, b) and np.array_equal(a, ref)
+
+
+def test_apply_on_uint8_tensor_matches_the_pil_path_box(photo):
+    p = AugParams(top=5, left=5, height=40, width=40, flip=True)
+    t = torch.from_numpy(np.asarray(photo)).permute(2, 0, 1).contiguous()
+    out = PLAN.apply(t, p, (16, 16), "bilinear")
+    assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
+    ref = TF.horizontal_flip(TF.resized_crop(t, 5, 5, 40, 40, [16, 16], antialias=True))
+    assert torch.equal(out, ref)
+
+
+def test_views_must_be_positive():
+    with pytest.raises(ValueError):
+        AugmentationPlan(views=0)

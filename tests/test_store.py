@@ -1,0 +1,207 @@
+"""The feature store: round trips, interop without fdpipe, concurrent writers, refusals and integrity checks."""
+
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import shard_rows, store_settings, whitened, write_store
+from fdpipe.errors import IncompleteStoreError, StoreError
+from fdpipe.store import StoreWriter, open_store, verify_store
+from fdpipe.store.manifest import canonical, checksum, fingerprint
+
+LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
+
+
+def read_all(url):
+    st = open_store(url)
+    its = list(st.iter_images())
+    return st, np.stack([it.targets for it in its]), [r for it in its for r in it.rows]
+
+
+@pytest.mark.parametrize("layout,dtype", LAYOUTS)
+def test_round_trip_returns_what_went_in(make_store, layout, dtype):
+    url, x, settings = make_store(layout, dtype)
+    st, y, rows = read_all(url)
+    if dtype == "float16":
+        assert np.array_equal(y, x.astype(np.float16).astype(np.float32))
+    else:  # within one quantization step of each token's scale
+        step = np.abs(x).max(-1, keepdims=True) / 127
+        assert np.all(np.abs(y - x) <= step * 0.5 + 1e-3 * step + 1e-6)
+    expected = [r for s in range(st.num_shards) for r in shard_rows(settings, s)]
+    assert len(rows) == len(expected) == 10
+    for got, want in zip(rows, expected):
+        assert {k: got[k] for k in want} == want
+    if layout == "zarr":  # random access agrees with streaming, row included
+        t, row = st.get(3, 1)
+        assert np.array_equal(t, y[3, 1]) and row["image_idx"] == 3 and row["view"] == 1
+
+
+@pytest.mark.parametrize("layout,dtype", LAYOUTS)
+def test_plain_zarr_pyarrow_webdataset_read_the_same_targets_and_params(make_store, tmp_path, layout, dtype):
+    url, _, _ = make_store(layout, dtype)
+    out = tmp_path / "plain.npz"
+    script = Path(__file__).with_name("interop_read.py")
+    subprocess.run([sys.executable, str(script), url, str(out)], check=True)
+    plain = np.load(out)
+    st, y, rows = read_all(url)
+    assert np.array_equal(plain["targets"], y)
+    assert plain["params"].tolist() == [[r["top"], r["left"], r["height"], r["width"], int(r["flip"])] for r in rows]
+
+
+def _write_some(url, settings, shards):
+    targets = whitened(np.random.default_rng(0), (settings["num_images"], settings["views"], *settings["target_shape"]))
+    write_store(url, settings, targets, shards)
+
+
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_two_writer_processes_equal_one(tmp_path, layout):
+    settings = store_settings(layout, n=7, s=2)
+    one = str(tmp_path / "one")
+    _write_some(one, settings, None)
+    two = str(tmp_path / "two")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_some, args=(two, settings, [i for i in range(4) if i % 2 == r]))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    a, b = open_store(one), open_store(two)
+    assert a.fingerprint == b.fingerprint
+    for rel in [f for s in a.manifest["shards"] for f in s["files"]]:
+        assert (Path(one) / rel).read_bytes() == (Path(two) / rel).read_bytes(), rel
+
+
+def test_store_without_manifest_is_refused_as_incomplete(tmp_path):
+    settings = store_settings(n=5, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, [0, 1])  # shard 2 never written
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    with pytest.raises(IncompleteStoreError, match=r"incomplete store: .* run `fdpipe extract` again to resume"):
+        open_store(url)
+
+
+@pytest.mark.parametrize("field,change,named", [
+    ("plan", {"seed": 1}, "plan.seed"),
+    ("teacher", {"alias": "other"}, "teacher.alias"),
+    ("dtype", "int8", "dtype"),
+])
+def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path, field, change, named):
+    settings = store_settings(n=5, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, [0])
+    other = dict(settings)
+    other[field] = {**settings[field], **change} if isinstance(change, dict) else change
+    with pytest.raises(StoreError, match=rf"made with other settings: {named} is"):
+        StoreWriter(url, other).open()
+
+
+def test_resume_skips_committed_shards_and_redoes_damaged_ones(tmp_path):
+    settings = store_settings(n=6, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, [0, 1])
+    assert StoreWriter(url, settings).open() == {0, 1}
+    part = tmp_path / "s" / "index" / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:-3])
+    assert StoreWriter(url, settings).open() == {0}
+
+
+def _all_files(url):
+    root = Path(url)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                  and not p.name.startswith("manifest.draft") and not str(p.relative_to(root)).startswith("_progress"))
+
+
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_one_flipped_byte_anywhere_fails_verify_naming_the_file(make_store, cli, layout):
+    url, _, _ = make_store(layout, "int8")
+    assert cli("store", "verify", url).exit_code == 0
+    files = _all_files(url)
+    assert any(f.startswith("index/") for f in files) and "manifest.json" in files
+    for rel in files:
+        path = Path(url) / rel
+        data = bytearray(path.read_bytes())
+        pos = len(data) // 2
+        data[pos] ^= 0x01
+        path.write_bytes(bytes(data))
+        result = cli("store", "verify", url)
+        assert result.exit_code == 1, rel
+        assert rel in result.output or "manifest.json" in result.output and rel == "manifest.json", result.output
+        data[pos] ^= 0x01
+        path.write_bytes(bytes(data))
+    assert cli("store", "verify", "--deep", url).exit_code == 0
+
+
+def test_deep_verify_catches_targets_that_are_not_whitened(tmp_path, cli):
+    settings = store_settings(n=4, s=2)
+    url = str(tmp_path / "s")
+    write_store(url, settings, 3 * whitened(np.random.default_rng(0), (4, 2, 4, 8)))
+    assert cli("store", "verify", url).exit_code == 0
+    result = cli("store", "verify", "--deep", url)
+    assert result.exit_code == 1 and "not whitened" in result.output
+
+
+def test_store_info_describes_the_store(make_store, cli):
+    url, _, _ = make_store("zarr", "float16", n=5, v=2, t=4, c=8)
+    result = cli("store", "info", "--json", url)
+    info = json.loads(result.output)
+    assert (info["images"], info["views"], info["T"], info["C"], info["dtype"]) == (5, 2, 4, 8, "float16")
+    assert info["complete"] is True and info["bytes per view"] > 0
+
+
+def test_fingerprint_ignores_time_but_checksum_does_not(make_store):
+    url, _, _ = make_store()
+    m = open_store(url).manifest
+    later = json.loads(json.dumps(m))
+    later["creator"]["time"] = "2099-01-01T00:00:00Z"
+    assert fingerprint(later) == m["fingerprint"]
+    assert checksum(later) != m["checksum"]
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_nonexistent_store_is_one_line_exit_1(cli, tmp_path):
+    r = cli("store", "info", tmp_path / "nope")
+    assert r.exit_code == 1 and "no store at" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_other_kind_of_directory_is_refused(cli, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    r = cli("store", "verify", tmp_path / "photos")
+    assert r.exit_code == 1 and "is not an fdpipe store" in r.output
+
+
+def test_unknown_format_version_is_refused_with_upgrade_hint(make_store, cli):
+    url, _, _ = make_store()
+    path = Path(url) / "manifest.json"
+    m = json.loads(path.read_text())
+    m["format_version"] = 99
+    m["checksum"] = checksum(m)
+    path.write_bytes(canonical(m))
+    r = cli("store", "info", url)
+    assert r.exit_code == 1 and "format_version 99" in r.output and "upgrade fdpipe" in r.output
+
+
+def test_truncated_parquet_is_named(make_store, cli):
+    url, _, _ = make_store("wds", "float16")
+    part = Path(url) / "index" / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    r = cli("store", "verify", url)
+    assert r.exit_code == 1 and "index/part-00001.parquet" in r.output and "Traceback" not in r.output
+    with pytest.raises(StoreError, match="part-00001.parquet is not a readable parquet"):
+        open_store(url).index_part(1)
+
+
+def test_out_pointing_at_a_foreign_directory_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("hi")
+    with pytest.raises(StoreError, match="is not an fdpipe store; choose a new or empty directory"):
+        StoreWriter(str(tmp_path / "x"), store_settings()).open()

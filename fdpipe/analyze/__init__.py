@@ -1,0 +1,1 @@
+"""Diagnostics of what distillation did to a student: attention distance, head diversity, loss landscape."""

@@ -163,3 +163,26 @@ class AugmentationPlan:
     @classmethod
     def from_json(cls, s: str) -> "AugmentationPlan":
         return cls.from_dict(json.loads(s))
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """How one model sees a view: the shared crop box, then its own size, interpolation and normalization."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_data_config(cls, cfg: dict[str, Any]) -> "ViewTransform":
+        """From timm's resolved data config (input_size (3, H, W), mean, std, interpolation)."""
+        _, h, w = cfg["input_size"]
+        return cls((int(h), int(w)), tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"])),
+                   str(cfg.get("interpolation", "bicubic")))
+
+    def __call__(self, image: Image.Image, params: AugParams) -> torch.Tensor:
+        """float32 [3, H, W], normalized."""
+        view = AugmentationPlan.apply(image, params, self.size, self.interpolation)
+        x = TF.to_dtype(TF.pil_to_tensor(view), torch.float32, scale=True)
+        return TF.normalize(x, list(self.mean), list(self.std))

@@ -1,0 +1,54 @@
+"""Data order as pure functions of (seed, epoch): which images, in which order, with which view.
+
+Because nothing here has state, a resumed run only needs {epoch, sample_in_epoch} to continue on exactly the same
+samples, and DDP ranks agree on the order without talking to each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def epoch_rng(seed: int, epoch: int, stream: str) -> np.random.Generator:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=8).digest()
+    return np.random.Generator(np.random.Philox(int.from_bytes(digest, "little")))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order images are visited in epoch `epoch`."""
+    return epoch_rng(seed, epoch, "perm").permutation(n)
+
+
+def epoch_views(seed: int, epoch: int, n: int, views: int) -> np.ndarray:
+    """The view taken of each image_idx in epoch `epoch`."""
+    return epoch_rng(seed, epoch, "view").integers(0, views, size=n)
+
+
+def epoch_samples(seed: int, epoch: int, n: int, views: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """This rank's (image_idx, view) pairs of the epoch: a strided slice of one shared permutation.
+
+    The permutation is cut to a multiple of `world` so every rank takes the same number of steps.
+    """
+    perm = epoch_permutation(seed, epoch, n)
+    perm = perm[: len(perm) - len(perm) % world] if world > 1 else perm
+    mine = perm[rank::world]
+    return np.stack([mine, epoch_views(seed, epoch, n, views)[mine]], axis=1)
+
+
+def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
+    """Shard-level shuffle for streaming (wds) replay."""
+    return epoch_rng(seed, epoch, "shards").permutation(num_shards)
+
+
+def buffer_shuffle(items, seed: int, epoch: int, size: int, stream: str = "buffer"):
+    """A WebDataset-style sample buffer, seeded: yields `items` in a shuffled order that depends only on its args."""
+    rng = epoch_rng(seed, epoch, stream)
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            yield buf.pop(int(rng.integers(len(buf))))
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))

@@ -1,0 +1,175 @@
+"""Replaying the plan's views for the student, with targets from a store or from a live teacher.
+
+The stored AugParams are authoritative: the student sees the same crop box the teacher saw, resized and normalized
+its own way. `strict` re-derives the parameters from the plan's seed and refuses any mismatch; a source image whose
+sha256 differs from the index means the dataset changed under the store, and is refused naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..augment import AugmentationPlan, AugParams, ViewTransform
+from ..data import ImageError, ImageSource, decode_rgb, image_sha256
+from ..errors import FdpipeError
+from ..store import Store
+from .order import buffer_shuffle, epoch_samples, epoch_views, shard_order
+
+
+@dataclass(frozen=True)
+class ReplayItem:
+    image_idx: int
+    view: int
+
+
+def source_lookup(source: ImageSource) -> dict[str, int]:
+    return {k: i for i, k in enumerate(source.keys)}
+
+
+class _Views:
+    """What both replay datasets share: find the source image, check it, crop it for the student (and teacher)."""
+
+    def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
+                 teacher_tf: ViewTransform | None = None, strict: bool = False, check_sha: bool = True):
+        self.source, self.plan, self.student_tf, self.teacher_tf = source, plan, student_tf, teacher_tf
+        self.strict, self.check_sha = strict, check_sha
+        self.lookup = source_lookup(source)
+
+    def image(self, key: str, sha: str | None):
+        if key not in self.lookup:
+            raise FdpipeError(f"image {key!r} of the store is not in the source {self.source.spec}; "
+                              "pass the --data the store was extracted from")
+        sample = self.source[self.lookup[key]]
+        if self.check_sha and sha is not None and image_sha256(sample) != sha:
+            raise FdpipeError(f"source image {key!r} differs from the one the store was made from (sha256 mismatch); "
+                              "the dataset changed under the store: restore it or extract a new store")
+        try:
+            return decode_rgb(sample.data)
+        except ImageError as e:
+            raise FdpipeError(f"image {key!r}: {e}") from None
+
+    def check_params(self, key: str, view: int, params: AugParams, size: tuple[int, int]) -> None:
+        want = self.plan.sample(key, view, size)
+        if want != params:
+            raise FdpipeError(f"--strict: stored params of {key!r} view {view} are {params}, the plan's seed gives "
+                              f"{want}; the store was not made with this plan")
+
+    def stored_view(self, key: str, view: int, row: dict[str, Any]) -> torch.Tensor:
+        image = self.image(key, row.get("image_sha256"))
+        params = AugParams.from_dict(row)
+        if self.strict:
+            self.check_params(key, view, params, (image.height, image.width))
+        return self.student_tf(image, params)
+
+    def live_views(self, key: str, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.image(key, None)
+        params = self.plan.sample(key, view, (image.height, image.width))
+        return self.student_tf(image, params), self.teacher_tf(image, params)
+
+
+class StoreReplay(Dataset):
+    """Map-style replay by (image_idx, view) from a zarr store: x [3,H,W] and target [*target_shape]."""
+
+    def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, strict: bool = False):
+        self.store = store
+        self.views = _Views(source, store.plan, student_tf, strict=strict)
+        idx = store.index
+        self.keys = idx.column("key").to_pylist()[:: store.views]
+        self.shas = idx.column("image_sha256").to_pylist()[:: store.views]
+        self.params = {c: idx.column(c).to_numpy(zero_copy_only=False) for c in ("top", "left", "height", "width", "flip")}
+        self.valid = np.array([s == "ok" for s in idx.column("status").to_pylist()[:: store.views]])
+
+    def __len__(self) -> int:
+        return self.store.num_images
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        i, v = int(item[0]), int(item[1])
+        r = i * self.store.views + v
+        row = {c: a[r].item() for c, a in self.params.items()} | {"image_sha256": self.shas[i]}
+        x = self.views.stored_view(self.keys[i], v, row)
+        target = torch.from_numpy(self.store.target(i, v))
+        return {"x": x, "target": target, "image_idx": i, "view": v}
+
+
+class OnlineReplay(Dataset):
+    """Map-style replay for online mode: the same views, with the teacher's input instead of a stored target."""
+
+    def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
+                 teacher_tf: ViewTransform):
+        self.views = _Views(source, plan, student_tf, teacher_tf)
+        self.keys = source.keys
+        self.valid = np.ones(len(source), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        i, v = int(item[0]), int(item[1])
+        x, tx = self.views.live_views(self.keys[i], v)
+        return {"x": x, "teacher_x": tx, "image_idx": i, "view": v}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's (image_idx, view) pairs of one epoch, from `start` on; a pure function of its arguments."""
+
+    def __init__(self, valid: np.ndarray, views: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 start: int = 0):
+        ids = np.flatnonzero(valid)
+        pairs = epoch_samples(seed, epoch, len(ids), views, rank, world)
+        chosen = epoch_views(seed, epoch, len(valid), views)
+        self.pairs = [(int(ids[p]), int(chosen[ids[p]])) for p, _ in pairs][start:]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def samples_per_epoch(valid: np.ndarray, world: int = 1) -> int:
+    n = int(valid.sum())
+    return (n - n % world) // world if world > 1 else n
+
+
+class WdsReplay(IterableDataset):
+    """Streaming replay from a wds store: shard shuffle, then a seeded sample buffer; one view per image.
+
+    Rank r takes every world-th shard of the epoch's shard order, each DataLoader worker every num_workers-th of
+    those. Everything is a pure function of (seed, epoch, rank, worker), so a resume replays the same stream.
+    """
+
+    def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, seed: int, epoch: int,
+                 rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False):
+        self.store, self.seed, self.epoch, self.rank, self.world, self.buffer = store, seed, epoch, rank, world, buffer
+        self.views = _Views(source, store.plan, student_tf, strict=strict)
+
+    def rank_shards(self) -> list[int]:
+        return [int(s) for s in shard_order(self.seed, self.epoch, self.store.num_shards)[self.rank:: self.world]]
+
+    def __len__(self) -> int:
+        images = {s["shard"]: s["images"] for s in self.store.manifest["shards"]}
+        per_rank = [sum(images[int(s)] for s in shard_order(self.seed, self.epoch, self.store.num_shards)[r:: self.world])
+                    for r in range(self.world)]
+        return min(per_rank)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        shards = self.rank_shards()[wid::nw]
+        chosen = epoch_views(self.seed, self.epoch, self.store.num_images, self.store.views)
+
+        def images():
+            for it in self.store.iter_images(shards):
+                if it.rows[0]["status"] == "ok":
+                    yield it
+
+        for it in buffer_shuffle(images(), self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{wid}"):
+            v = int(chosen[it.image_idx])
+            x = self.views.stored_view(it.key, v, it.rows[v])
+            yield {"x": x, "target": torch.from_numpy(np.ascontiguousarray(it.targets[v])), "image_idx": it.image_idx,
+                   "view": v}

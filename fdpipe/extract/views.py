@@ -1,0 +1,74 @@
+"""Decoding and cropping in DataLoader workers: one item is one image with all of its V views.
+
+Workers do the CPU work (decode, RGB conversion, parameter sampling, crop, resize, normalize) so the main process
+only batches and runs the teacher. An image that fails to decode comes back with its error instead of views, and
+its rows stay in the index.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..augment import AugmentationPlan, ViewTransform
+from ..data import ImageError, ImageSource, decode_rgb, image_sha256
+
+
+@dataclass
+class ImageViews:
+    image_idx: int
+    key: str
+    label: int | None
+    views: torch.Tensor | None  # [V, 3, H, W], None when the image failed
+    rows: list[dict[str, Any]]  # V index rows (without `shard`)
+    embed: tuple[str, bytes] | None = None
+
+
+def encoded_image(sample_data) -> tuple[str, bytes]:
+    """(extension, bytes) of an image for embedding: the original bytes when there are some, else PNG."""
+    if isinstance(sample_data, bytes):
+        from PIL import Image
+
+        fmt = (Image.open(io.BytesIO(sample_data)).format or "bin").lower()
+        return {"jpeg": "jpg"}.get(fmt, fmt), sample_data
+    buf = io.BytesIO()
+    sample_data.save(buf, format="PNG")
+    return "png", buf.getvalue()
+
+
+class PlanViews(Dataset):
+    """Image i of `source` -> all V views of the plan, transformed for one model."""
+
+    def __init__(self, source: ImageSource, plan: AugmentationPlan, transform: ViewTransform, embed: bool = False):
+        self.source, self.plan, self.transform, self.embed = source, plan, transform, embed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> ImageViews:
+        key, label = self.source.keys[i], self.source.labels[i]
+        base = dict(image_idx=i, key=key, source=self.source.location(i), label=label)
+        try:
+            sample = self.source[i]
+            sha = image_sha256(sample)
+            image = decode_rgb(sample.data)
+        except ImageError as e:
+            rows = [dict(base, view=v, seed=self.plan.view_seed(key, v), status="error", error=str(e))
+                    for v in range(self.plan.views)]
+            return ImageViews(i, key, label, None, rows)
+        h, w = image.height, image.width
+        views, rows = [], []
+        for v in range(self.plan.views):
+            p = self.plan.sample(key, v, (h, w))
+            views.append(self.transform(image, p))
+            rows.append(dict(base, view=v, seed=self.plan.view_seed(key, v), **p.to_dict(), orig_height=h,
+                             orig_width=w, image_sha256=sha, status="ok"))
+        return ImageViews(i, key, label, torch.stack(views), rows, encoded_image(sample.data) if self.embed else None)
+
+
+def collate(items: list[ImageViews]) -> list[ImageViews]:
+    return items

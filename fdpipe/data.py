@@ -483,13 +483,14 @@ def _key_stem(path: str) -> tuple[str, str]:
 
 def _read_table(fs: fsspec.AbstractFileSystem, path: str, spec: str):
     import pyarrow.csv as pacsv
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         with fs.open(path, "rb") as f:
             if path.lower().endswith(".parquet"):
-                return pq.read_table(f)
-            return pacsv.read_csv(f)
+                return pq.read_table(pa.BufferReader(f.read()))  # see fdpipe.store.index.decode
+            return pacsv.read_csv(pa.BufferReader(f.read()))
     except FileNotFoundError as e:
         raise FdpipeError(f"no images at {spec}: the list file does not exist; check the path") from e
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid & co for malformed files

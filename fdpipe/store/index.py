@@ -53,7 +53,9 @@ def encode(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def decode(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+    # An arrow buffer, not a Python file object: pyarrow reading through Python file objects can abort the
+    # interpreter at exit ("terminate called without an active exception") once torch is loaded.
+    return pq.read_table(pa.BufferReader(data))
 
 
 def params_of(row: dict[str, Any]) -> dict[str, Any]:

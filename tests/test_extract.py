@@ -1,0 +1,239 @@
+"""fdpipe extract: faithful targets from the real teacher, crash safety, ranks, bad images and bad input."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from fdpipe.store import open_store
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def photos(folder: Path, n: int = 6, size=(48, 64)) -> Path:
+    """Real-looking small photos: crops of skimage's bundled pictures, in two class folders."""
+    from skimage import data
+
+    pics = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    for i in range(n):
+        cls = folder / ("cat" if i % 2 else "dog")
+        cls.mkdir(parents=True, exist_ok=True)
+        pic = pics[i % len(pics)]
+        y, x = (i * 17) % (pic.shape[0] - size[0]), (i * 29) % (pic.shape[1] - size[1])
+        Image.fromarray(pic[y:y + size[0], x:x + size[1]]).save(cls / f"img{i}.png")
+    return folder
+
+
+def store_targets(url):
+    st = open_store(url)
+    its = list(st.iter_images())
+    return np.stack([it.targets for it in its]), st.index
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    return photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.mark.parametrize("dtype,min_cos", [("float16", 0.9999), ("int8", 0.999)])
+def test_stored_targets_equal_the_teacher_recomputed_from_the_stored_crops(cli, photo_dir, tmp_path, dtype, min_cos):
+    out = tmp_path / "s"
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", out, "--views", 3,
+            "--image-size", 64, "--dtype", dtype, "--workers", 0, "--shard-size", 4, "--quiet")
+    assert r.exit_code == 0, r.output
+    from fdpipe.models import create_teacher
+
+    teacher = create_teacher("effnet-lite0", image_size=64)
+    cfg = teacher.data_config
+    st = open_store(str(out))
+    checked = 0
+    for it in st.iter_images():
+        image = Image.open(photo_dir / f"{it.key}.png").convert("RGB")
+        for v, row in enumerate(it.rows):
+            crop = image.crop((row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"]))
+            crop = crop.resize((64, 64), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[cfg["interpolation"]])
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if row["flip"] else crop
+            x = TF.normalize(TF.pil_to_tensor(crop).float() / 255, list(cfg["mean"]), list(cfg["std"]))[None]
+            with torch.no_grad():
+                fmap = teacher.model.forward_features(x)
+            want = F.layer_norm(fmap.flatten(2).transpose(1, 2), (fmap.shape[1],), eps=1e-6)[0].numpy()
+            got = it.targets[v]
+            cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+            assert cos.min() >= min_cos, (it.key, v, cos.min())
+            checked += 1
+    assert checked == 6 * 3
+
+
+def _extract_cmd(data, out, *extra):
+    return [str(BIN / "fdpipe"), "extract", "--teacher", "effnet-lite0", "--data", str(data), "--out", str(out),
+            "--views", "2", "--image-size", "32", "--shard-size", "2", "--workers", "0", "--quiet", *extra]
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from fdpipe.store import fs
+    when, target = sys.argv[1], sys.argv[2]
+    orig_put, orig_commit = fs.StoreLocation.put_atomic, fs.StoreLocation.commit
+    def put_atomic(self, rel, data):
+        if when == "mid-write" and target in rel:
+            tmp = self._tmp_name(rel)
+            self.makedirs(rel.rpartition("/")[0])
+            with self.fs.open(self.path(tmp), "wb") as f:
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_put(self, rel, data)
+    def commit(self, tmp, rel):
+        orig_commit(self, tmp, rel)
+        if when == "after-commit" and target in rel:
+            os.kill(os.getpid(), signal.SIGKILL)
+    fs.StoreLocation.put_atomic, fs.StoreLocation.commit = put_atomic, commit
+    from fdpipe.cli import main
+    main(sys.argv[3:])
+""")
+
+
+@pytest.mark.parametrize("layout,when,target", [
+    ("zarr", "after-commit", "_progress/shard-00001"),   # some shards committed
+    ("zarr", "mid-write", "targets/c/2/"),               # half of a shard file written
+    ("wds", "after-commit", "_progress/shard-00000"),
+    ("wds", "mid-write", "index/part-00002"),
+])
+def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, tmp_path, layout, when, target):
+    ref = tmp_path / "ref"
+    subprocess.run(_extract_cmd(photo_dir, ref, "--format", layout), check=True)
+    out = tmp_path / "crashed"
+    cmd = _extract_cmd(photo_dir, out, "--format", layout)
+    p = subprocess.run([sys.executable, "-c", KILLER, when, target, *cmd[1:]], capture_output=True)
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "resumed:" in p.stdout
+    a, ia = store_targets(str(ref))
+    b, ib = store_targets(str(out))
+    assert np.array_equal(a, b, equal_nan=True)
+    assert ia.equals(ib)
+    v = subprocess.run([str(BIN / "fdpipe"), "store", "verify", str(out)], capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+
+
+def test_two_ranks_under_torchrun_write_the_single_process_store(photo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default: same threads, same float sums
+    single = tmp_path / "single"
+    subprocess.run(_extract_cmd(photo_dir, single), check=True)
+    multi = tmp_path / "multi"
+    subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+                    *_extract_cmd(photo_dir, multi)], check=True, capture_output=True)
+    a, ia = store_targets(str(single))
+    b, ib = store_targets(str(multi))
+    assert np.array_equal(a, b) and ia.equals(ib)
+    assert open_store(str(single)).fingerprint == open_store(str(multi)).fingerprint
+
+
+def test_bad_images_are_recorded_and_the_run_goes_on(cli, tmp_path):
+    d = tmp_path / "zoo"
+    photos(d, n=2)
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    good.save(buf, format="JPEG")
+    (d / "dog" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / "dog" / "empty.jpg").write_bytes(b"")
+    (d / "dog" / "text.jpg").write_text("this is not an image")
+    good.convert("CMYK").save(d / "cat" / "cmyk.jpg")
+    Image.fromarray((np.random.default_rng(1).integers(0, 65535, (30, 30))).astype(np.uint16)).save(d / "cat" / "deep.png")
+    good.convert("RGBA").save(d / "cat" / "rgba.png")
+    good.resize((1, 1)).save(d / "cat" / "tiny.png")
+    out = tmp_path / "s"
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", d, "--out", out, "--views", 2, "--image-size", 32,
+            "--workers", 0, "--shard-size", 4, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "3 failed to decode" in r.output
+    for name in ("truncated", "empty", "text"):
+        assert f"dog/{name}" in r.output
+    st = open_store(str(out))
+    rows = {r["key"]: r for r in st.index.to_pylist() if r["view"] == 0}
+    assert {k for k, r in rows.items() if r["status"] == "error"} == {"dog/truncated", "dog/empty", "dog/text"}
+    assert all(rows[k]["error"] for k in ("dog/truncated", "dog/empty", "dog/text"))
+    assert st.manifest["counts"]["failed"] == 3
+    good_keys = {k for k, r in rows.items() if r["status"] == "ok"}
+    assert {"cat/cmyk", "cat/deep", "cat/rgba", "cat/tiny"} <= good_keys
+    for it in st.iter_images():
+        assert np.isfinite(it.targets).all() == (it.key in good_keys)
+    assert cli("store", "verify", "--deep", out).exit_code == 0
+
+
+def test_clip_offline_without_weights_names_the_three_ways(cli, tmp_path, photo_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    r = cli("extract", "--teacher", "clip-l", "--data", photo_dir, "--out", tmp_path / "s")
+    assert r.exit_code == 1
+    line = r.output.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "--weights" in line and "Hugging Face cache" in line and "network" in line.lower()
+
+
+def test_clip_b_runs_from_a_saved_state_dict(cli, tmp_path, photo_dir):
+    import timm
+
+    model = timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=32)
+    torch.save(model.state_dict(), tmp_path / "clip-b.pth")
+    out = tmp_path / "s"
+    r = cli("extract", "--teacher", "clip-b", "--weights", tmp_path / "clip-b.pth", "--image-size", 32, "--data",
+            photo_dir, "--out", out, "--views", 1, "--workers", 0, "--limit", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    st = open_store(str(out))
+    assert st.teacher["tokens"] == 5 and st.teacher["channels"] == 768 and st.teacher["num_prefix_tokens"] == 1
+
+
+def test_fashion_mnist_store_is_described_correctly(cli, tmp_path):
+    out = tmp_path / "fm"
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", "fashion-mnist", "--limit", 12, "--views", 2,
+            "--image-size", 64, "--out", out, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    info = json.loads(cli("store", "info", "--json", out).output)
+    assert (info["T"], info["C"], info["grid"], info["prefix tokens"]) == (4, 1280, [2, 2], 0)
+    assert (info["images"], info["views"]) == (12, 2)
+    data = sum(p.stat().st_size for p in (out / "targets.zarr" / "targets" / "c").rglob("*") if p.is_file())
+    assert info["bytes per view"] == pytest.approx(data / 24, abs=0.1)
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/dir"], "no images at"),
+    (["--teacher", "not-a-model"], "unknown teacher 'not-a-model': use one of clip-l"),
+    (["--views", "0"], "--views must be at least 1"),
+])
+def test_bad_arguments_are_one_line_exit_1(cli, tmp_path, photo_dir, args, message):
+    base = {"--teacher": "effnet-lite0", "--data": str(photo_dir), "--out": str(tmp_path / "s")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    r = cli("extract", *[x for kv in base.items() for x in kv], "--workers", 0, "--quiet")
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+
+
+def test_out_made_with_other_settings_names_the_field(cli, tmp_path, photo_dir):
+    args = ["--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "s", "--image-size", 32,
+            "--workers", 0, "--quiet", "--limit", 2]
+    assert cli("extract", *args, "--views", 2).exit_code == 0
+    r = cli("extract", *args, "--views", 3)
+    assert r.exit_code == 1 and "views is 2 there, 3 now" in r.output
+
+
+def test_unwritable_output_is_one_line(cli, tmp_path, photo_dir):
+    (tmp_path / "a-file").write_text("not a directory")  # unwritable even for root
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "a-file" / "s",
+            "--workers", 0, "--quiet")
+    assert r.exit_code == 1 and "cannot write to" in r.output and "Traceback" not in r.output

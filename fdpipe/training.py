@@ -50,6 +50,28 @@ def all_mean(value: float, device: torch.device) -> float:
     return value
 
 
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (eval counts and loss sums); the values themselves when alone."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+    return list(values)
+
+
+@contextlib.contextmanager
+def worker_errors_one_line():
+    """An FdpipeError raised in a DataLoader worker comes back wrapped in the worker's traceback; keep its one line."""
+    try:
+        yield
+    except FdpipeError as e:
+        text = str(e)
+        if "\n" not in text:
+            raise
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+        raise type(e)(last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last) from None
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -111,6 +111,7 @@ def extract(teacher, data, out, views, layer, weights, layout, dtype, target, im
 @click.option("--strict", is_flag=True, help="Re-derive every view's params from the plan seed; fail on any mismatch.")
 @click.option("--save-every", type=int, default=0, help="Also save the resume state every N steps (0: each epoch).")
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (the schedule still spans the run).")
+@click.option("--log-samples", is_flag=True, help="Write OUT/samples.rank<R>.jsonl: the (image_idx, view) pairs each rank trained on.")
 @click.option("--data", default=None, help="Image source [default: the one the store was extracted from]; required online.")
 @click.option("--teacher", default=None, help="Online mode: run this teacher live instead of reading a store.")
 @teacher_options
@@ -118,10 +119,12 @@ def extract(teacher, data, out, views, layer, weights, layout, dtype, target, im
 @click.option("--plan-seed", type=int, default=0, help="Online mode: the plan seed (extract's --seed).")
 @click.option("--limit", type=int, default=None, help="Online mode: use the first N images of --data.")
 @storage_options_option
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Remote stores: keep downloaded wds shards and index parts here, so later epochs download nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def distill(store_url, student, out, epochs, batch_size, accum_steps, lr, weight_decay, warmup_epochs, drop_path,
-            image_size, patch_size, resample_grid, workers, seed, device, resume, strict, save_every, max_steps, data,
-            teacher, views, layer, weights, teacher_image_size, plan_seed, limit, storage_options, quiet) -> None:
+            image_size, patch_size, resample_grid, workers, seed, device, resume, strict, save_every, max_steps, log_samples,
+            data, teacher, views, layer, weights, teacher_image_size, plan_seed, limit, storage_options, cache_dir, quiet) -> None:
     """Train a student against a store's targets by replaying its views (or against a live teacher).
 
     Runs under torchrun as it is: DDP with NCCL on GPU, gloo on CPU.
@@ -134,10 +137,28 @@ def distill(store_url, student, out, epochs, batch_size, accum_steps, lr, weight
                         weight_decay=weight_decay, warmup_epochs=warmup_epochs, drop_path=drop_path,
                         image_size=image_size, patch_size=patch_size, resample_grid=resample_grid, workers=workers,
                         seed=seed, device=device, resume=resume, strict=strict, save_every=save_every,
-                        max_steps=max_steps, storage_options=parse_storage_options(storage_options), quiet=quiet)
+                        max_steps=max_steps, log_samples=log_samples,
+                        storage_options=parse_storage_options(storage_options), cache_dir=cache_dir, quiet=quiet)
     r = run_distill(cfg)
     if "final_loss" in r:
         click.echo(f"distilled {r['steps']} steps; final loss {r['final_loss']:.4f}; student in {out}/student.safetensors")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", default="demo-out", type=click.Path(file_okay=False), help="Where the store, runs and report go.")
+@click.option("--quick", is_flag=True, help="A 2-minute smoke version with tiny sizes.")
+@click.option("--workers", type=int, default=2, help="DataLoader workers per stage.")
+@device_option
+def demo(out: str, quick: bool, workers: int, device: str) -> None:
+    """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
+
+    Uses the real effnet-lite0 ImageNet teacher. Rerunning reuses every stage that is already complete.
+    """
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    run_demo(Path(out), quick=quick, workers=workers, device=device)
 
 
 def _register() -> None:
@@ -145,6 +166,8 @@ def _register() -> None:
     from .store.cli import store
 
     main.add_command(store)
+    from .analyze.cli import analyze; main.add_command(analyze)  # noqa: E702
+    from .finetune.cli import finetune; main.add_command(finetune)  # noqa: E702
 
 
 _register()

@@ -596,7 +596,8 @@ def create_student(name: str, *, image_size: int, patch_size: int | None = None,
     if name in STUDENTS:
         row = dict(STUDENTS[name])
         p = 16 if patch_size is None else int(patch_size)
-        dp = row.pop("drop_path_rate") if drop_path is None else float(drop_path)
+        dp = row.pop("drop_path_rate")
+        dp = dp if drop_path is None else float(drop_path)
         args = dict(_BEIT_STUDENT_ARGS, **row, img_size=int(image_size), patch_size=p, drop_path_rate=dp)
         arch = BEIT_ARCH
     else:

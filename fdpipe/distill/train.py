@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -25,7 +24,7 @@ from ..runtime import JsonlLog, progress, resolve_device
 from ..store import open_store
 from ..training import (Position, adamw, all_mean, autocast, barrier, cosine_lr, deterministic, init_distributed,
                         load_state, plot_curves, rng_state, save_state, scaled_lr, seed_everything, set_lr,
-                        set_rng_state, unwrap, weight_decay_groups, wrap_ddp)
+                        set_rng_state, weight_decay_groups, wrap_ddp)
 from .replay import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
 from .student import Distiller, check_grid, fd_loss
 
@@ -67,8 +66,10 @@ class DistillConfig:
     strict: bool = False
     save_every: int = 0
     max_steps: int | None = None
+    log_samples: bool = False
     buffer: int = 256
     storage_options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -94,7 +95,7 @@ class Targets:
 
 
 def _targets_from_store(cfg: DistillConfig):
-    store = open_store(cfg.store, cfg.storage_options)
+    store = open_store(cfg.store, cfg.storage_options, cache_dir=cfg.cache_dir)
     if store.manifest["target"] != "features":
         raise FdpipeError(f"{cfg.store} holds teacher {store.manifest['target']}, not features; "
                           "distill needs a features store (logits stores are for finetune --method deit)")
@@ -143,6 +144,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     else:
         teacher, source, tg = _targets_online(cfg, device)
     image_size = cfg.image_size or matching_image_size(tg.grid, cfg.patch_size)
+    seed_everything(cfg.seed)  # the student's init must not depend on whether a teacher was built first
     student, spec = create_student(cfg.student, image_size=image_size, patch_size=cfg.patch_size,
                                    drop_path=cfg.drop_path)
     check_grid(student, tg.grid, cfg.resample_grid, spec.model_args.get("patch_size", cfg.patch_size))
@@ -175,6 +177,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = adamw(weight_decay_groups(model, cfg.weight_decay), peak_lr)
     pos = Position()
     log = JsonlLog(out / "metrics.jsonl", enabled=ranks.is_main)
+    seen = JsonlLog(out / f"samples.rank{ranks.rank}.jsonl", enabled=cfg.log_samples)
     if cfg.resume:
         st = load_state(state_path)
         if st["fingerprint"] != tg.fingerprint:
@@ -238,6 +241,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             (loss / cfg.accum_steps).backward()
             micro += 1
             n_last += x.shape[0]
+            seen.write(step=pos.step, epoch=pos.epoch, image_idx=batch["image_idx"].tolist(),
+                       view=batch["view"].tolist())
             if micro % cfg.accum_steps:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)

@@ -18,7 +18,7 @@ from ..data import open_source
 from ..errors import FdpipeError
 from ..runtime import progress, ranks_from_env, resolve_device
 from ..store import StoreWriter, shard_range, shards_of_rank
-from ..store.writer import default_shard_size, num_shards
+from ..store.writer import default_shard_size
 from .views import PlanViews, collate
 
 LAYOUTS = ("zarr", "wds")

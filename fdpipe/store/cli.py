@@ -10,6 +10,21 @@ import click
 from ..cli_common import CONTEXT, Group, parse_storage_options, storage_options_option
 
 
+def cache_dir_option(f):
+    return click.option(
+        "--cache-dir", type=click.Path(file_okay=False), default=None,
+        help="Remote stores: keep downloaded wds shards and index parts here (per store fingerprint), so repeated "
+             "reads download nothing.",
+    )(f)
+
+
+def dst_storage_options_option(f):
+    return click.option(
+        "--dst-storage-options", default=None, metavar="JSON",
+        help="fsspec storage options for DST, when they differ from --storage-options (another bucket's credentials).",
+    )(f)
+
+
 @click.group(cls=Group, context_settings=CONTEXT)
 def store() -> None:
     """Inspect, verify, list, convert, merge and finalize feature stores."""
@@ -39,11 +54,16 @@ def store_info(store_url: str, storage_options: str | None, as_json: bool) -> No
 @click.argument("store_url", metavar="STORE")
 @click.option("--deep", is_flag=True, help="Also decode every target and check it is finite and whitened.")
 @storage_options_option
-def store_verify(store_url: str, deep: bool, storage_options: str | None) -> None:
-    """Re-hash every file of STORE and compare counts and shapes; exit 1 naming each damaged file."""
+@cache_dir_option
+def store_verify(store_url: str, deep: bool, storage_options: str | None, cache_dir: str | None) -> None:
+    """Re-hash every file of STORE and compare counts and shapes; exit 1 naming each damaged file.
+
+    Hashes are always taken of the bytes in the store itself; --cache-dir serves the --deep decoding.
+    """
     from . import verify_store
 
-    store_obj, problems = verify_store(store_url, parse_storage_options(storage_options), deep=deep)
+    store_obj, problems = verify_store(store_url, parse_storage_options(storage_options), deep=deep,
+                                       cache_dir=cache_dir)
     if problems:
         for p in problems:
             click.echo(f"error: {p}", err=True)
@@ -51,6 +71,118 @@ def store_verify(store_url: str, deep: bool, storage_options: str | None) -> Non
     what = "files, counts and targets" if deep else "files and counts"
     click.echo(f"ok: {store_url}: {store_obj.num_shards} shards, {store_obj.num_images} images x {store_obj.views} "
                f"views; {what} verified")
+
+
+@store.command("ls", context_settings=CONTEXT)
+@click.argument("store_url", metavar="STORE")
+@storage_options_option
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def store_ls(store_url: str, storage_options: str | None, as_json: bool) -> None:
+    """List STORE's shards (complete or still being written): images, rows, bytes and status.
+
+    Status is ok, pending (not committed yet) or damaged (a file missing or of the wrong size). Sizes come from one
+    listing; `fdpipe store verify` re-hashes the bytes.
+    """
+    from .tools import list_shards
+
+    info = list_shards(store_url, parse_storage_options(storage_options))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{'shard':>6} {'images':>7} {'rows':>8} {'bytes':>14}  status")
+    for r in info["shards"]:
+        nbytes = "-" if r["bytes"] is None else f"{r['bytes']:,}"
+        click.echo(f"{r['shard']:>6} {r['images']:>7} {r['rows']:>8} {nbytes:>14}  {r['status']}")
+    shards = info["shards"]
+    ok = sum(r["status"] == "ok" for r in shards)
+    total = sum(r["bytes"] or 0 for r in shards)
+    click.echo(f"{len(shards)} shards ({ok} ok), {total:,} bytes; "
+               f"{'complete' if info['complete'] else 'incomplete (no manifest.json)'} {info['layout']} store")
+
+
+@store.command("convert", context_settings=CONTEXT)
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("--format", "layout", type=click.Choice(["zarr", "wds"]), required=True,
+              help="Layout of the new store: zarr (random access) or wds (tar shards to stream).")
+@click.option("--embed-images", is_flag=True,
+              help="wds only: put each image's bytes in its sample, read from the source the index records.")
+@storage_options_option
+@dst_storage_options_option
+@cache_dir_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def store_convert(src: str, dst: str, layout: str, embed_images: bool, storage_options: str | None,
+                  dst_storage_options: str | None, cache_dir: str | None, quiet: bool) -> None:
+    """Copy store SRC into a new store DST in another layout; targets, index and params are kept bit for bit.
+
+    The stored values are copied (int8 with their scales), never dequantized. DST must be new or empty; rerunning
+    the same command after a crash resumes it.
+    """
+    from .tools import convert
+
+    bar = _ShardBar("convert", quiet)
+    try:
+        r = convert(src, dst, layout, embed_images=embed_images,
+                    storage_options=parse_storage_options(storage_options),
+                    dst_storage_options=_dst_options(dst_storage_options), cache_dir=cache_dir, progress=bar)
+    finally:
+        bar.close()
+    if r["resumed"]:
+        click.echo(f"resumed: {r['resumed']} of {r['shards']} shards were already committed")
+    if r["dropped_images"]:
+        click.echo(f"note: {r['dropped_images']} embedded images are not copied (zarr stores hold targets only)")
+    click.echo(f"ok: {dst} is a complete {layout} store: {r['images']} images in {r['shards']} shards")
+
+
+@store.command("merge", context_settings=CONTEXT)
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.argument("dst", metavar="DST")
+@storage_options_option
+@dst_storage_options_option
+@cache_dir_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def store_merge(a: str, b: str, dst: str, storage_options: str | None, dst_storage_options: str | None,
+                cache_dir: str | None, quiet: bool) -> None:
+    """Join stores A and B (same teacher, whitening, plan and dtype; disjoint images) into a new store DST.
+
+    DST holds A's images, then B's, in A's layout and shard size. DST must be new or empty; rerunning the same
+    command after a crash resumes it.
+    """
+    from .tools import merge
+
+    bar = _ShardBar("merge", quiet)
+    try:
+        r = merge(a, b, dst, storage_options=parse_storage_options(storage_options),
+                  dst_storage_options=_dst_options(dst_storage_options), cache_dir=cache_dir, progress=bar)
+    finally:
+        bar.close()
+    if r["resumed"]:
+        click.echo(f"resumed: {r['resumed']} of {r['shards']} shards were already committed")
+    click.echo(f"ok: {dst} is a complete {r['layout']} store: {r['images']} images in {r['shards']} shards of "
+               f"{r['shard_size']}")
+
+
+def _dst_options(text: str | None) -> dict | None:
+    return None if text is None else parse_storage_options(text)
+
+
+class _ShardBar:
+    """A progress bar over DST's shards (items/s and ETA), fed by convert/merge's callback."""
+
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def __call__(self, shard_done: int, total: int) -> None:
+        if self.bar is None:  # created on the first shard, so that a refusal prints its one line alone
+            from ..runtime import progress
+
+            self.bar = progress(total=total, desc=self.desc, unit="shard", disable=self.quiet)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @store.command("finalize", context_settings=CONTEXT)

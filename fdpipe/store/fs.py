@@ -1,42 +1,184 @@
 """Where a store lives: a local path or any fsspec URL, and the few file operations the store needs.
 
-Commits are "write to a temporary name, then rename": on a local disk that is an atomic rename, on object stores a
-copy from a temporary key, so a reader never sees a partial file under its final name.
+Commits are "write to a temporary name, then rename": on a local disk that is an atomic rename, on object stores an
+upload to a temporary key and a server-side copy, so a reader never sees a partial file under its final name (an S3
+object appears only once its upload is complete, and the copy is of a complete object).
+
+Remote stores get bounded retries and timeouts by default (an unreachable endpoint fails in seconds with one line,
+not a hang), and every failure of the remote filesystem becomes a StoreError naming the URL and what to do. Reads
+can go through a local whole-file cache (fsspec's simplecache), so repeated epochs over a remote wds store download
+each shard once.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, TypeVar
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 from ..errors import StoreError
 
 CHUNK = 1 << 22
+TMP_PREFIX = ".tmp-"
+
+# Defaults for S3 (s3fs/botocore) that the user's --storage-options override key by key. Retries multiply: botocore
+# makes `max_attempts` tries of a request and s3fs repeats a request that timed out S3_RETRIES times, so a refused
+# connection fails in about 2 s, a black-holed address in about 2 x connect_timeout, and a server that accepts but
+# never answers in about a minute (S3_RETRIES x max_attempts x read_timeout, with aiobotocore's waits), instead of
+# the many minutes of botocore's defaults. read_timeout bounds a silence, not a download: big shards still stream.
+S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {"connect_timeout": 5, "read_timeout": 10, "retries": {"max_attempts": 2, "mode": "standard"}},
+    # other processes (ranks) write markers: listings must not come from a stale in-process cache
+    "use_listings_cache": False,
+}
+S3_RETRIES = 2  # s3fs's own loop; it also retries a download cut off mid-body, which botocore does not
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def effective_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The storage options used for `url`: the user's, over fdpipe's defaults for that protocol."""
+    protocol = (split_protocol(str(url))[0] or "file").lower()
+    so = dict(storage_options or {})
+    return _merge(S3_DEFAULTS, so) if protocol in ("s3", "s3a") else so
+
+
+def _connection_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, NoCredentialsError
+
+        types += [BotoConnectionError, HTTPClientError, NoCredentialsError]
+    except ImportError:  # pragma: no cover - s3fs not installed
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    p = fs.protocol
+    return (p if isinstance(p, str) else p[0]).lower()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _remote(method: F) -> F:
+    """Turn a remote filesystem's failures (credentials, missing bucket, network) into one StoreError line."""
+
+    @functools.wraps(method)
+    def wrapper(self: "StoreLocation", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - translated below, or re-raised as it is
+            err = self.explain(e)
+            if err is None:
+                raise
+            raise err from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
 class StoreLocation:
-    """A store root: an fsspec filesystem plus the root path inside it."""
+    """A store root: an fsspec filesystem plus the root path inside it (and, for reads, an optional local cache)."""
 
     url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
 
     def __post_init__(self) -> None:
         self.url = str(self.url).rstrip("/")
+        self.storage_options = dict(self.storage_options or {})
+        self.fs_options = effective_options(self.url, self.storage_options)
+        self.cache_dir: str | None = None
+        self._cache_storage: str | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        """(Re)create the filesystem objects: once, and again in a forked or unpickled process (DataLoader
+        workers), because async filesystems such as s3fs must not be shared across a fork."""
         try:
-            self.fs, self.root = url_to_fs(self.url, **self.storage_options)
-        except (ImportError, ValueError) as e:
-            raise StoreError(f"cannot open {self.url}: {e}") from None
+            self._fs, self.root = url_to_fs(self.url, **self.fs_options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise StoreError(f"cannot open {self.url}: {_one_line(e)}; check the URL and --storage-options") from None
+        if _protocol(self._fs) in ("s3", "s3a"):
+            self._fs.retries = S3_RETRIES
+        self._pid = os.getpid()
+        self._cache = None
+        if self._cache_storage is not None:
+            from fsspec.implementations.cached import SimpleCacheFileSystem
+
+            self._cache = SimpleCacheFileSystem(fs=self._fs, cache_storage=self._cache_storage)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._pid != os.getpid():
+            self._connect()
+        return self._fs
+
+    @property
+    def _cache_fs(self) -> fsspec.AbstractFileSystem | None:
+        if self._pid != os.getpid():
+            self._connect()
+        return self._cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_cache")} | {"_pid": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fs = self._cache = None
+
+    # ---------------------------------------------------------------------------------------------- description
+    @property
+    def protocol(self) -> str:
+        return _protocol(self.fs)
 
     @property
     def is_local(self) -> bool:
         return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    @property
+    def bucket(self) -> str:
+        return self.root.split("/", 1)[0]
+
+    @property
+    def endpoint(self) -> str:
+        """Where a remote filesystem sends its requests, for error messages."""
+        so = self.fs_options
+        ep = so.get("endpoint_url") or (so.get("client_kwargs") or {}).get("endpoint_url")
+        ep = ep or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return ep or f"the default {self.protocol} endpoint"
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -45,13 +187,53 @@ class StoreLocation:
         """URL of a sub-path for zarr.open_group(..., storage_options=...)."""
         return self.path(rel) if self.is_local else f"{self.url}/{rel}"
 
+    def explain(self, e: BaseException) -> StoreError | None:
+        """One line for a remote failure the user can fix; None for anything else (kept as it is)."""
+        if self.is_local:
+            return None
+        text = _one_line(e)
+        if isinstance(e, PermissionError):
+            return StoreError(
+                f"access denied to {self.url} at {self.endpoint} ({text}); check the credentials: --storage-options "
+                "'{\"key\": ..., \"secret\": ...}', AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile"
+            )
+        if isinstance(e, FileNotFoundError) and ("bucket does not exist" in text.lower() or "NoSuchBucket" in text):
+            return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the URL")
+        if isinstance(e, _connection_error_types()):
+            if type(e).__name__ == "NoCredentialsError":
+                return StoreError(f"no credentials for {self.url}; pass --storage-options '{{\"key\": ..., "
+                                  "\"secret\": ...}}' or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            return StoreError(
+                f"cannot reach {self.endpoint} for {self.url} ({text}); check the endpoint URL and the network "
+                "(timeouts and retries: config_kwargs in --storage-options)"
+            )
+        return None
+
+    @_remote
+    def check_bucket(self) -> None:
+        """Refuse a remote URL whose bucket is missing, with one request (and its bounded retries)."""
+        if self.is_local or self.protocol not in ("s3", "s3a", "gs", "gcs"):
+            return
+        try:
+            self.fs.info(self.bucket)
+        except FileNotFoundError:
+            raise StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the URL") from None
+
+    # --------------------------------------------------------------------------------------------------- reading
+    @_remote
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_remote
     def isdir(self, rel: str = "") -> bool:
         return self.fs.isdir(self.path(rel))
 
-    def read_bytes(self, rel: str) -> bytes:
+    @_remote
+    def read_bytes(self, rel: str, expect: dict[str, Any] | None = None) -> bytes:
+        """The file's bytes; with `expect` ({"bytes": ...} from a manifest) through the read cache when one is set."""
+        if expect is not None and self._cache_fs is not None:
+            with self.open(rel, expect=expect) as f:
+                return f.read()
         return self.fs.cat_file(self.path(rel))
 
     def read_json(self, rel: str) -> Any:
@@ -61,13 +243,94 @@ class StoreLocation:
         except ValueError as e:
             raise StoreError(f"{self.path(rel)} is not valid JSON ({e}); the file is corrupt") from None
 
-    def open(self, rel: str, mode: str = "rb") -> BinaryIO:
+    @_remote
+    def open(self, rel: str, mode: str = "rb", expect: dict[str, Any] | None = None) -> BinaryIO:
+        """Open a file; reads of a file whose size the manifest records (`expect`) use the read cache when set."""
+        if mode == "rb" and expect is not None and self._cache_fs is not None:
+            return self._open_cached(rel, int(expect["bytes"]))
         return self.fs.open(self.path(rel), mode)
 
+    def use_cache(self, cache_dir: str | os.PathLike | None, key: str) -> None:
+        """Read immutable store files through a local whole-file cache under cache_dir/key (remote stores only).
+
+        `key` is the store fingerprint: it covers the sha256 of every file, so a cached copy under it can never be
+        stale, even when another store is later written at the same URL.
+        """
+        if cache_dir is None or self.is_local:
+            return
+        storage = os.path.join(os.path.abspath(os.path.expanduser(str(cache_dir))), key)
+        try:
+            os.makedirs(storage, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the cache directory {storage}: {e.strerror or e}; choose a writable "
+                             "--cache-dir") from None
+        self.cache_dir, self._cache_storage = str(cache_dir), storage
+        self._connect()
+
+    def _open_cached(self, rel: str, nbytes: int) -> BinaryIO:
+        """A local copy of a remote file, downloaded on first use; a copy of the wrong size (a download cut off
+        by a crash, say) is dropped and fetched again."""
+        assert self._cache_fs is not None
+        for attempt in range(2):
+            f = self._cache_fs.open(self.path(rel), "rb")
+            size = os.fstat(f.fileno()).st_size
+            if size == nbytes:
+                return f
+            f.close()
+            try:
+                os.remove(f.name)
+            except OSError:
+                pass
+        raise StoreError(f"{self.path(rel)} has {size} bytes, the manifest says {nbytes}; the store is damaged "
+                         "(run `fdpipe store verify`)")
+
+    @_remote
+    def ls(self, rel: str) -> list[str]:
+        """Names (not paths) directly under `rel`, or [] when it does not exist."""
+        try:
+            return sorted(p.rstrip("/").rpartition("/")[2] for p in self.fs.ls(self.path(rel), detail=False))
+        except FileNotFoundError as e:
+            if self.explain(e) is not None:
+                raise
+            return []
+
+    @_remote
+    def sizes(self) -> dict[str, int]:
+        """{relative path: bytes} of every file under the root, with one recursive listing."""
+        prefix = self.root.rstrip("/") + "/"
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError as e:
+            if self.explain(e) is not None:
+                raise
+            return {}
+        return {p[len(prefix):]: int(d.get("size") or 0) for p, d in found.items()
+                if p.startswith(prefix) and d.get("type", "file") != "directory"}
+
+    @_remote
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    @_remote
+    def sha256(self, rel: str) -> tuple[int, str]:
+        """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed."""
+        h, n = hashlib.sha256(), 0
+        with self.fs.open(self.path(rel), "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+        return n, h.hexdigest()
+
+    @_remote
+    def du(self) -> int:
+        return int(self.fs.du(self.root, total=True)) if self.exists() else 0
+
+    # --------------------------------------------------------------------------------------------------- writing
     def makedirs(self, rel: str) -> None:
         if self.is_local:
             self.fs.makedirs(self.path(rel), exist_ok=True)
 
+    @_remote
     def put_atomic(self, rel: str, data: bytes) -> None:
         """Write `data` under a temporary name and move it into place."""
         tmp = self._tmp_name(rel)
@@ -78,39 +341,32 @@ class StoreLocation:
 
     def _tmp_name(self, rel: str) -> str:
         head, _, name = rel.rpartition("/")
-        return f"{head}/.tmp-{uuid.uuid4().hex[:12]}-{name}" if head else f".tmp-{uuid.uuid4().hex[:12]}-{name}"
+        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        return f"{head}/{tmp}" if head else tmp
 
     def open_atomic(self, rel: str) -> "AtomicWriter":
         return AtomicWriter(self, rel)
 
+    @_remote
     def commit(self, tmp: str, rel: str) -> None:
+        """Move a complete temporary file to its final name (a rename locally, copy + delete on object stores)."""
         self.fs.mv(self.path(tmp), self.path(rel))
 
+    @_remote
     def remove(self, rel: str) -> None:
         if self.fs.exists(self.path(rel)):
             self.fs.rm(self.path(rel), recursive=True)
 
-    def ls(self, rel: str) -> list[str]:
-        """Names (not paths) directly under `rel`, or [] when it does not exist."""
-        try:
-            return sorted(p.rstrip("/").rpartition("/")[2] for p in self.fs.ls(self.path(rel), detail=False))
-        except FileNotFoundError:
-            return []
-
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
-
-    def sha256(self, rel: str) -> tuple[int, str]:
-        """(bytes, sha256 hex) of a file, streamed."""
-        h, n = hashlib.sha256(), 0
-        with self.open(rel) as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                n += len(chunk)
-        return n, h.hexdigest()
-
-    def du(self) -> int:
-        return int(self.fs.du(self.root, total=True)) if self.exists() else 0
+    @_remote
+    def remove_stale_tmp(self, under: list[str]) -> int:
+        """Delete temporary files left under the given folders by crashed writers; returns how many."""
+        removed = 0
+        for rel in under:
+            for path in self.fs.find(self.path(rel)):
+                if path.rpartition("/")[2].startswith(TMP_PREFIX):
+                    self.fs.rm_file(path)
+                    removed += 1
+        return removed
 
 
 class AtomicWriter:
@@ -120,7 +376,7 @@ class AtomicWriter:
         self.loc, self.rel = loc, rel
         self.tmp = loc._tmp_name(rel)
         loc.makedirs(rel.rpartition("/")[0])
-        self._f = loc.fs.open(loc.path(self.tmp), "wb")
+        self._f = _remote(lambda loc_: loc_.fs.open(loc_.path(self.tmp), "wb"))(loc)
         self._h = hashlib.sha256()
         self.bytes = 0
 
@@ -140,11 +396,22 @@ class AtomicWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._f.close()
         if exc_type is None:
+            _remote(lambda loc_: self._f.close())(self.loc)
             self.loc.commit(self.tmp, self.rel)
-        else:
+            return
+        try:
+            if self.loc.is_local:
+                self._f.close()
+            else:  # an object store: abort the upload instead of finishing it with partial data
+                self._f.discard()
+                self._f.closed = True  # so that garbage collection does not try to finish it either
+        except Exception:  # noqa: BLE001 - already failing; the original error is the one to report
+            pass
+        try:
             self.loc.remove(self.tmp)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -152,4 +419,4 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def open_url(url: str, mode: str = "rb", **storage_options: Any):
-    return fsspec.open(url, mode, **storage_options)
+    return fsspec.open(url, mode, **effective_options(url, storage_options))

@@ -21,6 +21,8 @@ from .quantize import Quantizer
 
 ZARR_ROOT = "targets.zarr"
 WDS_DIR = "wds"
+# The members of a wds sample that are not the embedded image.
+WDS_DATA_MEMBERS = ("targets.npy", "scales.npy", "params.json", "cls")
 
 
 def wds_shard_name(shard: int) -> str:
@@ -66,11 +68,12 @@ def zarr_encode_shard(settings: dict[str, Any], q: Quantizer, shard: int, values
 
 
 def zarr_open(loc: StoreLocation) -> zarr.Group:
-    so = None if loc.is_local else loc.storage_options
+    """The store's zarr group, read-only; remote stores go through zarr's FsspecStore with the same options."""
+    so = None if loc.is_local else loc.fs_options
     try:
         return zarr.open_group(loc.zarr_url(ZARR_ROOT), mode="r", storage_options=so)
     except Exception as e:  # zarr raises several types for a missing/corrupt group
-        raise StoreError(f"cannot open {loc.path(ZARR_ROOT)}: {e}") from None
+        raise loc.explain(e) or StoreError(f"cannot open {loc.path(ZARR_ROOT)}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------ wds
@@ -99,12 +102,15 @@ def _safe_member(name: str) -> bool:
     return not (name.startswith("/") or ".." in name.split("/"))
 
 
-def wds_iter_shard(loc: StoreLocation, shard: int) -> Iterator[dict[str, Any]]:
-    """Samples of one tar as dicts of raw bytes, via webdataset's own tar iteration."""
+def wds_iter_shard(loc: StoreLocation, shard: int, expect: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar as dicts of raw bytes, via webdataset's own tar iteration.
+
+    `expect` is the shard file's manifest entry: with it, a remote tar is read through the location's read cache.
+    """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     rel = wds_shard_name(shard)
-    with loc.open(rel) as f:
+    with loc.open(rel, expect=expect) as f:
         def members():
             for m in tar_file_iterator(f):
                 if not _safe_member(m["fname"]):
@@ -115,6 +121,11 @@ def wds_iter_shard(loc: StoreLocation, shard: int) -> Iterator[dict[str, Any]]:
             yield from group_by_keys(members())
         except tarfile.TarError as e:
             raise StoreError(f"{loc.path(rel)}: corrupt tar ({e}); run `fdpipe store verify`") from None
+        except Exception as e:  # noqa: BLE001 - a remote read failing mid-stream: one line when the user can fix it
+            err = loc.explain(e)
+            if err is None:
+                raise
+            raise err from None
 
 
 def wds_sample(key: str, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],

@@ -23,6 +23,19 @@ from .quantize import get_quantizer
 
 
 @dataclass
+class StoredImage:
+    """All V views of one image exactly as stored: values in the stored dtype, scales (int8), rows, image bytes."""
+
+    image_idx: int
+    key: str
+    label: int | None
+    values: np.ndarray
+    scales: np.ndarray | None
+    rows: list[dict[str, Any]]
+    image: tuple[str, bytes] | None = None
+
+
+@dataclass
 class ImageTargets:
     """All V views of one image: float32 targets [V, *target_shape] and the V index rows."""
 
@@ -33,15 +46,22 @@ class ImageTargets:
     rows: list[dict[str, Any]]
 
 
-def open_store(url: str, storage_options: dict | None = None) -> "Store":
-    """Open a complete store; one clear line for every way that can fail."""
+def open_store(url: str, storage_options: dict | None = None, cache_dir: str | None = None) -> "Store":
+    """Open a complete store; one clear line for every way that can fail.
+
+    `cache_dir`: for a remote store, a local folder where wds shards and index parts are kept after their first
+    download (under the store's fingerprint, so a cached copy is never stale). The manifest is always read afresh.
+    """
     loc = StoreLocation(url, storage_options or {})
     try:
         exists = loc.exists()
         has_manifest = exists and loc.exists(MANIFEST)
+    except StoreError:
+        raise
     except (PermissionError, OSError) as e:
         raise StoreError(f"cannot reach {url}: {e}; check the URL and credentials") from None
     if not exists:
+        loc.check_bucket()
         raise StoreError(f"no store at {url}: the path does not exist")
     if not has_manifest:
         if loc.exists(DRAFT):
@@ -59,6 +79,7 @@ def open_store(url: str, storage_options: dict | None = None) -> "Store":
         raise StoreError(f"{loc.path(MANIFEST)} is not a manifest object; the manifest is corrupt")
     check_version(manifest, loc.path(MANIFEST))
     check_integrity(manifest, raw, loc.path(MANIFEST))
+    loc.use_cache(cache_dir, manifest["fingerprint"][:32])
     return Store(loc, manifest)
 
 
@@ -91,10 +112,16 @@ class Store:
         return self.data_bytes() / max(1, self.num_images * self.views)
 
     # ------------------------------------------------------------------------------------------------------ index
+    def file_meta(self, shard: int, rel: str) -> dict[str, Any] | None:
+        """The manifest's {"bytes", "sha256"} of one shard file (None when the manifest does not list it)."""
+        shards = self.manifest["shards"]
+        entry = shards[shard] if 0 <= shard < len(shards) and shards[shard]["shard"] == shard else None
+        return None if entry is None else entry["files"].get(rel)
+
     def index_part(self, shard: int) -> pa.Table:
         rel = index_mod.part_name(shard)
         try:
-            return index_mod.decode(self.loc.read_bytes(rel))
+            return index_mod.decode(self.loc.read_bytes(rel, expect=self.file_meta(shard, rel)))
         except FileNotFoundError:
             raise StoreError(f"{self.loc.path(rel)} is missing; the store is damaged (run `fdpipe store verify`)") from None
         except (pa.ArrowInvalid, OSError) as e:
@@ -122,7 +149,11 @@ class Store:
     def target(self, image_idx: int, view: int) -> np.ndarray:
         """float32 target [*target_shape] of one view (zarr only)."""
         t, s = self._zarr
-        return self.quantizer.dequantize(t[image_idx, view], None if s is None else s[image_idx, view])
+        try:
+            values, scales = t[image_idx, view], None if s is None else s[image_idx, view]
+        except Exception as e:  # noqa: BLE001 - zarr's remote reads: one line when the user can fix it
+            raise self.loc.explain(e) or e from None
+        return self.quantizer.dequantize(values, scales)
 
     def get(self, image_idx: int, view: int) -> tuple[np.ndarray, dict[str, Any]]:
         return self.target(image_idx, view), self.row(image_idx, view)
@@ -136,23 +167,45 @@ class Store:
                 yield from self._iter_zarr_shard(shard)
 
     def _iter_zarr_shard(self, shard: int) -> Iterator[ImageTargets]:
+        for it in self._iter_zarr_stored(shard):
+            yield ImageTargets(it.image_idx, it.key, it.label, self.quantizer.dequantize(it.values, it.scales), it.rows)
+
+    def _iter_wds_shard(self, shard: int) -> Iterator[ImageTargets]:
+        for it in self._iter_wds_stored(shard):
+            yield ImageTargets(it.image_idx, it.key, it.label, self.quantizer.dequantize(it.values, it.scales), it.rows)
+
+    # ------------------------------------------------------------------------------------------- stored values
+    def iter_stored(self, shards: list[int] | None = None) -> Iterator[StoredImage]:
+        """Every image of the given shards exactly as stored (no dequantization): what convert and merge copy."""
+        for shard in range(self.num_shards) if shards is None else shards:
+            if self.layout == "wds":
+                yield from self._iter_wds_stored(shard)
+            else:
+                yield from self._iter_zarr_stored(shard)
+
+    def _iter_zarr_stored(self, shard: int) -> Iterator[StoredImage]:
         t, s = self._zarr
         start = shard * self.shard_size
         stop = min(start + self.shard_size, self.num_images)
-        values = self.quantizer.dequantize(t[start:stop], None if s is None else s[start:stop])
+        try:
+            values, scales = t[start:stop], None if s is None else s[start:stop]
+        except Exception as e:  # noqa: BLE001 - zarr's remote reads: one line when the user can fix it
+            raise self.loc.explain(e) or e from None
         rows = self.index_part(shard).to_pylist()
         v = self.views
         for j in range(stop - start):
             r = rows[j * v:(j + 1) * v]
-            yield ImageTargets(start + j, r[0]["key"], r[0]["label"], values[j], r)
+            yield StoredImage(start + j, r[0]["key"], r[0]["label"], values[j], None if scales is None else scales[j], r)
 
-    def _iter_wds_shard(self, shard: int) -> Iterator[ImageTargets]:
-        for sample in layouts.wds_iter_shard(self.loc, shard):
+    def _iter_wds_stored(self, shard: int) -> Iterator[StoredImage]:
+        rel = layouts.wds_shard_name(shard)
+        for sample in layouts.wds_iter_shard(self.loc, shard, self.file_meta(shard, rel)):
             rows = json.loads(sample["params.json"])
             values = layouts.npy_load(sample["targets.npy"])
             scales = layouts.npy_load(sample["scales.npy"]) if "scales.npy" in sample else None
-            yield ImageTargets(rows[0]["image_idx"], rows[0]["key"], rows[0]["label"],
-                               self.quantizer.dequantize(values, scales), rows)
+            image = next(((k, v) for k, v in sample.items() if k not in layouts.WDS_DATA_MEMBERS
+                          and not k.startswith("__")), None)
+            yield StoredImage(rows[0]["image_idx"], rows[0]["key"], rows[0]["label"], values, scales, rows, image)
 
     def views_iter(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         """Every (target [*target_shape], index row) of the store."""

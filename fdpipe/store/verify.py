@@ -62,10 +62,14 @@ def _check_values(store: Store, whitened: bool) -> Iterator[str]:
                        f"(token mean {float(mean.flat[np.argmax(bad)]):.3f}, var {float(var.flat[np.argmax(bad)]):.3f})")
 
 
-def verify_store(url: str, storage_options: dict | None = None, deep: bool = False) -> tuple[Store | None, list[str]]:
-    """All problems found, each naming the shard and file; an empty list means the store is intact."""
+def verify_store(url: str, storage_options: dict | None = None, deep: bool = False,
+                 cache_dir: str | None = None) -> tuple[Store | None, list[str]]:
+    """All problems found, each naming the shard and file; an empty list means the store is intact.
+
+    Files are hashed as they are in the store (never from the read cache); `cache_dir` serves the deep decoding.
+    """
     try:
-        store = open_store(url, storage_options)
+        store = open_store(url, storage_options, cache_dir)
     except StoreError as e:
         return None, [str(e)]
     problems = list(_check_files(store))

@@ -28,6 +28,11 @@ def progress_name(shard: int) -> str:
     return f"{PROGRESS}/shard-{shard:05d}.json"
 
 
+def committed_markers(loc: StoreLocation) -> list[str]:
+    """The marker names in _progress/, without temporary files a crashed writer may have left there."""
+    return [n for n in loc.ls(PROGRESS) if n.startswith("shard-") and n.endswith(".json")]
+
+
 def num_shards(num_images: int, shard_size: int) -> int:
     return max(1, math.ceil(num_images / shard_size))
 
@@ -49,8 +54,10 @@ def default_shard_size(bytes_per_image: int, target_bytes: int = 768 << 20) -> i
 class StoreWriter:
     """Creates or resumes a store with fixed settings and commits whole shards."""
 
-    def __init__(self, url: str, settings: dict[str, Any], storage_options: dict | None = None):
+    def __init__(self, url: str, settings: dict[str, Any], storage_options: dict | None = None, *,
+                 role: str = "--out"):
         self.loc = StoreLocation(url, storage_options or {})
+        self.role = role  # how the user named this location, for messages
         self.draft = make_draft(settings)
         self.q = get_quantizer(settings["dtype"])
         self.n = settings["num_images"]
@@ -70,12 +77,12 @@ class StoreWriter:
         else:
             if loc.exists() and loc.ls(""):
                 raise StoreError(
-                    f"{loc.url} exists and is not an fdpipe store; choose a new or empty directory for --out"
+                    f"{loc.url} exists and is not an fdpipe store; choose a new or empty directory for {self.role}"
                 )
             try:
                 loc.put_atomic(DRAFT, canonical(self.draft))
             except OSError as e:
-                raise StoreError(f"cannot write to {loc.url}: {e.strerror or e}; choose a writable --out") from None
+                raise StoreError(f"cannot write to {loc.url}: {e.strerror or e}; choose a writable {self.role}") from None
         if self.layout == "zarr":
             for rel, data in layouts.zarr_metadata(self.draft, self.q).items():
                 if not loc.exists(rel):
@@ -88,7 +95,7 @@ class StoreWriter:
         if diff:
             raise StoreError(
                 f"{self.loc.url} was made with other settings: {diff} is {describe_value(old, diff)!r} there, "
-                f"{describe_value(self.draft, diff)!r} now; use the original settings to resume, or another --out"
+                f"{describe_value(self.draft, diff)!r} now; use the original settings to resume, or another {self.role}"
             )
 
     def is_committed(self, shard: int) -> bool:
@@ -114,12 +121,23 @@ class StoreWriter:
         rows:    n*V index rows, image-major, each with the index columns except `shard`.
         images:  optional (extension, bytes) per image, embedded in wds shards.
         """
+        values, scales = self.q.quantize(targets)
+        self.write_stored(shard, values, scales, rows, images)
+
+    def write_stored(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
+                     images: list[tuple[str, bytes] | None] | None = None) -> None:
+        """Commit one whole shard of already-quantized values (and scales), as convert and merge copy them.
+
+        values: [n, V, *target_shape] in the store's dtype; scales: [n, V, *target_shape[:-1]] float16 or None.
+        """
         start, stop = shard_range(shard, self.s, self.n)
         n = stop - start
-        if targets.shape[:2] != (n, self.v) or len(rows) != n * self.v:
-            raise ValueError(f"shard {shard}: expected {n} images x {self.v} views, got {targets.shape} / {len(rows)}")
+        if values.shape[:2] != (n, self.v) or len(rows) != n * self.v:
+            raise ValueError(f"shard {shard}: expected {n} images x {self.v} views, got {values.shape} / {len(rows)}")
+        if values.dtype != np.dtype(self.q.dtype) or (scales is None) == self.q.has_scales:
+            raise ValueError(f"shard {shard}: values {values.dtype} / scales {scales is not None} do not match the "
+                             f"quantizer {self.q.name}")
         rows = [index_mod.normalize(r, shard=shard) for r in rows]
-        values, scales = self.q.quantize(targets)
         files: dict[str, dict[str, Any]] = {}
         if self.layout == "zarr":
             for rel, data in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
@@ -147,7 +165,7 @@ class StoreWriter:
         """Write manifest.json when every shard is committed (by any rank); True when the store is complete."""
         if self.loc.exists(MANIFEST):
             return True
-        if len(self.loc.ls(PROGRESS)) < self.num_shards:
+        if len(committed_markers(self.loc)) < self.num_shards:
             return False
         finalize(self.loc.url, self.loc.storage_options)
         return True
@@ -184,6 +202,8 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         for rel in layouts.zarr_metadata(draft, q):
             nbytes, sha = loc.sha256(rel)
             meta[rel] = {"bytes": nbytes, "sha256": sha}
+    # every shard is committed, so a temporary file left in a shard folder is debris of a crashed attempt
+    loc.remove_stale_tmp([d for d in (PROGRESS, "index", layouts.ZARR_ROOT, layouts.WDS_DIR) if loc.exists(d)])
     manifest = make_final(draft, shards, meta, counts, digest.hexdigest())
     loc.put_atomic(MANIFEST, canonical(manifest))
     return manifest

@@ -1,0 +1,143 @@
+"""docs/store-format.md: its code blocks run as written (without fdpipe) against stores the tests make, and it names
+every manifest field and index column a store has."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shard_rows, store_settings, whitened
+from fdpipe.store import StoreWriter, open_store, shard_range
+from fdpipe.store.index import COLUMNS
+from fdpipe.store.manifest import canonical, checksum, fingerprint
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "store-format.md"
+PLACEHOLDER = 'STORE = "/path/to/store"'
+LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
+
+# Appended to each snippet: its result, for comparison with fdpipe's own reading.
+DUMP = """
+import sys as _sys
+assert "fdpipe" not in _sys.modules, "the snippet must not need fdpipe"
+if "target" in dir():
+    import numpy as _np, json as _json
+    _np.save(_sys.argv[1] + ".npy", target)
+    _json.dump(row, open(_sys.argv[1] + ".json", "w"))
+    if "crop" in dir():
+        _np.save(_sys.argv[1] + ".crop.npy", _np.asarray(crop))
+"""
+
+
+def snippets() -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) == 3 and all(PLACEHOLDER in b for b in blocks)
+    return blocks
+
+
+def needs(block: str) -> set[str]:
+    """The layouts a block reads."""
+    if "import zarr" in block:
+        return {"zarr"}
+    if "import webdataset" in block:
+        return {"wds"}
+    return {"zarr", "wds"}
+
+
+def run(block: str, store: Path, out: Path) -> subprocess.CompletedProcess:
+    code = block.replace(PLACEHOLDER, f"STORE = {str(store)!r}") + DUMP
+    return subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=out.parent)
+
+
+def make_store_with_images(root: Path, layout: str, dtype: str) -> Path:
+    """A small store whose index points at real image files (of the sizes the rows record)."""
+    settings = store_settings(layout, dtype, n=5, s=2)
+    targets = whitened(np.random.default_rng(7), (5, 2, 4, 8))
+    images = root / "images"
+    url = root / f"{layout}-{dtype}"
+    w = StoreWriter(str(url), settings)
+    w.open()
+    rng = np.random.default_rng(0)
+    for shard in range(w.num_shards):
+        rows = shard_rows(settings, shard)
+        for r in rows:
+            path = images / f"{r['key']}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (r["orig_height"], r["orig_width"], 3), dtype=np.uint8)).save(path)
+            r["source"] = str(path)
+        a, b = shard_range(shard, w.s, w.n)
+        w.write_shard(shard, targets[a:b], rows)
+    assert w.try_finalize()
+    return url
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    return {(layout, dtype): make_store_with_images(root, layout, dtype) for layout, dtype in LAYOUTS}
+
+
+CASES = [(i, layout, dtype) for i, block in enumerate(snippets()) for layout, dtype in LAYOUTS if layout in needs(block)]
+
+
+@pytest.mark.parametrize("which,layout,dtype", CASES)
+def test_doc_snippets_run_as_written(stores, tmp_path, which, layout, dtype):
+    from fdpipe.augment import AugmentationPlan, AugParams
+    from fdpipe.data import decode_rgb
+
+    block = snippets()[which]
+    url = stores[(layout, dtype)]
+    out = tmp_path / "out"
+    p = run(block, url, out)
+    assert p.returncode == 0, p.stderr
+    if "target" not in block:
+        assert p.stdout.startswith("ok ")
+        return
+    st = open_store(str(url))
+    target = np.load(str(out) + ".npy")
+    row = json.loads(Path(str(out) + ".json").read_text())
+    want = st.target(2, 1) if layout == "zarr" else next(it for it in st.iter_images() if it.image_idx == 2).targets[1]
+    assert target.dtype == np.float32 and np.array_equal(target, want)
+    assert row == {k: v for k, v in st.row(2, 1).items()}
+    if Path(str(out) + ".crop.npy").exists():  # the crop the doc takes is the one fdpipe replays
+        image = decode_rgb(Path(row["source"]).read_bytes())
+        ours = AugmentationPlan.apply(image, AugParams.from_dict(row), (224, 224), "bicubic")
+        assert np.array_equal(np.load(str(out) + ".crop.npy"), np.asarray(ours))
+
+
+def test_snippets_refuse_an_unknown_format_version(stores, tmp_path):
+    for (layout, dtype), url in stores.items():
+        if dtype != "int8":
+            continue
+        copy = tmp_path / layout
+        shutil.copytree(url, copy)
+        m = json.loads((copy / "manifest.json").read_text())
+        m["format_version"] = 2
+        m["fingerprint"] = fingerprint(m)
+        m["checksum"] = checksum(m)
+        (copy / "manifest.json").write_bytes(canonical(m))
+        for block in snippets():
+            if layout in needs(block):
+                p = run(block, copy, tmp_path / "out")
+                assert p.returncode != 0 and "unknown store format: refuse it" in p.stderr
+
+
+def test_the_doc_names_every_manifest_field_and_index_column(stores):
+    text = DOC.read_text()
+    m = open_store(str(stores[("zarr", "int8")])).manifest
+    fields = set(m) | {f"{k}" for k in m["creator"]} | set(m["quantizer"]) | set(m["plan"]) | set(m["counts"])
+    real_teacher = ("alias", "timm_name", "weights_sha256", "layer", "target", "pretrained_cfg", "image_size",
+                    "tokens", "channels", "grid", "num_prefix_tokens")
+    missing = sorted(f for f in fields | set(real_teacher) | set(COLUMNS) if f"`{f}`" not in text)
+    assert not missing, f"docs/store-format.md does not mention {missing}"
+    from fdpipe.store.manifest import FORMAT_VERSION
+
+    assert f"format_version {FORMAT_VERSION})" in text.splitlines()[0]

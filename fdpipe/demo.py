@@ -1,0 +1,161 @@
+"""`fdpipe demo`: the whole pipeline on Fashion-MNIST with a real pretrained teacher, ending in a table.
+
+Each stage is the real CLI command, printed before it runs and invoked through the same click entry point, so the
+demo teaches the commands it runs. Stages whose output is already complete are reused (and say so).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import FdpipeError
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Everything that sets the demo's cost; chosen so `make demo` fits in 15 minutes on 2 CPU cores."""
+
+    pool: int  # unlabeled Fashion-MNIST training images the teacher sees
+    views: int
+    teacher_size: int  # effnet-lite0 input, pixels
+    student_size: int  # fd-vit-tiny input, pixels (/16 patches: teacher grid = student grid)
+    distill_epochs: int
+    distill_batch: int
+    distill_lr: float
+    labels_per_class: int
+    finetune_epochs: int
+    finetune_batch: int
+    finetune_lr: float
+    test_images: int
+    seed: int = 0
+
+
+FULL = DemoSizes(pool=6000, views=2, teacher_size=128, student_size=64, distill_epochs=4, distill_batch=64,
+                 distill_lr=1.5e-3, labels_per_class=50, finetune_epochs=30, finetune_batch=50, finetune_lr=1e-3,
+                 test_images=2000)
+QUICK = DemoSizes(pool=256, views=2, teacher_size=64, student_size=32, distill_epochs=1, distill_batch=32,
+                  distill_lr=1.5e-3, labels_per_class=5, finetune_epochs=2, finetune_batch=24, finetune_lr=1e-3,
+                  test_images=200)
+
+
+def _run(args: list[str], echo: bool = True) -> float:
+    """Run one fdpipe command through the CLI's own entry point; returns its wall time in seconds."""
+    from .cli import main
+
+    if echo:
+        click.secho("$ fdpipe " + shlex.join(args), fg="cyan", bold=True)
+    t0 = time.time()
+    try:
+        main.main(args=args, prog_name="fdpipe", standalone_mode=False)
+    except click.ClickException as e:
+        raise FdpipeError(f"demo stage `fdpipe {args[0]}` failed: {e.format_message()}") from None
+    return time.time() - t0
+
+
+def _store_complete(path: Path) -> bool:
+    return (path / "manifest.json").exists()
+
+
+def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto") -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    common = ["--workers", str(workers), "--device", device, "--quiet"]
+    store, distilled = out / "store", out / "distill"
+    ft = {"fd": out / "finetune-fd", "scratch": out / "finetune-scratch"}
+
+    click.secho(f"fdpipe demo: {'quick' if quick else 'full'} sizes {asdict(sizes)}", bold=True)
+    click.echo("\n[1/4] extract: run the teacher once over the unlabeled pool, store whitened targets")
+    if _store_complete(store):
+        click.echo(f"store already complete, reusing it: {store}")
+    else:
+        timings["extract"] = _run(["extract", "--teacher", "effnet-lite0", "--data", "fashion-mnist", "--limit",
+                                   str(sizes.pool), "--views", str(sizes.views), "--image-size",
+                                   str(sizes.teacher_size), "--out", str(store), "--seed", str(sizes.seed), *common])
+    _run(["store", "verify", str(store)])
+
+    click.echo("\n[2/4] distill: train fd-vit-tiny on the stored targets (the teacher does not run)")
+    if (distilled / "student.safetensors").exists():
+        click.echo(f"distilled student already there, reusing it: {distilled}")
+    else:
+        timings["distill"] = _run(["distill", "--store", str(store), "--student", "fd-vit-tiny", "--image-size",
+                                   str(sizes.student_size), "--epochs", str(sizes.distill_epochs), "--batch-size",
+                                   str(sizes.distill_batch), "--lr", str(sizes.distill_lr), "--out", str(distilled),
+                                   "--seed", str(sizes.seed), *common])
+
+    click.echo(f"\n[3/4] finetune: the distilled student and the same architecture from scratch, "
+               f"{sizes.labels_per_class} labels per class, same epochs and seed")
+    click.echo("[4/4] evaluate: both on the Fashion-MNIST test split (every epoch)")
+    for name, init in (("fd", str(distilled)), ("scratch", "scratch")):
+        if (ft[name] / "metrics.json").exists():
+            click.echo(f"fine-tuned {name} model already there, reusing it: {ft[name]}")
+            continue
+        extra = ["--like", str(distilled)] if init == "scratch" else []
+        timings[f"finetune_{name}"] = _run(
+            ["finetune", "--init", init, *extra, "--data", "fashion-mnist", "--labels-per-class",
+             str(sizes.labels_per_class), "--val", "fashion-mnist:test", "--val-limit", str(sizes.test_images),
+             "--image-size", str(sizes.student_size), "--epochs", str(sizes.finetune_epochs), "--batch-size",
+             str(sizes.finetune_batch), "--lr", str(sizes.finetune_lr), "--out", str(ft[name]), "--seed",
+             str(sizes.seed), *common])
+    timings_path.write_text(json.dumps(timings, indent=2))
+    return report(out, sizes, timings, quick)
+
+
+def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool) -> dict[str, Any]:
+    from .store import open_store
+
+    st = open_store(str(out / "store"))
+    size = st.data_bytes()
+    rows = []
+    for name, label in (("fd", "FD (distilled from effnet-lite0, then fine-tuned)"), ("scratch", "scratch")):
+        m = json.loads((out / f"finetune-{name}" / "metrics.json").read_text())
+        rows.append({"method": label, "top1": m["final"]["top1"], "top5": m["final"]["top5"],
+                     "finetune_s": timings.get(f"finetune_{name}")})
+    fmt = lambda s: "reused" if s is None else f"{s / 60:.1f} min"  # noqa: E731
+    lines = [
+        "| method | top-1 | top-5 | extract | distill | fine-tune | store size | bytes per view |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows):
+        stage = (fmt(timings.get("extract")), fmt(timings.get("distill"))) if i == 0 else ("-", "-")
+        store = (f"{size / 2**20:.1f} MiB", f"{st.bytes_per_view():,.0f}") if i == 0 else ("-", "-")
+        lines.append(f"| {r['method']} | {r['top1']:.2f}% | {r['top5']:.2f}% | {stage[0]} | {stage[1]} | "
+                     f"{fmt(r['finetune_s'])} | {store[0]} | {store[1]} |")
+    gain = rows[0]["top1"] - rows[1]["top1"]
+    table = "\n".join(lines)
+    t = st.teacher
+    md = f"""# fdpipe demo report
+
+{'Quick smoke-test sizes.' if quick else 'Default sizes.'} Teacher effnet-lite0 (real ImageNet weights) at
+{sizes.teacher_size} px over {sizes.pool} unlabeled Fashion-MNIST training images x {sizes.views} views
+(targets {t['tokens']} tokens x {t['channels']} channels, grid {t['grid'][0]}x{t['grid'][1]}); student fd-vit-tiny
+at {sizes.student_size} px, distilled {sizes.distill_epochs} epochs; both students fine-tuned {sizes.finetune_epochs}
+epochs on {sizes.labels_per_class} labels per class and evaluated on {sizes.test_images} test images.
+
+{table}
+
+FD - scratch: **{gain:+.2f} points top-1**.
+
+| distillation loss | FD fine-tuning | scratch fine-tuning |
+|---|---|---|
+| ![](distill/loss.png) | ![](finetune-fd/accuracy.png) | ![](finetune-scratch/accuracy.png) |
+
+- store: `{out / 'store'}` (`fdpipe store info` describes it)
+- distilled student: `{out / 'distill' / 'student.safetensors'}`
+- fine-tuned models: `{out / 'finetune-fd' / 'model.safetensors'}`, `{out / 'finetune-scratch' / 'model.safetensors'}`
+"""
+    (out / "report.md").write_text(md)
+    click.echo("\n" + table)
+    click.secho(f"\nFD - scratch: {gain:+.2f} points top-1", bold=True)
+    click.echo(f"report: {out / 'report.md'}\nstore: {out / 'store'}\nstudent: {out / 'distill'}\n"
+               f"fine-tuned: {out / 'finetune-fd'}, {out / 'finetune-scratch'}")
+    return {"rows": rows, "gain": gain, "timings": timings, "store_bytes": size,
+            "bytes_per_view": st.bytes_per_view()}

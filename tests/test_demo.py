@@ -1,0 +1,77 @@
+"""fdpipe demo --quick: every stage leaves its artifacts, and a second run reuses them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_quick_demo_prints_each_command_before_running_it(demo_run):
+    _, output = demo_run
+    for cmd in ("$ fdpipe extract", "$ fdpipe store verify", "$ fdpipe distill", "$ fdpipe finetune --init"):
+        assert cmd in output
+    assert output.index("$ fdpipe extract") < output.index("$ fdpipe distill") < output.index("$ fdpipe finetune")
+
+
+def test_quick_demo_store_verifies(demo_run, cli):
+    out, _ = demo_run
+    assert cli("store", "verify", "--deep", out / "store").exit_code == 0
+
+
+@pytest.mark.parametrize("run,weights", [("distill", "student.safetensors"), ("finetune-fd", "model.safetensors"),
+                                         ("finetune-scratch", "model.safetensors")])
+def test_quick_demo_checkpoints_load_in_plain_timm(demo_run, run, weights):
+    out, _ = demo_run
+    code = f"""
+import json, sys, timm, torch
+cfg = json.load(open({str(out / run / 'config.json')!r}))
+m = timm.create_model(cfg["architecture"], pretrained=True,
+                      pretrained_cfg_overlay=dict(file={str(out / run / weights)!r}), **cfg["model_args"])
+size = cfg["pretrained_cfg"]["input_size"][-1]
+assert "fdpipe" not in sys.modules
+print(tuple(m.eval()(torch.zeros(1, 3, size, size)).shape))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == ("(1, 192)" if run == "distill" else "(1, 10)")
+
+
+def test_quick_demo_report_has_both_rows(demo_run):
+    out, output = demo_run
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| FD") or line.startswith("| scratch")]
+    assert len(rows) == 2 and all("%" in r for r in rows)
+    for png in ("distill/loss.png", "finetune-fd/accuracy.png", "finetune-scratch/accuracy.png"):
+        assert png in report and (out / png).exists()
+    assert "FD - scratch:" in output
+
+
+def test_second_run_reuses_what_is_there(demo_run):
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    out, _ = demo_run
+    before = (out / "store" / "manifest.json").stat().st_mtime_ns
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "store already complete, reusing it" in r.output
+    assert "distilled student already there, reusing it" in r.output
+    assert "$ fdpipe extract" not in r.output and "$ fdpipe distill" not in r.output
+    assert (out / "store" / "manifest.json").stat().st_mtime_ns == before

@@ -1,0 +1,227 @@
+"""fdpipe distill: cached equals online, exact resume, DDP, plain-timm checkpoints, learning, refusals."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fdpipe.store import open_store
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+EXTRACT = ["--teacher", "effnet-lite0", "--image-size", "64", "--views", "2", "--workers", "0", "--quiet"]
+TINY = ["--epochs", "2", "--batch-size", "8", "--workers", "0", "--quiet", "--lr", "1e-3", "--seed", "3"]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fm_store(tmp_path_factory):
+    """A real effnet-lite0 float16 store over 64 Fashion-MNIST images (2x2 grid of 1280 channels)."""
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    out = tmp_path_factory.mktemp("fm") / "store"
+    r = CliRunner().invoke(main, ["extract", "--data", "fashion-mnist", "--limit", "64", "--out", str(out), *EXTRACT])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def run_cli(*args, check=True):
+    p = subprocess.run([str(BIN / "fdpipe"), *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def student_features(run: Path, x: torch.Tensor) -> torch.Tensor:
+    from fdpipe.models import load_model
+
+    model, _, _ = load_model(str(run))
+    with torch.no_grad():
+        return model.eval().forward_features(x)
+
+
+def test_cached_run_matches_the_online_run_step_by_step(cli, fm_store, tmp_path):
+    cached, online = tmp_path / "cached", tmp_path / "online"
+    assert cli("distill", "--store", fm_store, "--out", cached, *TINY).exit_code == 0
+    r = cli("distill", "--teacher", "effnet-lite0", "--teacher-image-size", 64, "--views", 2, "--data",
+            "fashion-mnist", "--limit", 64, "--out", online, *TINY)
+    assert r.exit_code == 0, r.output
+    a, b = np.array(losses(cached)), np.array(losses(online))
+    assert len(a) == len(b) == 16  # 2 epochs x 64 images / 8: 128 samples
+    assert np.all(np.abs(a - b) / np.abs(b) < 0.01), np.abs(a - b) / np.abs(b)
+    x = torch.randn(4, 3, 32, 32)
+    fa, fb = student_features(cached, x).flatten(1), student_features(online, x).flatten(1)
+    assert torch.nn.functional.cosine_similarity(fa, fb).min() >= 0.999
+
+
+def test_sigkill_then_resume_gives_bit_identical_weights(fm_store, tmp_path):
+    args = ["distill", "--store", fm_store, *TINY, "--save-every", 3]
+    ref = tmp_path / "ref"
+    run_cli(*args, "--out", ref)
+    run = tmp_path / "run"
+    p = subprocess.Popen([str(BIN / "fdpipe"), *map(str, args), "--out", str(run)])
+    kill_at = np.random.default_rng().integers(4, 14)  # a random step after the first checkpoint (step 3)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(losses(run)) >= kill_at:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_cli(*args, "--out", run, "--resume")
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "student.safetensors"), load_file(run / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(ref) == losses(run)
+
+
+def test_two_ranks_under_torchrun_split_the_epoch(fm_store, tmp_path):
+    run = tmp_path / "ddp"
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+                        str(BIN / "fdpipe"), "distill", "--store", str(fm_store), "--out", str(run), "--epochs", "1",
+                        "--batch-size", "4", "--workers", "0", "--quiet", "--log-samples"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = [[i for line in (run / f"samples.rank{r}.jsonl").read_text().splitlines()
+             for i in json.loads(line)["image_idx"]] for r in range(2)]
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(64))  # 64 images, 2 ranks x 8 steps x 4
+    assert (run / "student.safetensors").exists() and (run / "config.json").exists()
+    assert len(losses(run)) == 8  # one log, written by rank 0
+
+
+def test_student_loads_in_plain_timm_with_the_same_features(cli, fm_store, tmp_path):
+    run = tmp_path / "run"
+    assert cli("distill", "--store", fm_store, "--out", run, *TINY, "--max-steps", 2).exit_code == 0
+    x = torch.randn(2, 3, 32, 32)
+    code = f"""
+import json, sys, timm, torch
+cfg = json.load(open({str(run / 'config.json')!r}))
+x = torch.load({str(tmp_path / 'x.pt')!r})
+outs = []
+for kw in (dict(pretrained=True, pretrained_cfg_overlay=dict(file={str(run / 'student.safetensors')!r})),
+           dict(checkpoint_path={str(run / 'student.safetensors')!r})):
+    m = timm.create_model(cfg["architecture"], **kw, **cfg["model_args"]).eval()
+    with torch.no_grad():
+        outs.append(m.forward_features(x))
+assert "fdpipe" not in sys.modules
+torch.save(outs, {str(tmp_path / 'y.pt')!r})
+"""
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    plain = torch.load(tmp_path / "y.pt")
+    ours = student_features(run, x)
+    assert all(torch.equal(p, ours) for p in plain)
+
+
+def test_student_learns_the_teachers_features(tmp_path):
+    """Held-out views of unseen images: the student's loss falls below 0.75x the loss of predicting zeros."""
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    train, held = tmp_path / "train", tmp_path / "held"
+    runner = CliRunner()
+    assert runner.invoke(main, ["extract", "--data", "fashion-mnist", "--limit", 2048, "--out", str(train),
+                                *EXTRACT, "--views", 1, "--batch-size", 128]).exit_code == 0
+    assert runner.invoke(main, ["extract", "--data", "fashion-mnist:test", "--limit", 64, "--out", str(held),
+                                *EXTRACT[:4], "--views", 1, "--workers", 0, "--quiet"]).exit_code == 0
+    run = tmp_path / "run"
+    r = runner.invoke(main, ["distill", "--store", str(train), "--out", str(run), *LEARN])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    from fdpipe.augment import AugParams
+    from fdpipe.data import decode_rgb, open_source
+    from fdpipe.distill.student import Distiller, fd_loss
+    from fdpipe.distill.train import student_transform
+    from fdpipe.models import load_model
+
+    model, spec, _ = load_model(str(run))
+    st = open_store(str(held))
+    t = st.teacher
+    d = Distiller(model, t["channels"], tuple(t["grid"]), t["num_prefix_tokens"])
+    d.projector.load_state_dict(load_file(run / "projector.safetensors"))
+    src = open_source("fashion-mnist:test", limit=64)
+    tf = student_transform(model, spec.image_size)
+    xs, ys = [], []
+    for it in st.iter_images():
+        xs.append(tf(decode_rgb(src[it.image_idx].data), AugParams.from_dict(it.rows[0])))
+        ys.append(torch.from_numpy(it.targets[0]))
+    x, y = torch.stack(xs), torch.stack(ys)
+    with torch.no_grad():
+        loss = float(fd_loss(d.eval()(x), y))
+    zero = float(fd_loss(torch.zeros_like(y), y))
+    assert loss < 0.75 * zero, (loss, zero)
+
+
+# ~830 steps of 32 views over 2,048 images: enough to learn beyond the per-token mean (about 0.82x zero-prediction)
+LEARN = ["--epochs", "13", "--batch-size", "32", "--lr", "2e-3", "--drop-path", "0", "--workers", "0", "--quiet"]
+
+
+# ----------------------------------------------------------------------------------------------------- refusals
+def test_store_without_manifest_is_refused(cli, fm_store, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fm_store, broken)
+    (broken / "manifest.json").unlink()
+    r = cli("distill", "--store", broken, "--out", tmp_path / "run", *TINY)
+    assert r.exit_code == 1 and "incomplete store" in r.output
+
+
+def test_grid_mismatch_is_refused_naming_the_matching_size(cli, fm_store, tmp_path):
+    r = cli("distill", "--store", fm_store, "--out", tmp_path / "run", "--image-size", 64, *TINY)
+    assert r.exit_code == 1 and "does not match the teacher grid 2x2" in r.output and "--image-size 32" in r.output
+    r = cli("distill", "--store", fm_store, "--out", tmp_path / "run", "--image-size", 64, "--resample-grid",
+            *TINY, "--max-steps", 1)
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_against_another_store_is_refused(cli, fm_store, tmp_path):
+    run = tmp_path / "run"
+    assert cli("distill", "--store", fm_store, "--out", run, *TINY, "--max-steps", 1).exit_code == 0
+    other = tmp_path / "other"
+    assert cli("extract", "--data", "fashion-mnist", "--limit", 16, "--out", other, *EXTRACT).exit_code == 0
+    r = cli("distill", "--store", other, "--out", run, *TINY, "--resume")
+    assert r.exit_code == 1 and "--resume" in r.output and "was trained from store" in r.output
+
+
+def test_source_image_that_changed_is_refused_naming_the_key(cli, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((40, 40, 3), i * 20, np.uint8)).save(folder / f"im{i}.png")
+    store = tmp_path / "s"
+    assert cli("extract", "--data", folder, "--out", store, *EXTRACT).exit_code == 0
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(folder / "im3.png")
+    r = cli("distill", "--store", store, "--out", tmp_path / "run", *TINY)
+    assert r.exit_code == 1 and "'im3'" in r.output and "changed under the store" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--student", "vit-nope"], "unknown student 'vit-nope': use one of fd-vit-tiny"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--store", "/no/such/store"], "no store at /no/such/store"),
+    (["--resume"], "--resume: no train_state.pt"),
+])
+def test_bad_input_is_one_line_exit_1(cli, fm_store, tmp_path, args, message):
+    # click keeps the last of a repeated option, so `args` override the defaults given first
+    r = cli("distill", "--store", fm_store, "--out", tmp_path / "run", "--workers", 0, "--quiet", *args)
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output

@@ -37,9 +37,9 @@ class DemoSizes:
     seed: int = 0
 
 
-FULL = DemoSizes(pool=6000, views=2, teacher_size=128, student_size=64, distill_epochs=4, distill_batch=64,
-                 distill_lr=1.5e-3, labels_per_class=50, finetune_epochs=30, finetune_batch=50, finetune_lr=1e-3,
-                 test_images=2000)
+FULL = DemoSizes(pool=6000, views=1, teacher_size=128, student_size=64, distill_epochs=4, distill_batch=64,
+                 distill_lr=2e-3, labels_per_class=50, finetune_epochs=30, finetune_batch=50, finetune_lr=1e-3,
+                 test_images=1000)
 QUICK = DemoSizes(pool=256, views=2, teacher_size=64, student_size=32, distill_epochs=1, distill_batch=32,
                   distill_lr=1.5e-3, labels_per_class=5, finetune_epochs=2, finetune_batch=24, finetune_lr=1e-3,
                   test_images=200)

@@ -24,6 +24,22 @@ from .errors import FdpipeError
 from .runtime import Ranks, atomic_write_bytes, ranks_from_env
 
 
+def start_run(device_name: str, out: str | Path, seed: int, resume: bool, state: str) -> tuple[torch.device, Ranks, Path, Path]:
+    """What every training command does first: device, process group, the resume check, seeds, determinism on CPU."""
+    from .runtime import resolve_device
+
+    device = resolve_device(device_name)
+    ranks = init_distributed(device)
+    out = Path(out)
+    state_path = out / state
+    if resume and not state_path.exists():
+        raise FdpipeError(f"--resume: no {state} in {out}; start without --resume or point --out at the run")
+    seed_everything(seed)
+    if device.type == "cpu":
+        deterministic(True)
+    return device, ranks, out, state_path
+
+
 def init_distributed(device: torch.device) -> Ranks:
     """Join the torchrun process group when there is one; returns this process's rank and the world size."""
     ranks = ranks_from_env()

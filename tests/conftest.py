@@ -12,6 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def write_photos(folder, n: int = 6, size=(48, 64)):
+    """Real-looking small photos: crops of skimage's bundled pictures, alternating between two class folders."""
+    from pathlib import Path
+
+    from PIL import Image
+    from skimage import data
+
+    folder = Path(folder)
+    pics = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    for i in range(n):
+        cls = folder / ("cat" if i % 2 else "dog")
+        cls.mkdir(parents=True, exist_ok=True)
+        pic = pics[i % len(pics)]
+        y, x = (i * 17) % (pic.shape[0] - size[0]), (i * 29) % (pic.shape[1] - size[1])
+        Image.fromarray(pic[y:y + size[0], x:x + size[1]]).save(cls / f"img{i}.png")
+    return folder
+
+
 def whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     x = rng.standard_normal(shape).astype(np.float32)
     return ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)).astype(np.float32)

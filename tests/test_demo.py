@@ -1,11 +1,9 @@
 """fdpipe demo --quick: every stage leaves its artifacts, and a second run reuses them."""
 
-import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 

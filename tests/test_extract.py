@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import write_photos
 from fdpipe.store import open_store
 
 BIN = Path(sys.executable).parent
@@ -25,17 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def photos(folder: Path, n: int = 6, size=(48, 64)) -> Path:
-    """Real-looking small photos: crops of skimage's bundled pictures, in two class folders."""
-    from skimage import data
-
-    pics = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    for i in range(n):
-        cls = folder / ("cat" if i % 2 else "dog")
-        cls.mkdir(parents=True, exist_ok=True)
-        pic = pics[i % len(pics)]
-        y, x = (i * 17) % (pic.shape[0] - size[0]), (i * 29) % (pic.shape[1] - size[1])
-        Image.fromarray(pic[y:y + size[0], x:x + size[1]]).save(cls / f"img{i}.png")
-    return folder
+    return write_photos(folder, n, size)
 
 
 def store_targets(url):

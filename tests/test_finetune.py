@@ -12,6 +12,8 @@ import timm
 import torch
 from PIL import Image
 
+from conftest import write_photos
+
 from fdpipe.errors import FdpipeError
 from fdpipe.finetune import init as inits
 from fdpipe.finetune.data import EpochOrder, item_seed, select_indices
@@ -24,17 +26,7 @@ TINY = ("--image-size", 32, "--workers", 0, "--quiet")
 
 
 def photos(folder: Path, per_class: int = 4, size=(48, 64)) -> Path:
-    """Small real photos (crops of skimage's pictures) in two class folders."""
-    from skimage import data
-
-    pics = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    for i in range(2 * per_class):
-        cls = folder / ("cat" if i % 2 else "dog")
-        cls.mkdir(parents=True, exist_ok=True)
-        pic = pics[i % len(pics)]
-        y, x = (i * 17) % (pic.shape[0] - size[0]), (i * 29) % (pic.shape[1] - size[1])
-        Image.fromarray(pic[y:y + size[0], x:x + size[1]]).save(cls / f"img{i}.png")
-    return folder
+    return write_photos(folder, 2 * per_class, size)
 
 
 def ok(result) -> None:

@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import shard_rows, store_settings, whitened, write_store
 from fdpipe.errors import IncompleteStoreError, StoreError
-from fdpipe.store import StoreWriter, open_store, verify_store
+from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.manifest import canonical, checksum, fingerprint
 
 LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +19,11 @@ from ..augment import AugmentationPlan, ViewTransform
 from ..data import open_source
 from ..errors import FdpipeError
 from ..models import create_student, matching_image_size, save_model
-from ..runtime import JsonlLog, progress, resolve_device
+from ..runtime import JsonlLog, progress
 from ..store import open_store
-from ..training import (Position, adamw, all_mean, autocast, barrier, cosine_lr, deterministic, init_distributed,
-                        load_state, plot_curves, rng_state, save_state, scaled_lr, seed_everything, set_lr,
-                        set_rng_state, weight_decay_groups, wrap_ddp)
+from ..training import (Position, adamw, all_mean, autocast, barrier, cosine_lr, load_state, plot_curves, rng_state,
+                        save_state, scaled_lr, seed_everything, set_lr, set_rng_state, start_run,
+                        weight_decay_groups, wrap_ddp)
 from .replay import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
 from .student import Distiller, check_grid, fd_loss
 
@@ -128,15 +127,7 @@ def student_transform(model: torch.nn.Module, image_size: int) -> ViewTransform:
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
-    ranks = init_distributed(device)
-    out = Path(cfg.out)
-    state_path = out / STATE
-    if cfg.resume and not state_path.exists():
-        raise FdpipeError(f"--resume: no {STATE} in {out}; start without --resume or point --out at the run")
-    seed_everything(cfg.seed)
-    if device.type == "cpu":
-        deterministic(True)
+    device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE)
 
     store, teacher = None, None
     if cfg.store:

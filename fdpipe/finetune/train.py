@@ -19,7 +19,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +31,10 @@ from torch.utils.data import DataLoader
 from ..data import open_source
 from ..errors import FdpipeError
 from ..models import save_model
-from ..runtime import JsonlLog, Ranks, atomic_write_json, progress, resolve_device
-from ..training import (Position, adamw, all_mean, all_sum, autocast, barrier, cosine_lr, deterministic,
-                        init_distributed, load_state, plot_curves, rng_state, save_state, scaled_lr, seed_everything,
-                        set_lr, set_rng_state, weight_decay_groups, worker_errors_one_line, wrap_ddp)
+from ..runtime import JsonlLog, Ranks, atomic_write_json, progress
+from ..training import (Position, adamw, all_mean, all_sum, autocast, barrier, cosine_lr, load_state, plot_curves,
+                        rng_state, save_state, scaled_lr, set_lr, set_rng_state, start_run, weight_decay_groups,
+                        worker_errors_one_line, wrap_ddp)
 from . import init as inits
 from .core import CoreTuningLoss
 from .data import (EpochOrder, Labelled, check_val_classes, eval_transform, labelled, open_val, per_rank,
@@ -368,15 +367,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     Returns ``{"out", "top1", "top5", "loss", "epochs", "steps", "model", "config", "metrics", ...}``: the final
     held-out top-1/top-5 (percent) of the exported model and the paths of what was written.
     """
-    device = resolve_device(cfg.device)
-    ranks = init_distributed(device)
-    out = Path(cfg.out)
-    state_path = out / STATE
-    if cfg.resume and not state_path.exists():
-        raise FdpipeError(f"--resume: no {STATE} in {out}; start without --resume or point --out at the run")
-    seed_everything(cfg.seed)
-    if device.type == "cpu":
-        deterministic(True)
+    device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE)
 
     td = _train_data(cfg)
     vd = _val_data(cfg, td)

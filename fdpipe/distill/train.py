@@ -100,6 +100,9 @@ def _targets_from_store(cfg: DistillConfig):
                           "distill needs a features store (logits stores are for finetune --method deit)")
     t = store.teacher
     data = store.manifest["data"]
+    if not cfg.data and not data.get("spec"):
+        raise FdpipeError(f"{cfg.store} was merged from several image sources; pass --data with a source that "
+                          "holds all of its images")
     source = open_source(cfg.data or data["spec"], limit=None if cfg.data else data.get("limit"))
     desc = {"store": cfg.store, "teacher": t, "plan": store.manifest["plan"]}
     return store, source, None, Targets(tuple(t["grid"]), int(t["channels"]), int(t["num_prefix_tokens"]),

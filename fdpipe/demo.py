@@ -45,6 +45,12 @@ QUICK = DemoSizes(pool=256, views=2, teacher_size=64, student_size=32, distill_e
                   test_images=200)
 
 
+def _timed(timings: dict[str, float], path: Path, name: str, args: list[str]) -> None:
+    """Run a stage and record its time at once, so an interrupted demo keeps the times of finished stages."""
+    timings[name] = _run(args)
+    path.write_text(json.dumps(timings, indent=2))
+
+
 def _run(args: list[str], echo: bool = True) -> float:
     """Run one fdpipe command through the CLI's own entry point; returns its wall time in seconds."""
     from .cli import main
@@ -77,7 +83,7 @@ def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "au
     if _store_complete(store):
         click.echo(f"store already complete, reusing it: {store}")
     else:
-        timings["extract"] = _run(["extract", "--teacher", "effnet-lite0", "--data", "fashion-mnist", "--limit",
+        _timed(timings, timings_path, "extract", ["extract", "--teacher", "effnet-lite0", "--data", "fashion-mnist", "--limit",
                                    str(sizes.pool), "--views", str(sizes.views), "--image-size",
                                    str(sizes.teacher_size), "--out", str(store), "--seed", str(sizes.seed), *common])
     _run(["store", "verify", str(store)])
@@ -86,7 +92,7 @@ def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "au
     if (distilled / "student.safetensors").exists():
         click.echo(f"distilled student already there, reusing it: {distilled}")
     else:
-        timings["distill"] = _run(["distill", "--store", str(store), "--student", "fd-vit-tiny", "--image-size",
+        _timed(timings, timings_path, "distill", ["distill", "--store", str(store), "--student", "fd-vit-tiny", "--image-size",
                                    str(sizes.student_size), "--epochs", str(sizes.distill_epochs), "--batch-size",
                                    str(sizes.distill_batch), "--lr", str(sizes.distill_lr), "--out", str(distilled),
                                    "--seed", str(sizes.seed), *common])
@@ -99,13 +105,12 @@ def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "au
             click.echo(f"fine-tuned {name} model already there, reusing it: {ft[name]}")
             continue
         extra = ["--like", str(distilled)] if init == "scratch" else []
-        timings[f"finetune_{name}"] = _run(
-            ["finetune", "--init", init, *extra, "--data", "fashion-mnist", "--labels-per-class",
+        _timed(timings, timings_path, f"finetune_{name}", [
+            "finetune", "--init", init, *extra, "--data", "fashion-mnist", "--labels-per-class",
              str(sizes.labels_per_class), "--val", "fashion-mnist:test", "--val-limit", str(sizes.test_images),
              "--image-size", str(sizes.student_size), "--epochs", str(sizes.finetune_epochs), "--batch-size",
              str(sizes.finetune_batch), "--lr", str(sizes.finetune_lr), "--out", str(ft[name]), "--seed",
              str(sizes.seed), *common])
-    timings_path.write_text(json.dumps(timings, indent=2))
     return report(out, sizes, timings, quick)
 
 

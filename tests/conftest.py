@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see fdpipe/__init__.py
+
 import numpy as np
 import pytest
 from click.testing import CliRunner

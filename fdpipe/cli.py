@@ -173,5 +173,25 @@ def _register() -> None:
 _register()
 
 
+
+def entry() -> None:
+    """Console entry point: run the click group, flush, and leave without C++ static destructors.
+
+    With torch and pyarrow loaded, interpreter teardown intermittently aborts ("terminate called without an active
+    exception") after a command has finished and printed its result; os._exit keeps the command's own exit code.
+    """
+    import os
+    import sys
+
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

@@ -110,6 +110,8 @@ class AugmentationPlan:
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         object.__setattr__(self, "ratio", tuple(float(r) for r in self.ratio))
 
     def view_seed(self, key: str, view: int) -> int:
@@ -186,3 +188,15 @@ class ViewTransform:
         view = AugmentationPlan.apply(image, params, self.size, self.interpolation)
         x = TF.to_dtype(TF.pil_to_tensor(view), torch.float32, scale=True)
         return TF.normalize(x, list(self.mean), list(self.std))
+
+
+def make_plan(seed: int, views: int, crop_scale: Sequence[float] = (0.08, 1.0)) -> AugmentationPlan:
+    """The plan from command-line settings; a bad setting is one line naming the option."""
+    from .errors import FdpipeError
+
+    if views < 1:
+        raise FdpipeError(f"--views must be at least 1 (got {views})")
+    lo, hi = (float(s) for s in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise FdpipeError(f"--crop-scale {lo:g} {hi:g}: need 0 < MIN <= MAX <= 1 (the area fraction of each crop)")
+    return AugmentationPlan(seed=seed, views=views, scale=(lo, hi))

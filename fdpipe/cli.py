@@ -36,6 +36,8 @@ def teacher_options(f):
     """The plan and teacher settings a store carries; extract and online distill take them alike."""
     for opt in reversed([
         click.option("--views", type=int, default=8, help="Augmented views V per image."),
+        click.option("--crop-scale", type=(float, float), default=(0.08, 1.0), show_default=True,
+                     metavar="MIN MAX", help="Area fraction range of the plan's RandomResizedCrop views."),
         click.option("--layer", type=int, default=None,
                      help="Take block K's output (forward_intermediates) instead of forward_features."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
@@ -66,7 +68,7 @@ def teacher_options(f):
 @click.option("--embed-images", is_flag=True, help="wds only: put each image's bytes in its sample (a self-contained store).")
 @storage_options_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(teacher, data, out, views, layer, weights, layout, dtype, target, image_size, seed, shard_size,
+def extract(teacher, data, out, views, crop_scale, layer, weights, layout, dtype, target, image_size, seed, shard_size,
             batch_size, workers, device, limit, embed_images, storage_options, quiet) -> None:
     """Run a teacher once over V augmented views per image and write whitened targets to a store.
 
@@ -74,7 +76,7 @@ def extract(teacher, data, out, views, layer, weights, layout, dtype, target, im
     """
     from .extract import ExtractConfig, extract as run_extract
 
-    cfg = ExtractConfig(teacher=teacher, data=data, out=out, views=views, layout=layout, dtype=dtype, target=target,
+    cfg = ExtractConfig(teacher=teacher, data=data, out=out, views=views, crop_scale=crop_scale, layout=layout, dtype=dtype, target=target,
                         image_size=image_size, layer=layer, weights=weights, seed=seed, shard_size=shard_size,
                         batch_size=batch_size, workers=workers, device=device, limit=limit, embed_images=embed_images,
                         storage_options=parse_storage_options(storage_options), quiet=quiet)
@@ -124,7 +126,7 @@ def extract(teacher, data, out, views, layer, weights, layout, dtype, target, im
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def distill(store_url, student, out, epochs, batch_size, accum_steps, lr, weight_decay, warmup_epochs, drop_path,
             image_size, patch_size, resample_grid, workers, seed, device, resume, strict, save_every, max_steps, log_samples,
-            data, teacher, views, layer, weights, teacher_image_size, plan_seed, limit, storage_options, cache_dir, quiet) -> None:
+            data, teacher, views, crop_scale, layer, weights, teacher_image_size, plan_seed, limit, storage_options, cache_dir, quiet) -> None:
     """Train a student against a store's targets by replaying its views (or against a live teacher).
 
     Runs under torchrun as it is: DDP with NCCL on GPU, gloo on CPU.
@@ -132,7 +134,8 @@ def distill(store_url, student, out, epochs, batch_size, accum_steps, lr, weight
     from .distill.train import DistillConfig, distill as run_distill
 
     cfg = DistillConfig(out=out, student=student, store=store_url, data=data, teacher=teacher, weights=weights,
-                        views=views, teacher_image_size=teacher_image_size, layer=layer, plan_seed=plan_seed,
+                        views=views, crop_scale=crop_scale, teacher_image_size=teacher_image_size, layer=layer,
+                        plan_seed=plan_seed,
                         limit=limit, epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
                         weight_decay=weight_decay, warmup_epochs=warmup_epochs, drop_path=drop_path,
                         image_size=image_size, patch_size=patch_size, resample_grid=resample_grid, workers=workers,

@@ -400,8 +400,9 @@ class TeacherInfo:
 class Teacher(nn.Module):
     """A frozen timm model plus the extraction rule: whitened tokens (or logits) of already-normalized images.
 
-    Always in eval mode (no dropout, no drop path) with requires_grad False; on CUDA it runs under bf16 autocast
-    with channels_last, and always returns float32.
+    Always in eval mode (no dropout, no drop path) with requires_grad False; channels_last everywhere (it doubles a
+    CNN teacher's CPU speed through oneDNN, and suits CUDA's tensor cores), bf16 autocast on CUDA only (CPU keeps
+    float32 so stored targets match a float32 recomputation), and always returns float32.
     """
 
     def __init__(self, model: nn.Module, *, alias: str, timm_name: str, weights_sha256: str, layer: int | None,
@@ -409,9 +410,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.device = torch.device(device)
         model.eval().requires_grad_(False)
-        model = model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(self.device).to(memory_format=torch.channels_last)
         self.model = model
         self.layer = layer
         self.target = target
@@ -453,9 +452,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
         """Un-whitened tokens [B, T, C] (or logits [B, K]), with the grid and the prefix-token count."""
-        x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         m = self.model
         with self._autocast():
             if self.target == "logits":

@@ -212,6 +212,25 @@ def test_bad_arguments_are_one_line_exit_1(cli, tmp_path, photo_dir, args, messa
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
 
 
+def test_crop_scale_bounds_every_stored_crop(cli, tmp_path, photo_dir):
+    out = tmp_path / "s"
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", out, "--image-size", 32, "--views", 8,
+            "--crop-scale", 0.5, 0.7, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    st = open_store(str(out))
+    assert st.plan.scale == (0.5, 0.7)
+    rows = st.index.to_pylist()
+    areas = [r["height"] * r["width"] / (r["orig_height"] * r["orig_width"]) for r in rows]
+    assert len(areas) == 6 * 8 and min(areas) >= 0.5 - 0.02 and max(areas) <= 0.7 + 0.02  # rounding to pixels
+
+
+@pytest.mark.parametrize("scale", [("0.9", "0.5"), ("0", "1"), ("0.5", "1.5")])
+def test_bad_crop_scale_is_one_line_exit_1(cli, tmp_path, photo_dir, scale):
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "s", "--crop-scale", *scale)
+    assert r.exit_code == 1 and "need 0 < MIN <= MAX <= 1" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_out_made_with_other_settings_names_the_field(cli, tmp_path, photo_dir):
     args = ["--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "s", "--image-size", 32,
             "--workers", 0, "--quiet", "--limit", 2]

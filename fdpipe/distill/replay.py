@@ -87,13 +87,19 @@ class StoreReplay(Dataset):
     def __len__(self) -> int:
         return self.store.num_images
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        i, v = int(item[0]), int(item[1])
+    def view(self, i: int, v: int) -> torch.Tensor:
         r = i * self.store.views + v
         row = {c: a[r].item() for c, a in self.params.items()} | {"image_sha256": self.shas[i]}
-        x = self.views.stored_view(self.keys[i], v, row)
-        target = torch.from_numpy(self.store.target(i, v))
-        return {"x": x, "target": target, "image_idx": i, "view": v}
+        return self.views.stored_view(self.keys[i], v, row)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """A whole batch at once (the DataLoader calls this): the batch's targets are read in one concurrent round."""
+        pairs = [(int(i), int(v)) for i, v in items]
+        targets = torch.from_numpy(self.store.targets(pairs))
+        return [{"x": self.view(i, v), "target": t, "image_idx": i, "view": v} for (i, v), t in zip(pairs, targets)]
 
 
 class OnlineReplay(Dataset):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..augment import AugmentationPlan, ViewTransform
+from ..augment import AugmentationPlan, ViewTransform, make_plan
 from ..data import open_source
 from ..errors import FdpipeError
 from ..models import create_student, matching_image_size, save_model
@@ -41,6 +41,7 @@ class DistillConfig:
     teacher: str | None = None
     weights: str | None = None
     views: int = 8
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     teacher_image_size: int | None = None
     layer: int | None = None
     plan_seed: int = 0
@@ -75,6 +76,7 @@ class DistillConfig:
         for name in ("epochs", "batch_size", "accum_steps", "views"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        make_plan(self.plan_seed, self.views, self.crop_scale)
         if (self.store is None) == (self.teacher is None):
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
         if self.teacher is not None and self.data is None:
@@ -115,7 +117,7 @@ def _targets_online(cfg: DistillConfig, device: torch.device):
     teacher = create_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.teacher_image_size, layer=cfg.layer,
                              device=str(device))
     source = open_source(cfg.data, limit=cfg.limit)
-    plan = AugmentationPlan(seed=cfg.plan_seed, views=cfg.views)
+    plan = make_plan(cfg.plan_seed, cfg.views, cfg.crop_scale)
     i = teacher.info
     desc = {"online": True, "teacher": i.to_dict(), "plan": plan.to_dict()}
     return teacher, source, Targets(tuple(i.grid), i.channels, i.num_prefix_tokens, plan, None, desc)

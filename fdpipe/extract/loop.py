@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..augment import AugmentationPlan, ViewTransform
+from ..augment import AugmentationPlan, ViewTransform, make_plan
 from ..data import open_source
 from ..errors import FdpipeError
 from ..runtime import progress, ranks_from_env, resolve_device
@@ -30,6 +30,7 @@ class ExtractConfig:
     data: str
     out: str
     views: int = 8
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     layout: str = "zarr"
     dtype: str = "float16"
     target: str = "features"
@@ -47,8 +48,7 @@ class ExtractConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.views < 1:
-            raise FdpipeError(f"--views must be at least 1 (got {self.views})")
+        make_plan(self.seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
         if self.batch_size < 1:
             raise FdpipeError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.shard_size is not None and self.shard_size < 1:
@@ -94,7 +94,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
                              target=cfg.target, device=str(device))
     info = teacher.info
     target_shape = [info.tokens, info.channels] if cfg.target == "features" else [info.pretrained_cfg["num_classes"]]
-    plan = AugmentationPlan(seed=cfg.seed, views=cfg.views)
+    plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale)
     settings = store_settings(cfg, info.to_dict(), target_shape, len(source), plan)
     writer = StoreWriter(cfg.out, settings, cfg.storage_options)
     done = writer.open()

@@ -78,6 +78,7 @@ class FinetuneConfig:
     mixup: bool | None = None  # None: on for ce and live deit, off for core and store deit
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
+    min_crop: float = 0.08  # RandomResizedCrop scale=(min_crop, 1)
     randaug: bool | None = None  # None: on, except for store deit
     clip_grad: float = 5.0
     # core
@@ -106,6 +107,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not 0 < self.min_crop <= 1:
+            raise FdpipeError(f"--min-crop must be in (0, 1], the smallest area fraction of a crop (got {self.min_crop})")
         for name in ("train_limit", "labels_per_class", "val_limit", "num_classes", "image_size", "max_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -409,7 +412,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
         dataset = StoreReplay(td.store, td.source, student_transform(base, image_size))
     else:
-        dataset = Labelled(td.source, td.labels, train_transform(data_cfg, image_size, cfg.use_randaug), cfg.seed)
+        dataset = Labelled(td.source, td.labels, train_transform(data_cfg, image_size, cfg.use_randaug, cfg.min_crop), cfg.seed)
     val_loader = _val_loader(cfg, vd, eval_transform(data_cfg, image_size), ranks, device)
     n_val, val_spec = len(vd.indices), vd.source.spec
 

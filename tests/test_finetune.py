@@ -359,6 +359,17 @@ def test_option_conflicts_are_one_line(cli, tmp_path, photo_dir) -> None:
                        "--randaug"), "--randaug")
     one_line_error(cli("finetune", *common, "--val", photo_dir, "--batch-size", 64), "--batch-size 64")
     one_line_error(cli("finetune", *common, "--val", photo_dir, "--batch-size", 3), "even --batch-size")
+    one_line_error(cli("finetune", *common, "--val", photo_dir, "--eval-every", 0), "--eval-every must be at least 1")
+    one_line_error(cli("finetune", *common, "--val", photo_dir, "--min-crop", 0), "--min-crop must be in (0, 1]")
+
+
+@pytest.mark.slow
+def test_eval_every_n_epochs_and_always_the_last(cli, tmp_path, photo_dir) -> None:
+    out = tmp_path / "e"
+    ok(cli("finetune", "--init", "scratch", "--data", photo_dir, "--val", photo_dir, "--out", out, "--epochs", 3,
+           "--eval-every", 2, "--batch-size", 4, "--no-mixup", "--no-randaug", "--min-crop", 0.5, *TINY))
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["epochs"]] == [1, 2] and m["final"]["epoch"] == 2
 
 
 def test_randaugment_posterize_at_full_magnitude() -> None:

@@ -43,6 +43,8 @@ from ..cli_common import CONTEXT, parse_storage_options, storage_options_option
               help="Smallest area fraction of the training RandomResizedCrop (timm's scale=(MIN, 1)).")
 @click.option("--randaug/--no-randaug", default=None, show_default="on, off with --teacher-store",
               help="RandAugment rand-m9-mstd0.5-inc1 after RandomResizedCrop + flip.")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Evaluate every N epochs (the last epoch always).")
 @click.option("--clip-grad", type=float, default=5.0, help="Gradient norm clipping.")
 @click.option("--core-eta", type=float, default=0.1, help="core: weight of the contrastive term.")
 @click.option("--core-alpha", type=float, default=1.0, help="core: Beta(alpha, alpha) of the hardness-directed mixup.")
@@ -65,7 +67,7 @@ from ..cli_common import CONTEXT, parse_storage_options, storage_options_option
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 def finetune(init, data, out, method, val, val_limit, train_limit, labels_per_class, num_classes, new_head, student,
              like, image_size, patch_size, epochs, batch_size, lr, min_lr, layer_decay, weight_decay, warmup_epochs,
-             drop_path, smoothing, mixup, min_crop, randaug, clip_grad, core_eta, core_alpha, teacher, weights,
+             drop_path, smoothing, mixup, min_crop, randaug, eval_every, clip_grad, core_eta, core_alpha, teacher, weights,
              teacher_image_size, teacher_store, distill_kind, distill_tau, distill_alpha, workers, seed, device,
              resume, save_every, max_steps, storage_options, quiet) -> None:
     """Fine-tune a distilled student (or a baseline) on labelled images; evaluate top-1/top-5 every epoch.
@@ -80,7 +82,7 @@ def finetune(init, data, out, method, val, val_limit, train_limit, labels_per_cl
         patch_size=patch_size, num_classes=num_classes, new_head=new_head, train_limit=train_limit,
         labels_per_class=labels_per_class, val_limit=val_limit, epochs=epochs, batch_size=batch_size, lr=lr,
         min_lr=min_lr, layer_decay=layer_decay, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        drop_path=drop_path, smoothing=smoothing, mixup=mixup, min_crop=min_crop, randaug=randaug, clip_grad=clip_grad,
+        drop_path=drop_path, smoothing=smoothing, mixup=mixup, min_crop=min_crop, randaug=randaug, eval_every=eval_every, clip_grad=clip_grad,
         core_eta=core_eta, core_alpha=core_alpha, teacher=teacher, weights=weights,
         teacher_image_size=teacher_image_size, teacher_store=teacher_store, distill_kind=distill_kind,
         distill_tau=distill_tau, distill_alpha=distill_alpha, workers=workers, seed=seed, device=device,

@@ -168,7 +168,8 @@ class Labelled(Dataset):
         np.random.seed(s % 2**32)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s % 2**63)
+                # the CPU generator only: torch.manual_seed also queues CUDA seeding, with a 1 ms stack capture
+                torch.random.default_generator.manual_seed(s % 2**63)
                 x = self.transform(image)
         finally:
             random.setstate(py_state)

@@ -100,11 +100,12 @@ class FinetuneConfig:
     save_every: int = 0
     max_steps: int | None = None
     eval_batch_size: int | None = None
+    eval_every: int = 1  # epochs; the last epoch (and an interrupted one) is always evaluated
     storage_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.min_crop <= 1:
@@ -522,11 +523,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 if cfg.save_every and pos.step % cfg.save_every == 0:
                     save(pos)
         finished = micro >= steps_per_epoch
-        metrics = evaluate(model, val_loader, device)
-        log.write(kind="eval", epoch=pos.epoch, step=pos.step, complete=finished, **metrics)
-        if ranks.is_main and not cfg.quiet:
-            bar.write(f"epoch {pos.epoch}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-                      f"loss {metrics['loss']:.4f}")
+        last = pos.epoch + 1 >= cfg.epochs or pos.step >= total_steps
+        if not finished or last or (pos.epoch + 1) % cfg.eval_every == 0:
+            metrics = evaluate(model, val_loader, device)
+            log.write(kind="eval", epoch=pos.epoch, step=pos.step, complete=finished, **metrics)
+            if ranks.is_main and not cfg.quiet:
+                bar.write(f"epoch {pos.epoch}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                          f"loss {metrics['loss']:.4f}")
         if not finished:
             save(pos)
             break

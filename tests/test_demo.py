@@ -1,5 +1,6 @@
 """fdpipe demo --quick: every stage leaves its artifacts, and a second run reuses them."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -69,7 +70,24 @@ def test_second_run_reuses_what_is_there(demo_run):
     before = (out / "store" / "manifest.json").stat().st_mtime_ns
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert "store already complete, reusing it" in r.output
-    assert "distilled student already there, reusing it" in r.output
+    for stage in ("store", "distill", "finetune-fd", "finetune-scratch"):
+        assert f"already done, reusing it: {out / stage}" in r.output
     assert "$ fdpipe extract" not in r.output and "$ fdpipe distill" not in r.output
+    assert "$ fdpipe finetune" not in r.output
     assert (out / "store" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_reuse_refuses_a_stage_made_by_other_settings(demo_run, tmp_path, monkeypatch):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fdpipe import demo
+    from fdpipe.cli import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(demo_run[0], out)
+    monkeypatch.setattr(demo, "QUICK", dataclasses.replace(demo.QUICK, pool=demo.QUICK.pool + 1))
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"])
+    assert r.exit_code == 1 and f"{out / 'store'} was made by other demo settings" in r.output
+    assert "Traceback" not in r.output and (out / "store" / "manifest.json").exists()  # nothing deleted

@@ -49,8 +49,8 @@ DISTILL = ["--drop-path", "0"]
 FINETUNE = ["--no-mixup", "--no-randaug", "--min-crop", "0.35", "--layer-decay", "0.75"]
 
 FULL = DemoSizes(pool=6000, views=2, teacher_size=128, student_size=64, distill_epochs=3, distill_batch=32,
-                 distill_lr=1.5e-3, labels_per_class=50, finetune_epochs=30, finetune_batch=25, finetune_lr=1e-3,
-                 test_images=2000)
+                 distill_lr=1.5e-3, labels_per_class=50, finetune_epochs=30, finetune_batch=50, finetune_lr=1e-3,
+                 test_images=2000, eval_every=10)
 QUICK = DemoSizes(pool=256, views=2, teacher_size=64, student_size=32, distill_epochs=1, distill_batch=32,
                   distill_lr=1.5e-3, labels_per_class=5, finetune_epochs=2, finetune_batch=24, finetune_lr=1e-3,
                   test_images=200, eval_every=1)

@@ -72,17 +72,26 @@ class _Views:
         return self.student_tf(image, params), self.teacher_tf(image, params)
 
 
+PARAMS = ("top", "left", "height", "width", "flip")
+
+
 class StoreReplay(Dataset):
     """Map-style replay by (image_idx, view) from a zarr store: x [3,H,W] and target [*target_shape]."""
 
     def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, strict: bool = False):
         self.store = store
         self.views = _Views(source, store.plan, student_tf, strict=strict)
-        idx = store.index
-        self.keys = idx.column("key").to_pylist()[:: store.views]
-        self.shas = idx.column("image_sha256").to_pylist()[:: store.views]
-        self.params = {c: idx.column(c).to_numpy(zero_copy_only=False) for c in ("top", "left", "height", "width", "flip")}
-        self.valid = np.array([s == "ok" for s in idx.column("status").to_pylist()[:: store.views]])
+        self.keys, self.shas, valid, params = [], [], [], {c: [] for c in PARAMS}
+        for shard in range(store.num_shards):  # one index part at a time: memory grows by ~100 bytes per view
+            part = store.index_part(shard)
+            first = part.take(np.arange(0, part.num_rows, store.views))  # the image's own columns, on view 0
+            self.keys += first.column("key").to_pylist()
+            self.shas += first.column("image_sha256").to_pylist()
+            valid.append(first.column("status").to_numpy(zero_copy_only=False) == "ok")
+            for c in PARAMS:
+                params[c].append(part.column(c).to_numpy(zero_copy_only=False).astype(np.int32))
+        self.params = {c: np.concatenate(v) for c, v in params.items()}
+        self.valid = np.concatenate(valid)
 
     def __len__(self) -> int:
         return self.store.num_images

@@ -7,13 +7,15 @@ and the model is wrapped in DDP; alone, nothing changes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import FdpipeError
-from .runtime import Ranks, atomic_write_bytes, ranks_from_env
+from .runtime import JsonlLog, Ranks, atomic_write_bytes, ranks_from_env
 
 
 def start_run(device_name: str, out: str | Path, seed: int, resume: bool, state: str) -> tuple[torch.device, Ranks, Path, Path]:
@@ -174,6 +176,31 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position, is_main: bool,
+               **extra: Any) -> None:
+    """Everything a resume needs (weights, optimizer, position, RNG streams, what it must agree on), main rank only."""
+    if is_main:
+        save_state(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                   position=dataclasses.asdict(position), rng=rng_state(), **extra)
+    barrier()
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, log: JsonlLog, is_main: bool,
+            keep: Callable[[dict[str, Any], Position], bool] | None = None) -> Position:
+    """Continue where a checkpoint stopped; the log is cut back to it, since the steps after it run again.
+
+    keep(record, position): which log lines survive [those of steps up to the checkpoint's].
+    """
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    pos = Position(**state["position"])
+    set_rng_state(state["rng"])
+    if is_main:
+        keep = keep or (lambda r, p: r["step"] <= p.step)
+        log.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in log.read() if keep(r, pos)))
+    return pos
 
 
 # --------------------------------------------------------------------------------------------------------- plots

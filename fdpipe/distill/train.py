@@ -7,7 +7,6 @@ step. Training state is saved atomically at step boundaries; a resume continues 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +20,8 @@ from ..errors import FdpipeError
 from ..models import create_student, matching_image_size, save_model
 from ..runtime import JsonlLog, progress
 from ..store import open_store
-from ..training import (Position, adamw, all_mean, autocast, barrier, cosine_lr, load_state, plot_curves, rng_state,
-                        save_state, scaled_lr, seed_everything, set_lr, set_rng_state, start_run,
-                        weight_decay_groups, wrap_ddp)
+from ..training import (Position, adamw, all_mean, autocast, barrier, checkpoint, cosine_lr, load_state, plot_curves,
+                        restore, scaled_lr, seed_everything, set_lr, start_run, weight_decay_groups, wrap_ddp)
 from .replay import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
 from .student import Distiller, check_grid, fd_loss
 
@@ -179,24 +177,14 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         if st["fingerprint"] != tg.fingerprint:
             raise FdpipeError(f"--resume: {out} was trained from store {str(st['fingerprint'])[:16]}, not "
                               f"{str(tg.fingerprint)[:16]}; resume with the original store or use a new --out")
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        pos = Position(**st["position"])
-        set_rng_state(st["rng"])
-        if ranks.is_main:  # drop log lines past the checkpoint: they will be replayed
-            kept = [r for r in log.read() if r["step"] <= pos.step]
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        pos = restore(st, model, optimizer, log, ranks.is_main)
     elif ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     ddp_model = wrap_ddp(model, device)
 
     def save(position: Position) -> None:
-        if ranks.is_main:
-            save_state(state_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                       position=dataclasses.asdict(position), rng=rng_state(), fingerprint=tg.fingerprint,
-                       world=ranks.world)
-        barrier()
+        checkpoint(state_path, model, optimizer, position, ranks.is_main, fingerprint=tg.fingerprint, world=ranks.world)
 
     bar = progress(total=total_steps, desc="distill", unit="step", disable=cfg.quiet or not ranks.is_main)
     bar.update(pos.step)

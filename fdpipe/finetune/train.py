@@ -32,8 +32,8 @@ from ..data import open_source
 from ..errors import FdpipeError
 from ..models import save_model
 from ..runtime import JsonlLog, Ranks, atomic_write_json, progress
-from ..training import (Position, adamw, all_mean, all_sum, autocast, barrier, cosine_lr, load_state, plot_curves,
-                        rng_state, save_state, scaled_lr, set_lr, set_rng_state, start_run, weight_decay_groups,
+from ..training import (Position, adamw, all_mean, all_sum, autocast, barrier, checkpoint, cosine_lr, load_state,
+                        plot_curves, restore, scaled_lr, set_lr, start_run, weight_decay_groups,
                         worker_errors_one_line, wrap_ddp)
 from . import init as inits
 from .core import CoreTuningLoss
@@ -439,23 +439,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if st.get("setup") != setup:
             raise FdpipeError(f"--resume: {out} was fine-tuned with another --init, --method, data or selection; "
                               "resume with the original settings or use a new --out")
-        net.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        pos = Position(**st["position"])
-        set_rng_state(st["rng"])
-        if ranks.is_main:  # drop log lines past the checkpoint: they will be replayed
-            kept = [r for r in log.read() if (r["epoch"] < pos.epoch if r["kind"] == "eval" else r["step"] <= pos.step)]
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        pos = restore(st, net, optimizer, log, ranks.is_main,  # an epoch's evaluation runs again with it
+                      keep=lambda r, p: r["epoch"] < p.epoch if r["kind"] == "eval" else r["step"] <= p.step)
     elif ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     ddp_net = wrap_ddp(net, device)
 
     def save(position: Position) -> None:
-        if ranks.is_main:
-            save_state(state_path, model=net.state_dict(), optimizer=optimizer.state_dict(),
-                       position=dataclasses.asdict(position), rng=rng_state(), setup=setup, world=ranks.world)
-        barrier()
+        checkpoint(state_path, net, optimizer, position, ranks.is_main, setup=setup, world=ranks.world)
 
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

@@ -71,7 +71,7 @@ def test_apply_is_repeatable_and_matches_torchvision_resized_crop(photo, flip):
 
 def test_apply_on_uint8_tensor_matches_the_pil_path_box(photo):
     p = AugParams(top=5, left=5, height=40, width=40, flip=True)
-    t = torch.from_numpy(np.asarray(photo)).permute(2, 0, 1).contiguous()
+    t = torch.from_numpy(np.array(photo)).permute(2, 0, 1).contiguous()
     out = PLAN.apply(t, p, (16, 16), "bilinear")
     assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
     ref = TF.horizontal_flip(TF.resized_crop(t, 5, 5, 40, 40, [16, 16], antialias=True))

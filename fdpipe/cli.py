@@ -68,18 +68,18 @@ def teacher_options(f):
 @click.option("--embed-images", is_flag=True, help="wds only: put each image's bytes in its sample (a self-contained store).")
 @storage_options_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(teacher, data, out, views, crop_scale, layer, weights, layout, dtype, target, image_size, seed, shard_size,
-            batch_size, workers, device, limit, embed_images, storage_options, quiet) -> None:
+def extract(teacher, data, out, views, crop_scale, layer, weights, layout, dtype, target, image_size, seed,
+            shard_size, batch_size, workers, device, limit, embed_images, storage_options, quiet) -> None:
     """Run a teacher once over V augmented views per image and write whitened targets to a store.
 
     Under torchrun or Slurm each rank writes its own shards; the last one to finish writes manifest.json.
     """
     from .extract import ExtractConfig, extract as run_extract
 
-    cfg = ExtractConfig(teacher=teacher, data=data, out=out, views=views, crop_scale=crop_scale, layout=layout, dtype=dtype, target=target,
-                        image_size=image_size, layer=layer, weights=weights, seed=seed, shard_size=shard_size,
-                        batch_size=batch_size, workers=workers, device=device, limit=limit, embed_images=embed_images,
-                        storage_options=parse_storage_options(storage_options), quiet=quiet)
+    cfg = ExtractConfig(teacher=teacher, data=data, out=out, views=views, crop_scale=crop_scale, layout=layout,
+                        dtype=dtype, target=target, image_size=image_size, layer=layer, weights=weights, seed=seed,
+                        shard_size=shard_size, batch_size=batch_size, workers=workers, device=device, limit=limit,
+                        embed_images=embed_images, storage_options=parse_storage_options(storage_options), quiet=quiet)
     s = run_extract(cfg)
     if s["shards_skipped"]:
         click.echo(f"resumed: {s['shards_skipped']} of {s['shards_total']} shards were already committed")
@@ -135,9 +135,8 @@ def distill(store_url, student, out, epochs, batch_size, accum_steps, lr, weight
 
     cfg = DistillConfig(out=out, student=student, store=store_url, data=data, teacher=teacher, weights=weights,
                         views=views, crop_scale=crop_scale, teacher_image_size=teacher_image_size, layer=layer,
-                        plan_seed=plan_seed,
-                        limit=limit, epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
-                        weight_decay=weight_decay, warmup_epochs=warmup_epochs, drop_path=drop_path,
+                        plan_seed=plan_seed, limit=limit, epochs=epochs, batch_size=batch_size,
+                        accum_steps=accum_steps, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, drop_path=drop_path,
                         image_size=image_size, patch_size=patch_size, resample_grid=resample_grid, workers=workers,
                         seed=seed, device=device, resume=resume, strict=strict, save_every=save_every,
                         max_steps=max_steps, log_samples=log_samples,

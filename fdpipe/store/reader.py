@@ -182,18 +182,7 @@ class Store:
 
     def iter_images(self, shards: list[int] | None = None) -> Iterator[ImageTargets]:
         """Stream every image of the given shards (all by default), in order, in either layout."""
-        for shard in range(self.num_shards) if shards is None else shards:
-            if self.layout == "wds":
-                yield from self._iter_wds_shard(shard)
-            else:
-                yield from self._iter_zarr_shard(shard)
-
-    def _iter_zarr_shard(self, shard: int) -> Iterator[ImageTargets]:
-        for it in self._iter_zarr_stored(shard):
-            yield ImageTargets(it.image_idx, it.key, it.label, self.quantizer.dequantize(it.values, it.scales), it.rows)
-
-    def _iter_wds_shard(self, shard: int) -> Iterator[ImageTargets]:
-        for it in self._iter_wds_stored(shard):
+        for it in self.iter_stored(shards):
             yield ImageTargets(it.image_idx, it.key, it.label, self.quantizer.dequantize(it.values, it.scales), it.rows)
 
     # ------------------------------------------------------------------------------------------- stored values

@@ -586,15 +586,14 @@ def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = N
     from fdpipe.store.reader import Store
 
     arr = load_targets(open_store(store_url)) if array is None else array
+    memory = MemoryTargets(None, arr)
     original = Store.target, Store.targets
-    Store.target = lambda self, image_idx, view: MemoryTargets.target(self, image_idx, view)
-    Store.targets = lambda self, pairs: MemoryTargets.targets(self, pairs)
-    Store._array = arr
+    Store.target = lambda self, image_idx, view: memory.target(image_idx, view)
+    Store.targets = lambda self, pairs: memory.targets(pairs)
     try:
         yield arr
     finally:
         Store.target, Store.targets = original
-        del Store._array
 
 
 def log(msg: str) -> None:

@@ -71,10 +71,10 @@ class DistillConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "accum_steps", "views"):
+        for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        make_plan(self.plan_seed, self.views, self.crop_scale)
+        make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
         if (self.store is None) == (self.teacher is None):
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
         if self.teacher is not None and self.data is None:

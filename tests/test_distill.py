@@ -66,6 +66,27 @@ def test_cached_run_matches_the_online_run_step_by_step(cli, fm_store, tmp_path)
     assert torch.nn.functional.cosine_similarity(fa, fb).min() >= 0.999
 
 
+GOLDEN = json.loads((Path(__file__).parent / "data" / "distill_golden.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
+def test_per_step_losses_equal_the_recorded_run_bit_for_bit(cli, fm_store, tmp_path, name):
+    """The recorded run is distill before the engine refactor: the shared loop must not change a single bit."""
+    run = GOLDEN["runs"][name]
+    store = fm_store
+    if run["layout"] == "wds":
+        store = tmp_path / "wds"
+        assert cli("extract", "--data", "fashion-mnist", "--limit", 64, "--out", store, "--format", "wds",
+                   *EXTRACT).exit_code == 0
+    out = tmp_path / "run"
+    r = cli("distill", "--store", store, "--out", out, "--quiet", *run["args"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in recs] == run["losses"]
+    assert [x["grad_norm"] for x in recs] == run["grad_norms"]
+    assert [x["lr"] for x in recs] == run["lrs"]
+
+
 def test_sigkill_then_resume_gives_bit_identical_weights(fm_store, tmp_path):
     args = ["distill", "--store", fm_store, *TINY, "--save-every", 3]
     ref = tmp_path / "ref"

@@ -106,8 +106,8 @@ def run(ctx: common.Context) -> int:
 
     from fdpipe.augment import AugmentationPlan, ViewTransform
     from fdpipe.data import open_source
-    from fdpipe.distill.replay import EpochSampler, OnlineReplay, StoreReplay
-    from fdpipe.distill.train import student_transform
+    from fdpipe.replay import EpochSampler, OnlineReplay, StoreReplay
+    from fdpipe.replay import student_transform
     from fdpipe.store import open_store
 
     st = open_store(str(store))

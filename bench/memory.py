@@ -125,8 +125,8 @@ def child(spec: dict) -> int:
                    peak_worker_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     else:  # phases: RSS after each step of building the replay
         from fdpipe.data import open_source
-        from fdpipe.distill.replay import EpochSampler, StoreReplay, WdsReplay
-        from fdpipe.distill.train import student_transform
+        from fdpipe.replay import EpochSampler, StoreReplay, WdsReplay
+        from fdpipe.replay import student_transform
         from fdpipe.models import create_student
         from fdpipe.store import open_store
 

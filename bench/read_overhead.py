@@ -43,8 +43,8 @@ def run(ctx: common.Context) -> int:
     from torch.utils.data import DataLoader
 
     from fdpipe.data import open_source
-    from fdpipe.distill.replay import EpochSampler, StoreReplay, WdsReplay
-    from fdpipe.distill.train import student_transform
+    from fdpipe.replay import EpochSampler, StoreReplay, WdsReplay
+    from fdpipe.replay import student_transform
     from fdpipe.models import matching_image_size
     from fdpipe.store import open_store
 

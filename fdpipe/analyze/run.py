@@ -44,6 +44,7 @@ from torch import nn
 from ..augment import AugParams, ViewTransform
 from ..errors import FdpipeError
 from ..runtime import atomic_write_bytes, atomic_write_json, progress, resolve_device
+from .settings import DEFAULT_ALPHAS, AnalyzeConfig
 from .attention import (
     attention_distance,
     capture_attention,
@@ -56,42 +57,6 @@ INIT = "init"
 FORMAT = "fdpipe-analysis"
 FORMAT_VERSION = 1
 MAPS_FILE = "attention_maps.npz"
-DEFAULT_ALPHAS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig:
-    checkpoints: tuple[str, ...]
-    out: str
-    data: str | None = None
-    images: int = 32
-    image_size: int | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    seed: int = 0
-    landscape: bool = False
-    store: str | None = None
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    directions: int = 2
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.checkpoints:
-            raise FdpipeError("name at least one checkpoint to analyze (a run directory, a timm name, or NAME@init)")
-        for name in ("images", "batch_size", "directions"):
-            if getattr(self, name) < 1:
-                raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.image_size is not None and self.image_size < 1:
-            raise FdpipeError(f"--image-size must be positive (got {self.image_size})")
-        if self.data is None and self.store is None:
-            raise FdpipeError("pass --data SRC (the images to analyse on), or --store STORE to use its images")
-        if self.store is not None and not self.landscape:
-            raise FdpipeError("--store only feeds the loss landscape; add --landscape or drop --store")
-        if self.landscape and not self.alphas:
-            raise FdpipeError("--alphas is empty; give comma-separated noise levels such as -1,-0.5,0,0.5,1")
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
 
 
 @dataclass(frozen=True)
@@ -420,7 +385,7 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
                              ce_inputs)
 
     from ..data import open_source
-    from ..distill.replay import StoreReplay
+    from ..replay import StoreReplay
     from ..store import open_store
 
     store = open_store(cfg.store)

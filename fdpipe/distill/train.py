@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,63 +22,12 @@ from ..runtime import JsonlLog, progress
 from ..store import open_store
 from ..training import (Position, adamw, all_mean, autocast, barrier, checkpoint, cosine_lr, load_state, plot_curves,
                         restore, scaled_lr, seed_everything, set_lr, start_run, weight_decay_groups, wrap_ddp)
-from .replay import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
+from .settings import DistillConfig
+from ..replay import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch, student_transform
 from .student import Distiller, check_grid, fd_loss
 
 STATE = "train_state.pt"
 BASE_LR, BASE_BATCH = 1.2e-3, 2048
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    out: str
-    student: str = "fd-vit-tiny"
-    store: str | None = None
-    data: str | None = None
-    # online mode: the plan and teacher settings a store would carry
-    teacher: str | None = None
-    weights: str | None = None
-    views: int = 8
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    teacher_image_size: int | None = None
-    layer: int | None = None
-    plan_seed: int = 0
-    limit: int | None = None
-    # recipe
-    epochs: int = 10
-    batch_size: int = 64
-    accum_steps: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.05
-    warmup_epochs: float | None = None
-    clip_grad: float = 3.0
-    drop_path: float | None = None
-    image_size: int | None = None
-    patch_size: int = 16
-    resample_grid: bool = False
-    # running
-    workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    strict: bool = False
-    save_every: int = 0
-    max_steps: int | None = None
-    log_samples: bool = False
-    buffer: int = 256
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    cache_dir: str | None = None
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "accum_steps"):
-            if getattr(self, name) < 1:
-                raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
-        if (self.store is None) == (self.teacher is None):
-            raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
-        if self.teacher is not None and self.data is None:
-            raise FdpipeError("online mode needs --data SRC beside --teacher")
 
 
 @dataclass
@@ -119,14 +68,6 @@ def _targets_online(cfg: DistillConfig, device: torch.device):
     i = teacher.info
     desc = {"online": True, "teacher": i.to_dict(), "plan": plan.to_dict()}
     return teacher, source, Targets(tuple(i.grid), i.channels, i.num_prefix_tokens, plan, None, desc)
-
-
-def student_transform(model: torch.nn.Module, image_size: int) -> ViewTransform:
-    import timm
-
-    cfg = timm.data.resolve_model_data_config(model)
-    cfg["input_size"] = (3, image_size, image_size)
-    return ViewTransform.from_data_config(cfg)
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data import ImageError, ImageSource, decode_rgb, open_source
-from ..distill.order import epoch_permutation, epoch_rng
+from ..replay.order import epoch_permutation, epoch_rng
 from ..errors import FdpipeError
 
 RANDAUG = "rand-m9-mstd0.5-inc1"  # BEiT / FD fine-tuning's RandAugment policy

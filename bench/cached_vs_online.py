@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(ctx: common.Context) -> int:
-    from fdpipe.distill.student import Distiller, fd_loss
+    from fdpipe.models import Distiller, fd_loss
     from fdpipe.extract.loop import ExtractConfig, extract
     from fdpipe.models import create_student, create_teacher, matching_image_size
     from fdpipe.training import autocast

@@ -434,7 +434,7 @@ class StepLoop:
 
     def __init__(self, device: torch.device, student: str, image_size: int, channels: int, grid, prefix: int,
                  loader: Callable[[int], Any], teacher=None, seed: int = 0, lr: float = 1e-4):
-        from fdpipe.distill.student import Distiller
+        from fdpipe.models import Distiller
         from fdpipe.models import create_student
         from fdpipe.training import adamw, weight_decay_groups
 
@@ -471,7 +471,7 @@ class StepLoop:
     def step(self) -> tuple[float, bool, float]:
         """(seconds, cold, loss) of one optimizer step; self.last_cpu holds its CPU seconds (this process's threads
         plus the loader workers')."""
-        from fdpipe.distill.student import fd_loss
+        from fdpipe.models import fd_loss
         from fdpipe.training import autocast
 
         self.model.train()

@@ -16,7 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fdpipe.analyze.attention import uniform_grid_mean_distance
-from fdpipe.analyze.run import centre_square, load_checkpoint, parse_checkpoint, uniform_distance
+from fdpipe.analyze.checkpoints import load_checkpoint, parse_checkpoint
+from fdpipe.analyze.diagnostics import uniform_distance
+from fdpipe.analyze.images import centre_square
 from fdpipe.errors import FdpipeError
 
 PLOTS = ("attention_distance.png", "head_similarity.png", "attention_maps.png")
@@ -120,7 +122,7 @@ def test_checkpoint_specs(tmp_path: Path) -> None:
     ],
 )
 def test_only_distill_runs_recreate_their_own_init(config: dict, seed: int | None) -> None:
-    from fdpipe.analyze.run import _recorded_seed
+    from fdpipe.analyze.checkpoints import _recorded_seed
 
     assert _recorded_seed(config) == seed
 

@@ -168,7 +168,7 @@ def test_student_learns_the_teachers_features(tmp_path):
 
     from fdpipe.augment import AugParams
     from fdpipe.data import decode_rgb, open_source
-    from fdpipe.distill.student import Distiller, fd_loss
+    from fdpipe.models import Distiller, fd_loss
     from fdpipe.replay import student_transform
     from fdpipe.models import load_model
 

@@ -24,7 +24,7 @@ from ..training import (Position, adamw, all_mean, autocast, barrier, checkpoint
                         restore, scaled_lr, seed_everything, set_lr, start_run, weight_decay_groups, wrap_ddp)
 from .settings import DistillConfig
 from ..replay import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch, student_transform
-from .student import Distiller, check_grid, fd_loss
+from ..models import Distiller, check_grid, fd_loss
 
 STATE = "train_state.pt"
 BASE_LR, BASE_BATCH = 1.2e-3, 2048

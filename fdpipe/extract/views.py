@@ -7,7 +7,6 @@ its rows stay in the index.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..augment import AugmentationPlan, ViewTransform
-from ..data import ImageError, ImageSource, decode_rgb, image_sha256
+from ..data import ImageError, ImageSource, decode_rgb, encoded_image, image_sha256
 
 
 @dataclass
@@ -26,18 +25,6 @@ class ImageViews:
     views: torch.Tensor | None  # [V, 3, H, W], None when the image failed
     rows: list[dict[str, Any]]  # V index rows (without `shard`)
     embed: tuple[str, bytes] | None = None
-
-
-def encoded_image(sample_data) -> tuple[str, bytes]:
-    """(extension, bytes) of an image for embedding: the original bytes when there are some, else PNG."""
-    if isinstance(sample_data, bytes):
-        from PIL import Image
-
-        fmt = (Image.open(io.BytesIO(sample_data)).format or "bin").lower()
-        return {"jpeg": "jpg"}.get(fmt, fmt), sample_data
-    buf = io.BytesIO()
-    sample_data.save(buf, format="PNG")
-    return "png", buf.getvalue()
 
 
 class PlanViews(Dataset):

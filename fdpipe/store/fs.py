@@ -308,10 +308,6 @@ class StoreLocation:
                 if p.startswith(prefix) and d.get("type", "file") != "directory"}
 
     @_remote
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
-
-    @_remote
     def sha256(self, rel: str) -> tuple[int, str]:
         """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed."""
         h, n = hashlib.sha256(), 0
@@ -320,10 +316,6 @@ class StoreLocation:
                 h.update(chunk)
                 n += len(chunk)
         return n, h.hexdigest()
-
-    @_remote
-    def du(self) -> int:
-        return int(self.fs.du(self.root, total=True)) if self.exists() else 0
 
     # --------------------------------------------------------------------------------------------------- writing
     def makedirs(self, rel: str) -> None:
@@ -416,7 +408,3 @@ class AtomicWriter:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def open_url(url: str, mode: str = "rb", **storage_options: Any):
-    return fsspec.open(url, mode, **effective_options(url, storage_options))

@@ -56,7 +56,3 @@ def decode(data: bytes) -> pa.Table:
     # An arrow buffer, not a Python file object: pyarrow reading through Python file objects can abort the
     # interpreter at exit ("terminate called without an active exception") once torch is loaded.
     return pq.read_table(pa.BufferReader(data))
-
-
-def params_of(row: dict[str, Any]) -> dict[str, Any]:
-    return {c: row[c] for c in PARAM_COLUMNS}

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..augment import AugmentationPlan, AugParams
+from ..augment import AugmentationPlan
 from ..errors import IncompleteStoreError, StoreError
 from . import index as index_mod
 from . import layouts
@@ -217,13 +217,3 @@ class Store:
             image = next(((k, v) for k, v in sample.items() if k not in layouts.WDS_DATA_MEMBERS
                           and not k.startswith("__")), None)
             yield StoredImage(rows[0]["image_idx"], rows[0]["key"], rows[0]["label"], values, scales, rows, image)
-
-    def views_iter(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-        """Every (target [*target_shape], index row) of the store."""
-        for it in self.iter_images():
-            for v, r in enumerate(it.rows):
-                yield it.targets[v], r
-
-    @staticmethod
-    def params(row: dict[str, Any]) -> AugParams:
-        return AugParams.from_dict(row)

@@ -127,8 +127,7 @@ class SourceImages:
         self._source = None
 
     def get(self, it: StoredImage) -> tuple[str, bytes] | None:
-        from ..data import image_sha256
-        from ..extract.views import encoded_image
+        from ..data import encoded_image, image_sha256
 
         row = it.rows[0]
         if row.get("status") not in (None, "ok"):

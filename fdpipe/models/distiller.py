@@ -1,4 +1,5 @@
 """The student as it is distilled: a timm ViT, its final norm, then a 1x1 projection to the teacher's channels.
+It lives below the stages: distill trains it, analyze and finetune load the runs it leaves.
 
 Grid matching follows DESIGN.md: grids must match unless resampling is asked for (bilinear over the patch tokens);
 prefix tokens are matched when both sides have them and dropped otherwise.
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FdpipeError
-from ..models import matching_image_size, num_prefix_tokens, student_grid
+from .students import matching_image_size, num_prefix_tokens, student_grid
 
 
 def check_grid(student: nn.Module, teacher_grid: tuple[int, int], resample: bool, patch_size: int) -> None:

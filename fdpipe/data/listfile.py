@@ -1,0 +1,85 @@
+"""Parquet and CSV file lists: a `path` column, optional `label` and `key`, in the list's order."""
+
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+
+from fdpipe.errors import FdpipeError
+
+from .decode import _one_line, _split_ext, _unique_keys, sanitize_key
+from .source import ImageSource, _apply_limit, _encode_labels, _local_or_url, _read_bytes
+
+
+class ListSource(ImageSource):
+    """A parquet or CSV list: column `path` (relative to the list's folder, absolute, or a URL), optional `label`
+    and `key`. Rows keep the list's order; keys default to the path without its extension."""
+
+    def __init__(self, spec: str, fs: fsspec.AbstractFileSystem, list_path: str, limit: int | None = None,
+                 storage_options: dict | None = None):  # fmt: skip
+        self.spec, self.limit, self._storage_options = spec, limit, dict(storage_options or {})
+        table = _read_table(fs, list_path, spec)
+        if "path" not in table.column_names:
+            raise FdpipeError(
+                f"{spec} has no 'path' column (columns: {', '.join(table.column_names) or 'none'}); "
+                "add a 'path' column with the image paths"
+            )
+        paths = [p for p in table.column("path").to_pylist()]
+        if not paths:
+            raise FdpipeError(f"no images at {spec}: the list has no rows; add rows with a 'path' column")
+        bad = [i for i, p in enumerate(paths) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise FdpipeError(f"{spec} row {bad[0]} has an empty 'path'; fill it in or drop the row")
+        raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
+        self.labels, self.classes = _encode_labels(raw_labels)
+        base_dir = posixpath.dirname(list_path)
+        self._urls = [self._resolve(fs, base_dir, p.strip()) for p in paths]
+        if "key" in table.column_names:
+            given = [str(k) for k in table.column("key").to_pylist()]
+            entries = [(sanitize_key(k), "", f"row{i}") for i, k in enumerate(given)]
+        else:
+            entries = [(sanitize_key(stem), ext, p) for p in paths for stem, ext in [_key_stem(p)]]
+        self.keys = _unique_keys(entries)
+        _apply_limit(limit, self.keys, self.labels, self._urls)
+
+    @staticmethod
+    def _resolve(fs: fsspec.AbstractFileSystem, base_dir: str, path: str) -> str:
+        if "://" in path or path.startswith("/"):
+            return path
+        return _local_or_url(fs, posixpath.normpath(posixpath.join(base_dir, path)))
+
+    def _read(self, i: int) -> bytes:
+        url = self._urls[i]
+        fs, path = fsspec.core.url_to_fs(url, **self._storage_options)
+        return _read_bytes(fs, path, url)
+
+    def location(self, i: int) -> str:
+        return self._urls[i]
+
+
+def _key_stem(path: str) -> tuple[str, str]:
+    """Key part of a listed path: relative paths as written (normalised), absolute ones without the leading '/'
+    and URLs without their scheme."""
+    path = path.strip().replace("\\", "/")
+    if "://" in path:
+        path = path.split("://", 1)[1]
+    path = posixpath.normpath(path).lstrip("/")
+    stem, ext = _split_ext(path)
+    return stem, ext
+
+
+def _read_table(fs: fsspec.AbstractFileSystem, path: str, spec: str):
+    import pyarrow.csv as pacsv
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            if path.lower().endswith(".parquet"):
+                return pq.read_table(pa.BufferReader(f.read()))  # see fdpipe.store.index.decode
+            return pacsv.read_csv(pa.BufferReader(f.read()))
+    except FileNotFoundError as e:
+        raise FdpipeError(f"no images at {spec}: the list file does not exist; check the path") from e
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid & co for malformed files
+        raise FdpipeError(f"cannot read the file list {spec}: {_one_line(e)}; fix or regenerate it") from e

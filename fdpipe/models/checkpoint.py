@@ -1,0 +1,126 @@
+"""Checkpoints any plain timm can load without fdpipe: safetensors weights plus a timm-style config.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import timm
+import timm.data
+
+from fdpipe.errors import FdpipeError
+
+from ._helpers import _first_line, _json_able
+from .students import StudentSpec, student_grid
+from .weights import _drop_overlay_state_dict, _load_pretrained
+
+_RESERVED = ("architecture", "model_args", "num_classes", "num_features", "pretrained_cfg", "name", "weights")
+
+
+def _atomic_write_bytes(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec: StudentSpec,
+               extra: Mapping[str, Any] | None = None) -> Path:
+    """Write <filename> (safetensors) and a timm-style config.json, each atomically; returns the weights path.
+
+    The pair loads in plain timm: create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict(file=W),
+    **model_args), create_model(architecture, checkpoint_path=W, **model_args), or
+    create_model("local-dir:<out_dir>", pretrained=True) when W is the only safetensors file there.
+    """
+    import safetensors.torch
+
+    if not filename.endswith(".safetensors"):
+        raise ValueError(f"checkpoint filename must end in .safetensors, got {filename}")
+    extra = dict(extra or {})
+    if clash := sorted(set(extra) & set(_RESERVED)):
+        raise ValueError(f"extra config keys {clash} are reserved")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    weights = out / filename
+    _atomic_write_bytes(weights, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata={"format": "pt"}))
+
+    dc = timm.data.resolve_model_data_config(model)
+    gh, gw = student_grid(model) if getattr(model, "patch_embed", None) is not None else (None, None)
+    if spec.image_size is not None:
+        dc["input_size"] = (3, spec.image_size, spec.image_size)
+    elif gh is not None:
+        ps = model.patch_embed.patch_size
+        dc["input_size"] = (3, gh * ps[0], gw * ps[1])
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    config = {
+        "architecture": spec.architecture,
+        "num_classes": num_classes,
+        "num_features": int(getattr(model, "num_features", 0) or 0),
+        "model_args": dict(spec.model_args),
+        "pretrained_cfg": {**{k: dc[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+                           "num_classes": num_classes},
+        "name": spec.name,
+        "weights": filename,
+        **extra,
+    }
+    text = json.dumps(_json_able(config), indent=2, sort_keys=False) + "\n"
+    _atomic_write_bytes(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return weights
+
+
+def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, StudentSpec, dict[str, Any]]:
+    """Rebuild a saved model through timm: a run dir, a .safetensors beside its config.json, or a timm name.
+
+    overrides replace model_args (e.g. num_classes=10, drop_path_rate=0.1); timm adapts the checkpoint (drops a
+    head of another size, resamples rel-pos tables for another img_size).
+    """
+    s = str(source)
+    p = Path(s).expanduser()
+    if p.is_dir() or p.is_file():
+        cfg_path = (p if p.is_dir() else p.parent) / "config.json"
+        if not cfg_path.is_file():
+            raise FdpipeError(f"no config.json beside {p}; point at a run directory written by fdpipe")
+        try:
+            config = json.loads(cfg_path.read_text())
+            arch, model_args = config["architecture"], dict(config.get("model_args", {}))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FdpipeError(f"{cfg_path} is not a model config ({_first_line(e)}); re-save the checkpoint") from None
+        weights = p if p.is_file() else p / str(config.get("weights", "student.safetensors"))
+        if not weights.is_file():
+            raise FdpipeError(f"checkpoint weights not found: {weights}; the run may not have saved yet")
+        args = {**model_args, **overrides}
+        overlay = dict(file=str(weights), num_classes=int(config.get("num_classes", model_args.get("num_classes", 0))))
+        try:
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **args)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({_first_line(e)}); "
+                              f"check the overrides") from None
+        _drop_overlay_state_dict(model)
+        spec = StudentSpec(name=str(config.get("name", arch)), architecture=arch, model_args=args)
+        return model, spec, config
+    if s.startswith(("hf-hub:", "local-dir:")):
+        try:
+            model = timm.create_model(s, pretrained=True, **overrides)
+        except Exception as e:  # noqa: BLE001
+            raise FdpipeError(f"cannot load '{s}' ({_first_line(e)}); check the name or path") from None
+        return model, StudentSpec(name=s, architecture=s, model_args=dict(overrides)), {}
+    if "/" in s or s.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        raise FdpipeError(f"checkpoint not found: {s}; check the path")
+    arch, _ = timm.models.split_model_name_tag(s)
+    if not timm.is_model(arch):
+        raise FdpipeError(f"'{s}' is neither a checkpoint path nor a timm model name; check the name")
+    model, _ = _load_pretrained(s, s, None, None, what="model", **overrides)
+    return model, StudentSpec(name=s, architecture=arch, model_args=dict(overrides)), {}

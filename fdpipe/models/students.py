@@ -1,0 +1,131 @@
+"""Students: the fd-vit table (timm Beit settings) and any timm ViT, built at random init with the plain-timm recipe
+that rebuilds them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+import timm
+
+from fdpipe.errors import FdpipeError
+
+from ._helpers import _first_line, _json_able
+
+# FD students: a timm Beit with a shared relative position bias, no absolute position embedding, layer scale 0.1 and
+# q/v bias. Drop path (linear over depth) is 0.1 up to base size and 0.3 for large, as in FD/BEiT recipes.
+STUDENTS: dict[str, dict[str, Any]] = {
+    "fd-vit-tiny": dict(embed_dim=192, depth=12, num_heads=3, drop_path_rate=0.1),
+    "fd-vit-small": dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1),
+    "fd-vit-base": dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1),
+    "fd-vit-large": dict(embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.3),
+}
+
+# The timm entry point every fd-vit student is built through; model_args override all of its settings.
+BEIT_ARCH = "beit_base_patch16_224"
+
+_BEIT_STUDENT_ARGS: dict[str, Any] = dict(
+    mlp_ratio=4.0,
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=False,
+    use_shared_rel_pos_bias=True,
+    init_values=0.1,
+    qkv_bias=True,
+    num_classes=0,
+    # forward_features must end in the final LayerNorm (FD projects the normed tokens); Beit's default 'avg' pool
+    # would move that norm to fc_norm after pooling. Fine-tuning switches to use_fc_norm=True with a new head.
+    global_pool="avg",
+    use_fc_norm=False,
+)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """How to rebuild a student with plain timm: timm.create_model(architecture, **model_args)."""
+
+    name: str  # an alias from STUDENTS or the timm name
+    architecture: str
+    model_args: dict[str, Any] = field(hash=False)
+
+    @property
+    def image_size(self) -> int | None:
+        s = self.model_args.get("img_size")
+        return int(s[0] if isinstance(s, (list, tuple)) else s) if s is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_able(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StudentSpec:
+        return cls(name=str(d["name"]), architecture=str(d["architecture"]), model_args=dict(d["model_args"]))
+
+
+def _student_error(name: str) -> FdpipeError:
+    return FdpipeError(f"unknown student '{name}': use one of {', '.join(STUDENTS)} or any timm ViT name "
+                       f"(e.g. vit_small_patch16_224)")
+
+
+def create_student(name: str, *, image_size: int, patch_size: int | None = None,
+                   drop_path: float | None = None) -> tuple[nn.Module, StudentSpec]:
+    """A randomly initialized student and the plain-timm recipe that rebuilds it.
+
+    patch_size: 16 for fd-vit-* when None; for other timm ViTs None keeps the model's own.
+    drop_path: None takes the table's default (0.1, 0.3 for large; 0.1 for other timm ViTs).
+    """
+    if image_size <= 0:
+        raise FdpipeError(f"student image size must be positive, got {image_size}")
+    if name in STUDENTS:
+        row = dict(STUDENTS[name])
+        p = 16 if patch_size is None else int(patch_size)
+        dp = row.pop("drop_path_rate")
+        dp = dp if drop_path is None else float(drop_path)
+        args = dict(_BEIT_STUDENT_ARGS, **row, img_size=int(image_size), patch_size=p, drop_path_rate=dp)
+        arch = BEIT_ARCH
+    else:
+        arch_name, _ = timm.models.split_model_name_tag(name)
+        if not timm.is_model(arch_name):
+            raise _student_error(name)
+        arch = arch_name
+        args = dict(img_size=int(image_size), drop_path_rate=0.1 if drop_path is None else float(drop_path),
+                    num_classes=0)
+        if patch_size is not None:
+            args["patch_size"] = int(patch_size)
+    p = args.get("patch_size")
+    if p is not None and image_size % p:
+        raise FdpipeError(f"student image size {image_size} is not a multiple of the patch size {p}; "
+                          f"pick a multiple (e.g. {image_size // p * p or p})")
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+    except TypeError as e:
+        raise FdpipeError(f"'{name}' is not a timm ViT ({_first_line(e)}); students must be ViTs: use one of "
+                          f"{', '.join(STUDENTS)} or a timm ViT name") from None
+    if getattr(model, "patch_embed", None) is None:
+        raise FdpipeError(f"'{name}' is not a timm ViT (no patch_embed); use one of {', '.join(STUDENTS)} "
+                          f"or a timm ViT name")
+    return model, StudentSpec(name=name, architecture=arch, model_args=args)
+
+
+def student_grid(model: nn.Module) -> tuple[int, int]:
+    """(h, w) of a ViT's patch tokens at its configured input size."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "grid_size", None) is None:
+        raise FdpipeError(f"{type(model).__name__} has no patch grid; students must be ViTs")
+    return int(pe.grid_size[0]), int(pe.grid_size[1])
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """CLS/register/distillation tokens that come before the patch tokens (0 for CNNs)."""
+    return int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+def matching_image_size(teacher_grid: tuple[int, int] | list[int] | int, patch_size: int) -> int:
+    """Student input size whose patch grid equals the teacher's (a 16x16 grid with /16 patches -> 256)."""
+    g = (teacher_grid, teacher_grid) if isinstance(teacher_grid, int) else tuple(int(v) for v in teacher_grid)
+    if len(g) != 2 or g[0] != g[1] or g[0] <= 0:
+        raise FdpipeError(f"teacher grid {g} is not square; students take square inputs, so resample the tokens "
+                          f"to the teacher grid instead")
+    return g[0] * int(patch_size)

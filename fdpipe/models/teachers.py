@@ -1,0 +1,235 @@
+"""Teachers: the alias table, a frozen timm model with the extraction rule (whitened tokens or logits), and its
+description for the store manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm
+import timm.data
+
+from fdpipe.errors import FdpipeError
+
+from ._helpers import _json_able
+from .weights import _load_pretrained
+
+TEACHERS: dict[str, str] = {
+    "clip-l": "vit_large_patch14_clip_224.openai",
+    "clip-b": "vit_base_patch16_clip_224.openai",
+    "dino-b": "vit_base_patch16_224.dino",
+    "deit-b": "deit_base_patch16_224.fb_in1k",
+    "effnet-lite0": "tf_efficientnet_lite0",
+}
+
+WHITENING: dict[str, Any] = {"name": "layernorm-noaffine", "eps": 1e-6}
+
+
+def whiten(x: torch.Tensor) -> torch.Tensor:
+    """Per-token LayerNorm over C with no affine, in float32: stored targets are ~N(0, 1) per token."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=WHITENING["eps"])
+
+
+def resolve_teacher_name(name: str) -> str:
+    """Alias -> timm name; any timm name passes through; anything else is a user error naming the aliases."""
+    if name in TEACHERS:
+        return TEACHERS[name]
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return name
+    if timm.is_model(name):
+        arch, tag = timm.models.split_model_name_tag(name)
+        if tag:
+            try:
+                timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+            except RuntimeError:
+                tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+                raise FdpipeError(f"unknown weights tag '{tag}' for {arch}: use one of {', '.join(tags) or '(none)'}"
+                                  ) from None
+        return name
+    raise FdpipeError(f"unknown teacher '{name}': use one of {', '.join(TEACHERS)} or any timm model name "
+                      f"(see timm.list_models())")
+
+
+_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a store needs to know about the teacher that made it (goes into the manifest)."""
+
+    alias: str  # the name as asked for: an alias from TEACHERS, or a timm name
+    timm_name: str
+    weights_sha256: str
+    layer: int | None  # None: forward_features (the FD default); K >= 0: output of block/stage K
+    target: str  # "features" (whitened tokens [T, C]) or "logits" ([num_classes], not whitened)
+    pretrained_cfg: dict[str, Any] = field(hash=False)  # JSON-able subset of the weights' timm pretrained_cfg
+    image_size: int  # square input size the teacher runs at
+    tokens: int  # T: prefix tokens first, then grid tokens (1 for logits)
+    channels: int  # C (num_classes for logits)
+    grid: tuple[int, int]  # (h, w) of the patch tokens; (0, 0) for logits
+    num_prefix_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_able(dataclasses.asdict(self))
+
+
+class Teacher(nn.Module):
+    """A frozen timm model plus the extraction rule: whitened tokens (or logits) of already-normalized images.
+
+    Always in eval mode (no dropout, no drop path) with requires_grad False; channels_last everywhere (it doubles a
+    CNN teacher's CPU speed through oneDNN, and suits CUDA's tensor cores), bf16 autocast on CUDA only (CPU keeps
+    float32 so stored targets match a float32 recomputation), and always returns float32.
+    """
+
+    def __init__(self, model: nn.Module, *, alias: str, timm_name: str, weights_sha256: str, layer: int | None,
+                 target: str, image_size: int, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        model.eval().requires_grad_(False)
+        model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.model = model
+        self.layer = layer
+        self.target = target
+        self.image_size = image_size
+
+        cfg = timm.data.resolve_model_data_config(model)
+        cfg["input_size"] = (3, image_size, image_size)
+        self._data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+        probe, grid, prefix = self._run(torch.zeros(1, 3, image_size, image_size))
+        pcfg = {k: getattr(model, "pretrained_cfg", {}).get(k) for k in _CFG_KEYS}
+        if target == "logits":
+            tokens, channels = 1, probe.shape[-1]
+        else:
+            tokens, channels = probe.shape[1], probe.shape[2]
+        self._info = TeacherInfo(
+            alias=alias, timm_name=timm_name, weights_sha256=weights_sha256, layer=layer, target=target,
+            pretrained_cfg=_json_able(pcfg), image_size=image_size, tokens=int(tokens), channels=int(channels),
+            grid=grid, num_prefix_tokens=prefix)
+
+    @property
+    def info(self) -> TeacherInfo:
+        return self._info
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm data config (input_size, mean, std, interpolation, crop_pct, crop_mode) at the run image size."""
+        return dict(self._data_config)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """A teacher never trains: train() keeps eval mode so no drop path or dropout sneaks in."""
+        return super().train(False)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """Un-whitened tokens [B, T, C] (or logits [B, K]), with the grid and the prefix-token count."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        m = self.model
+        with self._autocast():
+            if self.target == "logits":
+                return m(x).float(), (0, 0), 0
+            if self.layer is None:
+                y = m.forward_features(x)
+            else:
+                y = self._intermediate(x)
+        if y.ndim == 4:  # CNN feature map -> tokens, no prefix
+            if getattr(m, "output_fmt", "NCHW") == "NHWC":
+                y = y.permute(0, 3, 1, 2)
+            grid = (int(y.shape[2]), int(y.shape[3]))
+            return y.flatten(2).transpose(1, 2), grid, 0
+        if y.ndim != 3:
+            raise FdpipeError(f"teacher {self._info_name()} gives features of shape {tuple(y.shape)}; "
+                              f"pick a model whose forward_features returns tokens or a feature map")
+        prefix = int(getattr(m, "num_prefix_tokens", 0) or 0)
+        n = y.shape[1] - prefix
+        pe = getattr(m, "patch_embed", None)
+        if pe is not None and hasattr(pe, "dynamic_feat_size"):
+            grid = tuple(int(g) for g in pe.dynamic_feat_size(tuple(x.shape[-2:])))
+        elif pe is not None and getattr(pe, "grid_size", None) is not None:
+            grid = tuple(int(g) for g in pe.grid_size)
+        else:
+            s = math.isqrt(n)
+            grid = (s, n // s) if s * s == n else (1, n)
+        return y, grid, prefix
+
+    def _info_name(self) -> str:
+        return getattr(getattr(self, "_info", None), "timm_name", type(self.model).__name__)
+
+    def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of block K without the final norm (that norm's affine belongs to the last block); prefix first."""
+        m = self.model
+        if not hasattr(m, "forward_intermediates"):
+            raise FdpipeError(f"teacher {self._info_name()} has no forward_intermediates; drop --layer")
+        try:  # ViT family: tokens, with the prefix tokens returned beside the patch tokens
+            out = m.forward_intermediates(x, indices=[self.layer], return_prefix_tokens=True, norm=False,
+                                          output_fmt="NLC", intermediates_only=True)
+        except TypeError:  # CNNs: NCHW stage outputs
+            out = m.forward_intermediates(x, indices=[self.layer], intermediates_only=True)
+        y = out[0]
+        if isinstance(y, tuple):  # (patch tokens, prefix tokens)
+            y = torch.cat([y[1], y[0]], dim=1)
+        return y
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] normalized with data_config -> whitened targets [B, T, C] float32 (or logits [B, K])."""
+        if x.ndim != 4 or tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"teacher expects [B, 3, {self.image_size}, {self.image_size}] inputs, "
+                             f"got {tuple(x.shape)}")
+        y, _, _ = self._run(x)
+        if self.target == "logits":
+            return y.float()
+        return whiten(y)
+
+
+def _num_layers(model: nn.Module) -> int:
+    if hasattr(model, "feature_info") and not callable(model.feature_info):
+        try:
+            return len(model.feature_info)
+        except TypeError:
+            pass
+    if hasattr(model, "blocks"):
+        return len(model.blocks)
+    raise FdpipeError(f"cannot count the layers of {type(model).__name__}; drop --layer")
+
+
+def create_teacher(name: str, *, weights: str | os.PathLike | None = None, image_size: int | None = None,
+                   layer: int | None = None, target: str = "features",
+                   device: str | torch.device = "cpu") -> Teacher:
+    """Build a frozen teacher from an alias or timm name, finding its weights (see fdpipe.models.weights)."""
+    if target not in ("features", "logits"):
+        raise FdpipeError(f"unknown target '{target}': use 'features' or 'logits'")
+    if target == "logits" and layer is not None:
+        raise FdpipeError("--layer picks a feature block; drop it for target 'logits'")
+    if image_size is not None and image_size <= 0:
+        raise FdpipeError(f"image size must be positive, got {image_size}")
+    timm_name = resolve_teacher_name(name)
+    model, sha = _load_pretrained(name, timm_name, weights, image_size, what="teacher")
+    if target == "logits" and getattr(model, "num_classes", 0) == 0:
+        raise FdpipeError(f"teacher '{name}' has no classifier head; target 'logits' needs one (e.g. deit-b)")
+
+    if image_size is None:
+        size = timm.data.resolve_model_data_config(model)["input_size"]
+        if size[-1] != size[-2]:
+            raise FdpipeError(f"teacher '{name}' has a non-square input {tuple(size[1:])}; pass an image size")
+        image_size = int(size[-1])
+    if layer is not None:
+        n = _num_layers(model)
+        if not -n <= layer < n:
+            raise FdpipeError(f"--layer {layer} is out of range for {timm_name}: it has {n} layers (0..{n - 1})")
+        layer = layer % n
+    return Teacher(model, alias=name, timm_name=timm_name, weights_sha256=sha, layer=layer, target=target,
+                   image_size=image_size, device=device)

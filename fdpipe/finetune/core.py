@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 
 
 class ContrastHead(nn.Module):
@@ -144,11 +145,6 @@ def hardness_mixup(
     return mixed, soft
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross entropy against a soft target distribution: -sum_c y_c log softmax(logits)_c."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-
-
 class CoreTuningOutput(NamedTuple):
     """The total loss, its two parts (for logging) and the logits of the un-mixed features (for accuracy)."""
 
@@ -216,7 +212,7 @@ class CoreTuningLoss(nn.Module):
         all_f = torch.cat([features, mixed])
         all_y = torch.cat([y, y_mixed])
         all_logits = torch.cat([logits, classifier(mixed)])
-        ce = soft_target_cross_entropy(all_logits, all_y).mean()
+        ce = SoftTargetCrossEntropy()(all_logits.float(), all_y)
         ids = torch.unique(all_y.detach(), dim=0, return_inverse=True)[1]
         con = focal_supcon_loss(self.contrast_head(all_f), ids, self.temperature, self.gamma)
         return CoreTuningOutput(ce + self.eta * con, ce.detach(), con.detach(), logits)

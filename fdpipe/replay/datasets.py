@@ -7,7 +7,6 @@ sha256 differs from the index means the dataset changed under the store, and is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,17 +20,11 @@ from ..store import Store
 from .order import buffer_shuffle, epoch_samples, epoch_views, shard_order
 
 
-@dataclass(frozen=True)
-class ReplayItem:
-    image_idx: int
-    view: int
-
-
 def source_lookup(source: ImageSource) -> dict[str, int]:
     return {k: i for i, k in enumerate(source.keys)}
 
 
-class _Views:
+class ViewBuilder:
     """What both replay datasets share: find the source image, check it, crop it for the student (and teacher)."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
@@ -80,7 +73,7 @@ class StoreReplay(Dataset):
 
     def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, strict: bool = False):
         self.store = store
-        self.views = _Views(source, store.plan, student_tf, strict=strict)
+        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict)
         self.keys, self.shas, valid, params = [], [], [], {c: [] for c in PARAMS}
         for shard in range(store.num_shards):  # one index part at a time: memory grows by ~100 bytes per view
             part = store.index_part(shard)
@@ -88,8 +81,9 @@ class StoreReplay(Dataset):
             self.keys += first.column("key").to_pylist()
             self.shas += first.column("image_sha256").to_pylist()
             valid.append(first.column("status").to_numpy(zero_copy_only=False) == "ok")
-            for c in PARAMS:
-                params[c].append(part.column(c).to_numpy(zero_copy_only=False).astype(np.int32))
+            for c in PARAMS:  # a failed image's crop columns are null: 0 here, and it is never replayed
+                params[c].append(np.nan_to_num(part.column(c).to_numpy(zero_copy_only=False).astype(np.float64))
+                                 .astype(np.int32))
         self.params = {c: np.concatenate(v) for c, v in params.items()}
         self.valid = np.concatenate(valid)
 
@@ -99,7 +93,7 @@ class StoreReplay(Dataset):
     def view(self, i: int, v: int) -> torch.Tensor:
         r = i * self.store.views + v
         row = {c: a[r].item() for c, a in self.params.items()} | {"image_sha256": self.shas[i]}
-        return self.views.stored_view(self.keys[i], v, row)
+        return self.builder.stored_view(self.keys[i], v, row)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         return self.__getitems__([item])[0]
@@ -116,7 +110,7 @@ class OnlineReplay(Dataset):
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
                  teacher_tf: ViewTransform):
-        self.views = _Views(source, plan, student_tf, teacher_tf)
+        self.builder = ViewBuilder(source, plan, student_tf, teacher_tf)
         self.keys = source.keys
         self.valid = np.ones(len(source), dtype=bool)
 
@@ -125,7 +119,7 @@ class OnlineReplay(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         i, v = int(item[0]), int(item[1])
-        x, tx = self.views.live_views(self.keys[i], v)
+        x, tx = self.builder.live_views(self.keys[i], v)
         return {"x": x, "teacher_x": tx, "image_idx": i, "view": v}
 
 
@@ -161,16 +155,20 @@ class WdsReplay(IterableDataset):
     def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, seed: int, epoch: int,
                  rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False):
         self.store, self.seed, self.epoch, self.rank, self.world, self.buffer = store, seed, epoch, rank, world, buffer
-        self.views = _Views(source, store.plan, student_tf, strict=strict)
+        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict)
 
     def rank_shards(self) -> list[int]:
         return [int(s) for s in shard_order(self.seed, self.epoch, self.store.num_shards)[self.rank:: self.world]]
 
     def __len__(self) -> int:
-        images = {s["shard"]: s["images"] for s in self.store.manifest["shards"]}
-        per_rank = [sum(images[int(s)] for s in shard_order(self.seed, self.epoch, self.store.num_shards)[r:: self.world])
-                    for r in range(self.world)]
-        return min(per_rank)
+        """Samples every rank yields in this epoch: the smallest rank's count of decodable images.
+
+        Ranks hold different shards each epoch, so their counts differ from epoch to epoch; all of them stop at the
+        same step, so none waits in a collective for a rank that ran out.
+        """
+        ok = ok_per_shard(self.store)
+        order = shard_order(self.seed, self.epoch, self.store.num_shards)
+        return min(int(sum(ok[int(s)] for s in order[r:: self.world])) for r in range(self.world))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -185,6 +183,16 @@ class WdsReplay(IterableDataset):
 
         for it in buffer_shuffle(images(), self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{wid}"):
             v = int(chosen[it.image_idx])
-            x = self.views.stored_view(it.key, v, it.rows[v])
+            x = self.builder.stored_view(it.key, v, it.rows[v])
             yield {"x": x, "target": torch.from_numpy(np.ascontiguousarray(it.targets[v])), "image_idx": it.image_idx,
                    "view": v}
+
+
+def ok_per_shard(store: Store) -> list[int]:
+    """Decodable images per shard, from the index's status column (failed images are never replayed)."""
+    cached = getattr(store, "_ok_per_shard", None)
+    if cached is None:
+        cached = [int(np.count_nonzero(store.index_part(i).column("status").to_numpy(zero_copy_only=False) == "ok"))
+                  // store.views for i in range(store.num_shards)]
+        store._ok_per_shard = cached
+    return cached

@@ -1,0 +1,221 @@
+"""The one training loop of fdpipe: distill, finetune and the benchmarks all step through `Trainer`.
+
+A stage supplies the model, its optimizer, the data of an epoch and two small functions: `prepare` turns a batch into
+the model's inputs and the loss's target, `loss` scores the output. The loop owns the rest: the schedule,
+accumulation, autocast, clipping, the optimizer step, the position for exact resume, the log, the progress bar and
+the checkpoints. Everything it does is a function of the step, so a run killed at any point and resumed gives the
+same bits as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import FdpipeError
+from ..runtime import JsonlLog, Ranks, progress
+from .distributed import all_mean, wrap_ddp
+from .optim import cosine_lr, set_lr
+from .setup import autocast, worker_errors_one_line
+from .state import Position, checkpoint, load_state, restore
+
+
+class Step(NamedTuple):
+    """One micro-batch as the model and the loss see it."""
+
+    inputs: tuple[Any, ...]  # model(*inputs), under autocast
+    target: Any  # handed to loss(output, target)
+    samples: int  # images in the micro-batch, for samples/s
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The recipe knobs the loop itself reads; each stage fills it from its own settings."""
+
+    epochs: int
+    batch_size: int
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    warmup_epochs: float | None = None
+    warmup_fraction: float = 0.1  # of the run, when warmup_epochs is not given
+    min_lr: float = 0.0
+    max_steps: int | None = None
+    save_every: int = 0  # steps; 0: at epoch ends only
+    desc: str = "train"
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-iteration warmup then cosine to the floor; a pure function of the step."""
+
+    total_steps: int
+    micro_per_epoch: tuple[int, ...]  # micro-batches each epoch uses: a multiple of accum_steps
+    warmup: int
+    peak_lr: float
+    min_lr: float
+
+    def lr(self, step: int) -> float:
+        return cosine_lr(step, self.total_steps, self.warmup, self.peak_lr, self.min_lr)
+
+
+def make_schedule(loop: LoopSettings, samples_per_epoch: int | Callable[[int], int], peak_lr: float) -> Schedule:
+    """Steps of each epoch from this rank's samples in it; refuses a batch that an epoch cannot fill once.
+
+    `samples_per_epoch` is a count, or a function of the epoch where it varies (streamed stores under DDP).
+    """
+    counts = ([samples_per_epoch(e) for e in range(loop.epochs)] if callable(samples_per_epoch)
+              else [samples_per_epoch] * loop.epochs)
+    steps = [n // loop.batch_size // loop.accum_steps for n in counts]
+    if min(steps) < 1:
+        raise FdpipeError(f"--batch-size {loop.batch_size} x --accum-steps {loop.accum_steps} is more than the "
+                          f"{min(counts)} samples per epoch on this rank; lower it or use more images")
+    total = sum(steps)
+    if loop.max_steps:
+        total = min(total, loop.max_steps)
+    warmup = int(round(loop.warmup_epochs * steps[0] if loop.warmup_epochs is not None
+                       else loop.warmup_fraction * total))
+    return Schedule(total, tuple(s * loop.accum_steps for s in steps), warmup, peak_lr, loop.min_lr)
+
+
+@dataclass
+class Trainer:
+    """Steps `model` with `optimizer` on micro-batches: `train_step` is one optimizer step, `fit` a whole run.
+
+    `model` holds every trained parameter (DDP wraps it when there are several processes); `prepare(batch, pos)`
+    and `loss(output, target) -> (loss, {part: value})` are the stage's.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    prepare: Callable[[Any, Position], Step]
+    loss: Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]
+    device: torch.device
+    loop: LoopSettings
+    ranks: Ranks = field(default_factory=Ranks)
+    ddp: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ddp = wrap_ddp(self.model, self.device)
+
+    def micro_step(self, batch: Any, pos: Position) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Forward and backward of one micro-batch; the gradient is scaled for accumulation."""
+        step = self.prepare(batch, pos)
+        with autocast(self.device):
+            output = self.ddp(*step.inputs)
+        loss, parts = self.loss(output, step.target)
+        (loss / self.loop.accum_steps).backward()
+        return loss, parts, step.samples
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step and clear the gradients; returns the norm before clipping (None without clipping)."""
+        norm = None
+        if self.loop.clip_grad is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def train_step(self, batch: Any, pos: Position = Position()) -> torch.Tensor:
+        """One micro-batch and one optimizer step (accumulation 1): what the benchmarks time."""
+        loss, _, _ = self.micro_step(batch, pos)
+        self.optimizer_step()
+        return loss
+
+    def fit(self, run: "RunFiles", schedule: Schedule, data: Callable[[int, int], Iterable[Any]],
+            pos: Position = Position(), log_fields: dict[str, Any] | None = None,
+            on_epoch_end: Callable[["Trainer", Position, bool, bool], None] | None = None) -> Position:
+        """Train from `pos` to the end of the schedule; returns where it stopped.
+
+        data(epoch, first_sample) gives this rank's batches of that epoch from that sample on.
+        on_epoch_end(trainer, pos, complete, last) runs after each epoch (and after an interrupted one).
+        """
+        loop, log = self.loop, run.log
+        self.bar = progress(total=schedule.total_steps, desc=loop.desc, unit="step",
+                            disable=loop.quiet or not self.ranks.is_main)
+        self.bar.update(pos.step)
+        t_last, n_last = time.time(), 0
+        while pos.step < schedule.total_steps and pos.epoch < loop.epochs:
+            micro = pos.sample_in_epoch // loop.batch_size
+            limit = schedule.micro_per_epoch[pos.epoch]
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            with worker_errors_one_line():
+                for batch in data(pos.epoch, pos.sample_in_epoch):
+                    if micro >= limit or pos.step >= schedule.total_steps:
+                        break
+                    lr = schedule.lr(pos.step)
+                    set_lr(self.optimizer, lr)
+                    loss, parts, n = self.micro_step(batch, pos)
+                    micro += 1
+                    n_last += n
+                    if micro % loop.accum_steps:
+                        continue
+                    grad_norm = self.optimizer_step()
+                    pos = Position(pos.epoch, micro * loop.batch_size, pos.step + 1)
+                    now = time.time()
+                    log.write(**(log_fields or {}), step=pos.step, epoch=pos.epoch,
+                              loss=all_mean(loss.item(), self.device), lr=lr,
+                              grad_norm=float(grad_norm) if grad_norm is not None else None,
+                              samples_per_s=n_last * self.ranks.world / max(now - t_last, 1e-9), **parts)
+                    t_last, n_last = now, 0
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    if loop.save_every and pos.step % loop.save_every == 0:
+                        run.save(self, pos)
+            interrupted = pos.step >= schedule.total_steps and micro < limit
+            if on_epoch_end is not None:
+                last = pos.epoch + 1 >= loop.epochs or pos.step >= schedule.total_steps
+                on_epoch_end(self, pos, not interrupted, last)
+            if interrupted:
+                run.save(self, pos)
+                break
+            pos = Position(pos.epoch + 1, 0, pos.step)
+            run.save(self, pos)
+        self.bar.close()
+        return pos
+
+
+@dataclass
+class RunFiles:
+    """A run directory's resume state and metrics log, and what a resume must agree on.
+
+    `agree` is saved with every checkpoint; `check(state)` refuses a resume whose saved values differ.
+    """
+
+    out: Path
+    state_path: Path
+    ranks: Ranks
+    agree: dict[str, Any]
+    check: Callable[[dict[str, Any]], None]
+    log: JsonlLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = JsonlLog(self.out / "metrics.jsonl", enabled=self.ranks.is_main)
+
+    def begin(self, trainer: Trainer, resume: bool, settings: Any = None,
+              keep: Callable[[dict[str, Any], Position], bool] | None = None) -> Position:
+        """Restore a resumed run (the log cut back to its checkpoint) or start a fresh one; write the settings."""
+        if resume:
+            state = load_state(self.state_path)
+            self.check(state)
+            pos = restore(state, trainer.model, trainer.optimizer, self.log, self.ranks.is_main, keep=keep)
+        else:
+            pos = Position()
+            if self.ranks.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.log.path.unlink(missing_ok=True)
+        if settings is not None and self.ranks.is_main:
+            from ..options import write_settings
+
+            write_settings(settings, self.out / "settings.yaml")
+        return pos
+
+    def save(self, trainer: Trainer, pos: Position) -> None:
+        checkpoint(self.state_path, trainer.model, trainer.optimizer, pos, self.ranks.is_main, **self.agree,
+                   world=self.ranks.world)

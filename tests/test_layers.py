@@ -1,0 +1,66 @@
+"""The package's architecture, checked from its source: layers point down only, and there is one training loop."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "fdpipe"
+STAGES = ("extract", "distill", "finetune", "analyze")
+LOWER = ("store", "replay", "data", "models", "training", "augment", "runtime", "errors", "options")
+
+
+def _imports(path: Path, root: Path) -> list[str]:
+    """Every fdpipe module `path` imports, as absolute dotted names (relative imports resolved)."""
+    package = list(path.relative_to(root.parent).with_suffix("").parts[:-1])
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+                names += [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+            else:
+                names.append(node.module or "")
+    return [n for n in names if n == "fdpipe" or n.startswith("fdpipe.")]
+
+
+def _area(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def layering_violations(root: Path = PKG) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        here = _area(".".join(path.relative_to(root.parent).with_suffix("").parts))
+        for mod in _imports(path, root):
+            there = _area(mod)
+            if there not in STAGES or there == here:
+                continue
+            if here in LOWER or here in STAGES:
+                bad.append(f"{path.relative_to(root.parent)} imports {mod}")
+    return bad
+
+
+def test_no_lower_layer_imports_a_stage_and_no_stage_imports_another():
+    assert layering_violations() == []
+
+
+def test_the_layering_check_catches_a_lower_layer_importing_a_stage(tmp_path):
+    fake = tmp_path / "fdpipe"
+    (fake / "store").mkdir(parents=True)
+    (fake / "finetune").mkdir()
+    (fake / "store" / "tools.py").write_text("from ..extract.views import encoded_image\n")
+    (fake / "finetune" / "data.py").write_text("from fdpipe.distill.order import epoch_rng\n")
+    assert layering_violations(fake) == ["fdpipe/finetune/data.py imports fdpipe.distill.order",
+                                         "fdpipe/store/tools.py imports fdpipe.extract.views"]
+
+
+def test_there_is_one_optimizer_step_call_site_the_engines():
+    sites = [f"{p.relative_to(PKG.parent)}:{i}" for p in PKG.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"optimizer\.step\(", line)]
+    assert len(sites) == 1 and sites[0].startswith("fdpipe/training/loop.py"), sites

@@ -1,7 +1,7 @@
 """`fdpipe demo`: the whole pipeline on Fashion-MNIST with a real pretrained teacher, ending in a table.
 
-Each stage is the real CLI command, printed before it runs and invoked through the same click entry point, so the
-demo teaches the commands it runs. Stages whose output is already complete are reused (and say so).
+Each stage is the real CLI command, printed before it runs and run as an `fdpipe` process (the console entry point),
+so the demo teaches the commands it runs. Stages whose output is already complete are reused (and say so).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .errors import FdpipeError
+from .options import CONTEXT, click_option, device_option, workers_option
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,17 @@ QUICK = DemoSizes(pool=256, views=2, teacher_size=64, student_size=32, distill_e
                   test_images=200, eval_every=1)
 
 
+def _start(args: list[str]) -> subprocess.Popen:
+    """`fdpipe ARGS` as a process of the console entry point, its stderr merged into its stdout."""
+    return subprocess.Popen([sys.executable, "-c", "from fdpipe.cli import entry; entry()", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _last_line(output: str) -> str:
+    """What a failed stage said: its last line (an FdpipeError's one line), without click's "Error: "."""
+    return output.strip().splitlines()[-1].removeprefix("Error: ") if output.strip() else "no output"
+
+
 def _run_together(stages: dict[str, list[str]]) -> dict[str, float]:
     """Run independent stages at once, each as its own `fdpipe` process; returns each one's wall time in seconds.
 
@@ -68,32 +80,30 @@ def _run_together(stages: dict[str, list[str]]) -> dict[str, float]:
     started = {}
     for name, args in stages.items():
         click.secho("$ fdpipe " + shlex.join(args) + " &", fg="cyan", bold=True)
-        proc = subprocess.Popen([sys.executable, "-c", "from fdpipe.cli import entry; entry()", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        started[name] = (proc, time.time())
+        started[name] = (_start(args), time.time())
     seconds, failed = {}, []
     for name, (proc, t0) in started.items():
         output = proc.communicate()[0].strip()
         seconds[name] = time.time() - t0
         click.echo(output)
         if proc.returncode:
-            failed.append(f"`fdpipe {stages[name][0]}` ({name}): {output.splitlines()[-1] if output else 'no output'}")
+            failed.append(f"`fdpipe {stages[name][0]}` ({name}): {_last_line(output)}")
     if failed:
         raise FdpipeError("demo stage failed: " + "; ".join(failed))
     return seconds
 
 
-def _run(args: list[str], echo: bool = True) -> float:
-    """Run one fdpipe command through the CLI's own entry point; returns its wall time in seconds."""
-    from .cli import main
-
-    if echo:
-        click.secho("$ fdpipe " + shlex.join(args), fg="cyan", bold=True)
+def _run(args: list[str]) -> float:
+    """Run one fdpipe command, printing it and then its output as it comes; returns its wall time in seconds."""
+    click.secho("$ fdpipe " + shlex.join(args), fg="cyan", bold=True)
     t0 = time.time()
-    try:
-        main.main(args=args, prog_name="fdpipe", standalone_mode=False)
-    except click.ClickException as e:
-        raise FdpipeError(f"demo stage `fdpipe {args[0]}` failed: {e.format_message()}") from None
+    proc = _start(args)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        click.echo(line, nl=False)
+    if proc.wait():
+        raise FdpipeError(f"demo stage `fdpipe {args[0]}` failed: {_last_line(''.join(lines))}")
     return time.time() - t0
 
 
@@ -128,6 +138,19 @@ TITLES = {
     "finetune_fd": "[3/3] finetune the distilled student and the same architecture from scratch, side by side, on "
                    "the same labels, recipe and seed; both are evaluated on the Fashion-MNIST test split",
 }
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--out", default="demo-out", type=click.Path(file_okay=False), help="Where the store, runs and report go.")
+@click.option("--quick", is_flag=True, help="A 2-minute smoke version with tiny sizes.")
+@click_option("workers", workers_option("DataLoader workers per stage.", default=2), int)
+@click_option("device", device_option())
+def demo(out: str, quick: bool, workers: int, device: str) -> None:
+    """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
+
+    Uses the real effnet-lite0 ImageNet teacher. Rerunning reuses every stage that is already complete.
+    """
+    run_demo(Path(out), quick=quick, workers=workers, device=device)
 
 
 def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto") -> dict[str, Any]:

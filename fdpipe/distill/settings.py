@@ -1,59 +1,69 @@
-"""The settings of `fdpipe distill`: one frozen dataclass, validated once on construction."""
+"""The settings of `fdpipe distill`: one frozen dataclass, validated once on construction.
+
+Each field is declared once with its command-line form (fdpipe.options); `fdpipe distill --help` is made from it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..augment import make_plan
 from ..errors import FdpipeError
+from ..options import (cache_dir_option, crop_scale_option, device_option, layer_option, option, quiet_option,
+                       seed_option, storage_options_option, views_option, weights_option, workers_option)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-    out: str
-    student: str = "fd-vit-tiny"
-    store: str | None = None
-    data: str | None = None
-    # online mode: the plan and teacher settings a store would carry
-    teacher: str | None = None
-    weights: str | None = None
-    views: int = 8
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    teacher_image_size: int | None = None
-    layer: int | None = None
-    plan_seed: int = 0
-    limit: int | None = None
+    store: str | None = option(None, "Store to train from (path or fsspec URL).")
+    student: str = option("fd-vit-tiny", "fd-vit-tiny|small|base|large or any timm ViT name.")
+    out: str = option(help="Run directory for checkpoints, metrics and plots.", path="dir")
     # recipe
-    epochs: int = 10
-    batch_size: int = 64
-    accum_steps: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.05
-    warmup_epochs: float | None = None
-    clip_grad: float = 3.0
-    drop_path: float | None = None
-    image_size: int | None = None
-    patch_size: int = 16
-    resample_grid: bool = False
+    epochs: int = option(10, "Passes over the images (one view each per epoch).")
+    batch_size: int = option(64, "Views per step on each process.")
+    accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
+    lr: float | None = option(None, "Peak learning rate [default: 1.2e-3 x global batch / 2048].")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position tables).")
+    warmup_epochs: float | None = option(None, "Linear warmup length in epochs [default: 10% of the run].")
+    clip_grad: float = option(3.0, "Gradient norm clipping.", cli=False)
+    drop_path: float | None = option(None, "Stochastic depth rate [default: 0.1; 0.3 for large].")
+    image_size: int | None = option(None, "Student input size in pixels [default: the size whose grid matches the "
+                                          "teacher's].")
+    patch_size: int = option(16, "Student patch size in pixels.")
+    resample_grid: bool = option(False, "Bilinearly resample the student's patch tokens to the teacher grid.")
     # running
-    workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    strict: bool = False
-    save_every: int = 0
-    max_steps: int | None = None
-    log_samples: bool = False
-    buffer: int = 256
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    cache_dir: str | None = None
-    quiet: bool = False
+    workers: int = workers_option("DataLoader workers for decoding and cropping.")
+    seed: int = seed_option("Seeds the student init and the data order.")
+    device: str = device_option()
+    resume: bool = option(False, "Continue from OUT/train_state.pt (refused for another store).")
+    strict: bool = option(False, "Re-derive every view's params from the plan seed; fail on any mismatch.")
+    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
+    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule still spans the run).")
+    log_samples: bool = option(False, "Write OUT/samples.rank<R>.jsonl: the (image_idx, view) pairs each rank "
+                                      "trained on.")
+    buffer: int = option(256, "wds stores: samples held in the seeded shuffle buffer.", cli=False)
+    # online mode: the plan and teacher settings a store would carry
+    data: str | None = option(None, "Image source [default: the one the store was extracted from]; required online.")
+    teacher: str | None = option(None, "Online mode: run this teacher live instead of reading a store.")
+    views: int = views_option()
+    crop_scale: tuple[float, float] = crop_scale_option()
+    layer: int | None = layer_option()
+    weights: str | None = weights_option()
+    teacher_image_size: int | None = option(None, "Online mode: teacher input size [default: its pretrained_cfg].")
+    plan_seed: int = option(0, "Online mode: the plan seed (extract's --seed).")
+    limit: int | None = option(None, "Online mode: use the first N images of --data.")
+    # remote stores
+    storage_options: dict[str, Any] = storage_options_option()
+    cache_dir: str | None = cache_dir_option("Remote stores: keep downloaded wds shards and index parts here, so "
+                                             "later epochs download nothing.")
+    quiet: bool = quiet_option()
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
+
         make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
         if (self.store is None) == (self.teacher is None):
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")

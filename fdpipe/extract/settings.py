@@ -1,40 +1,50 @@
-"""The settings of `fdpipe extract`: one frozen dataclass, validated once on construction."""
+"""The settings of `fdpipe extract`: one frozen dataclass, validated once on construction.
+
+Each field is declared once with its command-line form (fdpipe.options); `fdpipe extract --help` is made from it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..augment import make_plan
 from ..errors import FdpipeError
+from ..options import (crop_scale_option, device_option, layer_option, option, quiet_option, seed_option,
+                       storage_options_option, views_option, weights_option, workers_option)
 
 LAYOUTS = ("zarr", "wds")
+DTYPES = ("float16", "int8")
+TARGETS = ("features", "logits")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
-    teacher: str
-    data: str
-    out: str
-    views: int = 8
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    layout: str = "zarr"
-    dtype: str = "float16"
-    target: str = "features"
-    image_size: int | None = None
-    layer: int | None = None
-    weights: str | None = None
-    seed: int = 0
-    shard_size: int | None = None
-    batch_size: int = 64
-    workers: int = 4
-    device: str = "auto"
-    limit: int | None = None
-    embed_images: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    quiet: bool = False
+    teacher: str = option(help="Teacher alias (clip-l, clip-b, dino-b, deit-b, effnet-lite0) or any timm name.")
+    data: str = option(help="Images: a folder, WebDataset shards (brace pattern), a parquet/CSV list, or fashion-mnist.")
+    out: str = option(help="Store path or fsspec URL (s3://bucket/prefix). Rerun the same command to resume.")
+    views: int = views_option()
+    crop_scale: tuple[float, float] = crop_scale_option()
+    layer: int | None = layer_option()
+    weights: str | None = weights_option()
+    layout: str = option("zarr", "zarr: random access by (image, view); wds: tar shards to stream.", flag="--format",
+                         choices=LAYOUTS)
+    dtype: str = option("float16", "Stored dtype; int8 keeps a float16 scale per token.", choices=DTYPES)
+    target: str = option("features", "Whitened feature maps (FD) or the teacher's logits (DeiT-style distillation).",
+                         choices=TARGETS)
+    image_size: int | None = option(None, "Teacher input size in pixels [default: the teacher's pretrained_cfg].")
+    seed: int = seed_option("Plan seed: view v of image k is seeded by blake2b(seed/k/v).")
+    shard_size: int | None = option(None, "Images per shard [default: about 0.75 GiB of targets per shard].")
+    batch_size: int = option(64, "Views per teacher forward.")
+    workers: int = workers_option("DataLoader worker processes for decoding and cropping.")
+    device: str = device_option()
+    limit: int | None = option(None, "Use only the first N images of --data.")
+    embed_images: bool = option(False, "wds only: put each image's bytes in its sample (a self-contained store).")
+    storage_options: dict[str, Any] = storage_options_option()
+    quiet: bool = quiet_option()
 
     def __post_init__(self) -> None:
+        from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
+
         make_plan(self.seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
         if self.batch_size < 1:
             raise FdpipeError(f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -44,5 +54,3 @@ class ExtractConfig:
             raise FdpipeError(f"--format must be one of {', '.join(LAYOUTS)} (got {self.layout})")
         if self.embed_images and self.layout != "wds":
             raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")
-
-

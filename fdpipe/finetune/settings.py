@@ -1,74 +1,93 @@
-"""The settings of `fdpipe finetune`: one frozen dataclass, validated once on construction."""
+"""The settings of `fdpipe finetune`: one frozen dataclass, validated once on construction.
+
+Each field is declared once with its command-line form (fdpipe.options); `fdpipe finetune --help` is made from it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
+from ..options import (device_option, option, quiet_option, seed_option, storage_options_option, weights_option,
+                       workers_option)
 
 METHODS = ("ce", "core", "deit")
+DISTILL_KINDS = ("hard", "soft")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    out: str
-    init: str
-    data: str | None = None
-    val: str | None = None
-    method: str = "ce"
-    # model
-    student: str = "fd-vit-tiny"  # --init scratch only
-    like: str | None = None  # --init scratch: copy this run's architecture
-    image_size: int | None = None
-    patch_size: int | None = None
-    num_classes: int | None = None
-    new_head: bool = False
+    init: str = option(metavar="RUN|scratch|CKPT",
+                       help="Start from a distilled run dir, 'scratch' (random weights: the baseline), a timm checkpoint "
+                            "dir (config.json + model.safetensors), a .safetensors beside its config.json, or a timm "
+                            "name.")
+    data: str | None = option(None, "Labelled training images: a folder of class subfolders, WebDataset shards, a "
+                                    "parquet/CSV list, or fashion-mnist [default with --teacher-store: the store's "
+                                    "images].")
+    out: str = option(help="Run directory for the model, metrics and plots.", path="dir")
+    method: str = option("ce", "ce: cross entropy; core: + Core-tuning contrast term; deit: + distillation token and "
+                               "head.", choices=METHODS)
+    val: str | None = option(None, "Held-out labelled images [default: the builtin test split, e.g. fashion-mnist -> "
+                                   "fashion-mnist:test; required for other sources].")
     # data
-    train_limit: int | None = None
-    labels_per_class: int | None = None
-    val_limit: int | None = None
+    val_limit: int | None = option(None, "Evaluate on N held-out images (a seeded subset).")
+    train_limit: int | None = option(None, "Train on N images (a seeded subset, after --labels-per-class).")
+    labels_per_class: int | None = option(None, "Label-scarce run: the first K images of each class in a seeded "
+                                                "order.")
+    # model
+    num_classes: int | None = option(None, "Head width [default: the classes in --data].")
+    new_head: bool = option(False, "Replace a checkpoint's classifier head that has another class count.")
+    student: str = option("fd-vit-tiny", "--init scratch: fd-vit-tiny|small|base|large or a timm ViT name.")
+    like: str | None = option(None, "--init scratch: copy the architecture of this distilled run.", metavar="RUN")
+    image_size: int | None = option(None, "Input size in pixels [default: the checkpoint's; 224 for scratch].")
+    patch_size: int | None = option(None, "--init scratch: patch size in pixels [default: 16].")
     # recipe
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float | None = None
-    min_lr: float = 1e-6
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    warmup_epochs: float | None = None
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    mixup: bool | None = None  # None: on for ce and live deit, off for core and store deit
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    min_crop: float = 0.08  # RandomResizedCrop scale=(min_crop, 1)
-    randaug: bool | None = None  # None: on, except for store deit
-    clip_grad: float = 5.0
+    epochs: int = option(100, "Passes over the training images.")
+    batch_size: int = option(64, "Images per step on each process.")
+    accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
+    lr: float | None = option(None, "Peak learning rate of the head [default: 5e-4 x global batch / 256].")
+    min_lr: float = option(1e-6, "Cosine floor of the learning rate.")
+    layer_decay: float = option(0.65, "Layer-wise lr decay: block i trains at decay^(depth-i).")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, bias tables).")
+    warmup_epochs: float | None = option(None, "Linear warmup in epochs [default: 5% of the run].")
+    drop_path: float = option(0.1, "Stochastic depth rate, linear over depth.")
+    smoothing: float = option(0.1, "Label smoothing.")
+    mixup: bool | None = option(None, "timm Mixup (alpha 0.8) / CutMix (alpha 1.0) on the batch.",
+                                show_default="on for ce and live deit, off otherwise")
+    mixup_alpha: float = option(0.8, "Mixup's Beta(alpha, alpha).", cli=False)
+    cutmix_alpha: float = option(1.0, "CutMix's Beta(alpha, alpha).", cli=False)
+    min_crop: float = option(0.08, "Smallest area fraction of the training RandomResizedCrop (timm's scale=(MIN, 1)).")
+    randaug: bool | None = option(None, "RandAugment rand-m9-mstd0.5-inc1 after RandomResizedCrop + flip.",
+                                  show_default="on, off with --teacher-store")
+    eval_every: int = option(1, "Evaluate every N epochs (the last epoch always).")
+    eval_batch_size: int | None = option(None, "Images per evaluation forward [default: 2 x --batch-size].", cli=False)
+    clip_grad: float = option(5.0, "Gradient norm clipping.")
     # core
-    core_eta: float = 0.1
-    core_alpha: float = 1.0
+    core_eta: float = option(0.1, "core: weight of the contrastive term.")
+    core_alpha: float = option(1.0, "core: Beta(alpha, alpha) of the hardness-directed mixup.")
     # deit
-    teacher: str | None = None
-    weights: str | None = None
-    teacher_image_size: int | None = None
-    teacher_store: str | None = None
-    distill_kind: str = "hard"
-    distill_tau: float = 3.0
-    distill_alpha: float = 0.5
+    teacher: str | None = option(None, "deit: a live logits teacher (alias or timm name, e.g. effnet-lite0).")
+    weights: str | None = weights_option("deit: the live teacher's weights file.")
+    teacher_image_size: int | None = option(None, "deit: live teacher input size [default: its pretrained_cfg].")
+    teacher_store: str | None = option(None, "deit: a logits store (fdpipe extract --target logits); trains on its "
+                                             "views.")
+    distill_kind: str = option("hard", "deit: CE against the teacher's argmax, or KL at temperature tau.",
+                               choices=DISTILL_KINDS)
+    distill_tau: float = option(3.0, "deit soft: temperature.")
+    distill_alpha: float = option(0.5, "deit: weight of the distillation term.")
     # running
-    workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    save_every: int = 0
-    max_steps: int | None = None
-    eval_batch_size: int | None = None
-    eval_every: int = 1  # epochs; the last epoch (and an interrupted one) is always evaluated
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    quiet: bool = False
+    workers: int = workers_option("DataLoader workers for decoding and augmentation.")
+    seed: int = seed_option("Seeds the head, the label-scarce subset, data order and augmentation.")
+    device: str = device_option()
+    resume: bool = option(False, "Continue from OUT/train_state.pt (refused for other settings).")
+    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
+    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule spans them).")
+    storage_options: dict[str, Any] = storage_options_option()
+    quiet: bool = quiet_option("No progress bar or per-epoch lines.")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every"):
+        for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.min_crop <= 1:
@@ -85,7 +104,7 @@ class FinetuneConfig:
             if (self.teacher is None) == (self.teacher_store is None):
                 raise FdpipeError("--method deit needs a teacher: --teacher NAME (live) or --teacher-store STORE "
                                   "(made by fdpipe extract --target logits)")
-            if self.distill_kind not in ("soft", "hard"):
+            if self.distill_kind not in DISTILL_KINDS:
                 raise FdpipeError(f"--distill-kind must be soft or hard (got {self.distill_kind})")
             if self.teacher_store is not None and (self.mixup or self.randaug):
                 raise FdpipeError("--teacher-store trains on the stored views the teacher saw; --mixup and --randaug "

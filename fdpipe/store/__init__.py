@@ -1,11 +1,24 @@
-"""The feature store: manifest, writer, reader and verification for the zarr and wds layouts."""
+"""The feature store: manifest, writer, reader and verification for the zarr and wds layouts.
 
-from .manifest import FORMAT, FORMAT_VERSION
-from .reader import ImageTargets, Store, open_store
-from .verify import describe, verify_store
-from .writer import StoreWriter, finalize, num_shards, shard_range, shards_of_rank
+Names load on first use (zarr, pyarrow and torch are heavy), so that `fdpipe --help` stays instant.
+"""
 
-__all__ = [
-    "FORMAT", "FORMAT_VERSION", "ImageTargets", "Store", "StoreWriter", "describe", "finalize", "num_shards",
-    "open_store", "shard_range", "shards_of_rank", "verify_store",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "FORMAT": "manifest", "FORMAT_VERSION": "manifest",
+    "ImageTargets": "reader", "Store": "reader", "open_store": "reader",
+    "describe": "verify", "verify_store": "verify",
+    "StoreWriter": "writer", "finalize": "writer", "num_shards": "writer", "shard_range": "writer",
+    "shards_of_rank": "writer",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,15 +7,14 @@ import sys
 
 import click
 
-from ..cli_common import CONTEXT, Group, parse_storage_options, storage_options_option
+from ..options import (CONTEXT, Group, cache_dir_option, click_option, parse_storage_options, quiet_option,
+                       storage_options_option)
 
-
-def cache_dir_option(f):
-    return click.option(
-        "--cache-dir", type=click.Path(file_okay=False), default=None,
-        help="Remote stores: keep downloaded wds shards and index parts here (per store fingerprint), so repeated "
-             "reads download nothing.",
-    )(f)
+with_storage_options = click_option("storage_options", storage_options_option())
+with_quiet = click_option("quiet", quiet_option(), bool)
+with_cache_dir = click_option("cache_dir", cache_dir_option(
+    "Remote stores: keep downloaded wds shards and index parts here (per store fingerprint), so repeated reads "
+    "download nothing."))
 
 
 def dst_storage_options_option(f):
@@ -32,13 +31,13 @@ def store() -> None:
 
 @store.command("info", context_settings=CONTEXT)
 @click.argument("store_url", metavar="STORE")
-@storage_options_option
+@with_storage_options
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def store_info(store_url: str, storage_options: str | None, as_json: bool) -> None:
+def store_info(store_url: str, storage_options: dict, as_json: bool) -> None:
     """Describe STORE: teacher, plan, N, V, T, C, grid, dtype, size on disk, bytes per view."""
     from . import describe, open_store
 
-    info = describe(open_store(store_url, parse_storage_options(storage_options)))
+    info = describe(open_store(store_url, storage_options))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -53,17 +52,16 @@ def store_info(store_url: str, storage_options: str | None, as_json: bool) -> No
 @store.command("verify", context_settings=CONTEXT)
 @click.argument("store_url", metavar="STORE")
 @click.option("--deep", is_flag=True, help="Also decode every target and check it is finite and whitened.")
-@storage_options_option
-@cache_dir_option
-def store_verify(store_url: str, deep: bool, storage_options: str | None, cache_dir: str | None) -> None:
+@with_storage_options
+@with_cache_dir
+def store_verify(store_url: str, deep: bool, storage_options: dict, cache_dir: str | None) -> None:
     """Re-hash every file of STORE and compare counts and shapes; exit 1 naming each damaged file.
 
     Hashes are always taken of the bytes in the store itself; --cache-dir serves the --deep decoding.
     """
     from . import verify_store
 
-    store_obj, problems = verify_store(store_url, parse_storage_options(storage_options), deep=deep,
-                                       cache_dir=cache_dir)
+    store_obj, problems = verify_store(store_url, storage_options, deep=deep, cache_dir=cache_dir)
     if problems:
         for p in problems:
             click.echo(f"error: {p}", err=True)
@@ -75,9 +73,9 @@ def store_verify(store_url: str, deep: bool, storage_options: str | None, cache_
 
 @store.command("ls", context_settings=CONTEXT)
 @click.argument("store_url", metavar="STORE")
-@storage_options_option
+@with_storage_options
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
-def store_ls(store_url: str, storage_options: str | None, as_json: bool) -> None:
+def store_ls(store_url: str, storage_options: dict, as_json: bool) -> None:
     """List STORE's shards (complete or still being written): images, rows, bytes and status.
 
     Status is ok, pending (not committed yet) or damaged (a file missing or of the wrong size). Sizes come from one
@@ -85,7 +83,7 @@ def store_ls(store_url: str, storage_options: str | None, as_json: bool) -> None
     """
     from .tools import list_shards
 
-    info = list_shards(store_url, parse_storage_options(storage_options))
+    info = list_shards(store_url, storage_options)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -107,11 +105,11 @@ def store_ls(store_url: str, storage_options: str | None, as_json: bool) -> None
               help="Layout of the new store: zarr (random access) or wds (tar shards to stream).")
 @click.option("--embed-images", is_flag=True,
               help="wds only: put each image's bytes in its sample, read from the source the index records.")
-@storage_options_option
+@with_storage_options
 @dst_storage_options_option
-@cache_dir_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def store_convert(src: str, dst: str, layout: str, embed_images: bool, storage_options: str | None,
+@with_cache_dir
+@with_quiet
+def store_convert(src: str, dst: str, layout: str, embed_images: bool, storage_options: dict,
                   dst_storage_options: str | None, cache_dir: str | None, quiet: bool) -> None:
     """Copy store SRC into a new store DST in another layout; targets, index and params are kept bit for bit.
 
@@ -123,8 +121,8 @@ def store_convert(src: str, dst: str, layout: str, embed_images: bool, storage_o
     bar = _ShardBar("convert", quiet)
     try:
         r = convert(src, dst, layout, embed_images=embed_images,
-                    storage_options=parse_storage_options(storage_options),
-                    dst_storage_options=_dst_options(dst_storage_options), cache_dir=cache_dir, progress=bar)
+                    storage_options=storage_options,
+                    dst_storage_options=_dst_options(dst_storage_options), cache_dir=cache_dir, on_shard=bar)
     finally:
         bar.close()
     if r["resumed"]:
@@ -138,11 +136,11 @@ def store_convert(src: str, dst: str, layout: str, embed_images: bool, storage_o
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
 @click.argument("dst", metavar="DST")
-@storage_options_option
+@with_storage_options
 @dst_storage_options_option
-@cache_dir_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def store_merge(a: str, b: str, dst: str, storage_options: str | None, dst_storage_options: str | None,
+@with_cache_dir
+@with_quiet
+def store_merge(a: str, b: str, dst: str, storage_options: dict, dst_storage_options: str | None,
                 cache_dir: str | None, quiet: bool) -> None:
     """Join stores A and B (same teacher, whitening, plan and dtype; disjoint images) into a new store DST.
 
@@ -153,8 +151,8 @@ def store_merge(a: str, b: str, dst: str, storage_options: str | None, dst_stora
 
     bar = _ShardBar("merge", quiet)
     try:
-        r = merge(a, b, dst, storage_options=parse_storage_options(storage_options),
-                  dst_storage_options=_dst_options(dst_storage_options), cache_dir=cache_dir, progress=bar)
+        r = merge(a, b, dst, storage_options=storage_options,
+                  dst_storage_options=_dst_options(dst_storage_options), cache_dir=cache_dir, on_shard=bar)
     finally:
         bar.close()
     if r["resumed"]:
@@ -187,10 +185,10 @@ class _ShardBar:
 
 @store.command("finalize", context_settings=CONTEXT)
 @click.argument("store_url", metavar="STORE")
-@storage_options_option
-def store_finalize(store_url: str, storage_options: str | None) -> None:
+@with_storage_options
+def store_finalize(store_url: str, storage_options: dict) -> None:
     """Write STORE's manifest.json once every shard is committed (normally done by the last extract rank)."""
     from . import finalize
 
-    m = finalize(store_url, parse_storage_options(storage_options))
+    m = finalize(store_url, storage_options)
     click.echo(f"ok: {store_url} is complete: fingerprint {m['fingerprint'][:16]}")

@@ -21,7 +21,7 @@ from .reader import Store, StoredImage, open_store
 from .writer import StoreWriter, committed_markers, num_shards, shard_range
 
 LAYOUTS = ("zarr", "wds")
-Progress = Callable[[int, int], None]
+ShardDone = Callable[[int, int], None]  # (shards done, shards in all), after each shard
 
 
 # ----------------------------------------------------------------------------------------------------------- ls
@@ -200,7 +200,7 @@ class SourceImages:
 # ------------------------------------------------------------------------------------------------------ convert
 def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = False,
             storage_options: dict | None = None, dst_storage_options: dict | None = None,
-            cache_dir: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+            cache_dir: str | None = None, on_shard: ShardDone | None = None) -> dict[str, Any]:
     """Copy SRC into a new store at DST in another layout; shard i of DST holds exactly shard i of SRC."""
     if layout not in LAYOUTS:
         raise FdpipeError(f"--format must be one of {', '.join(LAYOUTS)} (got {layout})")
@@ -226,8 +226,8 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
                 dropped += sum(it.image is not None for it in items)
             values, scales = _stack(items)
             w.write_stored(shard, values, scales, [r for it in items for r in it.rows], images)
-            if progress:
-                progress(shard + 1, w.num_shards)
+            if on_shard:
+                on_shard(shard + 1, w.num_shards)
     finally:
         if sources:
             sources.close()
@@ -243,7 +243,7 @@ def _same_place(a: StoreLocation, b: StoreLocation) -> bool:
 # -------------------------------------------------------------------------------------------------------- merge
 def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None = None,
           dst_storage_options: dict | None = None, cache_dir: str | None = None,
-          progress: Progress | None = None) -> dict[str, Any]:
+          on_shard: ShardDone | None = None) -> dict[str, Any]:
     """One store holding A's images, then B's (renumbered after A's), in A's layout and shard size.
 
     A and B must agree on MERGE_KEYS (teacher, whitening, plan, target, dtype, ...) and hold disjoint image keys.
@@ -286,8 +286,8 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
         images_ = [it.image for it in items] if w.layout == "wds" else None
         w.write_stored(shard, values, scales, [r for it in items for r in it.rows],
                        images_ if images_ and any(im is not None for im in images_) else None)
-        if progress:
-            progress(shard + 1, w.num_shards)
+        if on_shard:
+            on_shard(shard + 1, w.num_shards)
     w.try_finalize()
     return {"a": a_url, "b": b_url, "dst": dst_url, "images": w.n, "shards": w.num_shards, "resumed": len(done),
             "layout": w.layout, "shard_size": w.s}

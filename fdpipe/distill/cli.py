@@ -1,0 +1,27 @@
+"""`fdpipe distill`: stage two, a student trained against a store's targets (or a live teacher's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..options import CONTEXT, click_options, settings_from_cli
+from .settings import DistillConfig
+
+
+@click.command(context_settings=CONTEXT)
+@click_options(DistillConfig)
+@click.pass_context
+def distill(ctx: click.Context, **params: Any) -> None:
+    """Train a student against a store's targets by replaying its views (or against a live teacher).
+
+    Runs under torchrun as it is: DDP with NCCL on GPU, gloo on CPU.
+    """
+    from .train import distill as run_distill
+
+    cfg = settings_from_cli(DistillConfig, ctx, **params)
+    r = run_distill(cfg)
+    if "final_loss" in r:
+        click.echo(f"distilled {r['steps']} steps; final loss {r['final_loss']:.4f}; student in "
+                   f"{cfg.out}/student.safetensors")

@@ -1,0 +1,33 @@
+"""`fdpipe extract`: stage one, a teacher run once over the plan's views, its whitened targets written to a store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..options import CONTEXT, click_options, settings_from_cli
+from .settings import ExtractConfig
+
+
+@click.command(context_settings=CONTEXT)
+@click_options(ExtractConfig)
+@click.pass_context
+def extract(ctx: click.Context, **params: Any) -> None:
+    """Run a teacher once over V augmented views per image and write whitened targets to a store.
+
+    Under torchrun or Slurm each rank writes its own shards; the last one to finish writes manifest.json.
+    """
+    from .loop import extract as run_extract
+
+    cfg = settings_from_cli(ExtractConfig, ctx, **params)
+    s = run_extract(cfg)
+    if s["shards_skipped"]:
+        click.echo(f"resumed: {s['shards_skipped']} of {s['shards_total']} shards were already committed")
+    click.echo(f"extracted {s['images']} images x {cfg.views} views in {s['seconds']:.1f}s "
+               f"({s['images_per_s']:.1f} img/s); {len(s['failed'])} failed to decode")
+    for line in s["failed"][:20]:
+        click.echo(f"  failed: {line}")
+    if len(s["failed"]) > 20:
+        click.echo(f"  ... and {len(s['failed']) - 20} more (see the index's status and error columns)")
+    click.echo(f"store {'complete' if s['complete'] else 'partial (other ranks still running)'}: {cfg.out}")

@@ -1,0 +1,371 @@
+"""Settings fields declared once, with their command-line form; the click options, `--config FILE` and settings files.
+
+A stage's settings dataclass declares each field with `option(...)`: its default, its help text and, where the CLI
+needs more, its flag, choices, metavar or parser. `click_options(Settings)` turns the fields into click options (in
+declaration order) plus `--config FILE`, and `settings_from_cli(Settings, ctx, **params)` builds the dataclass, whose
+`__post_init__` validates it. Options several stages take (--device, --seed, --workers, --quiet, --storage-options,
+--cache-dir and the teacher plan's --views, --crop-scale, --layer, --weights) are made here by functions that return
+a fresh field each time. This module sits below the stages and imports none of them.
+
+Also here: the click settings every command uses (CONTEXT) and the group that turns an FdpipeError into one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import FdpipeError
+
+CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=110)
+_KEY = "fdpipe"  # the dataclasses.field metadata key
+
+
+class Group(click.Group):
+    """A click group that turns FdpipeError (and a full disk) into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FdpipeError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if getattr(e, "errno", None) == 28:
+                raise click.ClickException(f"no space left on device ({e.filename or ''}); free space and rerun to resume") from None
+            raise
+
+
+# ------------------------------------------------------------------------------------------- declaring a field
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """How a settings field appears on the command line (see `option`)."""
+
+    help: str = ""
+    flag: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    show_default: str | None = None
+    parse: Callable[[Any], Any] | None = None
+    show: Callable[[Any], str] | None = None
+    path: str | None = None
+    argument: bool = False
+    cli: bool = True
+    secret: bool = False
+
+
+def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None,
+           choices: typing.Sequence[str] | None = None, metavar: str | None = None, show_default: str | None = None,
+           parse: Callable[[Any], Any] | None = None, show: Callable[[Any], str] | None = None,
+           path: str | None = None, argument: bool = False, cli: bool = True, secret: bool = False) -> Any:
+    """A settings field (dataclasses.field) with its command-line form.
+
+    default / default_factory: as for dataclasses.field; a field with neither is a required option.
+    help: the help text, units included. flag: the flag when it is not --field-name (e.g. "--format").
+    choices: the allowed values (click.Choice on the CLI; __post_init__ may check the same tuple).
+    metavar, show_default: as click shows them (show_default: a text for defaults that depend on other settings).
+    parse: turns the option's text (or a --config value) into the field's value, raising FdpipeError or
+    click.BadParameter; show: the text of the default that parse reads back.
+    path: "dir" or "file", a click.Path that must not be the other kind.
+    argument: a positional argument (a tuple[str, ...] field takes one or more).
+    cli: False for a setting that is not an option (--config and write_settings still know it).
+    secret: left out of write_settings (credentials).
+    The click type comes from the field's annotation: int, float, str, tuple[float, float] (nargs 2); a bool is a
+    flag (--x), or the pair --x/--no-x when it may be None.
+    """
+    m = Meta(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, metavar=metavar,
+             show_default=show_default, parse=parse, show=show, path=path, argument=argument, cli=cli, secret=secret)
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={_KEY: m})
+    return dataclasses.field(default=default, metadata={_KEY: m})
+
+
+def meta(f: dataclasses.Field) -> Meta:
+    try:
+        return f.metadata[_KEY]
+    except KeyError:
+        raise TypeError(f"settings field {f.name!r} is not declared with fdpipe.options.option()") from None
+
+
+# ------------------------------------------------------------------------------------------------ parsers
+
+
+def parse_storage_options(value: str | dict | None) -> dict:
+    """--storage-options: a JSON object (text on the command line, a mapping or text in a --config file)."""
+    if isinstance(value, dict):
+        return value
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise FdpipeError(f"--storage-options is not valid JSON ({e}); pass an object like '{{\"key\": \"...\"}}'") from None
+    if not isinstance(parsed, dict):
+        raise FdpipeError("--storage-options must be a JSON object")
+    return parsed
+
+
+def parse_floats(value: str | typing.Iterable[Any]) -> tuple[float, ...]:
+    """A comma-separated list of numbers (or, from a --config file, a list) as a tuple of floats."""
+    try:
+        if isinstance(value, str):
+            return tuple(float(a) for a in value.split(",") if a.strip())
+        return tuple(float(a) for a in value)
+    except (TypeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers (e.g. -1,-0.5,0,0.5,1)") from None
+
+
+def show_floats(values: typing.Iterable[float]) -> str:
+    """The text parse_floats reads back exactly: -1,-0.5,0.25 (shortest repr, no trailing .0)."""
+    return ",".join(r[:-2] if (r := repr(float(v))).endswith(".0") else r for v in values)
+
+
+# ---------------------------------------------------------------------------------------------- shared options
+
+
+def device_option(help: str = "Where the model runs; auto picks CUDA when there is one.") -> Any:
+    return option("auto", help, choices=("auto", "cpu", "cuda"))
+
+
+def seed_option(help: str) -> Any:
+    return option(0, help)
+
+
+def workers_option(help: str, default: int = 4) -> Any:
+    return option(default, help)
+
+
+def quiet_option(help: str = "No progress bar.") -> Any:
+    return option(False, help)
+
+
+def storage_options_option() -> Any:
+    return option(default_factory=dict, metavar="JSON", parse=parse_storage_options, secret=True,
+                  help="fsspec storage options for remote stores, as JSON (e.g. '{\"anon\": false}').")
+
+
+def cache_dir_option(help: str) -> Any:
+    return option(None, help, path="dir")
+
+
+# the plan and teacher settings a store carries; extract and online distill take them alike
+
+
+def views_option() -> Any:
+    return option(8, "Augmented views V per image.")
+
+
+def crop_scale_option() -> Any:
+    return option((0.08, 1.0), "Area fraction range of the plan's RandomResizedCrop views.", metavar="MIN MAX")
+
+
+def layer_option() -> Any:
+    return option(None, "Take block K's output (forward_intermediates) instead of forward_features.")
+
+
+def weights_option(help: str = "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip CLIP "
+                               "checkpoint.") -> Any:
+    return option(None, help, path="file")
+
+
+# ------------------------------------------------------------------------------------------ fields -> click
+
+
+class _Parsed(click.ParamType):
+    """A click type that runs a field's parser (on the option's text or a --config value)."""
+
+    def __init__(self, parse: Callable[[Any], Any], name: str):
+        self.parse, self.name = parse, name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return self.parse(value)
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the type, whether None is allowed) of a hint like `int | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _click_type(hint: Any, m: Meta) -> Any:
+    if m.parse is not None:
+        return _Parsed(m.parse, (m.metavar or "text").lower())
+    if m.choices is not None:
+        return click.Choice(m.choices)
+    if m.path is not None:
+        return click.Path(file_okay=m.path != "dir", dir_okay=m.path != "file")
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        return args
+    if hint in (int, float, str):
+        return hint
+    raise TypeError(f"no click type for {hint!r}; give the field a parse= function")
+
+
+def _spec(name: str, f: dataclasses.Field, hint: Any) -> tuple[type[click.Parameter], list[str], dict[str, Any]]:
+    """The click parameter class, declarations and keywords of one settings field."""
+    m = meta(f)
+    base, optional = _unwrap(hint)
+    required = f.default is MISSING and f.default_factory is MISSING
+    default = f.default if f.default is not MISSING else None
+    if m.argument:
+        variadic = typing.get_origin(base) is tuple and typing.get_args(base)[1:] == (Ellipsis,)
+        return click.Argument, [name], dict(type=_click_type(base, m), nargs=-1 if variadic else 1,
+                                            required=required, metavar=m.metavar)
+    flag = m.flag or "--" + name.replace("_", "-")
+    kw: dict[str, Any] = dict(help=m.help, required=required)
+    if m.metavar is not None:
+        kw["metavar"] = m.metavar
+    if m.show_default is not None:
+        kw["show_default"] = m.show_default
+    if base is bool:
+        if optional:  # --x/--no-x, None when neither is given
+            return click.Option, [f"{flag}/--no-{flag[2:]}", name], dict(kw, default=default)
+        return click.Option, [flag, name], dict(kw, is_flag=True, default=bool(default))
+    if m.parse is not None:  # the option holds text: its default is the text the parser reads back
+        default = m.show(default) if m.show is not None and default is not None else None
+    if f.default_factory is not MISSING:  # e.g. --storage-options: {} when not given
+        kw["callback"] = lambda _ctx, _param, value: f.default_factory() if value is None else value
+    return click.Option, [flag, name], dict(kw, type=_click_type(base, m), default=default)
+
+
+def click_option(name: str, f: dataclasses.Field, hint: Any = str) -> Callable:
+    """One field as a click decorator, for commands without a settings class (`fdpipe store`, `fdpipe demo`)."""
+    kind, decls, kw = _spec(name, f, hint)
+    return (click.argument if kind is click.Argument else click.option)(*decls, **kw)
+
+
+def click_options(cls: type) -> Callable:
+    """Decorator: the settings class's fields as click parameters, in declaration order, then --config FILE."""
+    hints = typing.get_type_hints(cls)
+    decorators = [click_option(f.name, f, hints[f.name]) for f in dataclasses.fields(cls) if meta(f).cli]
+    decorators.append(click.option(
+        "--config", type=click.Path(dir_okay=False), metavar="FILE", is_eager=True, expose_value=False,
+        callback=lambda ctx, _param, path: _apply_config(cls, ctx, path),
+        help="Read settings from a YAML or JSON file of `name: value` lines (field or flag names: batch_size or "
+             "batch-size); flags given beside it override it."))
+
+    def decorate(fn: Callable) -> Callable:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return decorate
+
+
+def settings_from_cli(cls: type, ctx: click.Context, **params: Any) -> Any:
+    """The settings from a command's parsed parameters (and --config's non-option fields); validated by cls.
+
+    An option left at None takes the field's default (None, or e.g. {} for --storage-options).
+    """
+    values = {k: v for k, v in params.items() if v is not None}
+    dm = ctx.default_map or {}
+    values |= {f.name: dm[f.name] for f in dataclasses.fields(cls)
+               if not meta(f).cli and f.name in dm and dm[f.name] is not None}
+    return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------ --config FILE
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A settings file: a YAML (.yaml, .yml) or JSON (.json) mapping; every problem is one FdpipeError line."""
+    path = Path(path)
+    kind = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}.get(path.suffix.lower())
+    if kind is None:
+        raise FdpipeError(f"--config {path}: name the file .yaml, .yml or .json (it says which format it is)")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FdpipeError(f"--config {path}: no such file; pass the path of a YAML or JSON settings file") from None
+    except OSError as e:
+        raise FdpipeError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    import yaml
+
+    try:
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:  # their messages span lines
+        raise FdpipeError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FdpipeError(f"--config {path}: holds a {type(data).__name__}, not a mapping of settings; write one "
+                          "`name: value` per line (e.g. `epochs: 10`)")
+    return data
+
+
+def _apply_config(cls: type, ctx: click.Context, path: str | None) -> None:
+    """--config's callback (eager): the file's values become the defaults of the options not given as flags.
+
+    Click takes a parameter's value from ctx.default_map only when the command line does not give it, so a flag
+    overrides the file and a file may supply a required option. Each value is converted by the option's own click
+    type here, so that a bad one names the file; the dataclass validates the whole when it is built.
+    """
+    if path is None or ctx.resilient_parsing:
+        return
+    data = read_config(path)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {name: name for name in fields}
+    params = {p.name: p for p in ctx.command.params}
+    for name, p in params.items():
+        if name in fields and isinstance(p, click.Option):
+            names |= {o.lstrip("-"): name for o in p.opts}
+    values = {}
+    for key, value in data.items():
+        name = names.get(str(key))
+        if name is None:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise FdpipeError(f"--config {path}: unknown setting {key!r}{hint}; use the field or flag names that "
+                              f"`{ctx.command_path} --help` lists")
+        if name in values:
+            raise FdpipeError(f"--config {path}: {name} is set twice (as {key!r} too); keep one")
+        param = params.get(name)
+        if param is None:  # a settings field that is not an option (e.g. distill's clip_grad)
+            kind, decls, kw = _spec(name, fields[name], hints[name])
+            param = kind(decls, **kw)
+        try:
+            values[name] = None if value is None else param.type_cast_value(ctx, value)
+        except click.BadParameter as e:
+            raise FdpipeError(f"--config {path}: {key}: {e.message}") from None
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+
+
+def write_settings(cfg: Any, path: str | Path) -> Path:
+    """Write a settings dataclass as YAML that `--config` reads back to equal settings (secret fields left out)."""
+    import yaml
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    values = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not meta(f).secret}
+    left_out = [f.name for f in dataclasses.fields(cfg) if meta(f).secret]
+    head = "# the resolved settings of this run; pass this file to --config to run it again"
+    head += f" ({', '.join(left_out)} left out)\n" if left_out else "\n"
+    class Dumper(yaml.SafeDumper):  # one `name: value` line per field, lists inline: crop_scale: [0.08, 1.0]
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    path = Path(path)
+    path.write_text(head + yaml.dump(values, Dumper=Dumper, sort_keys=False, default_flow_style=False,
+                                     allow_unicode=True))
+    return path

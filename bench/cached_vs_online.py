@@ -1,6 +1,6 @@
 """Distill steps/s from a store vs online (teacher live), same student, plan and batch, alternating A/B in one run.
 
-Both sides run distill's own step (bench.common.StepLoop: the replay datasets, DataLoader, Distiller, fd_loss,
+Both sides run distill's own step (bench.stepping.StepLoop: the replay datasets, DataLoader, Distiller, fd_loss,
 AdamW) and alternate step by step, ABBA, so a shared machine's load hits both alike; the ratio is the median of
 adjacent pairs' online-step time / cached-step time.
 
@@ -17,31 +17,25 @@ import time
 
 import torch
 
-from . import common
-from .common import count_flops, log, median, pair_ratios, spread, sync
+from . import common, fixtures, stepping, timing
+from .common import log
+from .timing import count_flops, median, pair_ratios, spread, sync
 
 NAME = "cached_vs_online"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(NAME, __doc__)
-    p.add_argument("--teacher", default=None, help="alias or timm name [vit_small_patch16_224]")
-    p.add_argument("--teacher-size", type=int, default=None, help="teacher input size [cpu 112, cuda 224]")
-    p.add_argument("--student", default="fd-vit-tiny")
-    p.add_argument("--batch-size", type=int, default=None, help="[cpu 16, cuda 128]")
-    p.add_argument("--views", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None, help="measured steps per side, interleaved [cpu 12, cuda 50]")
-    p.add_argument("--skip", type=int, default=None, help="warm-up steps per side [3]")
-    args = p.parse_args(argv)
-    with common.context(NAME, args) as ctx:
-        return run(ctx)
+    auto = common.auto
+    p = common.parser(NAME, __doc__, teacher=auto("vit_small_patch16_224"), teacher_size=auto("cpu 112, cuda 224"),
+                      student="fd-vit-tiny", batch_size=auto("cpu 16, cuda 128"), views=2,
+                      steps=auto("cpu 12, cuda 50; interleaved"), skip=auto("3"))
+    return common.run_with(NAME, p.parse_args(argv), run)
 
 
 def run(ctx: common.Context) -> int:
-    from fdpipe.models import Distiller, fd_loss
     from fdpipe.extract.loop import ExtractConfig, extract
-    from fdpipe.models import create_student, create_teacher, matching_image_size
-    from fdpipe.training import autocast
+    from fdpipe.models import create_teacher, matching_image_size
+    from fdpipe.training import Position
 
     a, cuda, smoke = ctx.args, ctx.cuda, ctx.args.smoke
     teacher_name = a.teacher or ("vit_tiny_patch16_224" if smoke else "vit_small_patch16_224")
@@ -53,8 +47,8 @@ def run(ctx: common.Context) -> int:
     dev = str(ctx.device)
 
     log(f"[{NAME}] {n_images} photos, teacher {teacher_name}@{size}, student {a.student}, batch {batch}")
-    photos = common.make_photos(ctx.work / "photos", n_images, sizes=(48, 64) if smoke else (192, 384))
-    weights = common.teacher_weights(teacher_name, size, ctx.work)
+    photos = fixtures.make_photos(ctx.work / "photos", n_images, sizes=(48, 64) if smoke else (192, 384))
+    weights = fixtures.teacher_weights(teacher_name, size, ctx.work)
     store = ctx.work / "store"
     t0 = time.time()
     ex = extract(ExtractConfig(teacher=teacher_name, data=str(photos), out=str(store), views=a.views,
@@ -66,22 +60,19 @@ def run(ctx: common.Context) -> int:
     teacher = create_teacher(teacher_name, weights=weights, image_size=size, device=dev)
     info = teacher.info
     image_size = matching_image_size(tuple(info.grid), 16)
-    student, _ = create_student(a.student, image_size=image_size)
-    model = Distiller(student, info.channels, tuple(info.grid), info.num_prefix_tokens).to(ctx.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trainer = stepping.distill_trainer(ctx.device, a.student, image_size, info.channels, info.grid,
+                                     info.num_prefix_tokens)
     tx = torch.randn(batch, 3, size, size, device=ctx.device)
     sx = torch.randn(batch, 3, image_size, image_size, device=ctx.device)
-    target = teacher(tx)
+    fixed = {"x": sx, "target": teacher(tx)}
 
-    def student_step() -> None:
-        with autocast(ctx.device):
-            pred = model(sx)
-        fd_loss(pred, model.align_target(target)).backward()
+    def student_step() -> None:  # forward and backward, as the engine runs them
+        trainer.micro_step(fixed, Position())
 
     teacher_flops = count_flops(lambda: teacher(tx)) / batch
-    model.train()
+    trainer.model.train()
     student_flops = count_flops(student_step) / batch
-    opt.zero_grad(set_to_none=True)
+    trainer.optimizer.zero_grad(set_to_none=True)
     flop_bound = (teacher_flops + student_flops) / student_flops
 
     def teacher_alone() -> float:
@@ -94,37 +85,28 @@ def run(ctx: common.Context) -> int:
     def student_alone() -> float:
         sync(ctx.device)
         t = time.perf_counter()
-        student_step()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer.train_step(fixed)
         sync(ctx.device)
         return time.perf_counter() - t
 
     # ---------------------------------------------------------------- the A/B steps, interleaved one by one
-    from torch.utils.data import DataLoader
 
     from fdpipe.augment import AugmentationPlan, ViewTransform
     from fdpipe.data import open_source
-    from fdpipe.replay import EpochSampler, OnlineReplay, StoreReplay
-    from fdpipe.replay import student_transform
+    from fdpipe.replay import online_replay, open_replay, student_transform
     from fdpipe.store import open_store
 
     st = open_store(str(store))
-    loops = {m: common.StepLoop(ctx.device, a.student, image_size, info.channels, info.grid, info.num_prefix_tokens,
+    loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, info.channels, info.grid, info.num_prefix_tokens,
                                 loader=None, teacher=teacher if m == "online" else None) for m in ("cached", "online")}
     tf = student_transform(loops["cached"].model.student, image_size)
-    datasets = {"cached": StoreReplay(st, open_source(str(photos)), tf),
-                "online": OnlineReplay(open_source(str(photos)), AugmentationPlan(seed=0, views=a.views), tf,
+    replays = {"cached": open_replay(st, tf, source=open_source(str(photos))),
+               "online": online_replay(open_source(str(photos)), AugmentationPlan(seed=0, views=a.views), tf,
                                        ViewTransform.from_data_config(teacher.data_config))}
 
     def loader_for(mode):
-        ds = datasets[mode]
-
         def make(epoch):  # what distill builds for an epoch
-            return DataLoader(ds, batch_size=batch, sampler=EpochSampler(ds.valid, a.views, 0, epoch),
-                              num_workers=ctx.workers, drop_last=True, pin_memory=cuda,
-                              generator=torch.Generator().manual_seed(0), persistent_workers=False)
+            return replays[mode].loader(epoch, 0, batch, ctx.workers, cuda)
         return make
 
     for m, loop in loops.items():
@@ -133,7 +115,7 @@ def run(ctx: common.Context) -> int:
     for m, loop in loops.items():  # also the first warm-up step: same init, samples and drop-path draws
         torch.manual_seed(0)
         first[m] = loop.step()[2]
-    times = common.interleave({"cached": loops["cached"].warm_step, "online": loops["online"].warm_step,
+    times = timing.interleave({"cached": loops["cached"].warm_step, "online": loops["online"].warm_step,
                                "teacher_alone": teacher_alone, "student_alone": student_alone},
                               max(1, skip - 1), steps)
     c_rate = [1 / t for t in times["cached"]]

@@ -18,25 +18,20 @@ from pathlib import Path
 
 import torch
 
-from . import common
-from .common import alternate, count_flops, log, median, pair_ratios, spread, sync
+from . import common, fixtures, timing
+from .common import log
+from .timing import alternate, count_flops, median, pair_ratios, spread, sync
 
 NAME = "extract_overhead"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(NAME, __doc__)
-    p.add_argument("--teacher", default=None, help="alias or timm name [cpu effnet-lite0, cuda clip-b]")
-    p.add_argument("--image-size", type=int, default=None, help="teacher input size [224; smoke 32]")
-    p.add_argument("--images", type=int, default=None, help="[cpu 64, cuda 2048]")
-    p.add_argument("--views", type=int, default=None, help="[cpu 4, cuda 8]")
-    p.add_argument("--batch-size", type=int, default=None, help="views per teacher forward [cpu 32, cuda 256]")
-    p.add_argument("--dtype", default="float16")
-    p.add_argument("--layout", default="zarr")
-    p.add_argument("--rounds", type=int, default=None, help="A/B rounds [3]")
-    args = p.parse_args(argv)
-    with common.context(NAME, args) as ctx:
-        return run(ctx)
+    auto = common.auto
+    p = common.parser(NAME, __doc__, teacher=auto("cpu effnet-lite0, cuda clip-b"), image_size=auto("224; smoke 32"),
+                      images=auto("cpu 64, cuda 2048"), views=auto("cpu 4, cuda 8"),
+                      batch_size=auto("cpu 32, cuda 256; views per teacher forward"), dtype="float16", layout="zarr",
+                      rounds=auto("3"))
+    return common.run_with(NAME, p.parse_args(argv), run)
 
 
 def run(ctx: common.Context) -> int:
@@ -61,8 +56,8 @@ def run(ctx: common.Context) -> int:
     small = min(n - 1, 2 * per_batch)  # the short extraction: two teacher batches
 
     log(f"[{NAME}] {n} photos x {views} views, teacher {teacher_name}@{size}, {per_batch * views} views/forward")
-    photos = common.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (192, 384))
-    weights = common.teacher_weights(teacher_name, size, ctx.work)
+    photos = fixtures.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (192, 384))
+    weights = fixtures.teacher_weights(teacher_name, size, ctx.work)
     teacher = create_teacher(teacher_name, weights=weights, image_size=size, device=dev)
     x = torch.randn(per_batch * views, 3, size, size).to(ctx.device)
     flops_per_view = count_flops(lambda: teacher(x)) / x.shape[0]
@@ -84,7 +79,7 @@ def run(ctx: common.Context) -> int:
                             workers=ctx.workers, device=dev, quiet=True)
         s = extract(cfg)
         assert s["complete"] and s["images"] == (limit or n), s
-        stored.append(common.dir_bytes(Path(out)))
+        stored.append(fixtures.dir_bytes(Path(out)))
         shutil.rmtree(out, ignore_errors=True)  # stores of big teachers add up
         return s
 
@@ -115,12 +110,12 @@ def run(ctx: common.Context) -> int:
     ds = PlanViews(source, plan, ViewTransform.from_data_config(teacher.data_config))
     k = min(n, 4 if smoke else 32)
     t0 = time.perf_counter()
-    with common.torch_threads(1):  # as in the DataLoader workers that do this during extraction
+    with timing.torch_threads(1):  # as in the DataLoader workers that do this during extraction
         items = [ds[i] for i in range(k)]
     decode_ms = (time.perf_counter() - t0) / k * 1e3
     teacher_ms = 1e3 / median(runs["teacher"])
     with torch.inference_mode():
-        out = teacher(torch.cat([it.views for it in items[:per_batch]]).to(ctx.device)).cpu().numpy()
+        out = teacher(torch.cat([it.pixels for it in items[:per_batch]]).to(ctx.device)).cpu().numpy()
     out = out.reshape(-1, views, *out.shape[1:])
     q = get_quantizer(a.dtype)
     t0 = time.perf_counter()
@@ -164,7 +159,7 @@ def run(ctx: common.Context) -> int:
         cfg = ExtractConfig(teacher=teacher_name, data=str(photos), out=str(ctx.work / "store-profile"),
                             views=views, layout=a.layout, dtype=a.dtype, image_size=size, weights=weights,
                             batch_size=batch, workers=0, device=dev, quiet=True)
-        top = common.profile_top(lambda: extract(cfg), n=15) if not smoke else []
+        top = timing.profile_top(lambda: extract(cfg), n=15) if not smoke else []
         share = {k2: v / (cpu_side + teacher_ms) for k2, v in stages.items()}
         worst = max((k2 for k2 in stages if k2 != "teacher_ms"), key=stages.get)
         summary = (f"per image: teacher {teacher_ms:.1f} ms, decode+crop {decode_ms:.1f} ms, quantize "

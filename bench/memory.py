@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common
+from . import common, fixtures, stepping, timing
 from .common import log
 
 NAME = "memory"
@@ -34,20 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return child(json.loads(argv[1]))
-    p = common.parser(NAME, __doc__)
+    auto = common.auto
+    p = common.parser(NAME, __doc__, channels=768, views=8, steps=auto("20; smoke 3; per measurement"),
+                      batch_size=auto("32; smoke 4"), rounds=auto("1; per store"))
     p.add_argument("--gb", type=float, default=None, help="size of the 1x store in GB [0.5; smoke 0.001]")
     p.add_argument("--scales", default="1,4", help="store sizes to measure, as multiples of --gb")
     p.add_argument("--layouts", default=None, help="[zarr,wds; smoke zarr]")
-    p.add_argument("--channels", type=int, default=768, help="teacher channels C of the tiny targets")
-    p.add_argument("--views", type=int, default=8)
-    p.add_argument("--steps", type=int, default=None, help="distill steps per measurement [20; smoke 3]")
-    p.add_argument("--batch-size", type=int, default=None, help="[32; smoke 4]")
-    p.add_argument("--rounds", type=int, default=None, help="measurements per store [1]")
     p.add_argument("--phases", action="store_true",
                    help="always record RSS per setup step (by default only for a layout that misses the goal)")
-    args = p.parse_args(argv)
-    with common.context(NAME, args) as ctx:
-        return run(ctx)
+    return common.run_with(NAME, p.parse_args(argv), run)
 
 
 # ------------------------------------------------------------------------------------------------ the stores
@@ -62,7 +57,7 @@ def image_list(work: Path, n: int, files: int = 16) -> tuple[str, list[tuple[str
 
     from fdpipe.data import image_sha256
 
-    folder = common.make_photos(work / "photo-files", files, sizes=(40, 64))
+    folder = fixtures.make_photos(work / "photo-files", files, sizes=(40, 64))
     real = sorted(folder.rglob("*.jpg"))
     meta = []
     for f in real:
@@ -87,9 +82,9 @@ def build(work: Path, layout: str, n: int, views: int, channels: int, shard_byte
     t = GRID * GRID + PREFIX
     per_image = views * t * channels * 2
     s = max(1, shard_bytes // per_image)
-    settings = common.synthetic_settings(spec, n, views, GRID, PREFIX, channels, "float16", layout, s)
+    settings = fixtures.synthetic_settings(spec, n, views, GRID, PREFIX, channels, "float16", layout, s)
     plan = AugmentationPlan.from_dict(settings["plan"])
-    pool = common.whitened(np.random.default_rng(0), (97, views, t, channels))
+    pool = fixtures.whitened(np.random.default_rng(0), (97, views, t, channels))
     w = StoreWriter(str(url), settings)
     w.open()
     for shard in range(w.num_shards):
@@ -112,16 +107,16 @@ def build(work: Path, layout: str, n: int, views: int, channels: int, shard_byte
 def child(spec: dict) -> int:
     from fdpipe.distill.train import DistillConfig
 
-    out: dict = {"rss_after_import_mb": common.rss_mb()}
+    out: dict = {"rss_after_import_mb": timing.rss_mb()}
     if spec["mode"] == "distill":
         cfg = DistillConfig(out=spec["out"], store=spec["store"], batch_size=spec["batch"], epochs=1,
                             max_steps=spec["steps"], workers=spec["workers"], device=spec["device"], quiet=True,
                             seed=0)
         t0 = time.time()
-        r = common.distill_steps(cfg, 1)
+        r = stepping.distill_steps(cfg, 1)
         gc.collect()
         out.update(seconds=time.time() - t0, samples_per_s=r["samples_per_s"], steps=r["steps"],
-                   peak_main_mb=common.peak_rss_mb(),
+                   peak_main_mb=timing.peak_rss_mb(),
                    peak_worker_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     else:  # phases: RSS after each step of building the replay
         from fdpipe.data import open_source
@@ -132,22 +127,22 @@ def child(spec: dict) -> int:
 
         student, _ = create_student("fd-vit-tiny", image_size=GRID * 16)
         tf = student_transform(student, GRID * 16)
-        out["rss_student_mb"] = common.rss_mb()
+        out["rss_student_mb"] = timing.rss_mb()
         st = open_store(spec["store"])
-        out["rss_open_store_mb"] = common.rss_mb()
+        out["rss_open_store_mb"] = timing.rss_mb()
         src = open_source(st.manifest["data"]["spec"])
-        out["rss_open_source_mb"] = common.rss_mb()
+        out["rss_open_source_mb"] = timing.rss_mb()
         if st.layout == "zarr":
             st.index
-            out["rss_index_mb"] = common.rss_mb()
+            out["rss_index_mb"] = timing.rss_mb()
             ds = StoreReplay(st, src, tf)
-            out["rss_replay_dataset_mb"] = common.rss_mb()
+            out["rss_replay_dataset_mb"] = timing.rss_mb()
             EpochSampler(ds.valid, st.views, 0, 0)
-            out["rss_sampler_mb"] = common.rss_mb()
+            out["rss_sampler_mb"] = timing.rss_mb()
         else:
             WdsReplay(st, src, tf, 0, 0)
-            out["rss_replay_dataset_mb"] = common.rss_mb()
-        out["peak_main_mb"] = common.peak_rss_mb()
+            out["rss_replay_dataset_mb"] = timing.rss_mb()
+        out["peak_main_mb"] = timing.peak_rss_mb()
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -182,7 +177,7 @@ def run(ctx: common.Context) -> int:
         for s in scales:
             t0 = time.time()
             stores[layout, s] = build(ctx.work, layout, n1 * s, a.views, channels, shard_bytes)
-            size = common.dir_bytes(Path(stores[layout, s]))
+            size = fixtures.dir_bytes(Path(stores[layout, s]))
             log(f"[{NAME}] {layout} x{s}: {n1 * s} images, {size / 1e9:.2f} GB, built in {time.time() - t0:.0f}s")
 
     meas: dict = {}
@@ -207,7 +202,7 @@ def run(ctx: common.Context) -> int:
             base_mb = min(m["rss_after_import_mb"] for m in ms)
             worker_mb = max(m["peak_worker_mb"] for m in ms)
             total = main_mb + workers * worker_mb
-            size = common.dir_bytes(Path(stores[layout, s]))
+            size = fixtures.dir_bytes(Path(stores[layout, s]))
             res[s] = {"store_bytes": size, "images": n1 * s, "views": n1 * s * a.views, "peak_main_mb": main_mb,
                       "import_rss_mb": base_mb, "peak_main_above_import_mb": main_mb - base_mb,
                       "peak_worker_mb": worker_mb, "peak_total_mb": total,

@@ -1,7 +1,7 @@
 """Distill steps/s with targets read from a zarr store and from a wds store vs the same loop with the targets already
 in memory, alternating in one run. Goal: store-fed within 5% of in-memory (ratio >= 0.95 for both layouts).
 
-The three modes run distill's own step (bench.common.StepLoop: replay dataset, DataLoader, Distiller, fd_loss,
+The three modes run distill's own step (bench.stepping.StepLoop: replay dataset, DataLoader, Distiller, fd_loss,
 AdamW) on the same images, plan, student and batch, interleaved one step at a time (ABC CBA ...). "memory" is the
 zarr mode with the store's target(i, v) answered from a float32 array loaded up front. Beside the training rate,
 loading alone (no student, workers=0, interleaved batch by batch: wall and CPU ms per sample) and a single target
@@ -14,28 +14,20 @@ import time
 
 import numpy as np
 
-from . import common
-from .common import log, median, pair_ratios, spread
+from . import common, fixtures, stepping, timing
+from .common import log
+from .timing import median, pair_ratios, spread
 
 NAME = "read_overhead"
 MODES = ("memory", "zarr", "wds")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(NAME, __doc__)
-    p.add_argument("--student", default="fd-vit-tiny")
-    p.add_argument("--teacher-size", type=int, default=None,
-                   help="the synthetic teacher's input size (/16 grid) [cpu 112, cuda 224]")
-    p.add_argument("--channels", type=int, default=768, help="teacher channels C (768: a ViT-B such as clip-b)")
-    p.add_argument("--prefix", type=int, default=1, help="teacher prefix tokens")
-    p.add_argument("--dtype", default="float16")
-    p.add_argument("--batch-size", type=int, default=None, help="[cpu 16, cuda 256]")
-    p.add_argument("--views", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None, help="measured steps per mode, interleaved [cpu 16, cuda 60]")
-    p.add_argument("--skip", type=int, default=None, help="warm-up steps per mode [2]")
-    args = p.parse_args(argv)
-    with common.context(NAME, args) as ctx:
-        return run(ctx)
+    auto = common.auto
+    p = common.parser(NAME, __doc__, student="fd-vit-tiny", teacher_size=auto("cpu 112, cuda 224; a /16 grid"),
+                      channels=768, prefix=1, dtype="float16", batch_size=auto("cpu 16, cuda 256"), views=2,
+                      steps=auto("cpu 16, cuda 60; per mode, interleaved"), skip=auto("2"))
+    return common.run_with(NAME, p.parse_args(argv), run)
 
 
 def run(ctx: common.Context) -> int:
@@ -61,20 +53,20 @@ def run(ctx: common.Context) -> int:
     dev = str(ctx.device)
 
     log(f"[{NAME}] {n} photos; stores of [{n}, {a.views}, {grid * grid + a.prefix}, {channels}] {a.dtype}")
-    photos = common.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (192, 384))
+    photos = fixtures.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (192, 384))
     source = open_source(str(photos))
     t = grid * grid + a.prefix
-    targets = common.whitened(np.random.default_rng(0), (n, a.views, t, channels))
+    targets = fixtures.whitened(np.random.default_rng(0), (n, a.views, t, channels))
     rows: dict = {}
     urls = {}
     for layout in ("zarr", "wds"):
         urls[layout] = str(ctx.work / f"store-{layout}")
-        settings = common.synthetic_settings(str(photos), n, a.views, grid, a.prefix, channels, a.dtype, layout,
+        settings = fixtures.synthetic_settings(str(photos), n, a.views, grid, a.prefix, channels, a.dtype, layout,
                                              shard_size)
-        common.build_store(urls[layout], settings, source, lambda i, j: targets[i:j], rows)
+        fixtures.build_store(urls[layout], settings, source, lambda i, j: targets[i:j], rows)
     stores = {layout: open_store(url) for layout, url in urls.items()}
     bytes_per_view = stores["zarr"].bytes_per_view()
-    in_memory = common.load_targets(stores["zarr"])  # dequantized: what the store hands out, already in RAM
+    in_memory = fixtures.load_targets(stores["zarr"])  # dequantized: what the store hands out, already in RAM
 
     # ------------------------------------------------------------- one read alone
     pick = np.random.default_rng(1).integers(0, n, 64)
@@ -88,11 +80,11 @@ def run(ctx: common.Context) -> int:
 
     # ------------------------------------------------------------- the loaders distill builds, per mode
     image_size = matching_image_size((grid, grid), 16)
-    loops = {m: common.StepLoop(ctx.device, a.student, image_size, channels, (grid, grid), a.prefix, loader=None)
+    loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, channels, (grid, grid), a.prefix, loader=None)
              for m in MODES}
     tf = student_transform(loops["memory"].model.student, image_size)
     replay = {"zarr": StoreReplay(stores["zarr"], source, tf), "memory": StoreReplay(stores["zarr"], source, tf)}
-    replay["memory"].store = common.MemoryTargets(stores["zarr"], in_memory)
+    replay["memory"].store = fixtures.MemoryTargets(stores["zarr"], in_memory)
 
     def loader_for(mode: str, nw: int):
         def make(epoch: int):
@@ -106,8 +98,8 @@ def run(ctx: common.Context) -> int:
         return make
 
     # loading alone, in this process (workers=0), interleaved batch by batch: ms and CPU ms per sample
-    sides = {m: common.BatchSide(loader_for(m, 0)) for m in MODES}
-    lt = common.interleave(sides, 1, 4 if smoke else 24)
+    sides = {m: stepping.BatchSide(loader_for(m, 0)) for m in MODES}
+    lt = timing.interleave(sides, 1, 4 if smoke else 24)
     load_ms = {m: median(lt[m]) / batch * 1e3 for m in MODES}
     load_cpu_ms = {m: median(sides[m].cpu[-len(lt[m]):]) / batch * 1e3 for m in MODES}
     read_cost = {m: median(pair_ratios(lt[m], lt["memory"])) for m in ("zarr", "wds")}
@@ -115,7 +107,7 @@ def run(ctx: common.Context) -> int:
     # ------------------------------------------------------------- distill's step, the three modes interleaved
     for m, loop in loops.items():
         loop.loader = loader_for(m, workers)
-    times = common.interleave({m: loops[m].warm_step for m in MODES}, skip, steps)
+    times = timing.interleave({m: loops[m].warm_step for m in MODES}, skip, steps)
     ratios = {m: pair_ratios(times["memory"], times[m]) for m in ("zarr", "wds")}
     rate = {m: 1 / median(times[m]) for m in MODES}
     med = {m: median(ratios[m]) for m in ratios}
@@ -165,7 +157,7 @@ def bottleneck(loops, loader_for, med, zarr_ms, wds_ms, step_ms, load_cpu_ms, pr
         loop = loops[worst]
         loop.loader, loop.it, loop.epoch = loader_for(worst, 0), None, 0
         loop.warm_step()
-        top = common.profile_top(lambda: [loop.warm_step() for _ in range(4)], n=15)
+        top = timing.profile_top(lambda: [loop.warm_step() for _ in range(4)], n=15)
     read_ms = zarr_ms if worst == "zarr" else wds_ms
     extra = load_cpu_ms[worst] - load_cpu_ms["memory"]
     summary = (f"{worst}: a read costs {read_ms:.2f} ms per {'view' if worst == 'zarr' else 'image (all views)'}; "

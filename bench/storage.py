@@ -21,8 +21,9 @@ import time
 import numpy as np
 import torch
 
-from . import common
-from .common import log, median
+from . import common, fixtures, stepping
+from .common import log
+from .timing import median
 
 NAME = "storage"
 DEFAULT_CODEC = "zstd-0 (zarr default)"
@@ -52,21 +53,16 @@ def codecs() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(NAME, __doc__)
+    auto = common.auto
+    p = common.parser(NAME, __doc__, teacher="effnet-lite0", image_size=auto("224; smoke 32"),
+                      images=auto("64; smoke 4; per source"), views=2, steps=auto("16; smoke 1; per dtype"),
+                      batch_size=auto("16; smoke 4"))
     p.add_argument("--data", default="fashion-mnist,photos,gaussian",
                    help="comma-separated sources: fashion-mnist, photos (skimage crops), gaussian (synthetic "
                         "whitened N(0,1) targets of the same shape, a stand-in for ViT features; reported, not "
                         "used for the headline or the codec choice), or any --data spec")
-    p.add_argument("--teacher", default="effnet-lite0")
-    p.add_argument("--image-size", type=int, default=None, help="teacher input size [224; smoke 32]")
-    p.add_argument("--images", type=int, default=None, help="images per source [64; smoke 4]")
-    p.add_argument("--views", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None, help="distill steps per dtype [16; smoke 1]")
-    p.add_argument("--batch-size", type=int, default=None, help="distill batch [16; smoke 4]")
     p.add_argument("--lr", type=float, default=5e-4, help="distill peak lr for the short runs")
-    args = p.parse_args(argv)
-    with common.context(NAME, args) as ctx:
-        return run(ctx)
+    return common.run_with(NAME, p.parse_args(argv), run)
 
 
 def teacher_targets(ctx, teacher, source, plan, batch_views: int):
@@ -81,9 +77,9 @@ def teacher_targets(ctx, teacher, source, plan, batch_views: int):
     loader = DataLoader(ds, batch_size=per, num_workers=ctx.workers, collate_fn=collate)
     outs, rows = [], []
     for items in loader:
-        assert all(it.views is not None for it in items), [it.rows[0].get("error") for it in items]
+        assert all(it.pixels is not None for it in items), [it.rows[0].get("error") for it in items]
         with torch.inference_mode():
-            y = teacher(torch.cat([it.views for it in items]).to(ctx.device)).cpu().numpy()
+            y = teacher(torch.cat([it.pixels for it in items]).to(ctx.device)).cpu().numpy()
         outs.append(y.reshape(len(items), plan.views, *y.shape[1:]))
         rows += [r for it in items for r in it.rows]
     return np.concatenate(outs), rows
@@ -127,7 +123,7 @@ def run(ctx: common.Context) -> int:
     steps = a.steps or (1 if smoke else 16)
     batch = a.batch_size or (4 if smoke else 16)
     dev = str(ctx.device)
-    weights = common.teacher_weights(a.teacher, size, ctx.work)
+    weights = fixtures.teacher_weights(a.teacher, size, ctx.work)
     teacher = create_teacher(a.teacher, weights=weights, image_size=size, device=dev)
     info = teacher.info
     plan = AugmentationPlan(seed=0, views=a.views)
@@ -136,14 +132,14 @@ def run(ctx: common.Context) -> int:
     fid_rows, codec_rows, per_source = [], [], {}
     for name in [s.strip() for s in a.data.split(",") if s.strip()]:
         synthetic = name == "gaussian"
-        spec = str(common.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (192, 384))) \
+        spec = str(fixtures.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (192, 384))) \
             if name in ("photos", "gaussian") else name
         source = open_source(spec, limit=n)
         log(f"[{NAME}] {name}: {len(source)} images x {a.views} views through {a.teacher}@{size}")
         t0 = time.time()
         if synthetic:  # no teacher: the index rows of the photos, N(0, 1) targets of the teacher's shape
-            rows = [r for i in range(len(source)) for r in common.image_rows(source, plan, i)]
-            x = common.whitened(np.random.default_rng(0), (len(source), a.views, info.tokens, info.channels))
+            rows = [r for i in range(len(source)) for r in fixtures.image_rows(source, plan, i)]
+            x = fixtures.whitened(np.random.default_rng(0), (len(source), a.views, info.tokens, info.channels))
         else:
             x, rows = teacher_targets(ctx, teacher, source, plan, 64)
         log(f"[{NAME}] {name}: targets in {time.time() - t0:.0f}s")
@@ -196,10 +192,10 @@ def run(ctx: common.Context) -> int:
               workers=ctx.workers, device=dev, quiet=True, seed=0, lr=a.lr)
     losses = {}
     url0 = src["stores"]["float16"]
-    with common.targets_in_memory(array=src["float32"]):
-        losses["float32"] = common.distill_steps(DistillConfig(out=str(ctx.work / "run-float32"), store=url0, **kw), 0)
+    with fixtures.targets_in_memory(array=src["float32"]):
+        losses["float32"] = stepping.distill_steps(DistillConfig(out=str(ctx.work / "run-float32"), store=url0, **kw), 0)
     for dtype, url in src["stores"].items():
-        losses[dtype] = common.distill_steps(DistillConfig(out=str(ctx.work / f"run-{dtype}"), store=url, **kw), 0)
+        losses[dtype] = stepping.distill_steps(DistillConfig(out=str(ctx.work / f"run-{dtype}"), store=url, **kw), 0)
     log(f"[{NAME}] distill runs done")
     tail = max(1, min(5, steps // 4))
     loss = {d: {"final": r["losses"][-1], f"mean_last_{tail}": float(np.mean(r["losses"][-tail:])),

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import common  # noqa: E402
+from bench import common, timing  # noqa: E402
 from bench.run_all import BENCHES  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -79,11 +79,11 @@ def test_extra_fields_each_script_promises(smoke_results):
 
 def test_alternate_runs_abba_and_table_formats():
     calls = []
-    got = common.alternate({"a": lambda r: calls.append(("a", r)) or r, "b": lambda r: calls.append(("b", r)) or -r}, 3)
+    got = timing.alternate({"a": lambda r: calls.append(("a", r)) or r, "b": lambda r: calls.append(("b", r)) or -r}, 3)
     assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
     assert got == {"a": [0, 1, 2], "b": [0, -1, -2]}
-    assert common.pair_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
-    assert common.median([3.0, float("nan"), 1.0]) == 2.0
+    assert timing.pair_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    assert timing.median([3.0, float("nan"), 1.0]) == 2.0
     text = common.table(["x", "y"], [["a", 1.23456], ["bb", 12345]])
     assert "1.23" in text and "12,345" in text
 
@@ -92,6 +92,6 @@ def test_profile_top_names_the_hot_function():
     def hot():
         return sum(i * i for i in range(200_000))
 
-    rows = common.profile_top(hot, n=5)
+    rows = timing.profile_top(hot, n=5)
     assert rows and all({"function", "calls", "tottime_s", "share_of_total"} <= set(r) for r in rows)
     assert any("hot" in r["function"] or "genexpr" in r["function"] for r in rows)

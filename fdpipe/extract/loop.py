@@ -80,16 +80,16 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     shard_iter = iter(mine)
     current = next(shard_iter, None)
     for items in loader:
-        ok = [it for it in items if it.views is not None]
+        ok = [it for it in items if it.pixels is not None]
         out = None
         if ok:
-            x = torch.cat([it.views for it in ok]).to(device, non_blocking=True)
+            x = torch.cat([it.pixels for it in ok]).to(device, non_blocking=True)
             with torch.inference_mode():
                 out = teacher(x)
             out = out.reshape(len(ok), cfg.views, *target_shape).cpu().numpy()
         j = 0
         for it in items:
-            if it.views is None:
+            if it.pixels is None:
                 value = np.full((cfg.views, *target_shape), np.nan, np.float32)
                 failed.append(f"{it.key}: {it.rows[0]['error']}")
             else:

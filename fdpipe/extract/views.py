@@ -22,7 +22,7 @@ class ImageViews:
     image_idx: int
     key: str
     label: int | None
-    views: torch.Tensor | None  # [V, 3, H, W], None when the image failed
+    pixels: torch.Tensor | None  # the V views, [V, 3, H, W]; None when the image failed
     rows: list[dict[str, Any]]  # V index rows (without `shard`)
     embed: tuple[str, bytes] | None = None
 

@@ -1,0 +1,175 @@
+"""Benchmark data: photos, teacher weights, and small stores built straight through fdpipe's StoreWriter, or
+held in memory in place of a store."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def make_photos(folder: Path, n: int, sizes: tuple[int, int] = (192, 384), seed: int = 0, fmt_: str = "jpg") -> Path:
+    """n photo crops of skimage's bundled pictures (random sizes in `sizes`), JPEG like ImageNet, two class folders."""
+    from PIL import Image
+    from skimage import data
+
+    pics = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = folder / ("cat" if i % 2 else "dog")
+        cls.mkdir(parents=True, exist_ok=True)
+        pic = pics[i % len(pics)]
+        h = int(min(pic.shape[0], rng.integers(sizes[0], sizes[1] + 1)))
+        w = int(min(pic.shape[1], rng.integers(sizes[0], sizes[1] + 1)))
+        y, x = int(rng.integers(0, pic.shape[0] - h + 1)), int(rng.integers(0, pic.shape[1] - w + 1))
+        im = Image.fromarray(pic[y:y + h, x:x + w])
+        if fmt_ == "jpg":
+            im.save(cls / f"img{i:06d}.jpg", quality=90)
+        else:
+            im.save(cls / f"img{i:06d}.png")
+    return folder
+
+
+def teacher_weights(name: str, image_size: int | None, work: Path) -> str | None:
+    """None when fdpipe finds the teacher's weights offline (effnet-lite0); else random weights saved as a timm
+    state dict (fine for speed: FLOPs do not depend on the values)."""
+    import timm
+
+    from fdpipe.models import resolve_teacher_name
+
+    timm_name = resolve_teacher_name(name)
+    arch, tag = timm.models.split_model_name_tag(timm_name)
+    if arch == "tf_efficientnet_lite0" and not tag:
+        from fdpipe.models import _lite0_package_file
+
+        if _lite0_package_file() is not None:
+            return None
+    path = work / f"random-{arch}-{image_size}.pth"
+    if not path.exists():
+        kw = {"img_size": image_size} if image_size else {}
+        try:
+            model = timm.create_model(arch, pretrained=False, **kw)
+        except TypeError:
+            model = timm.create_model(arch, pretrained=False)
+        torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x -= x.mean(-1, keepdims=True)
+    x /= np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    return x
+
+
+def image_rows(source, plan, i: int) -> list[dict[str, Any]]:
+    """The V index rows extraction would write for image i of `source` (real crop params and sha256)."""
+    from fdpipe.data import decode_rgb, image_sha256
+
+    key = source.keys[i]
+    sample = source[i]
+    sha = image_sha256(sample)
+    image = decode_rgb(sample.data)
+    h, w = image.height, image.width
+    return [dict(image_idx=i, key=key, source=source.location(i), label=source.labels[i], view=v,
+                 seed=plan.view_seed(key, v), **plan.sample(key, v, (h, w)).to_dict(), orig_height=h, orig_width=w,
+                 image_sha256=sha, status="ok") for v in range(plan.views)]
+
+
+def synthetic_settings(data_spec: str, n: int, views: int, grid: int, prefix: int, channels: int, dtype: str,
+                       layout: str, shard_size: int, limit: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Store settings as extract writes them, for a teacher with a grid x grid map, `prefix` tokens and C channels."""
+    from fdpipe.augment import AugmentationPlan
+    from fdpipe.models import WHITENING
+    from fdpipe.store.quantize import get_quantizer
+
+    t = grid * grid + prefix
+    return dict(
+        layout=layout, dtype=dtype, quantizer=get_quantizer(dtype).to_dict(), target="features",
+        teacher={"alias": "synthetic", "timm_name": "synthetic", "weights_sha256": "0" * 64, "layer": None,
+                 "target": "features", "pretrained_cfg": {}, "image_size": grid * 16, "tokens": t,
+                 "channels": channels, "grid": [grid, grid], "num_prefix_tokens": prefix},
+        whitening=WHITENING, plan=AugmentationPlan(seed=seed, views=views).to_dict(), num_images=n, views=views,
+        shard_size=shard_size, target_shape=[t, channels], data={"spec": data_spec, "limit": limit},
+    )
+
+
+def build_store(url: str | Path, settings: dict[str, Any], source,
+                targets: Callable[[int, int], np.ndarray], rows_cache: dict[int, list] | None = None) -> None:
+    """Write a complete store through fdpipe's StoreWriter: targets(a, b) gives float32 [b-a, V, T, C]."""
+    from fdpipe.augment import AugmentationPlan
+    from fdpipe.store import StoreWriter, shard_range
+
+    plan = AugmentationPlan.from_dict(settings["plan"])
+    w = StoreWriter(str(url), settings)
+    done = w.open()
+    for shard in range(w.num_shards):
+        if shard in done:
+            continue
+        a, b = shard_range(shard, w.s, w.n)
+        rows = []
+        for i in range(a, b):
+            if rows_cache is not None and i in rows_cache:
+                rows += rows_cache[i]
+            else:
+                r = image_rows(source, plan, i)
+                if rows_cache is not None:
+                    rows_cache[i] = r
+                rows += r
+        w.write_shard(shard, targets(a, b), rows)
+    if not w.try_finalize():
+        raise RuntimeError(f"store {url} did not finalize")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class MemoryTargets:
+    """A Store stand-in whose target(s) come from a float32 array in memory; everything else is the store's."""
+
+    def __init__(self, store, array: np.ndarray):
+        self._store, self._array = store, array
+
+    def __getattr__(self, name: str):  # views, target_shape, ...: the wrapped store's
+        return getattr(self.__dict__["_store"], name)
+
+    def target(self, image_idx: int, view: int) -> np.ndarray:
+        return self._array[image_idx, view]
+
+    def targets(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        i, v = np.asarray(pairs).T
+        return self._array[i, v]
+
+
+def load_targets(store) -> np.ndarray:
+    """Every target of a store, dequantized, as float32 [N, V, *target_shape]."""
+    arr = np.empty((store.num_images, store.views, *store.target_shape), np.float32)
+    for it in store.iter_images():
+        arr[it.image_idx] = it.targets
+    return arr
+
+
+@contextlib.contextmanager
+def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = None):
+    """Make every Store hand out targets from a float32 array [N, V, T, C] held in memory instead of reading
+    the store: `array` when given, else every target of `store_url` loaded up front.
+
+    The same distill loop runs unchanged (StoreReplay asks Store.targets(pairs)); DataLoader workers fork with the
+    array already in memory.
+    """
+    from fdpipe.store import open_store
+    from fdpipe.store.reader import Store
+
+    arr = load_targets(open_store(store_url)) if array is None else array
+    memory = MemoryTargets(None, arr)
+    original = Store.target, Store.targets
+    Store.target = lambda self, image_idx, view: memory.target(image_idx, view)
+    Store.targets = lambda self, pairs: memory.targets(pairs)
+    try:
+        yield arr
+    finally:
+        Store.target, Store.targets = original

@@ -54,7 +54,8 @@ def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
              disable: bool = False):
-    """A tqdm bar with items/s and ETA on stderr; off on non-main ranks, when TQDM_DISABLE is set, or not a tty in CI."""
+    """A tqdm bar with items/s and ETA on stderr; off when `disable` (callers pass it on non-main ranks and for
+    --quiet) or when TQDM_DISABLE is set in the environment."""
     from tqdm.auto import tqdm
 
     off = disable or bool(os.environ.get("TQDM_DISABLE"))

@@ -141,3 +141,40 @@ def test_the_doc_names_every_manifest_field_and_index_column(stores):
     from fdpipe.store.manifest import FORMAT_VERSION
 
     assert f"format_version {FORMAT_VERSION})" in text.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------------------ README library API
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_library_example() -> str:
+    text = README.read_text().split("## Use a store in your own training loop", 1)[1]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+
+
+def test_the_readme_library_example_is_short_and_uses_only_public_names():
+    block = readme_library_example()
+    assert len(block.strip().splitlines()) < 30
+    import fdpipe
+
+    used = set(re.findall(r"fdpipe\.(\w+)", block))
+    assert used and used <= set(fdpipe.__all__), used - set(fdpipe.__all__)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_the_readme_library_example_trains_a_plain_timm_model_from_a_store(tmp_path, layout):
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    store = tmp_path / "store"
+    r = CliRunner().invoke(main, ["extract", "--teacher", "effnet-lite0", "--data", "fashion-mnist", "--limit", "16",
+                                  "--image-size", "64", "--views", "2", "--workers", "0", "--quiet", "--format",
+                                  layout, "--out", str(store)])
+    assert r.exit_code == 0, r.output
+    code = f"STORE = {str(store)!r}\n" + readme_library_example()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = [float(line.rsplit(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -1,7 +1,7 @@
 """Fine-tuning a distilled student: classifier construction, layer decay, Core-tuning and DeiT-style distillation.
 
-``from fdpipe.finetune import FinetuneConfig, finetune`` runs stage three from Python (``fdpipe demo`` does). They
-are imported lazily so that ``fdpipe --help`` does not load the training stack.
+``from fdpipe.finetune import FinetuneConfig, finetune`` runs stage three from Python. They are imported lazily so
+that ``fdpipe --help`` does not load the training stack.
 """
 
 from __future__ import annotations

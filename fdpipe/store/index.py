@@ -31,7 +31,6 @@ SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
-PARAM_COLUMNS = ("top", "left", "height", "width", "flip")
 
 
 def part_name(shard: int) -> str:

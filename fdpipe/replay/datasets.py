@@ -69,11 +69,15 @@ PARAMS = ("top", "left", "height", "width", "flip")
 
 
 class StoreReplay(Dataset):
-    """Map-style replay by (image_idx, view) from a zarr store: x [3,H,W] and target [*target_shape]."""
+    """Map-style replay by (image_idx, view) from a zarr store: x [3,H,W] and target [*target_shape].
 
-    def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, strict: bool = False):
+    Without a source (targets only: benchmarks, or a loop that crops the images itself) items carry no x.
+    """
+
+    def __init__(self, store: Store, source: ImageSource | None, student_tf: ViewTransform | None,
+                 strict: bool = False):
         self.store = store
-        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict)
+        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict) if source is not None else None
         self.keys, self.shas, valid, params = [], [], [], {c: [] for c in PARAMS}
         for shard in range(store.num_shards):  # one index part at a time: memory grows by ~100 bytes per view
             part = store.index_part(shard)
@@ -102,7 +106,11 @@ class StoreReplay(Dataset):
         """A whole batch at once (the DataLoader calls this): the batch's targets are read in one concurrent round."""
         pairs = [(int(i), int(v)) for i, v in items]
         targets = torch.from_numpy(self.store.targets(pairs))
-        return [{"x": self.view(i, v), "target": t, "image_idx": i, "view": v} for (i, v), t in zip(pairs, targets)]
+        items = [{"target": t, "image_idx": i, "view": v} for (i, v), t in zip(pairs, targets)]
+        if self.builder is not None:
+            for item in items:
+                item["x"] = self.view(item["image_idx"], item["view"])
+        return items
 
 
 class OnlineReplay(Dataset):
@@ -152,10 +160,10 @@ class WdsReplay(IterableDataset):
     those. Everything is a pure function of (seed, epoch, rank, worker), so a resume replays the same stream.
     """
 
-    def __init__(self, store: Store, source: ImageSource, student_tf: ViewTransform, seed: int, epoch: int,
-                 rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False):
+    def __init__(self, store: Store, source: ImageSource | None, student_tf: ViewTransform | None, seed: int,
+                 epoch: int, rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False):
         self.store, self.seed, self.epoch, self.rank, self.world, self.buffer = store, seed, epoch, rank, world, buffer
-        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict)
+        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict) if source is not None else None
 
     def rank_shards(self) -> list[int]:
         return [int(s) for s in shard_order(self.seed, self.epoch, self.store.num_shards)[self.rank:: self.world]]
@@ -183,9 +191,11 @@ class WdsReplay(IterableDataset):
 
         for it in buffer_shuffle(images(), self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{wid}"):
             v = int(chosen[it.image_idx])
-            x = self.builder.stored_view(it.key, v, it.rows[v])
-            yield {"x": x, "target": torch.from_numpy(np.ascontiguousarray(it.targets[v])), "image_idx": it.image_idx,
-                   "view": v}
+            item = {"target": torch.from_numpy(np.ascontiguousarray(it.targets[v])), "image_idx": it.image_idx,
+                    "view": v}
+            if self.builder is not None:
+                item["x"] = self.builder.stored_view(it.key, v, it.rows[v])
+            yield item
 
 
 def ok_per_shard(store: Store) -> list[int]:

@@ -27,8 +27,8 @@ class Replay:
     For a wds store `dataset` is None: each epoch streams a fresh `WdsReplay`.
     """
 
-    source: ImageSource
-    transform: ViewTransform
+    source: ImageSource | None
+    transform: ViewTransform | None
     views: int
     seed: int = 0
     rank: int = 0
@@ -87,10 +87,14 @@ class EpochDataset(Dataset):
         return many(pairs) if many is not None else [self.dataset[p] for p in pairs]
 
 
-def open_replay(store: Store, transform: ViewTransform, *, source: ImageSource | None = None, seed: int = 0,
-           rank: int = 0, world: int = 1, strict: bool = False, buffer: int = 256) -> Replay:
-    """A store's views for a student, as `fdpipe distill` replays them; `source` defaults to the store's images."""
-    if source is None:
+def open_replay(store: Store, transform: ViewTransform | None, *, source: ImageSource | None = None, seed: int = 0,
+                rank: int = 0, world: int = 1, strict: bool = False, buffer: int = 256,
+                images: bool = True) -> Replay:
+    """A store's views for a student, as `fdpipe distill` replays them; `source` defaults to the store's images.
+
+    images=False: targets only (batches without "x"), in the same order; no source is opened.
+    """
+    if source is None and images:
         source = store_source(store)
     if store.layout == "wds":
         return Replay(source, transform, store.views, seed, rank, world, store=store, buffer=buffer, strict=strict)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -244,3 +245,161 @@ def test_unwritable_output_is_one_line(cli, tmp_path, photo_dir):
     r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "a-file" / "s",
             "--workers", 0, "--quiet")
     assert r.exit_code == 1 and "cannot write to" in r.output and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------------------------- background commits
+def _fast_args(data, out, *extra):
+    return ["extract", "--teacher", "effnet-lite0", "--data", data, "--out", out, "--views", 2, "--image-size", 32,
+            "--workers", 0, "--quiet", *extra]
+
+
+def _store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a store but manifest.json (whose creator time differs between runs)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+
+
+def test_commits_in_parallel_write_the_bytes_of_sequential_commits_and_the_teacher_waits_only_on_a_full_queue(
+        photo_dir, tmp_path, monkeypatch):
+    import time
+
+    from fdpipe.extract.loop import extract
+    from fdpipe.extract.settings import ExtractConfig
+    from fdpipe.store import StoreWriter
+
+    base = dict(teacher="effnet-lite0", data=str(photo_dir), views=2, image_size=32, workers=0, shard_size=1,
+                quiet=True)
+    seq = extract(ExtractConfig(**base, out=str(tmp_path / "seq"), commit_workers=1, commit_queue=1))
+    assert seq["complete"] and 0 <= seq["blocked_s"] <= seq["seconds"] and 0 <= seq["drain_s"] <= seq["seconds"]
+    orig = StoreWriter.write_stored
+    order = []
+
+    def slow(self, shard, *a, **kw):  # later shards first: commits finish out of order
+        time.sleep(0.05 * (6 - shard))
+        orig(self, shard, *a, **kw)
+        order.append(shard)
+
+    monkeypatch.setattr(StoreWriter, "write_stored", slow)
+    par = extract(ExtractConfig(**base, out=str(tmp_path / "par"), commit_workers=3, commit_queue=1))
+    assert par["complete"] and sorted(order) == list(range(6)) and order != sorted(order)
+    assert par["blocked_s"] > 0 and par["drain_s"] > 0  # 6 slow commits, 3 workers + 1 queue slot
+    assert _store_files(tmp_path / "par") == _store_files(tmp_path / "seq")
+    assert open_store(str(tmp_path / "par")).fingerprint == open_store(str(tmp_path / "seq")).fingerprint
+
+
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+@pytest.mark.parametrize("error,message", [
+    (OSError(28, "No space left on device"), "shard 1: could not commit (No space left on device); free space and rerun to resume"),
+    (PermissionError(13, "Permission denied", "/st/targets.zarr/targets/c/1/0/0/0"),
+     "shard 1: could not commit (Permission denied: /st/targets.zarr/targets/c/1/0/0/0); make --out writable and rerun"),
+    ("s3", "shard 1: could not commit: access denied to s3://b/st"),
+])
+def test_a_failed_background_commit_is_one_line_and_a_rerun_completes_the_store(cli, photo_dir, tmp_path, monkeypatch,
+                                                                                  layout, error, message):
+    from fdpipe.errors import StoreError
+    from fdpipe.store import StoreWriter
+
+    if error == "s3":  # what StoreLocation.explain makes of an S3 refusal
+        error = StoreError("access denied to s3://b/st at https://s3.amazonaws.com (Forbidden); check the credentials")
+    orig = StoreWriter.write_stored
+
+    def write_stored(self, shard, *a, **kw):
+        if shard == 1:
+            raise error
+        orig(self, shard, *a, **kw)
+
+    ref, out = tmp_path / "ref", tmp_path / "s"
+    assert cli(*_fast_args(photo_dir, ref, "--shard-size", 2, "--format", layout)).exit_code == 0
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "write_stored", write_stored)
+        r = cli(*_fast_args(photo_dir, out, "--shard-size", 2, "--format", layout))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1 and message in r.output, r.output
+    assert not (out / "manifest.json").exists() and not (out / "_progress" / "shard-00001.json").exists()
+    r = cli(*_fast_args(photo_dir, out, "--shard-size", 2, "--format", layout))
+    assert r.exit_code == 0 and "resumed:" in r.output, r.output
+    assert _store_files(out) == _store_files(ref)
+    assert cli("store", "verify", out).exit_code == 0
+
+
+def test_the_teacher_loop_stops_at_its_next_step_after_a_failed_commit(cli, photo_dir, tmp_path, monkeypatch):
+    import threading
+
+    from fdpipe.extract import loop
+    from fdpipe.store import StoreWriter
+
+    failed, put = threading.Event(), []
+    orig_put, orig_write = loop.ShardBuffer.put, StoreWriter.write_stored
+
+    def write_stored(self, shard, *a, **kw):
+        if shard == 0:
+            failed.set()
+            raise OSError(28, "No space left on device")
+        orig_write(self, shard, *a, **kw)
+
+    def slow_put(self, items, *a):  # the teacher is slower than the commit: shard 2 waits for shard 0's failure
+        if items[0].image_idx >= 2:
+            assert failed.wait(10)
+        put.append(items[0].image_idx)
+        orig_put(self, items, *a)
+
+    monkeypatch.setattr(StoreWriter, "write_stored", write_stored)
+    monkeypatch.setattr(loop.ShardBuffer, "put", slow_put)
+    r = cli(*_fast_args(photo_dir, tmp_path / "s", "--shard-size", 1, "--commit-workers", 1))
+    assert r.exit_code == 1 and "shard 0: could not commit (No space left on device)" in r.output
+    assert max(put) <= 3, put  # not run to the end (6 images) before the failure was raised
+
+
+def test_a_bug_in_a_background_commit_keeps_its_traceback(cli, photo_dir, tmp_path, monkeypatch):
+    from fdpipe.store import StoreWriter
+
+    def write_stored(self, shard, *a, **kw):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(StoreWriter, "write_stored", write_stored)
+    with pytest.raises(ValueError, match="a bug"):
+        cli(*_fast_args(photo_dir, tmp_path / "s"))
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_progress_folder_is_one_line_and_the_rerun_after_chmod_completes(cli, photo_dir, tmp_path):
+    out = tmp_path / "s"
+    args = _fast_args(photo_dir, out, "--shard-size", 2)
+    assert cli(*args).exit_code == 0
+    (out / "manifest.json").unlink()
+    (out / "_progress" / "shard-00001.json").unlink()
+    (out / "_progress").chmod(0o555)
+    try:
+        r = cli(*args)
+    finally:
+        (out / "_progress").chmod(0o755)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "shard 1: could not commit (Permission denied: " in r.output and "make --out writable" in r.output
+    assert cli(*args).exit_code == 0 and (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--commit-workers", "--commit-queue"])
+def test_commit_workers_and_queue_are_validated(cli, photo_dir, tmp_path, flag):
+    r = cli(*_fast_args(photo_dir, tmp_path / "s", flag, 0))
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert f"{flag} must be at least 1 (got 0)" in r.output and not (tmp_path / "s").exists()
+
+
+def test_committer_raises_the_first_failure_and_drops_the_queued_commits():
+    import threading
+
+    from fdpipe.errors import StoreError
+    from fdpipe.extract.commits import Committer
+
+    go, ran = threading.Event(), []
+
+    def fail():
+        go.wait(10)
+        raise OSError(28, "No space left on device", "/st/x")
+
+    with pytest.raises(StoreError, match=r"^shard 7: could not commit \(No space left on device: /st/x\); free space"):
+        with Committer(workers=1, queue_size=2) as c:
+            c.submit(7, fail)
+            c.submit(8, lambda: ran.append(8))
+            go.set()
+            c.finish()
+    assert ran == [] and c.drain_s >= 0

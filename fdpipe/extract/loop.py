@@ -1,13 +1,16 @@
 """The extraction loop: whole shards, teacher batches, whitening, quantization and commit.
 
 Batches never straddle a shard, so a resumed run computes every shard exactly as an uninterrupted one would.
+Targets are quantized on the teacher's device and only the stored dtype is copied to the host (into pinned
+buffers on CUDA, without waiting); a finished shard is committed by background workers (commits.py), so the
+teacher waits only when --commit-queue finished shards are already waiting for a worker.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,9 +22,9 @@ from ..errors import FdpipeError
 from ..runtime import progress, ranks_from_env, resolve_device
 from ..store import StoreWriter, shard_range, shards_of_rank
 from ..store.writer import default_shard_size
+from .commits import Committer
 from .settings import ExtractConfig
-from .views import PlanViews, collate
-
+from .views import ImageViews, PlanViews, collate
 
 
 def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shape: list[int], n: int,
@@ -32,7 +35,7 @@ def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shap
     itemsize = 2 if cfg.dtype == "float16" else 1
     bytes_per_image = cfg.views * int(np.prod(target_shape)) * itemsize
     return dict(
-        layout=cfg.layout, dtype=cfg.dtype, quantizer=_quantizer(cfg.dtype), target=cfg.target,
+        layout=cfg.layout, dtype=cfg.dtype, quantizer=_quantizer(cfg.dtype), target=cfg.target, codec=cfg.codec,
         teacher=teacher_info, whitening=WHITENING if cfg.target == "features" else None,
         plan=plan.to_dict(), num_images=n, views=cfg.views,
         shard_size=cfg.shard_size or default_shard_size(bytes_per_image), target_shape=list(target_shape),
@@ -44,6 +47,58 @@ def _quantizer(dtype: str) -> dict[str, Any]:
     from ..store.quantize import get_quantizer
 
     return get_quantizer(dtype).to_dict()
+
+
+class ShardBuffer:
+    """One shard's stored targets, index rows and embedded images on the host, filled batch by batch.
+
+    The device-to-host copies go into pinned memory without waiting (CUDA); the commit waits for them, in its worker.
+    """
+
+    def __init__(self, shard: int, start: int, stop: int, device: torch.device):
+        self.shard, self.start, self.n, self.device = shard, start, stop - start, device
+        self.values: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self.rows: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
+        self.images: list[tuple[str, bytes] | None] = [None] * self.n
+        self.filled = 0
+
+    def _host(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty((self.n, *like.shape[1:]), dtype=like.dtype, pin_memory=self.device.type == "cuda")
+
+    def put(self, items: list[ImageViews], values: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Images items[0].image_idx, ... (consecutive, as the batches are made) with their stored targets."""
+        lo = items[0].image_idx - self.start
+        if [it.image_idx - self.start for it in items] != list(range(lo, lo + len(items))) or lo + len(items) > self.n:
+            raise RuntimeError(f"batch of images {[it.image_idx for it in items]} is not a run of shard {self.shard}")
+        if self.values is None:
+            self.values = self._host(values)
+            self.scales = None if scales is None else self._host(scales)
+        cuda = self.device.type == "cuda"
+        self.values[lo:lo + len(items)].copy_(values, non_blocking=cuda)
+        if scales is not None:
+            self.scales[lo:lo + len(items)].copy_(scales, non_blocking=cuda)
+        for j, it in enumerate(items):
+            self.rows[lo + j], self.images[lo + j] = it.rows, it.embed
+        self.filled += len(items)
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.n
+
+    def commit(self, writer: StoreWriter, embed: bool) -> Callable[[], None]:
+        """The commit of this (full) shard, to run in a worker: wait for the copies, then write_stored."""
+        done = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        shard, values, scales = self.shard, self.values, self.scales
+        rows = [r for image_rows in self.rows for r in image_rows]
+        images = self.images if embed else None
+
+        def run() -> None:
+            if done is not None:
+                done.synchronize()
+            writer.write_stored(shard, values.numpy(), None if scales is None else scales.numpy(), rows, images)
+
+        return run
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
@@ -74,43 +129,48 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
                         prefetch_factor=4 if cfg.workers else None)
     total = sum(shard_range(s, writer.s, writer.n)[1] - shard_range(s, writer.s, writer.n)[0] for s in mine)
     t0, failed, seen = time.time(), [], 0
-    buf: dict[int, Any] = {}
     bar = progress(total=total, desc=f"extract [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else "extract",
                    unit="img", disable=cfg.quiet)
-    shard_iter = iter(mine)
-    current = next(shard_iter, None)
-    for items in loader:
-        ok = [it for it in items if it.pixels is not None]
-        out = None
+
+    @torch.inference_mode()
+    def targets(items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's stored targets (and scales) on the device; NaN targets for failed images, quantized alike."""
+        ok = [j for j, it in enumerate(items) if it.pixels is not None]
+        y = None
         if ok:
-            x = torch.cat([it.pixels for it in ok]).to(device, non_blocking=True)
-            with torch.inference_mode():
-                out = teacher(x)
-            out = out.reshape(len(ok), cfg.views, *target_shape).cpu().numpy()
-        j = 0
-        for it in items:
-            if it.pixels is None:
-                value = np.full((cfg.views, *target_shape), np.nan, np.float32)
-                failed.append(f"{it.key}: {it.rows[0]['error']}")
-            else:
-                value, j = out[j], j + 1
-            buf[it.image_idx] = (value, it.rows, it.embed)
-        bar.update(len(items))
-        seen += len(items)
-        while current is not None:
-            a, b = shard_range(current, writer.s, writer.n)
-            if not all(i in buf for i in range(a, b)):
-                break
-            entries = [buf.pop(i) for i in range(a, b)]
-            writer.write_shard(current, np.stack([e[0] for e in entries]), [r for e in entries for r in e[1]],
-                               [e[2] for e in entries] if cfg.embed_images else None)
-            current = next(shard_iter, None)
-    bar.close()
+            x = torch.cat([items[j].pixels for j in ok]).to(device, non_blocking=True)
+            y = teacher(x).float().reshape(len(ok), cfg.views, *target_shape)
+        if len(ok) < len(items):
+            full = torch.full((len(items), cfg.views, *target_shape), float("nan"), device=device)
+            if ok:
+                full[ok] = y
+            y = full
+        return writer.q.quantize_tensor(y)
+
+    shard_iter = iter(mine)
+    current: ShardBuffer | None = None
+    with Committer(cfg.commit_workers, cfg.commit_queue) as committer:
+        for items in loader:
+            committer.check()  # a failed commit stops the run here, not at the end
+            values, scales = targets(items)
+            if current is None:
+                shard = next(shard_iter)
+                current = ShardBuffer(shard, *shard_range(shard, writer.s, writer.n), device)
+            current.put(items, values, scales)
+            failed += [f"{it.key}: {it.rows[0]['error']}" for it in items if it.pixels is None]
+            bar.update(len(items))
+            seen += len(items)
+            if current.full:
+                committer.submit(current.shard, current.commit(writer, cfg.embed_images))
+                current = None
+        bar.close()
+        committer.finish()
     complete = writer.try_finalize()
     elapsed = time.time() - t0
     return {
         "store": cfg.out, "rank": ranks.rank, "world": ranks.world, "shards_total": writer.num_shards,
         "shards_written": len(mine), "shards_skipped": len(done), "images": seen, "failed": failed,
-        "seconds": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "complete": complete,
+        "seconds": elapsed, "blocked_s": committer.blocked_s, "drain_s": committer.drain_s,
+        "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "complete": complete,
         "settings": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
     }

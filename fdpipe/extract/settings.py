@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
+from ..store.manifest import CODECS, DEFAULT_CODEC
 from ..options import (crop_scale_option, device_option, layer_option, option, quiet_option, seed_option,
                        storage_options_option, views_option, weights_option, workers_option)
 
@@ -29,6 +30,9 @@ class ExtractConfig:
     layout: str = option("zarr", "zarr: random access by (image, view); wds: tar shards to stream.", flag="--format",
                          choices=LAYOUTS)
     dtype: str = option("float16", "Stored dtype; int8 keeps a float16 scale per token.", choices=DTYPES)
+    codec: str = option(DEFAULT_CODEC, "Chunk compressor of a zarr store (wds members stay plain .npy). Whitened dense "
+                                   "features shrink by about 8%, so none is the fastest store; see bench/README.md.",
+                        choices=CODECS)
     target: str = option("features", "Whitened feature maps (FD) or the teacher's logits (DeiT-style distillation).",
                          choices=TARGETS)
     image_size: int | None = option(None, "Teacher input size in pixels [default: the teacher's pretrained_cfg].")
@@ -36,6 +40,10 @@ class ExtractConfig:
     shard_size: int | None = option(None, "Images per shard [default: about 0.75 GiB of targets per shard].")
     batch_size: int = option(64, "Views per teacher forward.")
     workers: int = workers_option("DataLoader worker processes for decoding and cropping.")
+    commit_workers: int = option(2, "Background threads that encode, hash and write finished shards; the teacher "
+                                    "waits only when --commit-queue shards are pending.")
+    commit_queue: int = option(2, "Finished shards that may wait for a commit thread (each holds a shard of targets "
+                                  "in host memory).")
     device: str = device_option()
     limit: int | None = option(None, "Use only the first N images of --data.")
     embed_images: bool = option(False, "wds only: put each image's bytes in its sample (a self-contained store).")
@@ -48,9 +56,16 @@ class ExtractConfig:
         make_plan(self.seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
         if self.batch_size < 1:
             raise FdpipeError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.commit_workers < 1:
+            raise FdpipeError(f"--commit-workers must be at least 1 (got {self.commit_workers})")
+        if self.commit_queue < 1:
+            raise FdpipeError(f"--commit-queue must be at least 1 (got {self.commit_queue})")
         if self.shard_size is not None and self.shard_size < 1:
             raise FdpipeError(f"--shard-size must be at least 1 (got {self.shard_size})")
         if self.layout not in LAYOUTS:
             raise FdpipeError(f"--format must be one of {', '.join(LAYOUTS)} (got {self.layout})")
+        if self.codec != "none" and self.layout == "wds":
+            raise FdpipeError(f"--codec {self.codec} is for zarr stores: wds members stay plain .npy so that webdataset "
+                              "reads them; drop --codec or use --format zarr")
         if self.embed_images and self.layout != "wds":
             raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")

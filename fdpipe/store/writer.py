@@ -93,9 +93,12 @@ class StoreWriter:
         old = {k: existing.get(k) for k in self.draft}
         diff = first_difference(old, self.draft)
         if diff:
+            fix = (f"finish it with the fdpipe that started it, or use another {self.role}"  # not a user setting
+                   if diff.split(".")[0] in ("format_version", "quantizer") else
+                   f"use the original settings to resume, or another {self.role}")
             raise StoreError(
                 f"{self.loc.url} was made with other settings: {diff} is {describe_value(old, diff)!r} there, "
-                f"{describe_value(self.draft, diff)!r} now; use the original settings to resume, or another {self.role}"
+                f"{describe_value(self.draft, diff)!r} now; {fix}"
             )
 
     def is_committed(self, shard: int) -> bool:
@@ -143,16 +146,21 @@ class StoreWriter:
             for rel, data in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
                 self.loc.put_atomic(rel, data)
                 files[rel] = {"bytes": len(data), "sha256": sha256_bytes(data)}
-        else:
-            samples = []
-            for j in range(n):
-                r = rows[j * self.v:(j + 1) * self.v]
-                samples.append(layouts.wds_sample(
-                    r[0]["key"], values[j], None if scales is None else scales[j], r, r[0].get("label"),
-                    images[j] if images else None,
-                ))
-            nbytes, sha = layouts.wds_write_shard(self.loc, shard, samples)
-            files[layouts.wds_shard_name(shard)] = {"bytes": nbytes, "sha256": sha}
+        else:  # one tar per view, each holding that view of every image of the shard; the images once, apart
+            for view in range(self.v):
+                samples = [layouts.wds_view_sample(rows[j * self.v]["key"], values[j, view],
+                                                   None if scales is None else scales[j, view],
+                                                   rows[j * self.v + view], rows[j * self.v].get("label"))
+                           for j in range(n)]
+                rel = layouts.wds_view_name(shard, view)
+                nbytes, sha = layouts.wds_write_tar(self.loc, rel, samples)
+                files[rel] = {"bytes": nbytes, "sha256": sha}
+            if images and any(im is not None for im in images):
+                samples = [{"__key__": rows[j * self.v]["key"], images[j][0]: images[j][1]}
+                           for j in range(n) if images[j] is not None]
+                rel = layouts.wds_images_name(shard)
+                nbytes, sha = layouts.wds_write_tar(self.loc, rel, samples)
+                files[rel] = {"bytes": nbytes, "sha256": sha}
         part = index_mod.encode(rows)
         self.loc.put_atomic(index_mod.part_name(shard), part)
         files[index_mod.part_name(shard)] = {"bytes": len(part), "sha256": sha256_bytes(part)}

@@ -184,10 +184,20 @@ class ViewTransform:
                    str(cfg.get("interpolation", "bicubic")))
 
     def __call__(self, image: Image.Image, params: AugParams) -> torch.Tensor:
-        """float32 [3, H, W], normalized."""
-        view = AugmentationPlan.apply(image, params, self.size, self.interpolation)
-        x = TF.to_dtype(TF.pil_to_tensor(view), torch.float32, scale=True)
-        return TF.normalize(x, list(self.mean), list(self.std))
+        """float32 [3, H, W], normalized: `normalize(pixels(image, params))`."""
+        return self.normalize(self.pixels(image, params))
+
+    def pixels(self, image: Image.Image, params: AugParams) -> torch.Tensor:
+        """uint8 [3, H, W]: the cropped, resized, flipped view, before normalization.
+
+        Replay hands views across the DataLoader in this form (4x fewer bytes than float32) and the training
+        process normalizes them on its device, as timm's PrefetchLoader does.
+        """
+        return TF.pil_to_tensor(AugmentationPlan.apply(image, params, self.size, self.interpolation))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, H, W] on any device -> float32, scaled to [0, 1] and normalized by this model's mean/std."""
+        return TF.normalize(TF.to_dtype(pixels, torch.float32, scale=True), list(self.mean), list(self.std))
 
 
 def make_plan(seed: int, views: int, crop_scale: Sequence[float] = (0.08, 1.0)) -> AugmentationPlan:

@@ -23,18 +23,19 @@ if manifest["layout"] == "zarr":
     targets = g["targets"][:].astype(np.float32)
     if manifest["dtype"] == "int8":
         targets = targets * g["scales"][:].astype(np.float32)[..., None]
-else:
+else:  # format 2: wds/view-VV/shard-SSSSSS.tar holds view VV of every image of shard SSSSSS
     import webdataset as wds
 
-    shards = sorted(f"{store}/wds/{s}" for s in __import__("os").listdir(f"{store}/wds"))
-    per_image = {}
-    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-        t = np.load(io.BytesIO(sample["targets.npy"]), allow_pickle=False).astype(np.float32)
-        if "scales.npy" in sample:
-            t = t * np.load(io.BytesIO(sample["scales.npy"]), allow_pickle=False).astype(np.float32)[..., None]
-        rows = json.loads(sample["params.json"])
-        per_image[rows[0]["image_idx"]] = t
-    targets = np.stack([per_image[i] for i in range(n)])
+    targets = np.zeros((n, v, *manifest["target_shape"]), np.float32)
+    for view in range(v):
+        urls = [f"{store}/wds/view-{view:02d}/shard-{s['shard']:06d}.tar" for s in manifest["shards"]]
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            t = np.load(io.BytesIO(sample["targets.npy"]), allow_pickle=False).astype(np.float32)
+            if "scales.npy" in sample:
+                t = t * np.load(io.BytesIO(sample["scales.npy"]), allow_pickle=False).astype(np.float32)[..., None]
+            row = json.loads(sample["params.json"])
+            assert row["view"] == view and int(row["seed"]) >= 0
+            targets[row["image_idx"], view] = t
 
 assert "fdpipe" not in sys.modules
 np.savez(out, targets=targets, params=params)

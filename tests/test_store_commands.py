@@ -211,10 +211,10 @@ def test_ls_lists_shards_with_rows_bytes_and_status(make_store, cli):
         (0, 2, 4, "ok"), (1, 2, 4, "ok"), (2, 1, 2, "ok")]
     m = open_store(url).manifest
     assert [r["bytes"] for r in out["shards"]] == [sum(f["bytes"] for f in s["files"].values()) for s in m["shards"]]
-    tar = Path(url) / "wds" / "shard-000001.tar"
+    tar = Path(url) / "wds" / "view-00" / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[:-512])
     text = cli("store", "ls", url).output
-    assert "damaged: wds/shard-000001.tar has" in text and "3 shards (2 ok)" in text
+    assert "damaged: wds/view-00/shard-000001.tar has" in text and "3 shards (2 ok)" in text
 
 
 def test_ls_shows_an_incomplete_store_as_pending_shards(tmp_path, cli):

@@ -42,7 +42,7 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
                              ce_inputs)
 
     from ..data import open_source
-    from ..replay import StoreReplay
+    from ..replay import open_replay
     from ..store import open_store
 
     store = open_store(cfg.store)
@@ -64,11 +64,10 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
         source = open_source(store.manifest["data"]["spec"])
 
     def store_inputs(ck: Loaded) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        replay = StoreReplay(store, source, ck.transform)
-        items = [replay[(i, 0)] for i in chosen]
-        return [(torch.stack([it["x"] for it in items[s:s + cfg.batch_size]]),
-                 torch.stack([it["target"] for it in items[s:s + cfg.batch_size]]))
-                for s in range(0, len(items), cfg.batch_size)]
+        replay = open_replay(store, ck.transform, source=source)
+        batches = [torch.utils.data.default_collate(replay.dataset.__getitems__([(i, 0) for i in chosen[s:s + n]]))
+                   for s, n in ((s, cfg.batch_size) for s in range(0, len(chosen), cfg.batch_size))]
+        return [(replay.inputs(b), replay.targets(b)) for b in batches]
 
     desc = {"loss": "fd smooth-L1 (beta 2)", "store": cfg.store, "store_fingerprint": store.fingerprint,
             "data": source.spec, "images": len(chosen), "view": 0}

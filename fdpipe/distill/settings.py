@@ -37,6 +37,8 @@ class DistillConfig:
     device: str = device_option()
     resume: bool = option(False, "Continue from OUT/train_state.pt (refused for another store).")
     strict: bool = option(False, "Re-derive every view's params from the plan seed; fail on any mismatch.")
+    log_every: int = option(10, "Steps whose records reach metrics.jsonl together: one wait for the GPU per group, "
+                                "not per step (every step still gets its record).")
     save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
     max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule still spans the run).")
     log_samples: bool = option(False, "Write OUT/samples.rank<R>.jsonl: the (image_idx, view) pairs each rank "
@@ -59,7 +61,7 @@ class DistillConfig:
     quiet: bool = quiet_option()
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "accum_steps"):
+        for name in ("epochs", "batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch

@@ -63,15 +63,17 @@ def _targets_online(cfg: DistillConfig, device: torch.device):
     return teacher, source, Targets(tuple(i.grid), i.channels, i.num_prefix_tokens, plan, None, desc)
 
 
-def distill_step(model: Distiller, device: torch.device, teacher: Any = None, seen: JsonlLog | None = None):
-    """distill's (prepare, loss) for the training loop: a batch's target comes from the store or the live teacher."""
+def distill_step(model: Distiller, data: Replay, device: torch.device, teacher: Any = None,
+                 seen: JsonlLog | None = None):
+    """distill's (prepare, loss) for the training loop: views are normalized and targets dequantized on the device;
+    the target comes from the store or from the live teacher."""
 
     def prepare(batch: dict[str, Any], pos: Position) -> Step:
-        x = batch["x"].to(device, non_blocking=True)
+        x = data.inputs(batch, device)
         if teacher is not None:
-            target = teacher(batch["teacher_x"].to(device, non_blocking=True))
+            target = teacher(data.teacher_inputs(batch, device))
         else:
-            target = batch["target"].to(device, non_blocking=True)
+            target = data.targets(batch, device)
         if seen is not None:
             seen.write(step=pos.step, epoch=pos.epoch, image_idx=batch["image_idx"].tolist(),
                        view=batch["view"].tolist())
@@ -107,7 +109,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     loop = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                         clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs, warmup_fraction=0.1,
-                        max_steps=cfg.max_steps, save_every=cfg.save_every, desc="distill", quiet=cfg.quiet)
+                        max_steps=cfg.max_steps, save_every=cfg.save_every, log_every=cfg.log_every, desc="distill", quiet=cfg.quiet)
     global_batch = cfg.batch_size * cfg.accum_steps * ranks.world
     peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(BASE_LR, global_batch, BASE_BATCH)
     schedule = make_schedule(loop, data.samples_per_epoch if data.dataset is None else data.samples_per_epoch(),
@@ -124,7 +126,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     run = RunFiles(out, state_path, ranks, {"fingerprint": tg.fingerprint}, check)
     seen = JsonlLog(out / f"samples.rank{ranks.rank}.jsonl", enabled=cfg.log_samples)
-    prepare, loss = distill_step(model, device, teacher, seen)
+    prepare, loss = distill_step(model, data, device, teacher, seen)
     trainer = Trainer(model, optimizer, prepare, loss, device, loop, ranks)
     pos = run.begin(trainer, cfg.resume, cfg)
     pin = device.type == "cuda"

@@ -81,13 +81,15 @@ class FinetuneConfig:
     seed: int = seed_option("Seeds the head, the label-scarce subset, data order and augmentation.")
     device: str = device_option()
     resume: bool = option(False, "Continue from OUT/train_state.pt (refused for other settings).")
+    log_every: int = option(10, "Steps whose records reach metrics.jsonl together: one wait for the GPU per group, "
+                                "not per step (every step still gets its record).")
     save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
     max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule spans them).")
     storage_options: dict[str, Any] = storage_options_option()
     quiet: bool = quiet_option("No progress bar or per-epoch lines.")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "accum_steps", "eval_every"):
+        for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.min_crop <= 1:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import FdpipeError
 from ..models import save_model
-from ..replay import StoreReplay, student_transform
+from ..replay import open_replay, student_transform
 from ..runtime import atomic_write_json
 from ..training import (LoopSettings, Position, RunFiles, Step, Trainer, barrier, make_schedule, plot_curves,
                         scaled_lr, start_run)
@@ -59,7 +59,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     n_train = len(td.selected)
     loop = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                         clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs, warmup_fraction=0.05,
-                        min_lr=cfg.min_lr, max_steps=cfg.max_steps, save_every=cfg.save_every,
+                        min_lr=cfg.min_lr, max_steps=cfg.max_steps, save_every=cfg.save_every, log_every=cfg.log_every,
                         desc=f"finetune {cfg.method}", quiet=cfg.quiet)
     per_epoch = per_rank(n_train, ranks.world)
     make_schedule(loop, per_epoch, 1.0)  # a batch larger than the data is refused before any model is built
@@ -88,8 +88,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                           label_smoothing=cfg.smoothing) if cfg.method == "core" else None
     net = Finetuner(model, core).to(device)
 
-    if td.store is not None:
-        dataset = StoreReplay(td.store, td.source, student_transform(base, image_size))
+    replay = None
+    if td.store is not None:  # the stored views the teacher saw, with its logits
+        replay = open_replay(td.store, student_transform(base, image_size), source=td.source)
+        dataset = replay.dataset
     else:
         dataset = Labelled(td.source, td.labels, train_transform(data_cfg, image_size, cfg.use_randaug, cfg.min_crop), cfg.seed)
     vloader = val_loader(cfg, vd, eval_transform(data_cfg, image_size), ranks, device)
@@ -120,12 +122,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     labels_t = torch.as_tensor(td.labels)
 
     def prepare(batch: Any, pos: Position) -> Step:
-        if isinstance(batch, dict):  # logits-store replay
-            x, y = batch["x"], labels_t[batch["image_idx"]]
-            teacher_logits = batch["target"].to(device, non_blocking=True).float()
+        if replay is not None:  # logits-store replay
+            x, y = replay.inputs(batch, device), labels_t[batch["image_idx"]].to(device, non_blocking=True)
+            teacher_logits = replay.targets(batch, device)
         else:
             (x, y), teacher_logits = batch, None
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         target = y
         if mixup is not None:
             np.random.seed(_step_seed(cfg.seed, pos.step, ranks.rank) % 2**32)  # timm Mixup draws from numpy
@@ -139,7 +141,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         """The step's loss and its parts for the log."""
         target, teacher_logits = targets
         if cfg.method == "core":
-            return output.loss, {"ce": float(output.ce), "con": float(output.con)}
+            return output.loss, {"ce": output.ce.detach(), "con": output.con.detach()}
         if cfg.method == "deit":
             cls, dist = (o.float() for o in output)
             return deit_loss(cls, dist, target, teacher_logits, kind=cfg.distill_kind, tau=cfg.distill_tau,

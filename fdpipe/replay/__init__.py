@@ -5,8 +5,10 @@ distill, finetune and analyze all read stores through this layer; it never impor
 
 from .datasets import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
 from .epochs import Replay, online_replay, open_replay, store_source
-from .order import buffer_shuffle, epoch_permutation, epoch_rng, epoch_samples, epoch_views, shard_order
+from .order import (buffer_shuffle, epoch_permutation, epoch_rng, epoch_samples, epoch_views, shard_order,
+                    shard_views)
 from .transform import student_transform
 
 __all__ = ["Replay", "online_replay", "open_replay", "store_source", "EpochSampler", "OnlineReplay", "StoreReplay", "WdsReplay", "samples_per_epoch", "student_transform",
-           "buffer_shuffle", "epoch_permutation", "epoch_rng", "epoch_samples", "epoch_views", "shard_order"]
+           "buffer_shuffle", "epoch_permutation", "epoch_rng", "epoch_samples", "epoch_views", "shard_order",
+           "shard_views"]

@@ -17,7 +17,7 @@ from ..augment import AugmentationPlan, AugParams, ViewTransform
 from ..data import ImageError, ImageSource, decode_rgb, image_sha256
 from ..errors import FdpipeError
 from ..store import Store
-from .order import buffer_shuffle, epoch_samples, epoch_views, shard_order
+from .order import buffer_shuffle, epoch_samples, epoch_views, shard_order, shard_views
 
 
 def source_lookup(source: ImageSource) -> dict[str, int]:
@@ -57,19 +57,22 @@ class ViewBuilder:
         params = AugParams.from_dict(row)
         if self.strict:
             self.check_params(key, view, params, (image.height, image.width))
-        return self.student_tf(image, params)
+        return self.student_tf.pixels(image, params)
 
     def live_views(self, key: str, view: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(key, None)
         params = self.plan.sample(key, view, (image.height, image.width))
-        return self.student_tf(image, params), self.teacher_tf(image, params)
+        return self.student_tf.pixels(image, params), self.teacher_tf.pixels(image, params)
 
 
 PARAMS = ("top", "left", "height", "width", "flip")
 
 
 class StoreReplay(Dataset):
-    """Map-style replay by (image_idx, view) from a zarr store: x [3,H,W] and target [*target_shape].
+    """Map-style replay by (image_idx, view) from a zarr store: x uint8 [3,H,W] and the target as stored.
+
+    target is [*target_shape] in the store's dtype, with "scales" [*target_shape[:-1]] for int8: the training
+    process dequantizes it (`Replay.targets`), so no float32 target crosses the DataLoader.
 
     Without a source (targets only: benchmarks, or a loop that crops the images itself) items carry no x.
     """
@@ -105,8 +108,11 @@ class StoreReplay(Dataset):
     def __getitems__(self, items: list[tuple[int, int]]) -> list[dict[str, Any]]:
         """A whole batch at once (the DataLoader calls this): the batch's targets are read in one concurrent round."""
         pairs = [(int(i), int(v)) for i, v in items]
-        targets = torch.from_numpy(self.store.targets(pairs))
-        items = [{"target": t, "image_idx": i, "view": v} for (i, v), t in zip(pairs, targets)]
+        values, scales = self.store.stored_targets(pairs)
+        items = [{"target": torch.from_numpy(values[j]), "image_idx": i, "view": v} for j, (i, v) in enumerate(pairs)]
+        if scales is not None:
+            for j, item in enumerate(items):
+                item["scales"] = torch.from_numpy(scales[j])
         if self.builder is not None:
             for item in items:
                 item["x"] = self.view(item["image_idx"], item["view"])
@@ -154,7 +160,8 @@ def samples_per_epoch(valid: np.ndarray, world: int = 1) -> int:
 
 
 class WdsReplay(IterableDataset):
-    """Streaming replay from a wds store: shard shuffle, then a seeded sample buffer; one view per image.
+    """Streaming replay from a wds store: shard shuffle, then a seeded sample buffer; one view per image, the same
+    view for every image of a shard in an epoch (`shard_views`), so an epoch reads one view's tar per shard.
 
     Rank r takes every world-th shard of the epoch's shard order, each DataLoader worker every num_workers-th of
     those. Everything is a pure function of (seed, epoch, rank, worker), so a resume replays the same stream.
@@ -182,19 +189,21 @@ class WdsReplay(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         shards = self.rank_shards()[wid::nw]
-        chosen = epoch_views(self.seed, self.epoch, self.store.num_images, self.store.views)
+        chosen = shard_views(self.seed, self.epoch, self.store.num_shards, self.store.views)
 
-        def images():
-            for it in self.store.iter_images(shards):
-                if it.rows[0]["status"] == "ok":
-                    yield it
+        def views():
+            for shard in shards:
+                for it in self.store.iter_view(shard, int(chosen[shard])):
+                    if it.row["status"] == "ok":
+                        yield it
 
-        for it in buffer_shuffle(images(), self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{wid}"):
-            v = int(chosen[it.image_idx])
-            item = {"target": torch.from_numpy(np.ascontiguousarray(it.targets[v])), "image_idx": it.image_idx,
-                    "view": v}
+        for it in buffer_shuffle(views(), self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{wid}"):
+            v = int(it.row["view"])
+            item = {"target": torch.from_numpy(np.ascontiguousarray(it.values)), "image_idx": it.image_idx, "view": v}
+            if it.scales is not None:
+                item["scales"] = torch.from_numpy(np.ascontiguousarray(it.scales))
             if self.builder is not None:
-                item["x"] = self.builder.stored_view(it.key, v, it.rows[v])
+                item["x"] = self.builder.stored_view(it.key, v, it.row)
             yield item
 
 

@@ -38,6 +38,24 @@ class Replay:
     valid: np.ndarray | None = None
     buffer: int = 256
     strict: bool = False
+    teacher_transform: ViewTransform | None = None  # online mode: how the live teacher sees the view
+
+    # ----------------------------------------------------------------- what the training process does with a batch
+    def inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The student's views, float32 and normalized on `device` (they cross the DataLoader as uint8)."""
+        return self.transform.normalize(batch["x"].to(device, non_blocking=True))
+
+    def teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Online mode: the live teacher's views of the same crops, normalized its own way on `device`."""
+        return self.teacher_transform.normalize(batch["teacher_x"].to(device, non_blocking=True))
+
+    def targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+        """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as the store's
+        quantizer says."""
+        values = batch["target"].to(device, non_blocking=True)
+        scales = batch.get("scales")
+        return self.store.quantizer.dequantize_tensor(
+            values, None if scales is None else scales.to(device, non_blocking=True))
 
     def samples_per_epoch(self, epoch: int = 0) -> int:
         """This rank's samples in `epoch` (the same on every rank; for wds it changes from epoch to epoch)."""
@@ -107,7 +125,8 @@ def online_replay(source: ImageSource, plan: AugmentationPlan, transform: ViewTr
                   teacher_transform: ViewTransform, *, seed: int = 0, rank: int = 0, world: int = 1) -> Replay:
     """The plan's views of `source` for a live teacher: batches carry `teacher_x` instead of `target`."""
     dataset = OnlineReplay(source, plan, transform, teacher_transform)
-    return Replay(source, transform, plan.views, seed, rank, world, dataset=dataset, valid=dataset.valid)
+    return Replay(source, transform, plan.views, seed, rank, world, dataset=dataset, valid=dataset.valid,
+                  teacher_transform=teacher_transform)
 
 
 def store_source(store: Store, spec: str | None = None) -> ImageSource:

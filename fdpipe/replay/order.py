@@ -42,6 +42,12 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return epoch_rng(seed, epoch, "shards").permutation(num_shards)
 
 
+def shard_views(seed: int, epoch: int, num_shards: int, views: int) -> np.ndarray:
+    """The view every image of a shard takes in epoch `epoch` when streaming (wds): one per shard, so that the epoch
+    reads that view's tar alone. Random access (zarr) takes a view per image instead (`epoch_views`)."""
+    return epoch_rng(seed, epoch, "shard-views").integers(0, views, size=num_shards)
+
+
 def buffer_shuffle(items, seed: int, epoch: int, size: int, stream: str = "buffer"):
     """A WebDataset-style sample buffer, seeded: yields `items` in a shuffled order that depends only on its args."""
     rng = epoch_rng(seed, epoch, stream)

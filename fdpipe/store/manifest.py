@@ -18,14 +18,18 @@ from typing import Any
 from ..errors import StoreError
 
 FORMAT = "fdpipe-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor
 MANIFEST = "manifest.json"
 DRAFT = "manifest.draft.json"
+
+# Chunk compressors a store may use (zarr layout; wds members stay plain .npy so that webdataset decodes them).
+CODECS = ("none", "zstd-1", "zstd-3", "lz4")
+DEFAULT_CODEC = "none"
 
 # Settings that must agree for a resumed run (and for a merge, minus the dataset).
 SETTING_KEYS = (
     "format", "format_version", "layout", "teacher", "whitening", "plan", "target", "dtype", "quantizer",
-    "num_images", "views", "shard_size", "target_shape", "data",
+    "num_images", "views", "shard_size", "target_shape", "data", "codec",
 )
 # What stores must share to be merged: same targets for any image, whatever the image set.
 MERGE_KEYS = ("format_version", "layout", "teacher", "whitening", "plan", "target", "dtype", "quantizer",
@@ -65,6 +69,7 @@ def creator() -> dict[str, Any]:
 
 
 def make_draft(settings: dict[str, Any]) -> dict[str, Any]:
+    settings = {"codec": DEFAULT_CODEC, **settings}
     missing = [k for k in SETTING_KEYS if k not in settings and k not in ("format", "format_version")]
     if missing:
         raise ValueError(f"store settings lack {missing}")
@@ -119,7 +124,7 @@ def check_version(manifest: dict[str, Any], where: str) -> None:
     v = manifest.get("format_version")
     if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
         raise StoreError(
-            f"{where} has format_version {v!r}, but this fdpipe reads version {FORMAT_VERSION}; "
+            f"{where} has format_version {v!r}, but this fdpipe reads versions 1 to {FORMAT_VERSION}; "
             "upgrade fdpipe to read it"
         )
 

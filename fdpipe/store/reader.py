@@ -37,6 +37,17 @@ class StoredImage:
 
 
 @dataclass
+class StoredView:
+    """One view of one image as stored: values [*target_shape], int8 scales [*target_shape[:-1]], its index row."""
+
+    image_idx: int
+    key: str
+    values: np.ndarray
+    scales: np.ndarray | None
+    row: dict[str, Any]
+
+
+@dataclass
 class ImageTargets:
     """All V views of one image: float32 targets [V, *target_shape] and the V index rows."""
 
@@ -93,6 +104,7 @@ class Store:
     # ---------------------------------------------------------------------------------------------- description
     url = property(lambda self: self.loc.url)
     layout = property(lambda self: self.manifest["layout"])
+    format_version = property(lambda self: int(self.manifest["format_version"]))
     num_images = property(lambda self: int(self.manifest["num_images"]))
     views = property(lambda self: int(self.manifest["views"]))
     shard_size = property(lambda self: int(self.manifest["shard_size"]))
@@ -157,7 +169,12 @@ class Store:
         return self.quantizer.dequantize(values, scales)
 
     def targets(self, pairs: list[tuple[int, int]]) -> np.ndarray:
-        """float32 targets [B, *target_shape] of many (image_idx, view) pairs (zarr only).
+        """float32 targets [B, *target_shape] of many (image_idx, view) pairs (zarr only)."""
+        return self.quantizer.dequantize(*self.stored_targets(pairs))
+
+    def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Values [B, *target_shape] in the stored dtype (and int8 scales [B, *target_shape[:-1]]) of many
+        (image_idx, view) pairs (zarr only): what crosses the DataLoader, dequantized in the training process.
 
         One concurrent round of chunk reads instead of B synchronous ones: zarr's per-call cost is most of a small
         view's read time, and over a network it is a round trip.
@@ -175,7 +192,7 @@ class Store:
             scales = None if s is None else np.stack(sync(read(s)))
         except Exception as e:  # noqa: BLE001 - zarr's remote reads: one line when the user can fix it
             raise self.loc.explain(e) or e from None
-        return self.quantizer.dequantize(values, scales)
+        return values, scales
 
     def get(self, image_idx: int, view: int) -> tuple[np.ndarray, dict[str, Any]]:
         return self.target(image_idx, view), self.row(image_idx, view)
@@ -209,11 +226,44 @@ class Store:
             yield StoredImage(start + j, r[0]["key"], r[0]["label"], values[j], None if scales is None else scales[j], r)
 
     def _iter_wds_stored(self, shard: int) -> Iterator[StoredImage]:
-        rel = layouts.wds_shard_name(shard)
-        for sample in layouts.wds_iter_shard(self.loc, shard, self.file_meta(shard, rel)):
-            rows = json.loads(sample["params.json"])
-            values = layouts.npy_load(sample["targets.npy"])
+        if self.format_version == 1:  # one tar per shard, every view of an image in one sample
+            rel = layouts.wds_shard_name(shard)
+            for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel)):
+                rows = [layouts.row_from_json(r) for r in json.loads(sample["params.json"])]
+                values = layouts.npy_load(sample["targets.npy"])
+                scales = layouts.npy_load(sample["scales.npy"]) if "scales.npy" in sample else None
+                image = next(((k, v) for k, v in sample.items() if k not in layouts.WDS_DATA_MEMBERS
+                              and not k.startswith("__")), None)
+                yield StoredImage(rows[0]["image_idx"], rows[0]["key"], rows[0]["label"], values, scales, rows, image)
+            return
+        views = [self.iter_view(shard, v) for v in range(self.views)]
+        images = self._iter_wds_images(shard)
+        for per_view in zip(*views):
+            first = per_view[0]
+            scales = None if first.scales is None else np.stack([it.scales for it in per_view])
+            image = images.get(first.key)
+            yield StoredImage(first.image_idx, first.key, first.row.get("label"),
+                              np.stack([it.values for it in per_view]), scales, [it.row for it in per_view], image)
+
+    def _iter_wds_images(self, shard: int) -> dict[str, tuple[str, bytes]]:
+        """The embedded images of a format-2 shard by key ({} when the store has none)."""
+        rel = layouts.wds_images_name(shard)
+        meta = self.file_meta(shard, rel)
+        if meta is None:
+            return {}
+        return {sample["__key__"]: next((k, v) for k, v in sample.items() if not k.startswith("__"))
+                for sample in layouts.wds_iter_tar(self.loc, rel, meta)}
+
+    def iter_view(self, shard: int, view: int) -> Iterator[StoredView]:
+        """One view of every image of a wds shard, in order, as stored: an epoch that trains on view `view` of
+        this shard reads only these bytes (format 2; a format-1 store reads every view and keeps one)."""
+        if self.format_version == 1:
+            for it in self._iter_wds_stored(shard):
+                yield StoredView(it.image_idx, it.key, it.values[view],
+                                 None if it.scales is None else it.scales[view], it.rows[view])
+            return
+        rel = layouts.wds_view_name(shard, view)
+        for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel)):
+            row = layouts.row_from_json(json.loads(sample["params.json"]))
             scales = layouts.npy_load(sample["scales.npy"]) if "scales.npy" in sample else None
-            image = next(((k, v) for k, v in sample.items() if k not in layouts.WDS_DATA_MEMBERS
-                          and not k.startswith("__")), None)
-            yield StoredImage(rows[0]["image_idx"], rows[0]["key"], rows[0]["label"], values, scales, rows, image)
+            yield StoredView(row["image_idx"], row["key"], layouts.npy_load(sample["targets.npy"]), scales, row)

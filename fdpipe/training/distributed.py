@@ -28,12 +28,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def all_mean(value: float, device: torch.device) -> float:
+def all_mean(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean over ranks of a float64 tensor (one all_reduce); the tensor itself when alone."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+        t = values.to(device)
         dist.all_reduce(t)
-        return float(t.item()) / dist.get_world_size()
-    return value
+        return t.cpu() / dist.get_world_size()
+    return values
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

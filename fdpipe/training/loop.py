@@ -46,6 +46,7 @@ class LoopSettings:
     min_lr: float = 0.0
     max_steps: int | None = None
     save_every: int = 0  # steps; 0: at epoch ends only
+    log_every: int = 10  # steps whose records reach the log together (one host sync per group, not per step)
     desc: str = "train"
     quiet: bool = False
 
@@ -135,11 +136,11 @@ class Trainer:
         data(epoch, first_sample) gives this rank's batches of that epoch from that sample on.
         on_epoch_end(trainer, pos, complete, last) runs after each epoch (and after an interrupted one).
         """
-        loop, log = self.loop, run.log
+        loop = self.loop
         self.bar = progress(total=schedule.total_steps, desc=loop.desc, unit="step",
                             disable=loop.quiet or not self.ranks.is_main)
         self.bar.update(pos.step)
-        t_last, n_last = time.time(), 0
+        pending = PendingLog(run.log, self.bar, self.device, self.ranks.world, log_fields or {})
         while pos.step < schedule.total_steps and pos.epoch < loop.epochs:
             micro = pos.sample_in_epoch // loop.batch_size
             limit = schedule.micro_per_epoch[pos.epoch]
@@ -153,21 +154,19 @@ class Trainer:
                     set_lr(self.optimizer, lr)
                     loss, parts, n = self.micro_step(batch, pos)
                     micro += 1
-                    n_last += n
+                    pending.samples += n
                     if micro % loop.accum_steps:
                         continue
                     grad_norm = self.optimizer_step()
                     pos = Position(pos.epoch, micro * loop.batch_size, pos.step + 1)
-                    now = time.time()
-                    log.write(**(log_fields or {}), step=pos.step, epoch=pos.epoch,
-                              loss=all_mean(loss.item(), self.device), lr=lr,
-                              grad_norm=float(grad_norm) if grad_norm is not None else None,
-                              samples_per_s=n_last * self.ranks.world / max(now - t_last, 1e-9), **parts)
-                    t_last, n_last = now, 0
+                    pending.add(pos, lr, loss, grad_norm, parts)
                     self.bar.update(1)
-                    self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    if len(pending.steps) >= loop.log_every:
+                        pending.flush()
                     if loop.save_every and pos.step % loop.save_every == 0:
+                        pending.flush()
                         run.save(self, pos)
+            pending.flush()
             interrupted = pos.step >= schedule.total_steps and micro < limit
             if on_epoch_end is not None:
                 last = pos.epoch + 1 >= loop.epochs or pos.step >= schedule.total_steps
@@ -179,6 +178,42 @@ class Trainer:
             run.save(self, pos)
         self.bar.close()
         return pos
+
+
+class PendingLog:
+    """Steps whose log records wait on the device: losses and gradient norms stay tensors until `flush`, which
+    brings a whole group to the host at once (and averages the losses over ranks in one all_reduce).
+
+    Reading a CUDA tensor's value waits for the GPU; doing it every step would stall the queue of kernels.
+    """
+
+    def __init__(self, log: JsonlLog, bar: Any, device: torch.device, world: int, fields: dict[str, Any]):
+        self.log, self.bar, self.device, self.world, self.fields = log, bar, device, world, fields
+        self.steps: list[tuple[Position, float, dict[str, Any]]] = []
+        self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), then its parts
+        self.samples, self.t_last = 0, time.time()
+
+    def add(self, pos: Position, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor | None,
+            parts: dict[str, Any]) -> None:
+        norm = grad_norm if grad_norm is not None else torch.tensor(float("nan"))
+        self.steps.append((pos, lr, parts))
+        self.values.append(torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(()).to(
+            loss.device)]))
+
+    def flush(self) -> None:
+        if not self.steps:
+            return
+        host = torch.stack(self.values).double().cpu()  # the one wait for the device per group
+        losses = all_mean(host[:, 0].contiguous(), self.device).tolist()
+        norms = host[:, 1].tolist()
+        now = time.time()
+        rate = self.samples * self.world / max(now - self.t_last, 1e-9)
+        for (pos, lr, parts), loss, norm in zip(self.steps, losses, norms):
+            self.log.write(**self.fields, step=pos.step, epoch=pos.epoch, loss=loss, lr=lr,
+                           grad_norm=None if norm != norm else norm, samples_per_s=rate,
+                           **{k: float(v) for k, v in parts.items()})
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.steps[-1][1]:.2e}")
+        self.steps, self.values, self.samples, self.t_last = [], [], 0, now
 
 
 @dataclass

@@ -1,0 +1,168 @@
+"""The store's I/O path: an epoch reads only the bytes it trains on, other tools stream the store, format 1 stays
+readable, and the codec is a recorded setting."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import store_settings, whitened, write_store
+from fdpipe.replay import open_replay
+from fdpipe.store import open_store
+
+FORMAT1 = Path(__file__).parent / "data" / "format1"  # stores written by fdpipe 9068fcf (format_version 1)
+
+
+def big_store(tmp_path, layout: str, dtype: str):
+    """Views of [128, 1024] (256 KiB in float16): large enough that tar headers and padding and shard indexes are a
+    small share, as at production size (257 x 1024)."""
+    settings = store_settings(layout, dtype, n=8, v=4, t=128, c=1024, s=4)
+    targets = whitened(np.random.default_rng(1), (8, 4, 128, 1024))
+    url = str(tmp_path / f"{layout}-{dtype}")
+    write_store(url, settings, targets)
+    return url
+
+
+class Counted:
+    """Bytes read through the store's file layer: fdpipe's StoreLocation (wds) and zarr's LocalStore (zarr)."""
+
+    def __init__(self, monkeypatch):
+        import zarr.storage
+
+        from fdpipe.store import fs
+
+        self.bytes = 0
+        counter = self
+        orig_open, orig_get = fs.StoreLocation.open, zarr.storage.LocalStore.get
+
+        class Reader:
+            def __init__(self, f):
+                self.f = f
+
+            def read(self, *a):
+                data = self.f.read(*a)
+                counter.bytes += len(data)
+                return data
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        def open_(self, rel, mode="rb", expect=None):
+            return Reader(orig_open(self, rel, mode, expect))
+
+        async def get(self, key, prototype, byte_range=None):
+            buf = await orig_get(self, key, prototype, byte_range)
+            if buf is not None and not key.endswith("zarr.json"):
+                counter.bytes += len(buf)
+            return buf
+
+        monkeypatch.setattr(fs.StoreLocation, "open", open_)
+        monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
+
+
+@pytest.mark.parametrize("layout,dtype", [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"),
+                                          ("wds", "int8")])
+def test_an_epoch_reads_only_the_bytes_of_the_views_it_trains_on(tmp_path, monkeypatch, layout, dtype):
+    store = open_store(big_store(tmp_path, layout, dtype))
+    replay = open_replay(store, None, images=False, seed=3)
+    store.index  # the index is read once per run, not per epoch
+    counted = Counted(monkeypatch)
+    used = 0
+    for batch in replay.loader(1, 0, batch_size=2):
+        used += batch["target"].numel() * batch["target"].element_size()
+        if "scales" in batch:
+            used += batch["scales"].numel() * batch["scales"].element_size()
+    assert used == 8 * (128 * 1024 * (2 if dtype == "float16" else 1) + (128 * 2 if dtype == "int8" else 0))
+    assert used <= counted.bytes <= 1.05 * used, counted.bytes / used
+
+
+def test_hugging_face_datasets_streams_a_wds_store_with_fdpipe_s_targets_and_boxes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from datasets import load_dataset
+
+    url = big_store(tmp_path, "wds", "float16")
+    store = open_store(url)
+    urls = [str(Path(url) / "wds" / "view-01" / f"shard-{s:06d}.tar") for s in range(store.num_shards)]
+    ds = load_dataset("webdataset", data_files={"train": urls}, streaming=True, split="train")
+    ours = [v for shard in range(store.num_shards) for v in store.iter_view(shard, 1)]  # fdpipe's own reader
+    seen = 0
+    for ex, mine in zip(ds, ours):
+        i, view = mine.image_idx, 1
+        row = ex["params.json"]
+        assert (row["image_idx"], row["view"]) == (i, view) and int(row["seed"]) == store.row(i, view)["seed"]
+        assert [row[k] for k in ("top", "left", "height", "width", "flip")] == \
+               [store.row(i, view)[k] for k in ("top", "left", "height", "width", "flip")]
+        assert np.array_equal(np.asarray(ex["targets.npy"], np.float16), mine.values)
+        seen += 1
+    assert seen == store.num_images
+
+
+@pytest.mark.parametrize("name", ["wds-int8", "zarr-float16"])
+def test_a_format_1_store_still_reads_replays_and_converts_to_format_2(tmp_path, cli, name):
+    expected = np.load(FORMAT1 / "expected.npz")[name.replace("-", "_")]
+    store = open_store(str(FORMAT1 / name))
+    assert store.format_version == 1
+    assert np.array_equal(np.stack([it.targets for it in store.iter_images()]), expected)
+    batches = list(open_replay(store, None, images=False).loader(0, 0, batch_size=1))
+    for b in batches:
+        target = open_replay(store, None, images=False).targets(b)[0]
+        assert torch.equal(target, torch.from_numpy(expected[int(b["image_idx"]), int(b["view"])]))
+    assert len(batches) == store.num_images
+    layout = name.split("-")[0]
+    dst = tmp_path / "v2"
+    assert cli("store", "convert", FORMAT1 / name, dst, "--format", layout).exit_code == 0
+    upgraded = open_store(str(dst))
+    assert upgraded.format_version == 2 and upgraded.manifest["codec"] == "none"
+    assert np.array_equal(np.stack([it.targets for it in upgraded.iter_images()]), expected)
+    assert cli("store", "verify", "--deep", dst).exit_code == 0
+
+
+def test_the_codec_is_recorded_and_a_compressed_store_reads_the_same(tmp_path):
+    targets = whitened(np.random.default_rng(0), (5, 2, 16, 64))
+    stores = {}
+    for codec in ("none", "zstd-1", "lz4"):
+        settings = store_settings("zarr", "float16", n=5, v=2, t=16, c=64, s=2) | {"codec": codec}
+        url = str(tmp_path / codec)
+        write_store(url, settings, targets)
+        stores[codec] = open_store(url)
+        assert stores[codec].manifest["codec"] == codec
+    got = {c: np.stack([it.targets for it in st.iter_images()]) for c, st in stores.items()}
+    assert np.array_equal(got["none"], got["zstd-1"]) and np.array_equal(got["none"], got["lz4"])
+    assert stores["zstd-1"].data_bytes() < stores["none"].data_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--codec", "brotli"], "'brotli' is not one of 'none', 'zstd-1', 'zstd-3', 'lz4'"),
+    (["--codec", "zstd-1", "--format", "wds"], "--codec zstd-1 is for zarr stores"),
+])
+def test_bad_codec_settings_are_one_line(cli, tmp_path, args, message):
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", tmp_path, "--out", tmp_path / "s", *args)
+    assert r.exit_code in (1, 2) and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unknown_format_version_is_one_line(tmp_path, cli):
+    import json
+
+    from fdpipe.store.manifest import canonical, checksum, fingerprint
+
+    copy = tmp_path / "future"
+    shutil.copytree(FORMAT1 / "zarr-float16", copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["format_version"] = 3
+    m["fingerprint"] = fingerprint(m)
+    m["checksum"] = checksum(m)
+    (copy / "manifest.json").write_bytes(canonical(m))
+    r = cli("store", "info", copy)
+    assert r.exit_code == 1 and "format_version 3" in r.output and "upgrade fdpipe" in r.output
+    assert len(r.output.strip().splitlines()) == 1

@@ -1,0 +1,59 @@
+"""The training loop itself: one record per step without a per-step wait for the device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fdpipe.runtime import Ranks
+from fdpipe.training import LoopSettings, RunFiles, Step, Trainer, make_schedule
+
+
+def tiny_run(tmp_path, log_every: int, monkeypatch=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    xs = torch.randn(40, 4)
+    ys = xs.sum(1, keepdim=True)
+    loop = LoopSettings(epochs=2, batch_size=4, clip_grad=1.0, log_every=log_every, quiet=True)
+    schedule = make_schedule(loop, len(xs), 0.1)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      lambda batch, pos: Step((batch[0],), batch[1], len(batch[0])),
+                      lambda out, y: (torch.nn.functional.mse_loss(out, y), {}), torch.device("cpu"), loop)
+    run = RunFiles(tmp_path, tmp_path / "state.pt", Ranks(), {}, lambda state: None)
+    pos = run.begin(trainer, False)
+
+    def data(epoch, start):
+        return [(xs[i:i + 4], ys[i:i + 4]) for i in range(start, len(xs), 4)]
+
+    if monkeypatch is not None:  # any per-step read of a tensor's value would wait for the device on CUDA
+        def refuse(self, *a, **k):
+            raise AssertionError("a tensor was read on the host inside the step")
+
+        monkeypatch.setattr(torch.Tensor, "item", refuse)
+        monkeypatch.setattr(torch.Tensor, "__float__", refuse)
+    trainer.fit(run, schedule, data, pos)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grouped_logging_keeps_one_exact_record_per_step(tmp_path):
+    every = tiny_run(tmp_path / "a", log_every=1)
+    grouped = tiny_run(tmp_path / "b", log_every=7)
+    assert len(every) == len(grouped) == 20
+    for a, b in zip(every, grouped):
+        assert (a["step"], a["epoch"], a["loss"], a["grad_norm"], a["lr"]) == \
+               (b["step"], b["epoch"], b["loss"], b["grad_norm"], b["lr"])
+
+
+def test_steps_never_read_a_tensor_value_on_the_host(tmp_path, monkeypatch):
+    records = tiny_run(tmp_path, log_every=10, monkeypatch=monkeypatch)
+    assert [r["step"] for r in records] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_log_every_below_one_is_one_line(cli, tmp_path, value):
+    r = cli("distill", "--store", tmp_path / "none", "--out", tmp_path / "run", "--log-every", value)
+    assert r.exit_code == 1 and "--log-every must be at least 1" in r.output

@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.fdpipe-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test bench setup data clean help
+.PHONY: demo test bench gpu-wheels setup data clean help
 
 help:
 	@echo "make demo   set up, then run extract -> distill -> finetune on Fashion-MNIST (see README)"
 	@echo "make test   set up, then run the full test suite"
 	@echo "make bench  set up, then run the benchmarks in bench/ (writes bench/results/*.json)"
+	@echo "make gpu-wheels  download into .whl/ the cp312 wheels bench/gpu.sh installs on a GPU machine"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,18 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+# The wheels bench/gpu.sh installs on a GPU machine that has Python 3.12 with torch, timm, pyarrow, click, fsspec,
+# safetensors and tensorstore but no registry: fdpipe's other dependencies and their own (Requires-Dist) that such a
+# machine lacks, at the versions of constraints.txt. numpy, typing_extensions and packaging are installed there only
+# when the machine's own are older than zarr needs. About 26 MB; carry .whl/ to the machine with the checkout.
+GPU_WHEELS := zarr numcodecs webdataset donfig braceexpand google-crc32c numpy typing_extensions packaging
+
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt || { echo "no $$p in constraints.txt" >&2; exit 1; }; done)
+	@du -sh .whl
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench/results .pytest_cache

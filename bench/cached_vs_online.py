@@ -60,11 +60,20 @@ def run(ctx: common.Context) -> int:
     teacher = create_teacher(teacher_name, weights=weights, image_size=size, device=dev)
     info = teacher.info
     image_size = matching_image_size(tuple(info.grid), 16)
+    from fdpipe.augment import AugmentationPlan, ViewTransform
+    from fdpipe.data import open_source
+    from fdpipe.replay import online_replay, open_replay
+    from fdpipe.store import open_store
+
+    tf = stepping.view_transform(a.student, image_size)
+    replays = {"cached": open_replay(open_store(str(store)), tf, source=open_source(str(photos))),
+               "online": online_replay(open_source(str(photos)), AugmentationPlan(seed=0, views=a.views), tf,
+                                       ViewTransform.from_data_config(teacher.data_config))}
     trainer = stepping.distill_trainer(ctx.device, a.student, image_size, info.channels, info.grid,
-                                     info.num_prefix_tokens)
+                                       info.num_prefix_tokens, replays["cached"])
     tx = torch.randn(batch, 3, size, size, device=ctx.device)
-    sx = torch.randn(batch, 3, image_size, image_size, device=ctx.device)
-    fixed = {"x": sx, "target": teacher(tx)}
+    pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=ctx.device)
+    fixed = {"x": pixels, "target": teacher(tx)}  # a teacher's float targets pass the dequantization unchanged
 
     def student_step() -> None:  # forward and backward, as the engine runs them
         trainer.micro_step(fixed, Position())
@@ -90,27 +99,9 @@ def run(ctx: common.Context) -> int:
         return time.perf_counter() - t
 
     # ---------------------------------------------------------------- the A/B steps, interleaved one by one
-
-    from fdpipe.augment import AugmentationPlan, ViewTransform
-    from fdpipe.data import open_source
-    from fdpipe.replay import online_replay, open_replay, student_transform
-    from fdpipe.store import open_store
-
-    st = open_store(str(store))
     loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, info.channels, info.grid, info.num_prefix_tokens,
-                                loader=None, teacher=teacher if m == "online" else None) for m in ("cached", "online")}
-    tf = student_transform(loops["cached"].model.student, image_size)
-    replays = {"cached": open_replay(st, tf, source=open_source(str(photos))),
-               "online": online_replay(open_source(str(photos)), AugmentationPlan(seed=0, views=a.views), tf,
-                                       ViewTransform.from_data_config(teacher.data_config))}
-
-    def loader_for(mode):
-        def make(epoch):  # what distill builds for an epoch
-            return replays[mode].loader(epoch, 0, batch, ctx.workers, cuda)
-        return make
-
-    for m, loop in loops.items():
-        loop.loader = loader_for(m)
+                                  replays[m], batch, ctx.workers, teacher=teacher if m == "online" else None)
+             for m in ("cached", "online")}
     first = {}
     for m, loop in loops.items():  # also the first warm-up step: same init, samples and drop-path draws
         torch.manual_seed(0)

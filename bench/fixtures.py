@@ -129,47 +129,54 @@ def dir_bytes(path: Path) -> int:
 
 
 class MemoryTargets:
-    """A Store stand-in whose target(s) come from a float32 array in memory; everything else is the store's."""
+    """A Store stand-in whose targets come from arrays in memory; everything else is the wrapped store's.
 
-    def __init__(self, store, array: np.ndarray):
-        self._store, self._array = store, array
+    values [N, V, *target_shape] in any dtype the store's quantizer undoes (the stored one, or float32), with int8
+    scales [N, V, *target_shape[:-1]] or None: the training process dequantizes them as it does a store's.
+    """
 
-    def __getattr__(self, name: str):  # views, target_shape, ...: the wrapped store's
+    def __init__(self, store, values: np.ndarray, scales: np.ndarray | None = None):
+        self._store, self._values, self._scales = store, values, scales
+
+    def __getattr__(self, name: str):  # views, target_shape, quantizer, ...: the wrapped store's
         return getattr(self.__dict__["_store"], name)
 
     def target(self, image_idx: int, view: int) -> np.ndarray:
-        return self._array[image_idx, view]
+        return self.stored_targets([(image_idx, view)])[0][0]
 
-    def targets(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+    def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
         i, v = np.asarray(pairs).T
-        return self._array[i, v]
+        return self._values[i, v], None if self._scales is None else self._scales[i, v]
 
 
-def load_targets(store) -> np.ndarray:
-    """Every target of a store, dequantized, as float32 [N, V, *target_shape]."""
-    arr = np.empty((store.num_images, store.views, *store.target_shape), np.float32)
-    for it in store.iter_images():
-        arr[it.image_idx] = it.targets
-    return arr
+def load_stored(store) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every target of a store exactly as stored: values [N, V, *target_shape] and int8 scales (or None)."""
+    q = store.quantizer
+    values = np.empty((store.num_images, store.views, *store.target_shape), q.dtype)
+    scales = np.empty((store.num_images, store.views, *store.target_shape[:-1]), np.float16) if q.has_scales else None
+    for it in store.iter_stored():
+        values[it.image_idx] = it.values
+        if scales is not None:
+            scales[it.image_idx] = it.scales
+    return values, scales
 
 
 @contextlib.contextmanager
 def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = None):
-    """Make every Store hand out targets from a float32 array [N, V, T, C] held in memory instead of reading
-    the store: `array` when given, else every target of `store_url` loaded up front.
+    """Make every Store hand out targets from memory instead of reading the store: `array` (float32
+    [N, V, T, C]) when given, else every target of `store_url` as stored, loaded up front.
 
-    The same distill loop runs unchanged (StoreReplay asks Store.targets(pairs)); DataLoader workers fork with the
-    array already in memory.
+    The same distill loop runs unchanged (StoreReplay asks Store.stored_targets(pairs)); DataLoader workers fork
+    with the arrays already in memory.
     """
     from fdpipe.store import open_store
     from fdpipe.store.reader import Store
 
-    arr = load_targets(open_store(store_url)) if array is None else array
-    memory = MemoryTargets(None, arr)
-    original = Store.target, Store.targets
+    memory = MemoryTargets(None, *(load_stored(open_store(store_url)) if array is None else (array, None)))
+    original = Store.target, Store.stored_targets
     Store.target = lambda self, image_idx, view: memory.target(image_idx, view)
-    Store.targets = lambda self, pairs: memory.targets(pairs)
+    Store.stored_targets = lambda self, pairs: memory.stored_targets(pairs)
     try:
-        yield arr
+        yield memory
     finally:
-        Store.target, Store.targets = original
+        Store.target, Store.stored_targets = original

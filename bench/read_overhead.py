@@ -31,12 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(ctx: common.Context) -> int:
-    import torch
-    from torch.utils.data import DataLoader
-
     from fdpipe.data import open_source
-    from fdpipe.replay import EpochSampler, StoreReplay, WdsReplay
-    from fdpipe.replay import student_transform
+    from fdpipe.replay import open_replay
     from fdpipe.models import matching_image_size
     from fdpipe.store import open_store
 
@@ -66,7 +62,7 @@ def run(ctx: common.Context) -> int:
         fixtures.build_store(urls[layout], settings, source, lambda i, j: targets[i:j], rows)
     stores = {layout: open_store(url) for layout, url in urls.items()}
     bytes_per_view = stores["zarr"].bytes_per_view()
-    in_memory = fixtures.load_targets(stores["zarr"])  # dequantized: what the store hands out, already in RAM
+    in_memory = fixtures.load_stored(stores["zarr"])  # the stored values, already in RAM
 
     # ------------------------------------------------------------- one read alone
     pick = np.random.default_rng(1).integers(0, n, 64)
@@ -80,22 +76,14 @@ def run(ctx: common.Context) -> int:
 
     # ------------------------------------------------------------- the loaders distill builds, per mode
     image_size = matching_image_size((grid, grid), 16)
-    loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, channels, (grid, grid), a.prefix, loader=None)
-             for m in MODES}
-    tf = student_transform(loops["memory"].model.student, image_size)
-    replay = {"zarr": StoreReplay(stores["zarr"], source, tf), "memory": StoreReplay(stores["zarr"], source, tf)}
-    replay["memory"].store = fixtures.MemoryTargets(stores["zarr"], in_memory)
+    tf = stepping.view_transform(a.student, image_size)
+    replays = {m: open_replay(stores["wds" if m == "wds" else "zarr"], tf, source=source) for m in MODES}
+    replays["memory"].dataset.store = fixtures.MemoryTargets(stores["zarr"], *in_memory)
+    loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, channels, (grid, grid), a.prefix, replays[m],
+                                  batch, workers) for m in MODES}
 
     def loader_for(mode: str, nw: int):
-        def make(epoch: int):
-            g = torch.Generator().manual_seed(0)
-            if mode == "wds":
-                return DataLoader(WdsReplay(stores["wds"], source, tf, 0, epoch), batch_size=batch, num_workers=nw,
-                                  drop_last=True, generator=g, pin_memory=cuda)
-            ds = replay[mode]
-            return DataLoader(ds, batch_size=batch, sampler=EpochSampler(ds.valid, a.views, 0, epoch), num_workers=nw,
-                              drop_last=True, generator=g, pin_memory=cuda, persistent_workers=False)
-        return make
+        return lambda epoch: replays[mode].loader(epoch, 0, batch, nw, cuda)
 
     # loading alone, in this process (workers=0), interleaved batch by batch: ms and CPU ms per sample
     sides = {m: stepping.BatchSide(loader_for(m, 0)) for m in MODES}
@@ -105,8 +93,6 @@ def run(ctx: common.Context) -> int:
     read_cost = {m: median(pair_ratios(lt[m], lt["memory"])) for m in ("zarr", "wds")}
 
     # ------------------------------------------------------------- distill's step, the three modes interleaved
-    for m, loop in loops.items():
-        loop.loader = loader_for(m, workers)
     times = timing.interleave({m: loops[m].warm_step for m in MODES}, skip, steps)
     ratios = {m: pair_ratios(times["memory"], times[m]) for m in ("zarr", "wds")}
     rate = {m: 1 / median(times[m]) for m in MODES}

@@ -28,9 +28,12 @@ def distill_steps(cfg, skip: int) -> dict[str, Any]:
             "losses": [r["loss"] for r in recs], "final_loss": res.get("final_loss")}
 
 
-def distill_trainer(device: torch.device, student: str, image_size: int, channels: int, grid, prefix: int,
+def distill_trainer(device: torch.device, student: str, image_size: int, channels: int, grid, prefix: int, data,
                     teacher=None, seed: int = 0, lr: float = 1e-4):
-    """The engine's Trainer with distill's step, as `fdpipe distill` builds it (a fixed lr: no schedule here)."""
+    """The engine's Trainer with distill's step, as `fdpipe distill` builds it (a fixed lr: no schedule here).
+
+    data: the `fdpipe.replay.Replay` whose batches it trains on (it normalizes views and dequantizes targets).
+    """
     from fdpipe.distill.train import distill_step
     from fdpipe.models import Distiller, create_student
     from fdpipe.training import LoopSettings, Trainer, adamw, weight_decay_groups
@@ -40,26 +43,35 @@ def distill_trainer(device: torch.device, student: str, image_size: int, channel
     model = Distiller(s, channels, tuple(grid), prefix).to(device)
     skip = {f"student.{n}" for n in s.no_weight_decay()} if hasattr(s, "no_weight_decay") else set()
     model.no_weight_decay = lambda: skip
-    prepare, loss = distill_step(model, device, teacher)
+    prepare, loss = distill_step(model, data, device, teacher)
     return Trainer(model, adamw(weight_decay_groups(model, 0.05), lr), prepare, loss, device,
                    LoopSettings(epochs=1, batch_size=1, clip_grad=3.0))
+
+
+def view_transform(student: str, image_size: int):
+    """The student's view transform, as distill derives it from the student's data config."""
+    from fdpipe.models import create_student
+    from fdpipe.replay import student_transform
+
+    return student_transform(create_student(student, image_size=image_size)[0], image_size)
 
 
 class StepLoop:
     """fdpipe distill's training step, one step at a time, so that two or three target sources alternate step by step.
 
-    The step is the engine's own (`fdpipe.training.Trainer.train_step` with distill's prepare and loss: the replay
-    datasets, Distiller, fd_loss, AdamW with timm's decay groups, autocast, clipping at 3.0); `loader(epoch)` gives
-    the DataLoader distill would build for that epoch. Each step is timed from asking for the batch to the optimizer
+    The step is the engine's own (`fdpipe.training.Trainer.train_step` with distill's prepare and loss: Distiller,
+    fd_loss, AdamW with timm's decay groups, autocast, clipping at 3.0) on the batches of `data.loader(epoch)`,
+    the DataLoader distill builds for that epoch. Each step is timed from asking for the batch to the optimizer
     step and `loss.item()` (distill logs the loss every step), so data waits count. The first step after a new
     epoch's DataLoader starts is flagged cold.
     """
 
     def __init__(self, device: torch.device, student: str, image_size: int, channels: int, grid, prefix: int,
-                 loader: Callable[[int], Any], teacher=None, seed: int = 0, lr: float = 1e-4):
-        self.trainer = distill_trainer(device, student, image_size, channels, grid, prefix, teacher, seed, lr)
+                 data, batch_size: int, workers: int = 0, teacher=None, seed: int = 0, lr: float = 1e-4):
+        self.trainer = distill_trainer(device, student, image_size, channels, grid, prefix, data, teacher, seed, lr)
         self.model = self.trainer.model
-        self.device, self.loader, self.teacher = device, loader, teacher
+        self.device, self.teacher = device, teacher
+        self.loader = lambda epoch: data.loader(epoch, 0, batch_size, workers, device.type == "cuda")
         self.epoch, self.it = 0, None
         self.cpu: list[float] = []  # CPU seconds of each warm_step
         self.last_cpu = 0.0

@@ -4,6 +4,7 @@ Only the shape of the results is checked, never a time: the numbers of a smoke r
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,6 +76,58 @@ def test_extra_fields_each_script_promises(smoke_results):
     mem = r["memory"]["layouts"]["zarr"]["sizes"]
     assert set(mem) == {"1", "4"} and mem["4"]["images"] == 4 * mem["1"]["images"]
     assert all(v["peak_main_mb"] > 0 for v in mem.values())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_ceilings_reports_every_store_and_its_goals(smoke_results):
+    out, _ = smoke_results
+    c = json.loads((out / "ceilings.json").read_text())
+    assert set(c["shape"]) == {"tokens", "channels", "views", "images", "shard_size"}
+    assert all(isinstance(v, int) and v > 0 for v in c["shape"].values())
+    got = {(r["layout"], r["dtype"]) for r in c["results"]}
+    assert got == {(lay, dt) for lay in ("zarr", "wds") for dt in ("float16", "int8")}
+    for r in c["results"]:
+        for key in ("write_views_per_s_per_core", "write_views_per_s_wall", "replay_views_per_s_per_core",
+                    "replay_views_per_s_wall", "read_amplification", "bytes_per_view", "cores_per_gpu_write",
+                    "cores_per_gpu_replay"):
+            assert _positive(r[key]), (r["layout"], r["dtype"], key, r[key])
+        assert r["replay_views_per_epoch"] == c["shape"]["images"]  # one view per image
+        assert {"write", "replay", "read_amplification", "blocked_fraction"} <= set(r["goals_met"])
+        assert isinstance(r["goals_met"]["write"], bool) and isinstance(r["goals_met"]["replay"], bool)
+    bf = c["blocked_fraction"]
+    assert bf is None and c["blocked_fraction_note"] or (isinstance(bf, float) and 0 <= bf <= 1)
+    cores = c["cores_per_gpu"]
+    assert cores["views_per_s"] == 2500 and len(cores["write"]) == len(cores["replay"]) == 4
+    assert all(_positive(v) for side in ("write", "replay") for v in cores[side].values())
+    readers = c["zarr_reads"]["readers"]
+    fdpipe = readers["fdpipe (zarr-python, asyncio.gather)"]
+    assert _positive(fdpipe["views_per_s"]) and _positive(fdpipe["views_per_s_per_core"]) and fdpipe["equal"]
+    for name, side in readers.items():  # each other reader: measured and equal, or skipped with a note
+        assert (side["equal"] is True and _positive(side["views_per_s"])) or side["note"].startswith("skipped"), name
+    assert "rchar" in c["notes"]["read_bytes"] and "page cache" in c["notes"]["read_bytes"]
+
+
+def test_gpu_sh_without_a_gpu_says_so_and_exits_0():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: gpu.sh would run its benchmarks")
+    env = {k: v for k, v in os.environ.items() if k != "FDPIPE_GPU_REHEARSE"} | {"PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no GPU" in p.stdout
+
+
+def test_gpu_deps_installs_only_what_is_missing(tmp_path, capsys):
+    from bench import gpu
+
+    assert gpu._version_tuple("0.8.1.post1") == (0, 8, 1) and gpu._version_tuple("2.4.6") > (2, 0)
+    assert gpu.install_deps(str(tmp_path / "site"), str(tmp_path / "no-wheels")) == 0
+    assert "no wheels" in capsys.readouterr().out and not (tmp_path / "site").exists()
 
 
 def test_alternate_runs_abba_and_table_formats():

@@ -1,0 +1,521 @@
+"""Per-core ceilings of the store path at production shape (CLIP-L/14: 257 tokens x 1024 channels, 8 views), for
+zarr and wds x float16 and int8, each figure beside its goal.
+
+Every rate is counted per CPU core: views per CPU-second of this process (`time.process_time()` deltas, all of its
+threads, with one torch intra-op thread), beside the wall-clock views/s. In one run, for each (layout, dtype):
+
+- write: `StoreWriter.write_shard` (quantize, encode, hash, commit a shard) on float32 targets made beforehand;
+  goal >= 1,000 views/s per core;
+- replay: one epoch as distill reads it (one view per image, `open_replay(..., images=False).loader(epoch, 0,
+  batch, workers=0)`), each batch's target touched and int8 batches dequantized as the training process does;
+  goal >= 1,500 views/s per core;
+- read amplification of that epoch: bytes read (`/proc/self/io` rchar: read syscalls, page cache included) /
+  bytes used (views consumed x stored bytes per view, values + scales); goal <= 1.05;
+- blocked fraction: an extraction (`fdpipe.extract.extract`) with a zero-cost teacher (a fixed whitened tensor),
+  the share of its wall time the teacher loop waits on commits, (blocked_s + drain_s) / seconds; goal <= 0.10;
+- cores per GPU: 2,500 views/s / the per-core write and replay rates.
+
+Beside them, batched random reads of whole zarr chunks (256 (image, view) pairs of the float16 store): fdpipe's
+`Store.targets` (zarr-python, asyncio.gather), zarr-python with the `zarrs` codec pipeline and tensorstore, each
+when its package imports, checked equal to fdpipe's.
+
+Rounds alternate the configurations ABBA; each figure is the median of its rounds. The JSON's "ratio" is the worst
+figure / goal over everything measured (>= 1: every goal met).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import common, fixtures, timing
+from .common import log
+from .timing import median
+
+NAME = "ceilings"
+GPU_VIEWS_PER_S = 2500  # what one GPU distilling (or extracting) consumes
+GOALS = {"write": 1000.0, "replay": 1500.0, "read_amplification": 1.05, "blocked_fraction": 0.10}
+RCHAR_NOTE = ("bytes read = /proc/self/io rchar delta around the epoch (workers=0, so every read is in this "
+              "process): it counts read syscalls, page cache included, not bytes from the disk")
+SERIAL_NOTE = "extraction commits on the teacher's thread"
+
+
+def main(argv: list[str] | None = None) -> int:
+    auto = common.auto
+    p = common.parser(NAME, __doc__, channels=auto("1024; smoke 16"), views=auto("8; smoke 2"),
+                      images=auto("48; smoke 8"), batch_size=auto("16; smoke 4; replay samples per batch"),
+                      image_size=auto("224; smoke 32; the extraction's crop size"), layout="zarr,wds",
+                      dtype="float16,int8", rounds=auto("3; smoke 1"))
+    p.add_argument("--tokens", type=int, default=None, help="teacher tokens T (prefix + grid) [257; smoke 5]")
+    p.add_argument("--shard-size", type=int, default=None, help="images per shard [16; smoke 4]")
+    p.add_argument("--codec", default=None, help="zarr chunk compressor (fdpipe's CODECS) [the store's default]")
+    p.add_argument("--pairs", type=int, default=None, help="random (image, view) pairs per zarr read [256; smoke 16]")
+    return common.run_with(NAME, p.parse_args(argv), run)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+class Meter:
+    """CPU seconds (this process, all threads), wall seconds and rchar bytes of a block."""
+
+    def __init__(self) -> None:
+        self.cpu = self.wall = 0.0
+        self.rchar = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        c0, t0, r0 = time.process_time(), time.perf_counter(), rchar()
+        try:
+            yield self
+        finally:
+            self.cpu += time.process_time() - c0
+            self.wall += time.perf_counter() - t0
+            self.rchar += rchar() - r0
+
+
+def rchar() -> int:
+    """Bytes this process has read through read syscalls so far (/proc/self/io rchar; 0 where there is none)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def grid_of(tokens: int) -> tuple[int, int]:
+    """(grid side, prefix tokens) for T tokens: a square grid, plus one class token when T is not a square."""
+    g = math.isqrt(tokens)
+    if g * g == tokens:
+        return g, 0
+    g = math.isqrt(tokens - 1)
+    return g, tokens - g * g
+
+
+def synthetic_rows(plan, i: int, size: tuple[int, int] = (480, 640)) -> list[dict[str, Any]]:
+    """The V index rows extraction would write for image i of a synthetic source (real crop params)."""
+    key = f"synthetic/{i:06d}"
+    return [dict(image_idx=i, key=key, source=f"/synthetic/{key}.jpg", label=i % 10, view=v,
+                 seed=plan.view_seed(key, v), **plan.sample(key, v, size).to_dict(), orig_height=size[0],
+                 orig_width=size[1], image_sha256=f"{i:064x}", status="ok") for v in range(plan.views)]
+
+
+def rate(views: float, seconds: float) -> float:
+    return views / seconds if seconds > 0 else float("nan")
+
+
+def write_stages(write: Callable[[], None]) -> dict[str, float]:
+    """Wall seconds of one shard write by stage, from cProfile's cumulative times of the writer's steps (the main
+    thread's view: zarr encodes on its event-loop thread, which this counts as the wait for it)."""
+    import cProfile
+    import pstats
+
+    # (file, function-name prefix): the writer's steps, whatever the layout's helpers are called this week
+    stages = {"quantize": ("quantize.py", "quantize"), "zarr_encode": ("layouts.py", "zarr_encode"),
+              "wds_encode": ("layouts.py", "wds_", "sample"), "wds_write": ("layouts.py", "wds_write"),
+              "put_atomic": ("fs.py", "put_atomic"), "sha256": ("fs.py", "sha256_bytes"),
+              "index_encode": ("index.py", "encode")}
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        write()
+    finally:
+        prof.disable()
+    total = time.perf_counter() - t0
+    st = pstats.Stats(prof).stats
+    out = {"total": total}
+    for name, (file, prefix, *inside) in stages.items():
+        # max, not sum: a helper calling another of the same stage (wds_write_shard -> wds_write_tar) counts once
+        ct = max((v[3] for (f, _, fn), v in st.items() if f.endswith(file) and fn.startswith(prefix)
+                  and all(x in fn for x in inside)), default=0.0)
+        if ct:
+            out[name] = ct
+    return out
+
+
+class ZeroCostTeacher(torch.nn.Module):
+    """What extract's loop reads from a teacher (.info, .data_config, forward), answering every batch with one
+    fixed whitened tensor [B, T, C] made up front: the extraction then costs only loading and committing."""
+
+    def __init__(self, tokens: int, channels: int, image_size: int, batch: int, seed: int = 0):
+        super().__init__()
+        from fdpipe.models import TeacherInfo
+
+        g, prefix = grid_of(tokens)
+        self.info = TeacherInfo(alias="zero-cost", timm_name="zero-cost", weights_sha256="0" * 64, layer=None,
+                                target="features", pretrained_cfg={}, image_size=image_size, tokens=tokens,
+                                channels=channels, grid=(g, g), num_prefix_tokens=prefix)
+        self.data_config = {"input_size": (3, image_size, image_size), "mean": (0.485, 0.456, 0.406),
+                            "std": (0.229, 0.224, 0.225), "interpolation": "bicubic", "crop_pct": 1.0,
+                            "crop_mode": "center"}
+        self.device, self.image_size = torch.device("cpu"), image_size
+        self.out = torch.from_numpy(fixtures.whitened(np.random.default_rng(seed), (batch, tokens, channels)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if b <= len(self.out):
+            return self.out[:b]
+        return self.out.repeat(math.ceil(b / len(self.out)), 1, 1)[:b]
+
+
+@contextlib.contextmanager
+def zero_cost_teacher(teacher: ZeroCostTeacher):
+    """create_teacher answers `teacher`, wherever extract looks it up, in this process only."""
+    import importlib
+
+    modules = [importlib.import_module(m) for m in ("fdpipe.models", "fdpipe.models.teachers", "fdpipe.extract.loop")]
+    saved = [(m, m.create_teacher) for m in modules if hasattr(m, "create_teacher")]
+    for m, _ in saved:
+        m.create_teacher = lambda *args, **kwargs: teacher
+    try:
+        yield
+    finally:
+        for m, f in saved:
+            m.create_teacher = f
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+def run(ctx: common.Context) -> int:
+    from fdpipe.augment import AugmentationPlan
+    from fdpipe.replay import open_replay
+    from fdpipe.store import StoreWriter, open_store, shard_range
+
+    a, smoke = ctx.args, ctx.args.smoke
+    torch.set_num_threads(a.threads or 1)
+    T = a.tokens or (5 if smoke else 257)
+    C = a.channels or (16 if smoke else 1024)
+    V = a.views or (2 if smoke else 8)
+    N = a.images or (8 if smoke else 48)
+    S = a.shard_size or (4 if smoke else 16)
+    batch = a.batch_size or (4 if smoke else 16)
+    size = a.image_size or (32 if smoke else 224)
+    rounds = a.rounds or (1 if smoke else 3)
+    n_pairs = a.pairs or (16 if smoke else 256)
+    layouts = [x.strip() for x in a.layout.split(",") if x.strip()]
+    dtypes = [x.strip() for x in a.dtype.split(",") if x.strip()]
+    cfgs = [(lay, dt) for lay in layouts for dt in dtypes]
+    g, prefix = grid_of(T)
+    shape = {"tokens": T, "channels": C, "views": V, "images": N, "shard_size": S}
+    plan = AugmentationPlan(seed=0, views=V)
+
+    log(f"[{NAME}] targets [{N}, {V}, {T}, {C}] float32 ({N * V * T * C * 4 / 2**20:.0f} MiB), shards of {S}, "
+        f"{len(cfgs)} configurations x {rounds} rounds, {torch.get_num_threads()} torch thread(s)")
+    targets = fixtures.whitened(np.random.default_rng(0), (N, V, T, C))
+    rows = [synthetic_rows(plan, i) for i in range(N)]
+
+    def settings(layout: str, dtype: str, n: int = N) -> dict[str, Any]:
+        st = fixtures.synthetic_settings("synthetic", n, V, g, prefix, C, dtype, layout, S)
+        if a.codec and layout == "zarr":
+            st["codec"] = a.codec
+        return st
+
+    def shard_inputs(w, shard: int):
+        i, j = shard_range(shard, w.s, w.n)
+        return targets[i:j], [r for k in range(i, j) for r in rows[k]]
+
+    # ------------------------------------------------------------- warm-up and write stages (one shard each)
+    stages: dict[str, dict[str, float]] = {}
+    for lay, dt in cfgs:
+        warm = ctx.work / f"warm-{lay}-{dt}"
+        w = StoreWriter(str(warm), settings(lay, dt, min(N, S)))
+        w.open()
+        w.write_shard(0, *shard_inputs(w, 0))  # first-call costs: imports, zarr's event loop, allocations
+        stages[f"{lay}/{dt}"] = write_stages(lambda: w.write_shard(0, *shard_inputs(w, 0)))
+        shutil.rmtree(warm, ignore_errors=True)
+
+    # ------------------------------------------------------------- write: whole stores, rounds alternating
+    urls: dict[tuple[str, str], str] = {}
+    writes: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in cfgs}
+
+    def write_side(cfg: tuple[str, str]) -> Callable[[int], dict[str, float]]:
+        def side(r: int) -> dict[str, float]:
+            url = str(ctx.work / f"store-{cfg[0]}-{cfg[1]}-{r}")
+            w = StoreWriter(url, settings(*cfg))
+            w.open()
+            m = Meter()
+            for shard in range(w.num_shards):
+                x, rws = shard_inputs(w, shard)
+                with m():
+                    w.write_shard(shard, x, rws)
+            t0 = time.perf_counter()
+            assert w.try_finalize(), url
+            fin = time.perf_counter() - t0
+            old = urls.get(cfg)
+            urls[cfg] = url  # the latest store is the one replayed
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            out = {"views": N * V, "cpu_s": m.cpu, "wall_s": m.wall, "finalize_s": fin}
+            writes[cfg].append(out)
+            return out
+        return side
+
+    timing.alternate({c: write_side(c) for c in cfgs}, rounds)
+
+    # ------------------------------------------------------------- replay: one epoch each, rounds alternating
+    stores = {c: open_store(urls[c]) for c in cfgs}
+    replays = {c: open_replay(stores[c], None, images=False, seed=0) for c in cfgs}
+    replay_runs: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in cfgs}
+
+    def epoch(cfg: tuple[str, str], e: int) -> dict[str, float]:
+        q = stores[cfg].quantizer
+        m, dq = Meter(), Meter()
+        views = 0
+        with m():
+            for b in replays[cfg].loader(e, 0, batch_size=batch, workers=0):
+                t = b["target"]
+                if "scales" in b:  # int8: the training process dequantizes
+                    with dq():
+                        t = q.dequantize_tensor(t, b["scales"])
+                t.reshape(-1)[::1024].sum().item()  # touch one value per 4 KiB page
+                views += int(t.shape[0])
+        return {"views": views, "cpu_s": m.cpu, "wall_s": m.wall, "rchar": m.rchar, "dequantize_cpu_s": dq.cpu}
+
+    for c in cfgs:  # epoch 0: opens the zarr arrays, first reads
+        epoch(c, 0)
+    timing.alternate({c: (lambda r, c=c: replay_runs[c].append(epoch(c, r + 1))) for c in cfgs}, rounds)
+
+    # ------------------------------------------------------------- blocked fraction: zero-cost teacher extraction
+    photos = fixtures.make_photos(ctx.work / "photos", N, sizes=(48, 64) if smoke else (64, 128))
+    extraction = {f"{lay}/{dt}": blocked(ctx, photos, lay, dt, T, C, V, S, size, smoke,
+                                         a.codec if lay == "zarr" else None) for lay, dt in cfgs}
+    fractions = [e["blocked_fraction"] for e in extraction.values() if e["blocked_fraction"] is not None]
+    blocked_fraction = max(fractions) if fractions else None
+
+    # ------------------------------------------------------------- zarr reads: fdpipe, zarrs, tensorstore
+    zarr_fp16 = ("zarr", "float16") if ("zarr", "float16") in urls else next((c for c in cfgs if c[0] == "zarr"), None)
+    zarr_reads = (read_sides(urls[zarr_fp16], stores[zarr_fp16], n_pairs, rounds)
+                  if zarr_fp16 else {"skipped": "no zarr store in --layout"})
+
+    # ------------------------------------------------------------- figures, goals, table
+    results = []
+    for lay, dt in cfgs:
+        c, key = (lay, dt), f"{lay}/{dt}"
+        wr, rr = writes[c], replay_runs[c]
+        bpv = stores[c].bytes_per_view()
+        write_core = median(rate(x["views"], x["cpu_s"]) for x in wr)
+        replay_core = median(rate(x["views"], x["cpu_s"]) for x in rr)
+        used = [x["views"] * bpv for x in rr]
+        amp = median(x["rchar"] / u for x, u in zip(rr, used) if u)
+        ex = extraction[key]
+        met = {"write": write_core >= GOALS["write"], "replay": replay_core >= GOALS["replay"],
+               "read_amplification": amp <= GOALS["read_amplification"],
+               "blocked_fraction": None if ex["blocked_fraction"] is None
+               else ex["blocked_fraction"] <= GOALS["blocked_fraction"]}
+        results.append({
+            "layout": lay, "dtype": dt, "codec": stores[c].manifest.get("codec", "zarr default (format 1)"),
+            "format_version": stores[c].manifest.get("format_version"), "bytes_per_view": bpv, "raw_float32_bytes_per_view": T * C * 4,
+            "write_views_per_s_per_core": write_core,
+            "write_views_per_s_wall": median(rate(x["views"], x["wall_s"]) for x in wr),
+            "replay_views_per_s_per_core": replay_core,
+            "replay_views_per_s_wall": median(rate(x["views"], x["wall_s"]) for x in rr),
+            "read_amplification": amp, "bytes_read": [x["rchar"] for x in rr], "bytes_used": used,
+            "replay_views_per_epoch": rr[0]["views"] if rr else 0,
+            "dequantize_cpu_share": median(x["dequantize_cpu_s"] / x["cpu_s"] for x in rr if x["cpu_s"]),
+            "cores_per_gpu_write": GPU_VIEWS_PER_S / write_core, "cores_per_gpu_replay": GPU_VIEWS_PER_S / replay_core,
+            "blocked_fraction": ex["blocked_fraction"], "goals_met": met,
+            "write_rounds": wr, "replay_rounds": rr, "write_stages_s_one_shard": stages[key],
+        })
+    margins = {}
+    for r in results:
+        k = f"{r['layout']}/{r['dtype']}"
+        margins[f"write {k}"] = r["write_views_per_s_per_core"] / GOALS["write"]
+        margins[f"replay {k}"] = r["replay_views_per_s_per_core"] / GOALS["replay"]
+        amp = r["read_amplification"]
+        margins[f"read amplification {k}"] = GOALS["read_amplification"] / amp if amp > 0 else float("inf")
+        bf = r["blocked_fraction"]
+        if bf is not None:
+            margins[f"blocked fraction {k}"] = GOALS["blocked_fraction"] / bf if bf > 0 else float("inf")
+    finite = {k: v for k, v in margins.items() if math.isfinite(v)}
+    ratio = min(finite.values()) if finite else float("nan")
+    g = common.goal("every ceiling at its goal: worst measured / goal >= 1 (write >= 1,000 and replay >= 1,500 "
+                    "views/s per core, read amplification <= 1.05, blocked fraction <= 0.10)", ratio, 1.0)
+    result: dict[str, Any] = {
+        "ratio": ratio, "goal": g, "goals": GOALS, "margins": margins, "shape": shape, "results": results,
+        "blocked_fraction": blocked_fraction,
+        "blocked_fraction_note": None if blocked_fraction is not None else SERIAL_NOTE,
+        "extraction": extraction,
+        "cores_per_gpu": {"views_per_s": GPU_VIEWS_PER_S,
+                          "write": {f"{r['layout']}/{r['dtype']}": r["cores_per_gpu_write"] for r in results},
+                          "replay": {f"{r['layout']}/{r['dtype']}": r["cores_per_gpu_replay"] for r in results}},
+        "zarr_reads": zarr_reads,
+        "notes": {"read_bytes": RCHAR_NOTE,
+                  "per_core": "views per CPU-second of this process (time.process_time: every thread, zarr's and "
+                              "tensorstore's included), torch intra-op threads = " + str(torch.get_num_threads()),
+                  "bytes_per_view": "stored data bytes / (images x views): values + scales (+ tar headers and "
+                                    "params.json for wds), without the index"},
+        "config": {"batch_size": batch, "rounds": rounds, "extract_image_size": size, "extract_workers": ctx.workers,
+                   "zarr_read_pairs": n_pairs, "layouts": layouts, "dtypes": dtypes},
+    }
+    if not g["met"]:
+        result["bottleneck"] = bottleneck(results, margins, stages, replays, batch, smoke)
+
+    def mark(x):
+        return "-" if x is None else ("yes" if x else "NO")
+
+    headers = ["store", "KiB/view", "write/core", "wall", "write>=1000", "replay/core", "wall", "replay>=1500",
+               "read amp", "amp<=1.05", "blocked", "blk<=0.10", "cores/GPU write", "cores/GPU replay"]
+    table_rows = [[f"{r['layout']}/{r['dtype']}", r["bytes_per_view"] / 1024, r["write_views_per_s_per_core"],
+                   r["write_views_per_s_wall"], mark(r["goals_met"]["write"]), r["replay_views_per_s_per_core"],
+                   r["replay_views_per_s_wall"], mark(r["goals_met"]["replay"]), r["read_amplification"],
+                   mark(r["goals_met"]["read_amplification"]),
+                   "null" if r["blocked_fraction"] is None else r["blocked_fraction"],
+                   mark(r["goals_met"]["blocked_fraction"]), r["cores_per_gpu_write"], r["cores_per_gpu_replay"]]
+                  for r in results]
+    if "readers" in zarr_reads:
+        zr = zarr_reads["readers"]
+        print(common.table(["zarr reader", "views/s", "views/CPU-s", "equal to fdpipe", "note"],
+                           [[k, v.get("views_per_s"), v.get("views_per_s_per_core"), v.get("equal"),
+                             v.get("note", "")] for k, v in zr.items()],
+                           f"zarr reads: {zarr_reads['pairs']} random (image, view) chunks of {zarr_reads['store']}"))
+        print()
+    bf_text = ("null: " + SERIAL_NOTE) if blocked_fraction is None else common.fmt(blocked_fraction)
+    title = (f"{NAME}: [{T}, {C}] targets, {V} views, {N} images, shards of {S}; views/s per CPU core (wall beside); "
+             f"{torch.get_num_threads()} torch thread(s)\nblocked fraction (worst, zero-cost teacher): {bf_text}; "
+             f"cores per GPU at {GPU_VIEWS_PER_S:,} views/s = {GPU_VIEWS_PER_S:,} / per-core rate\n{RCHAR_NOTE}")
+    common.finish(ctx, result, headers, table_rows, title)
+    return 0
+
+
+def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, C: int, V: int, S: int, size: int,
+            smoke: bool, codec: str | None = None) -> dict[str, Any]:
+    """One extraction with the zero-cost teacher: its summary's seconds, blocked_s and drain_s."""
+    from fdpipe.extract import ExtractConfig, extract
+
+    batch = max(V, 4 if smoke else 64)  # views per teacher forward: extract's default
+    teacher = ZeroCostTeacher(T, C, size, max(1, batch // V) * V)
+    out = ctx.work / f"extract-{layout}-{dtype}"
+    cfg = ExtractConfig(teacher="zero-cost", data=str(photos), out=str(out), views=V, layout=layout, dtype=dtype,
+                        image_size=size, shard_size=S, batch_size=batch, workers=ctx.workers, device="cpu", quiet=True,
+                        **({"codec": codec} if codec else {}))
+    c0 = time.process_time()
+    with zero_cost_teacher(teacher):
+        s = extract(cfg)
+    cpu = time.process_time() - c0
+    shutil.rmtree(out, ignore_errors=True)
+    assert s["complete"], s
+    seconds = float(s["seconds"])
+    res: dict[str, Any] = {"seconds": seconds, "images": s["images"], "views_per_s": s["images"] * V / seconds,
+                           "main_process_cpu_s": cpu, "workers": ctx.workers, "batch_views": batch,
+                           "summary_keys": sorted(s)}
+    if "blocked_s" in s and "drain_s" in s:
+        b, d = float(s["blocked_s"]), float(s["drain_s"])
+        res.update(blocked_s=b, drain_s=d, blocked_fraction=(b + d) / seconds if seconds > 0 else None,
+                   blocked_fraction_without_drain=b / (seconds - d) if seconds > d else None,
+                   note="drain_s is one run's final wait (about one shard's commit): a long run amortizes it")
+        for k in ("commit_s", "commit_workers", "queue_size"):
+            if k in s:
+                res[k] = s[k]
+    else:
+        res.update(blocked_fraction=None, note=SERIAL_NOTE)
+    return res
+
+
+def read_sides(url: str, store, n_pairs: int, rounds: int) -> dict[str, Any]:
+    """Batched random reads of whole chunks: fdpipe's Store.targets, zarr-python + zarrs, tensorstore."""
+    import zarr
+
+    from fdpipe.store import open_store
+
+    total = store.num_images * store.views
+    rng = np.random.default_rng(7)
+    flat = rng.choice(total, n_pairs, replace=n_pairs > total)
+    pairs = [(int(k // store.views), int(k % store.views)) for k in flat]
+    sides: dict[str, Callable[[], np.ndarray]] = {"fdpipe (zarr-python, asyncio.gather)": lambda: store.targets(pairs)}
+    notes: dict[str, str] = {}
+
+    try:
+        import zarrs  # noqa: F401
+
+        cfg = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
+        with zarr.config.set(cfg):
+            zs = open_store(url)
+            zs.targets(pairs[:1])  # opens the arrays under the zarrs pipeline
+        pipeline = type(zs._zarr[0].async_array.codec_pipeline).__name__
+        assert "zarrs" in pipeline.lower(), f"zarr did not take the zarrs codec pipeline (it uses {pipeline})"
+
+        def with_zarrs() -> np.ndarray:
+            with zarr.config.set(cfg):
+                return zs.targets(pairs)
+        sides["zarr-python + zarrs pipeline"] = with_zarrs
+    except ImportError as e:
+        notes["zarr-python + zarrs pipeline"] = f"skipped: zarrs does not import ({e})"
+
+    try:
+        import tensorstore as ts
+
+        def ts_open(name: str):
+            return ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                           "path": str(Path(url) / "targets.zarr" / name)}},
+                           read=True).result()
+        q = store.quantizer
+        arrays = [ts_open("targets")] + ([ts_open("scales")] if q.has_scales else [])
+
+        def with_tensorstore() -> np.ndarray:
+            futures = [[arr[i, v].read() for i, v in pairs] for arr in arrays]  # all in flight, then wait
+            got = [np.stack([f.result() for f in fs]) for fs in futures]
+            return q.dequantize(got[0], got[1] if q.has_scales else None)
+        sides["tensorstore (zarr3 driver)"] = with_tensorstore
+    except ImportError as e:
+        notes["tensorstore (zarr3 driver)"] = f"skipped: tensorstore does not import ({e})"
+
+    reference = store.targets(pairs)
+    equal = {}
+    for k, fn in sides.items():  # warm-up, and the check that every reader reads the same numbers
+        got = fn()
+        equal[k] = bool(got.shape == reference.shape and np.array_equal(got, reference))
+        assert equal[k], f"{k}: arrays differ from fdpipe's Store.targets"
+    meters: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
+
+    def side(k: str):
+        def go(_r: int) -> None:
+            m = Meter()
+            with m():
+                sides[k]()
+            meters[k].append((m.wall, m.cpu))
+        return go
+
+    timing.alternate({k: side(k) for k in sides}, max(3, rounds))
+    readers: dict[str, dict[str, Any]] = {}
+    for k in sides:
+        readers[k] = {"views_per_s": median(rate(n_pairs, w) for w, _ in meters[k]),
+                      "views_per_s_per_core": median(rate(n_pairs, c) for _, c in meters[k]),
+                      "wall_s": [w for w, _ in meters[k]], "cpu_s": [c for _, c in meters[k]], "equal": equal[k]}
+    for k, note in notes.items():
+        readers[k] = {"views_per_s": None, "views_per_s_per_core": None, "equal": None, "note": note}
+    return {"store": "/".join(Path(url).name.split("-")[1:3]), "pairs": n_pairs, "bytes_per_view": store.bytes_per_view(),
+            "readers": readers}
+
+
+def bottleneck(results, margins, stages, replays, batch: int, smoke: bool) -> dict[str, Any]:
+    """Which goals are missed, and where the time goes: write stages, and a cProfile of the slowest replay."""
+    missed = sorted((k for k, v in margins.items() if v < 1), key=margins.get)
+    worst_w = min(results, key=lambda r: r["write_views_per_s_per_core"])
+    worst_r = min(results, key=lambda r: r["replay_views_per_s_per_core"])
+    kw = f"{worst_w['layout']}/{worst_w['dtype']}"
+    st = stages[kw]
+    parts = ", ".join(f"{k} {v / st['total']:.0%}" for k, v in sorted(st.items(), key=lambda kv: -kv[1])
+                      if k != "total")
+    amp = max(results, key=lambda r: r["read_amplification"])
+    summary = (f"missed: {', '.join(f'{k} ({margins[k]:.2f} of goal)' for k in missed)}; slowest write {kw} "
+               f"{worst_w['write_views_per_s_per_core']:.0f} views/CPU-s ({parts} of a shard's write); slowest replay "
+               f"{worst_r['layout']}/{worst_r['dtype']} {worst_r['replay_views_per_s_per_core']:.0f} views/CPU-s; "
+               f"largest read amplification {amp['layout']}/{amp['dtype']} {amp['read_amplification']:.2f}")
+    if amp["layout"] == "wds" and amp["read_amplification"] > 1.5:
+        summary += " (wds streams every view of an image and replays one)"
+    top = []
+    if not smoke:
+        c = (worst_r["layout"], worst_r["dtype"])
+        top = timing.profile_top(lambda: [b["target"] for b in replays[c].loader(99, 0, batch_size=batch, workers=0)],
+                                 n=15)
+    return {"summary": summary, "missed": missed, "write_stages_s_one_shard": stages,
+            "replay_profile_top_tottime": top}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

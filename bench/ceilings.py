@@ -112,23 +112,14 @@ def rate(views: float, seconds: float) -> float:
 def write_stages(write: Callable[[], None]) -> dict[str, float]:
     """Wall seconds of one shard write by stage, from cProfile's cumulative times of the writer's steps (the main
     thread's view: zarr encodes on its event-loop thread, which this counts as the wait for it)."""
-    import cProfile
-    import pstats
-
     # (file, function-name prefix): the writer's steps, whatever the layout's helpers are called this week
     stages = {"quantize": ("quantize.py", "quantize"), "zarr_encode": ("layouts.py", "zarr_encode"),
               "wds_encode": ("layouts.py", "wds_", "sample"), "wds_write": ("layouts.py", "wds_write"),
               "put_atomic": ("fs.py", "put_atomic"), "sha256": ("fs.py", "sha256_bytes"),
               "index_encode": ("index.py", "encode")}
-    prof = cProfile.Profile()
     t0 = time.perf_counter()
-    prof.enable()
-    try:
-        write()
-    finally:
-        prof.disable()
+    st = timing.profiled(write).stats
     total = time.perf_counter() - t0
-    st = pstats.Stats(prof).stats
     out = {"total": total}
     for name, (file, prefix, *inside) in stages.items():
         # max, not sum: a helper calling another of the same stage (wds_write_shard -> wds_write_tar) counts once

@@ -108,8 +108,8 @@ def interleave(sides: dict[str, Callable[[], float]], warmup: int, steps: int) -
     return times
 
 
-def profile_top(fn: Callable[[], Any], n: int = 15, sort: str = "tottime") -> list[dict[str, Any]]:
-    """cProfile fn(); the n functions with the most `sort` time, as rows for JSON and README evidence."""
+def profiled(fn: Callable[[], Any]):
+    """fn() under cProfile; its pstats.Stats."""
     import cProfile
     import pstats
 
@@ -119,7 +119,12 @@ def profile_top(fn: Callable[[], Any], n: int = 15, sort: str = "tottime") -> li
         fn()
     finally:
         prof.disable()
-    st = pstats.Stats(prof)
+    return pstats.Stats(prof)
+
+
+def profile_top(fn: Callable[[], Any], n: int = 15, sort: str = "tottime") -> list[dict[str, Any]]:
+    """cProfile fn(); the n functions with the most `sort` time, as rows for JSON and README evidence."""
+    st = profiled(fn)
     total = sum(v[2] for v in st.stats.values()) or 1.0
     rows = []
     for (file, line, func), (cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][2 if sort == "tottime" else 3])[:n]:

@@ -181,7 +181,7 @@ class WdsReplay(IterableDataset):
         Ranks hold different shards each epoch, so their counts differ from epoch to epoch; all of them stop at the
         same step, so none waits in a collective for a rank that ran out.
         """
-        ok = ok_per_shard(self.store)
+        ok = self.store.decodable_per_shard
         order = shard_order(self.seed, self.epoch, self.store.num_shards)
         return min(int(sum(ok[int(s)] for s in order[r:: self.world])) for r in range(self.world))
 
@@ -205,13 +205,3 @@ class WdsReplay(IterableDataset):
             if self.builder is not None:
                 item["x"] = self.builder.stored_view(it.key, v, it.row)
             yield item
-
-
-def ok_per_shard(store: Store) -> list[int]:
-    """Decodable images per shard, from the index's status column (failed images are never replayed)."""
-    cached = getattr(store, "_ok_per_shard", None)
-    if cached is None:
-        cached = [int(np.count_nonzero(store.index_part(i).column("status").to_numpy(zero_copy_only=False) == "ok"))
-                  // store.views for i in range(store.num_shards)]
-        store._ok_per_shard = cached
-    return cached

@@ -145,6 +145,12 @@ class Store:
         """All index rows, ordered by (image_idx, view): row image_idx*V + view."""
         return pa.concat_tables([self.index_part(i) for i in range(self.num_shards)])
 
+    @cached_property
+    def decodable_per_shard(self) -> list[int]:
+        """Images per shard that decoded (status ok): what replay trains on; failed images are never replayed."""
+        return [int(np.count_nonzero(self.index_part(i).column("status").to_numpy(zero_copy_only=False) == "ok"))
+                // self.views for i in range(self.num_shards)]
+
     def row(self, image_idx: int, view: int) -> dict[str, Any]:
         r = self.index.slice(image_idx * self.views + view, 1).to_pylist()[0]
         assert r["image_idx"] == image_idx and r["view"] == view, "index out of order"

@@ -112,8 +112,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                         max_steps=cfg.max_steps, save_every=cfg.save_every, log_every=cfg.log_every, desc="distill", quiet=cfg.quiet)
     global_batch = cfg.batch_size * cfg.accum_steps * ranks.world
     peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(BASE_LR, global_batch, BASE_BATCH)
-    schedule = make_schedule(loop, data.samples_per_epoch if data.dataset is None else data.samples_per_epoch(),
-                             peak_lr)
+    schedule = make_schedule(loop, data.samples_per_epoch, peak_lr)  # per epoch: streamed ranks' counts vary
 
     skip = {f"student.{n}" for n in student.no_weight_decay()} if hasattr(student, "no_weight_decay") else set()
     model.no_weight_decay = lambda: skip  # timm's rule reads it

@@ -17,7 +17,7 @@ from ..runtime import JsonlLog, atomic_write_bytes
 from .distributed import barrier
 
 
-@dataclass
+@dataclass(frozen=True)
 class Position:
     """Where training is: resume restores exactly this and continues on the same samples."""
 

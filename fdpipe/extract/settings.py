@@ -20,7 +20,8 @@ TARGETS = ("features", "logits")
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
-    teacher: str = option(help="Teacher alias (clip-l, clip-b, dino-b, deit-b, effnet-lite0) or any timm name.")
+    teacher: str = option(help="Teacher alias (clip-l, clip-b, dino-b, deit-b, dinov2-b[-reg], dinov2-l[-reg], "
+                               "siglip-b, siglip-so400m, eva02-clip-l, effnet-lite0) or any timm name.")
     data: str = option(help="Images: a folder, WebDataset shards (brace pattern), a parquet/CSV list, or fashion-mnist.")
     out: str = option(help="Store path or fsspec URL (s3://bucket/prefix). Rerun the same command to resume.")
     views: int = views_option()
@@ -35,7 +36,8 @@ class ExtractConfig:
                         choices=CODECS)
     target: str = option("features", "Whitened feature maps (FD) or the teacher's logits (DeiT-style distillation).",
                          choices=TARGETS)
-    image_size: int | None = option(None, "Teacher input size in pixels [default: the teacher's pretrained_cfg].")
+    image_size: int | None = option(None, "Teacher input size in pixels [default: 224 for dinov2-*, else the teacher's "
+                                                "pretrained_cfg].")
     seed: int = seed_option("Plan seed: view v of image k is seeded by blake2b(seed/k/v).")
     shard_size: int | None = option(None, "Images per shard [default: about 0.75 GiB of targets per shard].")
     batch_size: int = option(64, "Views per teacher forward.")

@@ -1,8 +1,14 @@
 """The student as it is distilled: a timm ViT, its final norm, then a 1x1 projection to the teacher's channels.
 It lives below the stages: distill trains it, analyze and finetune load the runs it leaves.
 
-Grid matching follows DESIGN.md: grids must match unless resampling is asked for (bilinear over the patch tokens);
-prefix tokens are matched when both sides have them and dropped otherwise.
+Grid matching follows DESIGN.md: grids must match unless resampling is asked for (bilinear over the patch tokens).
+
+Prefix tokens are paired from the first, in timm's order (CLS, then registers, then a distillation token), as far as
+both models have them: CLS is trained against CLS. The rest are left out of the loss. A register teacher's registers
+past the student's prefix count stay in the store but are never trained against (DINOv2 with 4 registers and a
+1-prefix student: only CLS; a student with CLS + 4 registers learns r1..r4 too). A student's prefix tokens past the
+teacher's get no target and learn only through attention. A teacher without prefix tokens (CNNs, SigLIP) leaves the
+student's CLS out of the loss.
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ class Distiller(nn.Module):
         self.keep_prefix = min(self.student_prefix, self.teacher_prefix)
 
     def align_target(self, target: torch.Tensor) -> torch.Tensor:
-        """Drop the teacher's prefix tokens the student cannot match (e.g. a ViT teacher, a prefix-free student)."""
-        return target[:, self.teacher_prefix - self.keep_prefix:] if target.ndim == 3 else target
+        """The teacher tokens the student is trained against: its first keep_prefix prefix tokens, then the grid."""
+        if target.ndim != 3 or self.keep_prefix == self.teacher_prefix:
+            return target
+        if self.keep_prefix == 0:
+            return target[:, self.teacher_prefix:]
+        return torch.cat([target[:, : self.keep_prefix], target[:, self.teacher_prefix:]], dim=1)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Student tokens after its final norm, laid out like the teacher's: prefix first, then the teacher grid."""
@@ -55,7 +65,7 @@ class Distiller(nn.Module):
             patches = patches.transpose(1, 2).reshape(b, c, *self.grid)
             patches = F.interpolate(patches, size=self.teacher_grid, mode="bilinear", align_corners=False)
             patches = patches.flatten(2).transpose(1, 2)
-        return torch.cat([prefix[:, self.student_prefix - self.keep_prefix:], patches], dim=1)
+        return torch.cat([prefix[:, : self.keep_prefix], patches], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.tokens(x))

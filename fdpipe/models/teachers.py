@@ -22,13 +22,28 @@ from fdpipe.errors import FdpipeError
 from ._helpers import _json_able
 from .weights import _load_pretrained
 
+# alias -> timm name. The input contract (size, mean/std, bicubic everywhere) is the weights' pretrained_cfg, except
+# for the size where TEACHER_IMAGE_SIZES says otherwise; each comment gives it and the targets it makes: prefix tokens
+# + patch grid, x C. CLIP = OpenAI's mean/std, IN = ImageNet's, 0.5 = mean = std = 0.5.
 TEACHERS: dict[str, str] = {
-    "clip-l": "vit_large_patch14_clip_224.openai",
-    "clip-b": "vit_base_patch16_clip_224.openai",
-    "dino-b": "vit_base_patch16_224.dino",
-    "deit-b": "deit_base_patch16_224.fb_in1k",
-    "effnet-lite0": "tf_efficientnet_lite0",
+    "clip-l": "vit_large_patch14_clip_224.openai",  # 224 px, CLIP: CLS + 16x16, C 1024
+    "clip-b": "vit_base_patch16_clip_224.openai",  # 224 px, CLIP: CLS + 14x14, C 768
+    "dino-b": "vit_base_patch16_224.dino",  # 224 px, IN: CLS + 14x14, C 768
+    "deit-b": "deit_base_patch16_224.fb_in1k",  # 224 px, IN: CLS + 14x14, C 768; 1000-class head for logits
+    "effnet-lite0": "tf_efficientnet_lite0",  # 224 px, 0.5: 7x7 feature map, no prefix, C 1280
+    "dinov2-b": "vit_base_patch14_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS + 16x16, C 768
+    "dinov2-b-reg": "vit_base_patch14_reg4_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS, 4 registers + 16x16, C 768
+    "dinov2-l": "vit_large_patch14_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS + 16x16, C 1024
+    "dinov2-l-reg": "vit_large_patch14_reg4_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS, 4 registers + 16x16, C 1024
+    "siglip-b": "vit_base_patch16_siglip_224.webli",  # 224 px, 0.5: 14x14, no CLS (attention-pool head), C 768
+    "siglip-so400m": "vit_so400m_patch14_siglip_384.webli",  # 384 px, 0.5: 27x27 (the last 6 px unused), no CLS, C 1152
+    "eva02-clip-l": "eva02_large_patch14_clip_224.merged2b",  # 224 px, CLIP: CLS + 16x16, C 1024; 768-d projection head
 }
+
+# Aliases that run at another size than their pretrained_cfg's. DINOv2's says 518 (its short high-resolution last
+# phase): a 37x37 grid, T 1370 (5.3x the store of 224) and a 592 px /16 student. FD runs teachers at 224, where /14
+# gives 16x16 (a 256 px /16 student, as clip-l); timm resamples the position table at load. --image-size 518 is native.
+TEACHER_IMAGE_SIZES: dict[str, int] = {alias: 224 for alias in ("dinov2-b", "dinov2-b-reg", "dinov2-l", "dinov2-l-reg")}
 
 WHITENING: dict[str, Any] = {"name": "layernorm-noaffine", "eps": 1e-6}
 
@@ -209,7 +224,10 @@ def _num_layers(model: nn.Module) -> int:
 def create_teacher(name: str, *, weights: str | os.PathLike | None = None, image_size: int | None = None,
                    layer: int | None = None, target: str = "features",
                    device: str | torch.device = "cpu") -> Teacher:
-    """Build a frozen teacher from an alias or timm name, finding its weights (see fdpipe.models.weights)."""
+    """Build a frozen teacher from an alias or timm name, finding its weights (see fdpipe.models.weights).
+
+    image_size None: the alias's size in TEACHER_IMAGE_SIZES, else the weights' pretrained_cfg input size.
+    """
     if target not in ("features", "logits"):
         raise FdpipeError(f"unknown target '{target}': use 'features' or 'logits'")
     if target == "logits" and layer is not None:
@@ -217,6 +235,8 @@ def create_teacher(name: str, *, weights: str | os.PathLike | None = None, image
     if image_size is not None and image_size <= 0:
         raise FdpipeError(f"image size must be positive, got {image_size}")
     timm_name = resolve_teacher_name(name)
+    if image_size is None:
+        image_size = TEACHER_IMAGE_SIZES.get(name)
     model, sha = _load_pretrained(name, timm_name, weights, image_size, what="teacher")
     if target == "logits" and getattr(model, "num_classes", 0) == 0:
         raise FdpipeError(f"teacher '{name}' has no classifier head; target 'logits' needs one (e.g. deit-b)")

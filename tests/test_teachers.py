@@ -1,0 +1,196 @@
+"""Teachers FD users pick today (DINOv2 with and without registers, SigLIP, EVA02-CLIP) and how their prefix tokens
+pair with the student's: CLS to CLS, extra registers left out of the loss."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fdpipe.errors import FdpipeError  # noqa: E402
+from fdpipe.models import (  # noqa: E402
+    TEACHERS,
+    Distiller,
+    Teacher,
+    check_grid,
+    create_student,
+    create_teacher,
+    matching_image_size,
+)
+from fdpipe.models import teachers as teachers_module  # noqa: E402
+from fdpipe.models.weights import _create  # noqa: E402
+
+IN_MEAN, CLIP_MEAN, HALF = (0.485, 0.456, 0.406), (0.48145466, 0.4578275, 0.40821073), (0.5, 0.5, 0.5)
+
+# alias: (timm name, image size, T, C, grid, prefix tokens, mean, size of a /16 student whose grid matches)
+NEW_ALIASES = {
+    "dinov2-b": ("vit_base_patch14_dinov2.lvd142m", 224, 257, 768, (16, 16), 1, IN_MEAN, 256),
+    "dinov2-b-reg": ("vit_base_patch14_reg4_dinov2.lvd142m", 224, 261, 768, (16, 16), 5, IN_MEAN, 256),
+    "dinov2-l": ("vit_large_patch14_dinov2.lvd142m", 224, 257, 1024, (16, 16), 1, IN_MEAN, 256),
+    "dinov2-l-reg": ("vit_large_patch14_reg4_dinov2.lvd142m", 224, 261, 1024, (16, 16), 5, IN_MEAN, 256),
+    "siglip-b": ("vit_base_patch16_siglip_224.webli", 224, 196, 768, (14, 14), 0, HALF, 224),
+    "siglip-so400m": ("vit_so400m_patch14_siglip_384.webli", 384, 729, 1152, (27, 27), 0, HALF, 432),
+    "eva02-clip-l": ("eva02_large_patch14_clip_224.merged2b", 224, 257, 1024, (16, 16), 1, CLIP_MEAN, 256),
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline_empty_hf_cache(monkeypatch, tmp_path_factory):
+    """No test may reach the network or depend on what this machine's Hugging Face cache holds."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+
+
+def _load_on_meta(name: str, timm_name: str, weights: object, image_size: int | None, what: str = "teacher",
+                  **kwargs: object) -> tuple[nn.Module, str]:
+    """The real architecture built on the meta device: shapes without weights, in a blink."""
+    with torch.device("meta"):
+        return _create(timm_name, image_size, pretrained=False, **kwargs), "0" * 64
+
+
+@pytest.fixture
+def on_meta(monkeypatch):
+    """create_teacher(..., device="meta") with only the weights left out: alias resolution, the image size and the
+    Teacher's probe (which sets T, C, grid and prefix count) run as they do for real weights."""
+    monkeypatch.setattr(teachers_module, "_load_pretrained", _load_on_meta)
+
+
+@pytest.fixture(scope="module")
+def tiny_student_224() -> nn.Module:
+    return create_student("fd-vit-tiny", image_size=224)[0]
+
+
+# ------------------------------------------------------------------------------------- new aliases (defect 4)
+
+
+@pytest.mark.parametrize("alias", list(NEW_ALIASES))
+def test_new_alias_gives_its_tokens_grid_prefix_and_student_size(alias, on_meta, tiny_student_224):
+    name, size, tokens, channels, grid, prefix, mean, student_size = NEW_ALIASES[alias]
+    assert TEACHERS[alias] == name
+    teacher = create_teacher(alias, device="meta")
+    info = teacher.info
+    assert (info.timm_name, info.image_size, info.tokens, info.channels, info.grid, info.num_prefix_tokens) == (
+        name, size, tokens, channels, grid, prefix)
+    assert teacher.data_config["input_size"] == (3, size, size) and teacher.data_config["mean"] == mean
+    assert matching_image_size(info.grid, 16) == student_size  # what distill picks without --image-size
+    if student_size == 224:
+        check_grid(tiny_student_224, info.grid, False, 16)
+    else:
+        with pytest.raises(FdpipeError, match=f"use --image-size {student_size} \\(patch 16\\)"):
+            check_grid(tiny_student_224, info.grid, False, 16)
+    # a 1-prefix student keeps its CLS only where the teacher has one (SigLIP has none)
+    assert Distiller(tiny_student_224, info.channels, info.grid, info.num_prefix_tokens).keep_prefix == min(1, prefix)
+
+
+def test_dinov2_at_its_pretrained_cfg_size_518_asks_for_a_592_px_student(on_meta, tiny_student_224):
+    info = create_teacher("dinov2-b-reg", image_size=518, device="meta").info
+    assert (info.tokens, info.grid, info.num_prefix_tokens) == (5 + 37 * 37, (37, 37), 5)
+    with pytest.raises(FdpipeError, match="use --image-size 592 "):
+        check_grid(tiny_student_224, info.grid, False, 16)
+
+
+@pytest.mark.parametrize("alias", list(NEW_ALIASES))
+def test_new_alias_offline_without_weights_names_all_three_ways(alias):
+    with pytest.raises(FdpipeError) as e:
+        create_teacher(alias)
+    msg = str(e.value)
+    assert "\n" not in msg and TEACHERS[alias] in msg
+    assert "--weights PATH" in msg and "Hugging Face cache" in msg and "network" in msg
+
+
+@pytest.mark.slow
+def test_dinov2_reg_alias_with_random_518_weights_runs_at_224(tmp_path, monkeypatch):
+    """Weights shaped like the released ones (37x37 position table) load into the 224 px alias, as meta shapes say."""
+    with monkeypatch.context() as m:
+        m.setattr(teachers_module, "_load_pretrained", _load_on_meta)
+        meta = create_teacher("dinov2-b-reg", device="meta").info
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False)  # 518 px, as released
+    path = tmp_path / "dinov2-b-reg.pth"
+    torch.save(model.state_dict(), path)
+    del model
+    teacher = create_teacher("dinov2-b-reg", weights=path)
+    info = teacher.info
+    shape = (info.image_size, info.tokens, info.channels, info.grid, info.num_prefix_tokens)
+    assert shape == (meta.image_size, meta.tokens, meta.channels, meta.grid, meta.num_prefix_tokens)
+    assert shape == (224, 261, 768, (16, 16), 5)
+    y = teacher(torch.randn(1, 3, 224, 224))
+    assert y.shape == (1, 261, 768) and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------- prefix pairing (defect 3)
+
+
+def _teacher(kind: str, folder: Path) -> Teacher:
+    """Random-weight teachers saved to a file: reg4 (CLS, r1..r4; 4x4 at 56 px), cls (test_vit), none (no prefix)."""
+    name, size = {"reg4": ("vit_small_patch14_reg4_dinov2", 56), "cls": ("test_vit", 160),
+                  "none": ("test_vit_relpos", 160)}[kind]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)  # at its default size, as released weights are
+    path = folder / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    return create_teacher(name, weights=path, image_size=size)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    folder, made = tmp_path_factory.mktemp("teachers"), {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = _teacher(kind, folder)
+        return made[kind]
+
+    return get
+
+
+def _student(kind: str, image_size: int) -> nn.Module:
+    """cls: an FD student (1 prefix); none: a timm ViT without CLS; cls+4reg: a timm ViT with CLS and 4 registers."""
+    torch.manual_seed(1)
+    if kind == "cls":
+        return create_student("fd-vit-tiny", image_size=image_size)[0].eval()
+    extra = dict(class_token=False, global_pool="avg") if kind == "none" else dict(reg_tokens=4)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image_size, num_classes=0,
+                             **extra).eval()
+
+
+def _sources(picked: torch.Tensor, full: torch.Tensor) -> list[int]:
+    """For each token of picked[0], the index of the token of full[0] it is."""
+    d = torch.cdist(picked[0].double(), full[0].double())
+    best = d.argmin(dim=1)
+    assert torch.all(d.gather(1, best[:, None]) < 1e-6), "a picked token is not one of the model's tokens"
+    return best.tolist()
+
+
+@pytest.mark.parametrize(("teacher_kind", "student_kind", "prefix_pairs"), [
+    ("reg4", "cls", [(0, 0)]),  # the student's CLS learns the teacher's CLS, not register 4
+    ("reg4", "none", []),
+    ("reg4", "cls+4reg", [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]),
+    ("cls", "cls+4reg", [(0, 0)]),  # the student's CLS, not its register 4, learns the teacher's CLS
+    ("none", "cls", []),  # SigLIP-like: no teacher CLS, so the student's CLS is left out
+])
+def test_each_student_token_is_trained_against_the_matching_teacher_token(teachers, teacher_kind, student_kind,
+                                                                          prefix_pairs):
+    teacher = teachers(teacher_kind)
+    info = teacher.info
+    student = _student(student_kind, matching_image_size(info.grid, 16))
+    d = Distiller(student, info.channels, info.grid, info.num_prefix_tokens).eval()
+
+    torch.manual_seed(2)
+    target = teacher(torch.randn(2, 3, info.image_size, info.image_size))
+    x = torch.randn(2, 3, *student.patch_embed.img_size)
+    with torch.no_grad():
+        trained = d.tokens(x)
+        student_tokens = student.forward_features(x)
+    aligned = d.align_target(target)
+    assert aligned.shape[:2] == trained.shape[:2] == d(x).shape[:2]
+
+    sp, tp, n = student.num_prefix_tokens, info.num_prefix_tokens, info.grid[0] * info.grid[1]
+    pairs = list(zip(_sources(trained, student_tokens), _sources(aligned, target)))
+    assert pairs == prefix_pairs + [(sp + j, tp + j) for j in range(n)]

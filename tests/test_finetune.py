@@ -186,6 +186,107 @@ def test_layer_decay_through_the_optimizer() -> None:
         assert lr == pytest.approx(2e-3 * 0.5 ** (depth + 1 - layer)), name
 
 
+# --- the recipe by student size (FD's configs) ------------------------------------------------------------------
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"init": "scratch", "data": "fashion-mnist", "out": "o", **kw})
+
+
+def test_recipe_defaults_come_from_the_student_size() -> None:
+    """With no --layer-decay, --drop-path or --warmup-epochs: FD's ViT-B recipe up to base (0.65, 0.1, 20% warmup),
+    FD's ViT-L recipe for large (0.75, 0.4, 10%), whether the size is an fd-vit alias or a timm name's word."""
+    from fdpipe.finetune.recipe import Recipe
+    from fdpipe.finetune.train import resolved_recipe
+
+    fd_base, fd_large = Recipe(0.65, 0.1, 0.2), Recipe(0.75, 0.4, 0.1)
+    assert resolved_recipe(_cfg(student="fd-vit-tiny")) == ("tiny", fd_base)
+    assert resolved_recipe(_cfg(student="fd-vit-small")) == ("small", fd_base)
+    assert resolved_recipe(_cfg(student="fd-vit-base")) == ("base", fd_base)
+    assert resolved_recipe(_cfg(student="fd-vit-large")) == ("large", fd_large)
+    assert resolved_recipe(_cfg(init="vit_large_patch16_224")) == ("large", fd_large)
+
+
+def test_recipe_size_is_read_from_the_run_it_starts_from(tmp_path) -> None:
+    """--init RUN and --init scratch --like RUN take the size of the run's student (its config.json name)."""
+    from fdpipe.finetune.train import resolved_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"name": "fd-vit-large", "architecture": "beit_base_patch16_224"}))
+    assert resolved_recipe(_cfg(init=str(run)))[0] == "large"
+    assert resolved_recipe(_cfg(like=str(run), student="fd-vit-tiny"))[0] == "large"
+
+
+def test_recipe_flags_override_the_size_table() -> None:
+    from fdpipe.finetune.recipe import Recipe
+    from fdpipe.finetune.train import resolved_recipe
+
+    cfg = _cfg(student="fd-vit-large", layer_decay=0.9, drop_path=0.0)
+    assert resolved_recipe(cfg)[1] == Recipe(layer_decay=0.9, drop_path=0.0, warmup_fraction=0.1)
+
+
+def test_recipe_table_is_in_the_help(cli) -> None:
+    from fdpipe.finetune.recipe import RECIPES
+
+    out = " ".join(cli("finetune", "--help").output.split())
+    for size, r in RECIPES.items():
+        assert f"{size} {r.layer_decay:g} {r.drop_path:g} {r.warmup_fraction:.0%} of the run" in out, size
+
+
+@pytest.mark.slow
+def test_a_default_run_trains_with_its_sizes_recipe(tmp_path, photo_dir) -> None:
+    """fd-vit-tiny with no recipe flags: warmup over the first 20% of the steps (4 of 20), drop path 0.1 in the
+    saved model, and metrics.json records the recipe it ran."""
+    out = tmp_path / "r"
+    r = finetune(_cfg(data=str(photo_dir), val=str(photo_dir), out=str(out), epochs=5, batch_size=2, lr=1e-3,
+                      eval_every=5, image_size=32, workers=0, quiet=True))
+    assert r["steps"] == 20
+    lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(ln)["kind"] == "train"]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rel=1e-6)
+    assert json.loads((out / "config.json").read_text())["model_args"]["drop_path_rate"] == 0.1
+    recipe = json.loads((out / "metrics.json").read_text())["recipe"]
+    assert (recipe["size"], recipe["layer_decay"], recipe["drop_path"], recipe["warmup_steps"]) == ("tiny", 0.65, 0.1, 4)
+
+
+def test_random_erasing_is_fds_by_default() -> None:
+    """--reprob defaults to FD's and DeiT's 0.25 (one box of per-pixel noise) in the training transform; 0 on a logits
+    store's stored views."""
+    from timm.data.random_erasing import RandomErasing
+
+    from fdpipe.finetune.data import train_transform
+
+    cfg = _cfg()
+    tf = train_transform({"mean": (0.5,) * 3, "std": (0.5,) * 3}, 32, randaug=False, reprob=cfg.use_reprob)
+    erasing = [t for t in tf.transforms if isinstance(t, RandomErasing)]
+    assert len(erasing) == 1 and erasing[0].probability == 0.25 and erasing[0].per_pixel
+    assert _cfg(method="deit", teacher_store="s", data=None).use_reprob == 0.0
+
+
+def test_reprob_outside_zero_one_is_one_line(cli, tmp_path, photo_dir) -> None:
+    common = ("--init", "scratch", "--data", photo_dir, "--val", photo_dir, "--out", tmp_path / "o", *TINY)
+    for bad in (1.5, -0.1):
+        one_line_error(cli("finetune", *common, "--reprob", bad), "--reprob must be in [0, 1]", f"(got {bad})")
+
+
+def test_the_demo_keeps_its_own_recipe() -> None:
+    """The demo's fine-tunes run what its numbers were measured with, whatever the size table says: layer decay
+    0.85, drop path 0.1, warmup 5% of the epochs, no random erasing, the 1e-6 floor."""
+    from fdpipe.demo import FULL, QUICK, stage_commands
+    from fdpipe.finetune.cli import finetune as command
+    from fdpipe.finetune.train import resolved_recipe
+    from fdpipe.options import settings_from_cli
+
+    for sizes in (FULL, QUICK):
+        for stage in ("finetune_fd", "finetune_scratch"):
+            ctx = command.make_context("finetune", stage_commands(Path("demo"), sizes)[stage][1:])
+            cfg = settings_from_cli(FinetuneConfig, ctx, **ctx.params)
+            _, recipe = resolved_recipe(cfg)
+            assert (recipe.layer_decay, recipe.drop_path, cfg.use_reprob, cfg.min_lr) == (0.85, 0.1, 0.0, 1e-6)
+            assert cfg.warmup_epochs == pytest.approx(0.05 * sizes.finetune_epochs)
+
+
 # --- end to end (CPU, tiny) ---------------------------------------------------------------------------------------
 
 
@@ -361,6 +462,8 @@ def test_option_conflicts_are_one_line(cli, tmp_path, photo_dir) -> None:
     one_line_error(cli("finetune", *common, "--val", photo_dir, "--batch-size", 3), "even --batch-size")
     one_line_error(cli("finetune", *common, "--val", photo_dir, "--eval-every", 0), "--eval-every must be at least 1")
     one_line_error(cli("finetune", *common, "--val", photo_dir, "--min-crop", 0), "--min-crop must be in (0, 1]")
+    one_line_error(cli("finetune", *common, "--val", photo_dir, "--method", "deit", "--teacher-store", "s",
+                       "--reprob", 0.25), "--reprob")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -54,7 +55,8 @@ def _beit(shared: bool, num_classes: int = 0, seed: int = 0, **overrides) -> tor
 
 
 def test_focal_supcon_matches_hand_loops() -> None:
-    """The vectorised loss equals the paper's formula written as loops (catches a wrong denominator/weight/mean)."""
+    """The vectorised loss equals its formula written as loops: per anchor, the focal-weighted log-probabilities of
+    its positives summed and divided by the batch size N, averaged over the anchors (catches a wrong weight/mean)."""
     z = F.normalize(torch.tensor([[1.0, 0.2], [0.8, 0.5], [-0.3, 1.0], [-1.0, -0.4]]), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
     t, gamma = 0.5, 2.0
@@ -66,7 +68,7 @@ def test_focal_supcon_matches_hand_loops() -> None:
         for p in positives:
             prob = math.exp(float(z[i] @ z[p]) / t) / denom
             acc += (1 - prob) ** gamma * math.log(prob)
-        total += -acc / len(positives)
+        total += -acc / 4  # N = 4 rows
         anchors += 1
     expected = total / anchors
     got = focal_supcon_loss(z, labels, temperature=t, gamma=gamma)
@@ -76,14 +78,15 @@ def test_focal_supcon_matches_hand_loops() -> None:
 
 
 def test_focal_supcon_skips_anchors_without_positives() -> None:
-    """A singleton class adds no anchor term (but stays in denominators) and no NaN (catches a 0/0 or a mean over N)."""
+    """A singleton class adds no anchor term (but stays in denominators) and no NaN: the mean is over the two anchors
+    that have a positive, each term divided by N = 3 (catches a 0/0 or a mean over all anchors)."""
     z = F.normalize(torch.tensor([[1.0, 0.0], [0.3, 1.0], [0.6, 0.5]]), dim=1)
     t = 0.5
     s = (z @ z.T / t).tolist()
     expected = 0.0
     for i, j in ((0, 1), (1, 0)):
         prob = math.exp(s[i][j]) / (math.exp(s[i][j]) + math.exp(s[i][2]))
-        expected += -(1 - prob) * math.log(prob) / 2
+        expected += -(1 - prob) * math.log(prob) / 3 / 2
     got = focal_supcon_loss(z, torch.tensor([0, 0, 1]), temperature=t)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -153,6 +156,56 @@ def test_mixup_lambdas_reproducible_and_bounded() -> None:
     assert 0.0 <= float(a[1].min()) and float(a[1].max()) <= 1.0 and float(a[1].std()) > 0.1
 
 
+def reference_focal_supcon(features: torch.Tensor, labels_onehot: torch.Tensor, num_classes: int) -> float:
+    """Vanint/Core-tuning's ``focal_SupConLoss(features, labels, mixup=True)`` (Core-tuning.py), transcribed line by
+    line for the CPU. sklearn's LabelEncoder is np.unique's inverse; the soft-label codes are formed in float64 (the
+    reference's float32 codes could merge two distinct mixes)."""
+    temperature = 0.07
+    base_temperature = 0.07
+    batch_size = features.shape[0]
+    weight_index = torch.tensor(10 ** np.arange(num_classes)).unsqueeze(1)
+    labels_ = labels_onehot.double().mm(weight_index.double()).squeeze(1).numpy()
+    labels = torch.unsqueeze(torch.tensor(np.unique(labels_, return_inverse=True)[1]), 1)
+    labels = labels.contiguous().view(-1, 1)
+    mask = torch.eq(labels, labels.T).float()
+    anchor_feature = features.float()
+    contrast_feature = features.float()
+    anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    weight = 1 - torch.exp(log_prob)
+    mean_log_prob_pos = (weight * mask * log_prob).mean(1)
+    mean_log_prob_pos = -(temperature / base_temperature) * mean_log_prob_pos
+    mean_log_prob_pos = mean_log_prob_pos.view(batch_size)
+    n_nonzero = torch.nonzero(mask.sum(1)).shape[0]
+    return float(mean_log_prob_pos.sum() / n_nonzero)
+
+
+def test_contrast_term_has_the_reference_codes_scale() -> None:
+    """On a fixed B=64, 10-class batch, Core-tuning's L_con equals the reference code's formula over the same 3B
+    contrasted rows, so eta 0.1 (the reference README's) weighs it as there (catches the paper's 1/|P(i)|, which
+    makes L_con tens of times larger)."""
+    b, d, k = 64, 32, 10
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(b, d, generator=g)
+    labels = torch.randperm(b, generator=g) % k
+    loss_fn = CoreTuningLoss(d, contrast_dim=16)
+    head = torch.nn.Linear(d, k)
+    with torch.no_grad():
+        con = loss_fn(feats, labels, head, generator=torch.Generator().manual_seed(1)).con
+        # the rows the loss contrasts: the real features, then its hard negatives and hard positives
+        y = F.one_hot(labels, k).float()
+        pos_idx, neg_idx = hardest_pairs(feats, labels)
+        lam_neg, lam_pos = sample_mixup_lambdas(b, 1.0, torch.Generator().manual_seed(1))
+        mixed, y_mixed = hardness_mixup(feats, y, pos_idx, neg_idx, lam_neg, lam_pos)
+        z = loss_fn.contrast_head(torch.cat([feats, mixed]))
+    assert con.item() == pytest.approx(reference_focal_supcon(z, torch.cat([y, y_mixed]), k), rel=1e-4)
+
+
 def test_core_tuning_loss_backpropagates_to_backbone() -> None:
     """The combined loss reaches the first block and the contrast head (catches a detached feature path)."""
     model = _beit(shared=False, num_classes=4).train()
@@ -218,6 +271,21 @@ def test_distilled_classifier_eval_is_average_of_heads(shared: bool) -> None:
     assert cls_logits.shape == dist_logits.shape == (2, 5)
     model.eval()
     torch.testing.assert_close(model(x), (cls_logits + dist_logits) / 2)
+
+
+def test_deit_top1_is_the_average_of_the_two_heads() -> None:
+    """evaluate() reports DeiT's headline, the prediction of (cls + dist) / 2, as top1, and the class head alone as
+    top1_cls: here the class head is always wrong and the distillation head outvotes it."""
+    from fdpipe.finetune.evaluate import evaluate
+
+    model = DistilledClassifier(_beit(shared=True, num_classes=2))
+    with torch.no_grad():  # constant logits: class head [1, 0] (says 0), dist head [0, 3] (says 1)
+        for head, bias in ((model.backbone.head, [1.0, 0.0]), (model.head_dist, [0.0, 3.0])):
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor(bias))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    m = evaluate(model, [(x, torch.ones(4, dtype=torch.long))], torch.device("cpu"))
+    assert (m["top1"], m["top1_cls"]) == (100.0, 0.0)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -12,6 +12,8 @@ from ..errors import FdpipeError
 from ..options import (cache_dir_option, crop_scale_option, device_option, layer_option, option, quiet_option,
                        seed_option, storage_options_option, views_option, weights_option, workers_option)
 
+FD_MIN_LR, FD_MIN_LR_BATCH = 5e-6, 512  # FD's cosine floor: TRAIN.MIN_LR 5e-6 per 512 images, scaled linearly
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
@@ -23,6 +25,8 @@ class DistillConfig:
     batch_size: int = option(64, "Views per step on each process.")
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
     lr: float | None = option(None, "Peak learning rate [default: 1.2e-3 x global batch / 2048].")
+    min_lr: float | None = option(None, "Learning rate the cosine schedule ends at; 0 decays to zero.",
+                                  show_default="auto: 5e-6 x global batch / 512, FD's rule")
     weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position tables).")
     warmup_epochs: float | None = option(None, "Linear warmup length in epochs [default: 10% of the run].")
     clip_grad: float = option(3.0, "Gradient norm clipping.", cli=False)
@@ -64,6 +68,8 @@ class DistillConfig:
         for name in ("epochs", "batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.min_lr is not None and self.min_lr < 0:
+            raise FdpipeError(f"--min-lr must be at least 0 (got {self.min_lr})")
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
 
         make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
@@ -71,3 +77,12 @@ class DistillConfig:
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
         if self.teacher is not None and self.data is None:
             raise FdpipeError("online mode needs --data SRC beside --teacher")
+
+    def floor_lr(self, world: int) -> float:
+        """The schedule's floor: --min-lr, else FD's 5e-6 per 512 images of the global batch (accumulation included,
+        as FD scales it)."""
+        if self.min_lr is not None:
+            return self.min_lr
+        from ..training import scaled_lr
+
+        return scaled_lr(FD_MIN_LR, self.batch_size * self.accum_steps * world, FD_MIN_LR_BATCH)

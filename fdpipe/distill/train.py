@@ -109,7 +109,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     loop = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                         clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs, warmup_fraction=0.1,
-                        max_steps=cfg.max_steps, save_every=cfg.save_every, log_every=cfg.log_every, desc="distill", quiet=cfg.quiet)
+                        min_lr=cfg.floor_lr(ranks.world), max_steps=cfg.max_steps, save_every=cfg.save_every,
+                        log_every=cfg.log_every, desc="distill", quiet=cfg.quiet)
     global_batch = cfg.batch_size * cfg.accum_steps * ranks.world
     peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(BASE_LR, global_batch, BASE_BATCH)
     schedule = make_schedule(loop, data.samples_per_epoch, peak_lr)  # per epoch: streamed ranks' counts vary

@@ -7,10 +7,11 @@ from typing import Any
 import click
 
 from ..options import CONTEXT, click_options, settings_from_cli
+from .recipe import table
 from .settings import FinetuneConfig
 
 
-@click.command("finetune", context_settings=CONTEXT)
+@click.command("finetune", context_settings=CONTEXT, epilog=table())
 @click_options(FinetuneConfig)
 @click.pass_context
 def finetune(ctx: click.Context, **params: Any) -> None:
@@ -23,5 +24,6 @@ def finetune(ctx: click.Context, **params: Any) -> None:
 
     r = run_finetune(settings_from_cli(FinetuneConfig, ctx, **params))
     if "top1" in r:
-        click.echo(f"fine-tuned {r['steps']} steps on {r['train_images']} images; held-out top-1 {r['top1']:.2f}% "
-                   f"top-5 {r['top5']:.2f}% ({r['val_images']} images); model in {r['model']}")
+        heads = f" (class head alone {r['top1_cls']:.2f}%)" if "top1_cls" in r else ""
+        click.echo(f"fine-tuned {r['steps']} steps on {r['train_images']} images; held-out top-1 {r['top1']:.2f}%"
+                   f"{heads} top-5 {r['top5']:.2f}% ({r['val_images']} images); model in {r['model']}")

@@ -40,14 +40,17 @@ def focal_supcon_loss(
     For L2-normalized embeddings ``z`` [N, K] and integer ``labels`` [N]:
 
         P_ip = exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t)
-        L_i  = -1/|P(i)| * sum_{p in P(i)} (1 - P_ip)^gamma * log P_ip,   P(i) = {p != i : y_p = y_i}
+        L_i  = -1/N * sum_{p in P(i)} (1 - P_ip)^gamma * log P_ip,   P(i) = {p != i : y_p = y_i}
         L    = mean of L_i over the anchors i with |P(i)| > 0   (anchors without a positive are skipped)
 
+    The scale is the reference code's (``focal_SupConLoss``: ``(weight * mask * log_prob).mean(1)``, i.e. a sum over
+    the positives divided by the batch size N, then summed and divided by the anchors that have a positive), so an
+    eta means what it means there: its README's ``--eta_weight 0.1`` is our default. The paper writes 1/|P(i)|
+    instead of 1/N; with Core-tuning's 3B rows (most mixed rows have no positive) that is N/|P(i)| times larger,
+    28-40x on B=64, 10-class batches, which would make eta 0.1 act like eta 3 or more.
     gamma = 1 is what the reference code uses (its weight is ``1 - exp(log_prob)``, no exponent); gamma = 0 gives the
-    plain SupCon loss (Khosla et al. 2020, L_out). The focal weight is not detached, as in the reference code.
-    Two deliberate differences from the reference code: it divides by the batch size N instead of |P(i)| (we follow
-    the paper's per-anchor mean over positives), and its ``temperature / base_temperature`` factor is 1 at the
-    defaults, so it is left out.
+    plain SupCon loss (Khosla et al. 2020, L_out). The focal weight is not detached, as in the reference code. Its
+    ``temperature / base_temperature`` factor is 1 at the defaults, so it is left out.
     """
     z = z.float()
     n = z.shape[0]
@@ -60,11 +63,10 @@ def focal_supcon_loss(
     prob = log_prob.masked_fill(self_mask, float("-inf")).exp()  # P_ia, 0 on the diagonal
     weight = (1.0 - prob).clamp_min(0.0).pow(gamma)
     term = torch.where(pos, weight * log_prob, torch.zeros_like(log_prob))
-    n_pos = pos.sum(1)
-    has_pos = n_pos > 0
+    has_pos = pos.any(1)
     if not bool(has_pos.any()):
         return z.sum() * 0.0  # no anchor has a positive: no signal, but keep the graph
-    per_anchor = -term.sum(1)[has_pos] / n_pos[has_pos]
+    per_anchor = -term.sum(1)[has_pos] / n
     return per_anchor.mean()
 
 
@@ -132,8 +134,11 @@ def hardness_mixup(
         rows B..2B-1  (hard positives):  f = lam_pos_i f_p(i) + (1 - lam_pos_i) f_n(i),  y likewise
 
     The hard positive mixes the hardest positive with the hardest negative, as in the paper and the reference code
-    (mixing the anchor with its positive would make an easy positive). Returns (mixed [2B, D], soft labels [2B, C]);
-    soft-label rows sum to 1 whenever the one-hot rows do. Gradients flow into ``features``.
+    (mixing the anchor with its positive would make an easy positive). The hard negative's partner n(i) is the anchor's
+    hardest negative (most similar other-class sample); the reference code instead mixes each anchor with a random
+    shuffle of the batch (``random.shuffle(order)``, a partner that may even share its class) and uses the hardest
+    negative only in the hard positives. Returns (mixed [2B, D], soft labels [2B, C]); soft-label rows sum to 1
+    whenever the one-hot rows do. Gradients flow into ``features``.
     """
     b = features.shape[0]
     lam_neg = torch.as_tensor(lam_neg, dtype=features.dtype, device=features.device).expand(b).reshape(b, 1)
@@ -168,7 +173,9 @@ class CoreTuningLoss(nn.Module):
     classifier for both, averaged together, as the reference code does ((1/3) CE + (2/3) smooth CE). ``ids(Y*)``
     gives equal ids to equal soft-label rows (the reference code's LabelEncoder over soft labels): real samples of
     a class are positives of each other, and a mixed row is a positive only of an identical mix, otherwise it acts
-    as a negative for everyone. Unlike the reference code, the real rows are not detached from the backbone.
+    as a negative for everyone. Unlike the reference code, the real rows are not detached from the backbone, and
+    each hard negative mixes the anchor with its hardest negative, not with a random shuffle of the batch. L_con has
+    the reference code's scale (see ``focal_supcon_loss``), so the default eta 0.1 is its README's.
     """
 
     def __init__(

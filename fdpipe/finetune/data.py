@@ -115,15 +115,18 @@ def _posterize(img, bits_to_keep: int, **_: Any):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def train_transform(data_config: dict[str, Any], image_size: int, randaug: bool, min_crop: float = 0.08) -> Callable:
-    """timm's training transform: RandomResizedCrop (min_crop-1) + flip, RandAugment when on, no colour jitter."""
+def train_transform(data_config: dict[str, Any], image_size: int, randaug: bool, min_crop: float = 0.08,
+                    reprob: float = 0.0) -> Callable:
+    """timm's training transform: RandomResizedCrop (min_crop-1) + flip, RandAugment when on, no colour jitter, then
+    random erasing with probability reprob (FD's and DeiT's: one box of per-pixel normal noise)."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
 
     tf = create_transform(
         input_size=image_size, is_training=True, scale=(min_crop, 1.0), hflip=0.5, color_jitter=None,
         auto_augment=RANDAUG if randaug else None, interpolation=data_config.get("interpolation", "bicubic"),
-        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), re_prob=0.0)
+        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), re_prob=reprob,
+        re_mode="pixel", re_count=1)
     for t in getattr(tf, "transforms", []):
         if isinstance(t, RandAugment):
             for op in t.ops:

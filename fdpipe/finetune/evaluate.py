@@ -1,4 +1,4 @@
-"""Held-out top-1/top-5, summed over ranks; for DeiT also the two heads' average."""
+"""Held-out top-1/top-5, summed over ranks; for DeiT the two heads' average, as DeiT reports it."""
 
 from __future__ import annotations
 
@@ -17,32 +17,37 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
     return float((logits.topk(k, dim=-1).indices == y[:, None]).any(-1).sum())
 
 
+def _counts(logits: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Top-1 and top-5 hits and the summed CE (no smoothing) of one batch."""
+    return [_topk_correct(logits, y, 1), _topk_correct(logits, y, 5), float(F.cross_entropy(logits, y, reduction="sum"))]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Top-1, top-5 and mean CE (no smoothing) over the held-out split, summed over ranks.
 
-    For a DistilledClassifier the main numbers are the class head's (the exported timm model); when both heads share
-    the label space, ``top1_heads``/``top5_heads`` report DeiT's prediction, the average of the two heads.
+    For a DistilledClassifier ``top1``/``top5``/``loss`` are DeiT's headline: the prediction of the average of the
+    class and distillation heads' logits (DeiT's eval forward). ``top1_cls``/``top5_cls``/``loss_cls`` are the class
+    head alone, which is the exported timm model. When the heads have different label spaces (a teacher with other
+    classes) they cannot be averaged, and the headline is the class head.
     """
     model.eval()
-    sums = np.zeros(6)
+    distilled = isinstance(model, DistilledClassifier)
+    sums = np.zeros(7)
     with worker_errors_one_line():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device):
-                if isinstance(model, DistilledClassifier):
+                if distilled:
                     cls, dist = model.forward_head(model.forward_features(x))
-                    both = (cls.float() + dist.float()) / 2 if dist.shape == cls.shape else None
                 else:
-                    cls, both = model(x), None
+                    cls, dist = model(x), None
             cls = cls.float()
-            sums += [len(y), _topk_correct(cls, y, 1), _topk_correct(cls, y, 5),
-                     float(F.cross_entropy(cls, y, reduction="sum")),
-                     _topk_correct(both, y, 1) if both is not None else 0.0,
-                     _topk_correct(both, y, 5) if both is not None else 0.0]
-    n, c1, c5, loss, h1, h5 = all_sum(sums.tolist(), device)
+            head = (cls + dist.float()) / 2 if dist is not None and dist.shape == cls.shape else cls
+            sums += [len(y), *_counts(head, y), *_counts(cls, y)]
+    n, c1, c5, loss, k1, k5, k_loss = all_sum(sums.tolist(), device)
     n = max(n, 1.0)
     out = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "images": int(n)}
-    if isinstance(model, DistilledClassifier) and model.head_dist.out_features == model.num_classes:
-        out |= {"top1_heads": 100.0 * h1 / n, "top5_heads": 100.0 * h5 / n}
+    if distilled:
+        out |= {"top1_cls": 100.0 * k1 / n, "top5_cls": 100.0 * k5 / n, "loss_cls": k_loss / n}
     return out

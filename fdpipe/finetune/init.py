@@ -176,6 +176,19 @@ def from_checkpoint(init: str, num_classes: int, drop_path: float, image_size: i
     return Init(model, spec, "checkpoint", init, image_size or _image_size_of(spec.model_args))
 
 
+def student_name(init: str, student: str = "fd-vit-tiny", like: str | None = None) -> str:
+    """The name of the student --init starts from, read before any model is built (the recipe's size comes from it,
+    and drop path is set when the model is built): --student or --like's run for scratch, a run or checkpoint's
+    config.json name (its architecture if it has none), else --init itself (a timm name)."""
+    if init == "scratch" and like is None:
+        return student
+    p = Path(like if init == "scratch" else init).expanduser()
+    config = _read_config(p if p.is_dir() else p.parent) if p.exists() else None
+    if config is None:  # a timm name, or a path build() refuses with its own line
+        return init
+    return str(config.get("name", config["architecture"]))
+
+
 def build(init: str, num_classes: int, *, drop_path: float = 0.1, image_size: int | None = None,
           student: str = "fd-vit-tiny", patch_size: int | None = None, like: str | None = None,
           new_head: bool = False) -> Init:

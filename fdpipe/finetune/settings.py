@@ -11,9 +11,11 @@ from typing import Any
 from ..errors import FdpipeError
 from ..options import (device_option, option, quiet_option, seed_option, storage_options_option, weights_option,
                        workers_option)
+from .recipe import DROP_PATH_DEFAULT, LAYER_DECAY_DEFAULT, WARMUP_DEFAULT
 
 METHODS = ("ce", "core", "deit")
 DISTILL_KINDS = ("hard", "soft")
+REPROB = 0.25  # FD's and DeiT's random erasing probability (AUG.REPROB, --reprob)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,10 +50,11 @@ class FinetuneConfig:
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
     lr: float | None = option(None, "Peak learning rate of the head [default: 5e-4 x global batch / 256].")
     min_lr: float = option(1e-6, "Cosine floor of the learning rate.")
-    layer_decay: float = option(0.65, "Layer-wise lr decay: block i trains at decay^(depth-i).")
+    layer_decay: float | None = option(None, "Layer-wise lr decay: block i trains at decay^(depth-i).",
+                                       show_default=LAYER_DECAY_DEFAULT)
     weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, bias tables).")
-    warmup_epochs: float | None = option(None, "Linear warmup in epochs [default: 5% of the run].")
-    drop_path: float = option(0.1, "Stochastic depth rate, linear over depth.")
+    warmup_epochs: float | None = option(None, "Linear warmup in epochs.", show_default=WARMUP_DEFAULT)
+    drop_path: float | None = option(None, "Stochastic depth rate, linear over depth.", show_default=DROP_PATH_DEFAULT)
     smoothing: float = option(0.1, "Label smoothing.")
     mixup: bool | None = option(None, "timm Mixup (alpha 0.8) / CutMix (alpha 1.0) on the batch.",
                                 show_default="on for ce and live deit, off otherwise")
@@ -60,11 +63,15 @@ class FinetuneConfig:
     min_crop: float = option(0.08, "Smallest area fraction of the training RandomResizedCrop (timm's scale=(MIN, 1)).")
     randaug: bool | None = option(None, "RandAugment rand-m9-mstd0.5-inc1 after RandomResizedCrop + flip.",
                                   show_default="on, off with --teacher-store")
+    reprob: float | None = option(None, "Random erasing probability (timm RandomErasing: one box of per-pixel "
+                                        "noise, after normalisation; 0 turns it off).",
+                                  show_default=f"{REPROB}, 0 with --teacher-store")
     eval_every: int = option(1, "Evaluate every N epochs (the last epoch always).")
     eval_batch_size: int | None = option(None, "Images per evaluation forward [default: 2 x --batch-size].", cli=False)
     clip_grad: float = option(5.0, "Gradient norm clipping.")
     # core
-    core_eta: float = option(0.1, "core: weight of the contrastive term.")
+    core_eta: float = option(0.1, "core: weight eta of the contrastive term; its scale is the reference code's "
+                                  "(the README's --eta_weight 0.1 means the same here).")
     core_alpha: float = option(1.0, "core: Beta(alpha, alpha) of the hardness-directed mixup.")
     # deit
     teacher: str | None = option(None, "deit: a live logits teacher (alias or timm name, e.g. effnet-lite0).")
@@ -100,17 +107,23 @@ class FinetuneConfig:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
         if self.method not in METHODS:
             raise FdpipeError(f"--method must be one of {', '.join(METHODS)} (got {self.method})")
-        if not 0 < self.layer_decay <= 1:
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise FdpipeError(f"--layer-decay must be in (0, 1] (got {self.layer_decay}); 1 turns it off")
+        if self.min_lr < 0:
+            raise FdpipeError(f"--min-lr must be at least 0 (got {self.min_lr})")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise FdpipeError(f"--drop-path must be in [0, 1) (got {self.drop_path})")
+        if self.reprob is not None and not 0 <= self.reprob <= 1:
+            raise FdpipeError(f"--reprob must be in [0, 1], the probability of erasing a box (got {self.reprob})")
         if self.method == "deit":
             if (self.teacher is None) == (self.teacher_store is None):
                 raise FdpipeError("--method deit needs a teacher: --teacher NAME (live) or --teacher-store STORE "
                                   "(made by fdpipe extract --target logits)")
             if self.distill_kind not in DISTILL_KINDS:
                 raise FdpipeError(f"--distill-kind must be soft or hard (got {self.distill_kind})")
-            if self.teacher_store is not None and (self.mixup or self.randaug):
-                raise FdpipeError("--teacher-store trains on the stored views the teacher saw; --mixup and --randaug "
-                                  "would change them: drop them (or use a live --teacher)")
+            if self.teacher_store is not None and (self.mixup or self.randaug or self.reprob):
+                raise FdpipeError("--teacher-store trains on the stored views the teacher saw; --mixup, --randaug and "
+                                  "--reprob would change them: drop them (or use a live --teacher)")
         elif self.teacher is not None or self.teacher_store is not None:
             raise FdpipeError(f"--teacher/--teacher-store are for --method deit, not {self.method}")
         if self.method == "core" and self.mixup:
@@ -129,3 +142,10 @@ class FinetuneConfig:
     @property
     def use_randaug(self) -> bool:
         return self.randaug if self.randaug is not None else self.teacher_store is None
+
+    @property
+    def use_reprob(self) -> float:
+        """The random erasing probability: --reprob, else FD's 0.25 (0 on a logits store's stored views)."""
+        if self.reprob is not None:
+            return self.reprob
+        return REPROB if self.teacher_store is None else 0.0

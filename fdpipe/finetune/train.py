@@ -1,4 +1,5 @@
-"""The fine-tuning loop: the FD recipe (BEiT/MAE-style) with plain CE, Core-tuning, or DeiT-style distillation.
+"""The fine-tuning loop: the FD recipe (BEiT/MAE-style, set by the student's size: recipe.py) with plain CE,
+Core-tuning, or DeiT-style distillation.
 
 One loop serves the three methods; they differ only in what the model returns and which loss reads it:
 
@@ -29,6 +30,7 @@ from ..runtime import atomic_write_json
 from ..training import (LoopSettings, Position, RunFiles, Step, Trainer, barrier, make_schedule, plot_curves,
                         scaled_lr, start_run)
 from . import init as inits
+from . import recipe as recipes
 from .core import CoreTuningLoss
 from .data import Labelled, eval_transform, per_rank, train_transform
 from .deit import DistilledClassifier, deit_loss
@@ -45,11 +47,18 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{rank}/step".encode(), digest_size=8).digest(), "little")
 
 
+def resolved_recipe(cfg: FinetuneConfig) -> tuple[str, recipes.Recipe]:
+    """The student's size and the recipe this run uses: the size's row of the table, with the flags given instead."""
+    size = recipes.size_of(inits.student_name(cfg.init, cfg.student, cfg.like))
+    return size, recipes.resolve(size, layer_decay=cfg.layer_decay, drop_path=cfg.drop_path)
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune cfg.init on cfg.data; writes OUT/model.safetensors, config.json, metrics.json and plots.
 
     Returns ``{"out", "top1", "top5", "loss", "epochs", "steps", "model", "config", "metrics", ...}``: the final
-    held-out top-1/top-5 (percent) of the exported model and the paths of what was written.
+    held-out top-1/top-5 (percent) and the paths of what was written. For deit, top1/top5 are DeiT's (the two heads'
+    average) and ``top1_cls``/``top5_cls`` the class head's, which is the exported timm model.
     """
     device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE)
 
@@ -57,13 +66,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     vd = val_data(cfg, td)
     k = td.num_classes
     n_train = len(td.selected)
+    size, recipe = resolved_recipe(cfg)
     loop = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                        clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs, warmup_fraction=0.05,
+                        clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs,
+                        warmup_fraction=recipe.warmup_fraction,
                         min_lr=cfg.min_lr, max_steps=cfg.max_steps, save_every=cfg.save_every, log_every=cfg.log_every,
                         desc=f"finetune {cfg.method}", quiet=cfg.quiet)
     per_epoch = per_rank(n_train, ranks.world)
     make_schedule(loop, per_epoch, 1.0)  # a batch larger than the data is refused before any model is built
-    init = inits.build(cfg.init, k, drop_path=cfg.drop_path, image_size=cfg.image_size, student=cfg.student,
+    init = inits.build(cfg.init, k, drop_path=recipe.drop_path, image_size=cfg.image_size, student=cfg.student,
                        patch_size=cfg.patch_size, like=cfg.like, new_head=cfg.new_head)
     base = init.model
     data_cfg = timm.data.resolve_model_data_config(base)
@@ -93,7 +104,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         replay = open_replay(td.store, student_transform(base, image_size), source=td.source)
         dataset = replay.dataset
     else:
-        dataset = Labelled(td.source, td.labels, train_transform(data_cfg, image_size, cfg.use_randaug, cfg.min_crop), cfg.seed)
+        tf = train_transform(data_cfg, image_size, cfg.use_randaug, cfg.min_crop, cfg.use_reprob)
+        dataset = Labelled(td.source, td.labels, tf, cfg.seed)
     vloader = val_loader(cfg, vd, eval_transform(data_cfg, image_size), ranks, device)
     n_val, val_spec = len(vd.indices), vd.source.spec
 
@@ -106,7 +118,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     global_batch = cfg.batch_size * cfg.accum_steps * ranks.world
     peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(BASE_LR, global_batch, BASE_BATCH)
     schedule = make_schedule(loop, per_epoch, peak_lr)
-    optimizer = build_optimizer(net, peak_lr, cfg.weight_decay, cfg.layer_decay)
+    optimizer = build_optimizer(net, peak_lr, cfg.weight_decay, recipe.layer_decay)
     setup = setup_id(cfg, td)
 
     def check(state: dict[str, Any]) -> None:
@@ -180,11 +192,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "method": cfg.method, "init": {"kind": init.kind, "source": init.source}, "num_classes": k,
             "classes": td.classes, "train_images": n_train, "val_images": n_val, "val": val_spec,
             "image_size": image_size, "steps": pos.step,
+            "recipe": {"size": size, **dataclasses.asdict(recipe), "warmup_steps": schedule.warmup,
+                       "reprob": cfg.use_reprob, "peak_lr": peak_lr, "min_lr": cfg.min_lr},
         }
         atomic_write_json(out / "metrics.json", summary)
         extra = {"fdpipe": {"stage": "finetune", "method": cfg.method, "init": {"kind": init.kind,
                  "source": init.source}, "classes": td.classes, "image_size": image_size,
-                 "top1": final["top1"], "top5": final["top5"],
+                 "top1": final.get("top1_cls", final["top1"]), "top5": final.get("top5_cls", final["top5"]),
                  "head": "class head (the distillation token and head are in distilled_classifier.safetensors)"
                  if cfg.method == "deit" else "head",
                  "config": {k_: v for k_, v in dataclasses.asdict(cfg).items() if k_ != "storage_options"}}}
@@ -203,6 +217,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             plot_curves(out / "accuracy.png", {"top-1": (xs, [r["top1"] for r in evals]),
                                                "top-5": (xs, [r["top5"] for r in evals])},
                         "epoch", "held-out accuracy (%)", f"fine-tuning ({cfg.method})")
+        result |= {k_: final[k_] for k_ in ("top1_cls", "top5_cls") if k_ in final}
         result |= {"top1": final["top1"], "top5": final["top5"], "loss": final["loss"], "model": str(weights),
                    "config": str(out / "config.json"), "metrics": str(out / "metrics.json")}
     barrier()

@@ -121,7 +121,10 @@ def context(name: str, args: argparse.Namespace):
 
 
 def run_with(name: str, args: argparse.Namespace, run: Callable[[Context], int]) -> int:
-    """A benchmark's main: run(ctx) inside its context."""
+    """A benchmark's main: run(ctx) inside its context, with the allocator tuned as the `fdpipe` command tunes it."""
+    from fdpipe.memory import reuse_freed_memory
+
+    reuse_freed_memory()
     with context(name, args) as ctx:
         return run(ctx)
 

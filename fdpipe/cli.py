@@ -46,6 +46,9 @@ def entry() -> None:
     import os
     import sys
 
+    from .memory import reuse_freed_memory
+
+    reuse_freed_memory()
     code = 0
     try:
         main()

@@ -82,7 +82,8 @@ KILLER = textwrap.dedent("""
             tmp = self._tmp_name(rel)
             self.makedirs(rel.rpartition("/")[0])
             with self.fs.open(self.path(tmp), "wb") as f:
-                f.write(data[: len(data) // 2])
+                whole = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
+                f.write(whole[: len(whole) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         return orig_put(self, rel, data)
     def commit(self, tmp, rel):

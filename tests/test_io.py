@@ -27,15 +27,27 @@ def big_store(tmp_path, layout: str, dtype: str):
     return url
 
 
+def tensorstore_bytes_read() -> int:
+    import tensorstore as ts
+
+    m = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+    return sum(v["value"] for x in m for v in x["values"])
+
+
 class Counted:
-    """Bytes read through the store's file layer: fdpipe's StoreLocation (wds) and zarr's LocalStore (zarr)."""
+    """Bytes read through the store's file layers: fdpipe's StoreLocation (wds), tensorstore's file kvstore (local
+    zarr: its own metric) and zarr's LocalStore (zarr-python)."""
+
+    @property
+    def bytes(self) -> int:
+        return self.python_bytes + tensorstore_bytes_read() - self.tensorstore_start
 
     def __init__(self, monkeypatch):
         import zarr.storage
 
         from fdpipe.store import fs
 
-        self.bytes = 0
+        self.python_bytes, self.tensorstore_start = 0, tensorstore_bytes_read()
         counter = self
         orig_open, orig_get = fs.StoreLocation.open, zarr.storage.LocalStore.get
 
@@ -45,7 +57,7 @@ class Counted:
 
             def read(self, *a):
                 data = self.f.read(*a)
-                counter.bytes += len(data)
+                counter.python_bytes += len(data)
                 return data
 
             def __getattr__(self, name):
@@ -63,7 +75,7 @@ class Counted:
         async def get(self, key, prototype, byte_range=None):
             buf = await orig_get(self, key, prototype, byte_range)
             if buf is not None and not key.endswith("zarr.json"):
-                counter.bytes += len(buf)
+                counter.python_bytes += len(buf)
             return buf
 
         monkeypatch.setattr(fs.StoreLocation, "open", open_)
@@ -76,6 +88,8 @@ def test_an_epoch_reads_only_the_bytes_of_the_views_it_trains_on(tmp_path, monke
     store = open_store(big_store(tmp_path, layout, dtype))
     replay = open_replay(store, None, images=False, seed=3)
     store.index  # the index is read once per run, not per epoch
+    if layout == "zarr":
+        assert store._tensorstore is not None  # a local store reads through tensorstore, opened once per process
     counted = Counted(monkeypatch)
     used = 0
     for batch in replay.loader(1, 0, batch_size=2):
@@ -166,3 +180,57 @@ def test_an_unknown_format_version_is_one_line(tmp_path, cli):
     r = cli("store", "info", copy)
     assert r.exit_code == 1 and "format_version 3" in r.output and "upgrade fdpipe" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_uncompressed_shards_decode_as_zarr_python_s_own_encoding_in_every_reader(tmp_path, monkeypatch, dtype):
+    """fdpipe writes uncompressed shards itself (the values' bytes in C order + zarr's shard index); zarr-python's
+    pipeline writes them chunk by chunk. Both must read the same through zarr-python and tensorstore, the last,
+    partial shard and a failed image's NaN included."""
+    import tensorstore as ts
+    import zarr
+
+    from fdpipe.store import layouts
+
+    targets = whitened(np.random.default_rng(2), (5, 3, 6, 32))
+    targets[3] = np.nan
+    settings = store_settings("zarr", dtype, n=5, v=3, t=6, c=32, s=2)
+    write_store(str(tmp_path / "fdpipe"), settings, targets)
+    monkeypatch.setattr(layouts, "_shard_index", None)  # zarr-python's own pipeline
+    write_store(str(tmp_path / "zarr"), settings, targets)
+    fast = open_store(str(tmp_path / "fdpipe"))
+    assert (tmp_path / "fdpipe" / "targets.zarr/targets/c/2/0/0/0").stat().st_size != 0
+    for name in ["targets"] + (["scales"] if dtype == "int8" else []):
+        ref = zarr.open_array(str(tmp_path / "zarr" / "targets.zarr" / name), mode="r")[:]
+        plain = zarr.open_array(str(tmp_path / "fdpipe" / "targets.zarr" / name), mode="r")[:]
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "fdpipe/targets.zarr" / name)}}
+        native = ts.open(spec, read=True).result().read().result()
+        assert np.array_equal(plain, ref, equal_nan=True) and np.array_equal(native, ref, equal_nan=True)
+    pairs = [(i, v) for i in range(5) for v in range(3)]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(fast.stored_targets(pairs),
+                                                                   fast._zarr_python_targets(pairs)) if a is not None)
+
+
+@pytest.mark.parametrize("header,message", [
+    ({"descr": "<f2", "fortran_order": False, "shape": (2, 4, 10**9)}, "holds float16 [2, 4, 1000000000]"),
+    ({"descr": "|O", "fortran_order": False, "shape": (4, 8)}, "plain C-ordered numbers"),
+    ({"descr": "<f2", "fortran_order": True, "shape": (4, 8)}, "Fortran order"),
+])
+def test_a_hostile_npy_header_is_refused_before_anything_is_allocated(header, message):
+    import io
+    import resource
+
+    from numpy.lib import format as npy
+
+    from fdpipe.errors import StoreError
+    from fdpipe.store.layouts import npy_load
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, header)
+    member = bytearray(buf.getvalue() + bytes(64))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(StoreError, match=message.replace("[", r"\[")):
+        npy_load(member, "shard.tar: k.targets.npy", "float16", (4, 8))
+    with pytest.raises(StoreError):  # without the manifest's promise the size check still holds
+        npy_load(member, "shard.tar: k.targets.npy")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing near 15 GiB

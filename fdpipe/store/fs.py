@@ -19,7 +19,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -323,13 +323,18 @@ class StoreLocation:
             self.fs.makedirs(self.path(rel), exist_ok=True)
 
     @_remote
-    def put_atomic(self, rel: str, data: bytes) -> None:
-        """Write `data` under a temporary name and move it into place."""
+    def put_atomic(self, rel: str, data: bytes | Sequence[Any]) -> tuple[int, str]:
+        """Write `data` (bytes, or the file's pieces in order) under a temporary name and move it into place;
+        returns the file's (bytes, sha256), hashed as it is written."""
         tmp = self._tmp_name(rel)
         self.makedirs(rel.rpartition("/")[0])
+        h, n = hashlib.sha256(), 0
         with self.fs.open(self.path(tmp), "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                h.update(piece)
+                n += f.write(piece)
         self.commit(tmp, rel)
+        return n, h.hexdigest()
 
     def _tmp_name(self, rel: str) -> str:
         head, _, name = rel.rpartition("/")
@@ -380,6 +385,9 @@ class AtomicWriter:
     def flush(self) -> None:
         self._f.flush()
 
+    def tell(self) -> int:
+        return self.bytes
+
     @property
     def sha256(self) -> str:
         return self._h.hexdigest()
@@ -405,6 +413,3 @@ class AtomicWriter:
         except Exception:  # noqa: BLE001
             pass
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -6,8 +6,10 @@ and both are read back with plain zarr / webdataset so that other teams need not
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import tarfile
 from typing import Any, Iterator
 
@@ -85,14 +87,44 @@ def zarr_metadata(settings: dict[str, Any], q: Quantizer) -> dict[str, bytes]:
 
 
 def zarr_encode_shard(settings: dict[str, Any], q: Quantizer, shard: int, values: np.ndarray,
-                      scales: np.ndarray | None) -> dict[str, bytes]:
-    """Encode one shard's arrays; returns {relative path: bytes} of the shard files."""
+                      scales: np.ndarray | None) -> dict[str, list]:
+    """Encode one shard's arrays; returns {relative path: the file's bytes as a list of buffers} of the shard files.
+
+    Uncompressed shards skip zarr-python's chunk-by-chunk write (a fill-valued buffer and a copy per chunk, then
+    one more to join them: 3x the time of hashing and writing the bytes): the chunks are the values' own bytes, in
+    C order, and the index is zarr's `_ShardIndex` encoded by the array's sharding codec. Compressed shards go
+    through zarr's pipeline. Both decode identically (tests/test_io.py).
+    """
     d, g = _zarr_memory(settings, q)
     start = shard * settings["shard_size"]
-    g["targets"][start:start + len(values)] = values
-    if scales is not None:
-        g["scales"][start:start + len(values)] = scales
-    return {f"{ZARR_ROOT}/{k}": v.to_bytes() for k, v in d.items() if not k.endswith("zarr.json")}
+    arrays = {"targets": values} if scales is None else {"targets": values, "scales": scales}
+    if settings["codec"] == "none" and _shard_index is not None:
+        return {f"{ZARR_ROOT}/{name}/c/{shard}/" + "/".join(["0"] * (a.ndim - 1)): _raw_shard(g[name], a)
+                for name, a in arrays.items()}
+    for name, a in arrays.items():
+        g[name][start:start + len(a)] = a
+    return {f"{ZARR_ROOT}/{k}": [v.as_numpy_array()] for k, v in d.items() if not k.endswith("zarr.json")}
+
+
+try:  # zarr's own shard index; without it (another zarr 3 release) shards go through zarr's pipeline
+    from zarr.codecs.sharding import _ShardIndex as _shard_index
+except ImportError:  # pragma: no cover
+    _shard_index = None
+
+
+def _raw_shard(array: zarr.Array, values: np.ndarray) -> list:
+    """One uncompressed shard: every chunk's bytes in C order, then the index the sharding codec encodes."""
+    from zarr.core.sync import sync
+
+    codec = array.metadata.codecs[0]
+    index = _shard_index.create_empty(tuple(s // c for s, c in zip(array.shards, array.chunks)))
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))  # the bytes codec's endianness
+    chunk_bytes = int(np.prod(array.chunks)) * values.dtype.itemsize
+    n = values.shape[0] * values.shape[1]  # chunks present: a last shard holds fewer images
+    offsets = np.arange(n, dtype="<u8") * chunk_bytes
+    flat = index.offsets_and_lengths.reshape(-1, 2)
+    flat[:n, 0], flat[:n, 1] = offsets, chunk_bytes  # chunk (i, v) is C-order position i * V + v
+    return [memoryview(values).cast("B"), sync(codec._encode_shard_index(index)).as_numpy_array()]
 
 
 def zarr_open(loc: StoreLocation) -> zarr.Group:
@@ -104,26 +136,115 @@ def zarr_open(loc: StoreLocation) -> zarr.Group:
         raise loc.explain(e) or StoreError(f"cannot open {loc.path(ZARR_ROOT)}: {e}") from None
 
 
+def tensorstore_open(loc: StoreLocation, name: str):
+    """One array of a local store through tensorstore's zarr3 driver, read-only; None where it does not apply
+    (a remote store, or no tensorstore). It reads batches of chunks in C++: 6x zarr-python's views per CPU-second
+    at CLIP-L shape (bench/README.md), with the same values (tests/test_io.py)."""
+    if not loc.is_local:
+        return None
+    try:
+        import tensorstore as ts
+    except ImportError:  # pragma: no cover - a platform without its wheels reads through zarr-python
+        return None
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": loc.path(f"{ZARR_ROOT}/{name}")}}
+    try:
+        return ts.open(spec, read=True, open=True).result()
+    except ValueError as e:
+        raise StoreError(f"cannot open {loc.path(f'{ZARR_ROOT}/{name}')}: {e}") from None
+
+
 # ------------------------------------------------------------------------------------------------------------ wds
 def npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
+    """The bytes np.save writes, with one copy of the data instead of three (np.save into BytesIO, then out)."""
+    from numpy.lib import format as npy
+
+    a = np.ascontiguousarray(a)
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, npy.header_data_from_array_1_0(a))
+    return b"".join([header.getvalue(), memoryview(a).cast("B")])
 
 
-def npy_load(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
+def npy_load(b: bytes | bytearray, where: str, dtype: str | None = None,
+             shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """An array from .npy bytes without copying them (writable when `b` is a bytearray).
+
+    The header is parsed by numpy's own reader, once per distinct header (every member of a store has the same
+    one), and checked before anything is allocated: no object dtype, the data as long as the header says, and
+    the dtype and shape the manifest promises where given. `where` names the member in the one-line refusal.
+    """
+    try:
+        dt, sh, offset = _npy_header(bytes(b[:_npy_header_end(b)]))
+    except ValueError as e:
+        raise StoreError(f"{where}: {e}; the store is damaged (run `fdpipe store verify`)") from None
+    if (dtype is not None and dt != np.dtype(dtype)) or (shape is not None and sh != tuple(shape)):
+        raise StoreError(f"{where}: holds {dt} {list(sh)}, the manifest says {dtype} {list(shape or sh)}; "
+                         "the store is damaged (run `fdpipe store verify --deep`)")
+    count = math.prod(sh)
+    if len(b) - offset != count * dt.itemsize:
+        raise StoreError(f"{where}: {len(b) - offset} data bytes where its header declares {dt} {list(sh)}; "
+                         "the store is damaged (run `fdpipe store verify`)")
+    return np.frombuffer(b, dtype=dt, count=count, offset=offset).reshape(sh)
+
+
+def _npy_header_end(b: bytes | bytearray) -> int:
+    """Length of the magic string and header (format 1.0: 2-byte length; 2.0 and 3.0: 4-byte)."""
+    from numpy.lib import format as npy
+
+    try:
+        major, _ = npy.read_magic(io.BytesIO(bytes(b[:8])))
+    except ValueError as e:
+        raise ValueError(f"not a .npy member ({e})") from None
+    n = 2 if major == 1 else 4
+    end = 8 + n + int.from_bytes(b[8:8 + n], "little")
+    if end > 10_000:  # numpy's own limit for headers it reads safely
+        raise ValueError(f"a .npy header of {end} bytes")
+    return end
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) of a .npy header; ValueError for anything but plain C-ordered numbers."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(header)
+    try:
+        major, _ = npy.read_magic(f)
+        read = {1: npy.read_array_header_1_0, 2: npy.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f"format version {major}.0")
+        shape, fortran, dtype = read(f, max_header_size=10_000)
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise ValueError(f"unreadable .npy header ({e})") from None
+    if dtype.hasobject or fortran or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f".npy header declares {dtype} {list(shape)}{' (Fortran order)' * fortran}, where fdpipe "
+                         "stores hold plain C-ordered numbers")
+    return dtype, tuple(shape), len(header)
 
 
 def wds_write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]]) -> tuple[int, str]:
     """Stream one tar to a temporary name and move it into place; returns (bytes, sha256)."""
-    import webdataset as wds
-
     with loc.open_atomic(rel) as f:
-        with wds.TarWriter(f, encoder=False, mtime=0) as tw:  # an int: no PAX header (1 KiB) per member
+        with _tar_writer()(f, encoder=False, mtime=0) as tw:  # an int: no PAX header (1 KiB) per member
             for sample in samples:
                 tw.write(sample)
     return f.bytes, f.sha256
+
+
+@functools.cache
+def _tar_writer() -> type:
+    """webdataset's TarWriter over a plain (not streamed) tarfile copying members in one piece. The bytes are the
+    same, but tarfile's stream mode re-slices its buffer for every 10 KiB block it emits, and its 16 KiB copies
+    are a write call each: together they cost more than hashing a 0.5 MiB member."""
+    import webdataset as wds
+
+    class TarWriter(wds.TarWriter):
+        tarmode = staticmethod(lambda fileobj, compress=None: "w")
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.tarstream.copybufsize = 16 << 20
+
+    return TarWriter
 
 
 def _safe_member(name: str) -> bool:
@@ -131,19 +252,30 @@ def _safe_member(name: str) -> bool:
 
 
 def wds_iter_tar(loc: StoreLocation, rel: str, expect: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one tar as dicts of raw bytes, via webdataset's own tar iteration.
+    """Samples of one tar as dicts of member bytes (bytearrays, so arrays made on them are writable), grouped by
+    webdataset's `group_by_keys`.
 
-    `expect` is the file's manifest entry: with it, a remote tar is read through the location's read cache.
+    The members come from tarfile's seekable reader: each member's data is one read into its own buffer, where
+    the streamed reader webdataset uses copies it in 10 KiB pieces (half the replay's time at CLIP-L shape).
+    Anything but a regular file with a relative name (a link, a device, `../x`) is refused. `expect` is the file's
+    manifest entry: with it, a remote tar is read through the location's read cache.
     """
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    from webdataset.tariterators import group_by_keys
 
     with loc.open(rel, expect=expect) as f:
         def members():
-            for m in tar_file_iterator(f):
-                if not _safe_member(m["fname"]):
-                    raise StoreError(f"{loc.path(rel)}: unsafe tar member name {m['fname']!r}; refusing to read")
-                m["__url__"] = rel
-                yield m
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if not _safe_member(info.name):
+                        raise StoreError(f"{loc.path(rel)}: unsafe tar member name {info.name!r}; refusing to read")
+                    if not info.isreg():
+                        raise StoreError(f"{loc.path(rel)}: member {info.name!r} is not a regular file (a link or "
+                                         "device); fdpipe stores hold files only: refusing to read")
+                    data = bytearray(info.size)
+                    if tar.extractfile(info).readinto(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name!r} is truncated")
+                    tar.members = []  # a shard's member list is not kept: memory stays flat
+                    yield {"fname": info.name, "data": data, "__url__": rel}
         try:
             yield from group_by_keys(members())
         except tarfile.TarError as e:

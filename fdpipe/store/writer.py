@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import StoreError
 from . import index as index_mod
 from . import layouts
-from .fs import StoreLocation, sha256_bytes
+from .fs import StoreLocation
 from .manifest import DRAFT, MANIFEST, canonical, describe_value, first_difference, make_draft, make_final
 from .quantize import get_quantizer
 
@@ -143,9 +143,9 @@ class StoreWriter:
         rows = [index_mod.normalize(r, shard=shard) for r in rows]
         files: dict[str, dict[str, Any]] = {}
         if self.layout == "zarr":
-            for rel, data in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
-                self.loc.put_atomic(rel, data)
-                files[rel] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+            for rel, pieces in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
+                nbytes, sha = self.loc.put_atomic(rel, pieces)
+                files[rel] = {"bytes": nbytes, "sha256": sha}
         else:  # one tar per view, each holding that view of every image of the shard; the images once, apart
             for view in range(self.v):
                 samples = [layouts.wds_view_sample(rows[j * self.v]["key"], values[j, view],
@@ -162,8 +162,8 @@ class StoreWriter:
                 nbytes, sha = layouts.wds_write_tar(self.loc, rel, samples)
                 files[rel] = {"bytes": nbytes, "sha256": sha}
         part = index_mod.encode(rows)
-        self.loc.put_atomic(index_mod.part_name(shard), part)
-        files[index_mod.part_name(shard)] = {"bytes": len(part), "sha256": sha256_bytes(part)}
+        nbytes, sha = self.loc.put_atomic(index_mod.part_name(shard), part)
+        files[index_mod.part_name(shard)] = {"bytes": nbytes, "sha256": sha}
         marker = {"shard": shard, "images": n, "rows": n * self.v,
                   "failed": sum(1 for r in rows[::self.v] if r.get("status") not in (None, "ok")), "files": files}
         self.loc.put_atomic(progress_name(shard), canonical(marker))

@@ -37,6 +37,20 @@ def fm_store(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def fm_wds_store(tmp_path_factory):
+    """The same images and views as fm_store, in a wds store."""
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    out = tmp_path_factory.mktemp("fm-wds") / "store"
+    r = CliRunner().invoke(main, ["extract", "--data", "fashion-mnist", "--limit", "64", "--out", str(out),
+                                  "--format", "wds", *EXTRACT])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def run_cli(*args, check=True):
     p = subprocess.run([str(BIN / "fdpipe"), *map(str, args)], capture_output=True, text=True)
     if check:
@@ -70,14 +84,10 @@ GOLDEN = json.loads((Path(__file__).parent / "data" / "distill_golden.json").rea
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
-def test_per_step_losses_equal_the_recorded_run_bit_for_bit(cli, fm_store, tmp_path, name):
+def test_per_step_losses_equal_the_recorded_run_bit_for_bit(cli, fm_store, fm_wds_store, tmp_path, name):
     """The recorded run is distill before the engine refactor: the shared loop must not change a single bit."""
     run = GOLDEN["runs"][name]
-    store = fm_store
-    if run["layout"] == "wds":
-        store = tmp_path / "wds"
-        assert cli("extract", "--data", "fashion-mnist", "--limit", 64, "--out", store, "--format", "wds",
-                   *EXTRACT).exit_code == 0
+    store = fm_wds_store if run["layout"] == "wds" else fm_store
     out = tmp_path / "run"
     r = cli("distill", "--store", store, "--out", out, "--quiet", "--min-lr", 0, *run["args"])  # recorded with floor 0
     assert r.exit_code == 0, r.output
@@ -87,8 +97,9 @@ def test_per_step_losses_equal_the_recorded_run_bit_for_bit(cli, fm_store, tmp_p
     assert [x["lr"] for x in recs] == run["lrs"]
 
 
-def test_sigkill_then_resume_gives_bit_identical_weights(fm_store, tmp_path):
-    args = ["distill", "--store", fm_store, *TINY, "--save-every", 3]
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_sigkill_then_resume_gives_bit_identical_weights(fm_store, fm_wds_store, tmp_path, layout):
+    args = ["distill", "--store", fm_store if layout == "zarr" else fm_wds_store, *TINY, "--save-every", 3]
     ref = tmp_path / "ref"
     run_cli(*args, "--out", ref)
     run = tmp_path / "run"

@@ -57,3 +57,34 @@ def test_wds_epochs_under_two_ranks_end_together_with_disjoint_samples(cli, tmp_
         mine = [[i for rec in recs if rec["epoch"] == epoch for i in rec["image_idx"]] for recs in per_rank]
         assert len(mine[0]) == len(mine[1]) >= 3, (epoch, mine)
         assert set(mine[0]).isdisjoint(mine[1]), (epoch, mine)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_wds_epoch_continues_the_same_batches_without_reading_what_it_trained_on(tmp_path, monkeypatch,
+                                                                                            workers):
+    """Shards of 3, 3, 3 and 2 images and a 4-sample buffer: resuming at batch k gives batches k.. of the
+    uninterrupted epoch, with one DataLoader worker or two, and reads only the samples still to train on."""
+    import numpy as np
+
+    from conftest import store_settings, whitened, write_store
+    from fdpipe.replay import open_replay
+    from fdpipe.store import layouts
+
+    settings = store_settings("wds", "float16", n=11, v=2, t=4, c=8, s=3)
+    write_store(str(tmp_path / "s"), settings, whitened(np.random.default_rng(0), (11, 2, 4, 8)))
+    replay = open_replay(open_store(str(tmp_path / "s")), None, images=False, seed=5, buffer=4)
+
+    def batches(start):
+        return [(b["image_idx"].tolist(), b["view"].tolist())
+                for b in replay.loader(1, start, batch_size=2, workers=workers)]
+
+    full = batches(0)
+    assert len(full) >= 4 and len({i for b, _ in full for i in b}) == 2 * len(full)
+    for k in range(1, len(full) + 1):
+        assert batches(2 * k) == full[k:], k
+    if workers == 0:  # in this process: count the members decoded
+        decoded = []
+        real = layouts.npy_load
+        monkeypatch.setattr(layouts, "npy_load", lambda b, where, *a: decoded.append(where) or real(b, where, *a))
+        batches(6)
+        assert len(decoded) == 11 - 6

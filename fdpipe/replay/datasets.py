@@ -17,7 +17,8 @@ from ..augment import AugmentationPlan, AugParams, ViewTransform
 from ..data import ImageError, ImageSource, decode_rgb, image_sha256
 from ..errors import FdpipeError
 from ..store import Store
-from .order import buffer_shuffle, epoch_samples, epoch_views, shard_order, shard_views
+from ..store.reader import StoredView
+from .order import buffer_order, epoch_samples, epoch_views, round_robin_resume, shard_order, shard_views
 
 
 def source_lookup(source: ImageSource) -> dict[str, int]:
@@ -165,11 +166,18 @@ class WdsReplay(IterableDataset):
 
     Rank r takes every world-th shard of the epoch's shard order, each DataLoader worker every num_workers-th of
     those. Everything is a pure function of (seed, epoch, rank, worker), so a resume replays the same stream.
+
+    `start` (a multiple of `batch_size`): the samples of this rank's epoch already trained on. The buffer's order
+    depends only on how many samples a worker streams, and the loader interleaves its workers' batches round-robin,
+    so which samples those were is known from the index: they are neither read nor decoded, and worker k takes up
+    the stream of the worker whose turn came next (`round_robin_resume`), so the batches continue as they were.
     """
 
     def __init__(self, store: Store, source: ImageSource | None, student_tf: ViewTransform | None, seed: int,
-                 epoch: int, rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False):
+                 epoch: int, rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False,
+                 start: int = 0, batch_size: int = 1):
         self.store, self.seed, self.epoch, self.rank, self.world, self.buffer = store, seed, epoch, rank, world, buffer
+        self.start, self.batch_size = start, batch_size
         self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict) if source is not None else None
 
     def rank_shards(self) -> list[int]:
@@ -188,20 +196,45 @@ class WdsReplay(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        shards = self.rank_shards()[wid::nw]
+        rank_shards, ok = self.rank_shards(), self.store.decodable
+        counts = [int(sum(ok[s].sum() for s in rank_shards[w::nw])) for w in range(nw)]
+        delivered, turn = round_robin_resume([c // self.batch_size for c in counts], self.start // self.batch_size)
+        worker = (turn + wid) % nw  # the stream this loader worker continues
+        shards = rank_shards[worker::nw]
         chosen = shard_views(self.seed, self.epoch, self.store.num_shards, self.store.views)
+        order = buffer_order(counts[worker], self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{worker}")
+        done = delivered[worker] * self.batch_size
+        trained = set(order[:done])
 
-        def views():
+        def stream():  # (position in this worker's stream, view) of every decodable image still to train on
+            pos = 0
             for shard in shards:
-                for it in self.store.iter_view(shard, int(chosen[shard])):
+                decodable = np.flatnonzero(ok[shard])
+                positions = range(pos, pos + len(decodable))
+                skip = frozenset(int(j) for j, p in zip(decodable, positions) if p in trained)
+                skip |= frozenset(int(j) for j in np.flatnonzero(~ok[shard]))  # failed images: never replayed
+                kept = (p for p in positions if p not in trained)
+                for it in self.store.iter_view(shard, int(chosen[shard]), skip):
                     if it.row["status"] == "ok":
-                        yield it
+                        yield next(kept), it
+                pos += len(decodable)
 
-        for it in buffer_shuffle(views(), self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{wid}"):
-            v = int(it.row["view"])
-            item = {"target": torch.from_numpy(np.ascontiguousarray(it.values)), "image_idx": it.image_idx, "view": v}
-            if it.scales is not None:
-                item["scales"] = torch.from_numpy(np.ascontiguousarray(it.scales))
-            if self.builder is not None:
-                item["x"] = self.builder.stored_view(it.key, v, it.row)
-            yield item
+        arrived: dict[int, StoredView] = {}
+        items = stream()
+        for p in order[done:]:
+            while p not in arrived:
+                got = next(items, None)
+                if got is None:
+                    raise FdpipeError(f"{self.store.url}: the shards {shards} hold fewer decodable samples than the "
+                                      "index says; the store is damaged (run `fdpipe store verify --deep`)")
+                arrived[got[0]] = got[1]
+            yield self._item(arrived.pop(p))
+
+    def _item(self, it) -> dict[str, Any]:
+        v = int(it.row["view"])
+        item = {"target": torch.from_numpy(np.ascontiguousarray(it.values)), "image_idx": it.image_idx, "view": v}
+        if it.scales is not None:
+            item["scales"] = torch.from_numpy(np.ascontiguousarray(it.scales))
+        if self.builder is not None:
+            item["x"] = self.builder.stored_view(it.key, v, it.row)
+        return item

@@ -63,27 +63,22 @@ class Replay:
             return len(WdsReplay(self.store, self.source, self.transform, self.seed, epoch, self.rank, self.world))
         return samples_per_epoch(self.valid, self.world)
 
-    def epoch(self, epoch: int, start: int = 0) -> Dataset | IterableDataset:
+    def epoch(self, epoch: int, start: int = 0, batch_size: int = 1) -> Dataset | IterableDataset:
         """This rank's samples of `epoch` from sample `start` on, in training order: a map-style Dataset (zarr,
-        online) or an IterableDataset (wds, which streams from the epoch's first sample)."""
+        online) or an IterableDataset (wds: `start` and `batch_size` say which samples its DataLoader's batches
+        already delivered, and those are not read)."""
         if self.dataset is None:
             return WdsReplay(self.store, self.source, self.transform, self.seed, epoch, self.rank, self.world,
-                             buffer=self.buffer, strict=self.strict)
+                             buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size)
         return EpochDataset(self.dataset, EpochSampler(self.valid, self.views, self.seed, epoch, self.rank,
                                                        self.world, start=start).pairs)
 
     def loader(self, epoch: int, start: int = 0, batch_size: int = 64, workers: int = 0,
                pin_memory: bool = False) -> Iterable[dict[str, Any]]:
         """This rank's batches of `epoch` from sample `start` on (a multiple of batch_size): what distill trains on."""
-        ds = self.epoch(epoch, start)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True, pin_memory=pin_memory,
-                            generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
-        if not isinstance(ds, IterableDataset):
-            return loader
-        batches = iter(loader)
-        for _ in range(start // batch_size):
-            next(batches)
-        return batches
+        return DataLoader(self.epoch(epoch, start, batch_size), batch_size=batch_size, num_workers=workers,
+                          drop_last=True, pin_memory=pin_memory,
+                          generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
 
 
 class EpochDataset(Dataset):

@@ -58,3 +58,26 @@ def buffer_shuffle(items, seed: int, epoch: int, size: int, stream: str = "buffe
             yield buf.pop(int(rng.integers(len(buf))))
     while buf:
         yield buf.pop(int(rng.integers(len(buf))))
+
+
+def buffer_order(n: int, seed: int, epoch: int, size: int, stream: str = "buffer") -> list[int]:
+    """The input positions `buffer_shuffle` emits, in order, for a stream of n items: the buffer's order depends
+    on the count alone, so a resumed epoch knows which samples were trained on without reading them."""
+    return list(buffer_shuffle(range(n), seed, epoch, size, stream))
+
+
+def round_robin_resume(batches: list[int], done: int) -> tuple[list[int], int]:
+    """DataLoader workers' batches interleave round-robin, an exhausted worker's turn skipped. After `done` batches
+    of such an epoch (worker w has batches[w]), returns (batches each worker has delivered, the worker whose turn is
+    next). A resumed loader whose worker k plays worker (next + k) % n continues the same sequence."""
+    n = len(batches)
+    delivered = [0] * n
+    k = 0
+    for r in range(max(batches, default=0)):
+        for w in range(n):
+            if r < batches[w]:
+                if k == done:
+                    return delivered, w
+                delivered[w] += 1
+                k += 1
+    return delivered, 0

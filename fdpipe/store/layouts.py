@@ -251,21 +251,30 @@ def _safe_member(name: str) -> bool:
     return not (name.startswith("/") or ".." in name.split("/"))
 
 
-def wds_iter_tar(loc: StoreLocation, rel: str, expect: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+def wds_iter_tar(loc: StoreLocation, rel: str, expect: dict[str, Any] | None = None,
+                 skip: frozenset[int] = frozenset()) -> Iterator[dict[str, Any]]:
     """Samples of one tar as dicts of member bytes (bytearrays, so arrays made on them are writable), grouped by
     webdataset's `group_by_keys`.
 
     The members come from tarfile's seekable reader: each member's data is one read into its own buffer, where
     the streamed reader webdataset uses copies it in 10 KiB pieces (half the replay's time at CLIP-L shape).
     Anything but a regular file with a relative name (a link, a device, `../x`) is refused. `expect` is the file's
-    manifest entry: with it, a remote tar is read through the location's read cache.
+    manifest entry: with it, a remote tar is read through the location's read cache. The samples at the positions in
+    `skip` (0 = the tar's first sample) are passed over unread: only their 512-byte headers are.
     """
-    from webdataset.tariterators import group_by_keys
+    from webdataset.tariterators import base_plus_ext, group_by_keys
 
     with loc.open(rel, expect=expect) as f:
         def members():
+            sample, key = -1, None
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
+                    prefix = base_plus_ext(info.name)[0]
+                    if prefix != key:
+                        sample, key = sample + 1, prefix
+                    if sample in skip:
+                        tar.members = []
+                        continue
                     if not _safe_member(info.name):
                         raise StoreError(f"{loc.path(rel)}: unsafe tar member name {info.name!r}; refusing to read")
                     if not info.isreg():

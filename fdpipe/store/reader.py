@@ -146,10 +146,14 @@ class Store:
         return pa.concat_tables([self.index_part(i) for i in range(self.num_shards)])
 
     @cached_property
+    def decodable(self) -> list[np.ndarray]:
+        """Per shard, which of its images decoded (status ok): what replay trains on; failed images never are."""
+        return [self.index_part(i).column("status").to_numpy(zero_copy_only=False)[::self.views] == "ok"
+                for i in range(self.num_shards)]
+
+    @property
     def decodable_per_shard(self) -> list[int]:
-        """Images per shard that decoded (status ok): what replay trains on; failed images are never replayed."""
-        return [int(np.count_nonzero(self.index_part(i).column("status").to_numpy(zero_copy_only=False) == "ok"))
-                // self.views for i in range(self.num_shards)]
+        return [int(m.sum()) for m in self.decodable]
 
     def row(self, image_idx: int, view: int) -> dict[str, Any]:
         r = self.index.slice(image_idx * self.views + view, 1).to_pylist()[0]
@@ -259,10 +263,10 @@ class Store:
             r = rows[j * v:(j + 1) * v]
             yield StoredImage(start + j, r[0]["key"], r[0]["label"], values[j], None if scales is None else scales[j], r)
 
-    def _iter_wds_stored(self, shard: int) -> Iterator[StoredImage]:
+    def _iter_wds_stored(self, shard: int, skip: frozenset[int] = frozenset()) -> Iterator[StoredImage]:
         if self.format_version == 1:  # one tar per shard, every view of an image in one sample
             rel = layouts.wds_shard_name(shard)
-            for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel)):
+            for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel), skip):
                 rows = [layouts.row_from_json(r) for r in json.loads(sample["params.json"])]
                 values, scales = self._npy(sample, rel, (self.views,))
                 image = next(((k, v) for k, v in sample.items() if k not in layouts.WDS_DATA_MEMBERS
@@ -287,16 +291,17 @@ class Store:
         return {sample["__key__"]: next((k, v) for k, v in sample.items() if not k.startswith("__"))
                 for sample in layouts.wds_iter_tar(self.loc, rel, meta)}
 
-    def iter_view(self, shard: int, view: int) -> Iterator[StoredView]:
+    def iter_view(self, shard: int, view: int, skip: frozenset[int] = frozenset()) -> Iterator[StoredView]:
         """One view of every image of a wds shard, in order, as stored: an epoch that trains on view `view` of
-        this shard reads only these bytes (format 2; a format-1 store reads every view and keeps one)."""
+        this shard reads only these bytes (format 2; a format-1 store reads every view and keeps one). Images at
+        the in-shard positions in `skip` are left out unread (a resumed epoch's samples already trained on)."""
         if self.format_version == 1:
-            for it in self._iter_wds_stored(shard):
+            for it in self._iter_wds_stored(shard, skip):
                 yield StoredView(it.image_idx, it.key, it.values[view],
                                  None if it.scales is None else it.scales[view], it.rows[view])
             return
         rel = layouts.wds_view_name(shard, view)
-        for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel)):
+        for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel), skip):
             row = layouts.row_from_json(json.loads(sample["params.json"]))
             values, scales = self._npy(sample, rel)
             yield StoredView(row["image_idx"], row["key"], values, scales, row)

@@ -13,6 +13,7 @@ import torch
 from conftest import store_settings, whitened, write_store
 from fdpipe.replay import open_replay
 from fdpipe.store import open_store
+from fdpipe.store.manifest import FORMAT_VERSION
 
 FORMAT1 = Path(__file__).parent / "data" / "format1"  # stores written by fdpipe 9068fcf (format_version 1)
 
@@ -59,6 +60,11 @@ class Counted:
                 data = self.f.read(*a)
                 counter.python_bytes += len(data)
                 return data
+
+            def readinto(self, b):
+                n = self.f.readinto(b)
+                counter.python_bytes += n
+                return n
 
             def __getattr__(self, name):
                 return getattr(self.f, name)
@@ -136,7 +142,7 @@ def test_a_format_1_store_still_reads_replays_and_converts_to_format_2(tmp_path,
     dst = tmp_path / "v2"
     assert cli("store", "convert", FORMAT1 / name, dst, "--format", layout).exit_code == 0
     upgraded = open_store(str(dst))
-    assert upgraded.format_version == 2 and upgraded.manifest["codec"] == "none"
+    assert upgraded.format_version == FORMAT_VERSION and upgraded.manifest["codec"] == "none"
     assert np.array_equal(np.stack([it.targets for it in upgraded.iter_images()]), expected)
     assert cli("store", "verify", "--deep", dst).exit_code == 0
 
@@ -173,12 +179,12 @@ def test_an_unknown_format_version_is_one_line(tmp_path, cli):
     copy = tmp_path / "future"
     shutil.copytree(FORMAT1 / "zarr-float16", copy)
     m = json.loads((copy / "manifest.json").read_text())
-    m["format_version"] = 3
+    m["format_version"] = FORMAT_VERSION + 1
     m["fingerprint"] = fingerprint(m)
     m["checksum"] = checksum(m)
     (copy / "manifest.json").write_bytes(canonical(m))
     r = cli("store", "info", copy)
-    assert r.exit_code == 1 and "format_version 3" in r.output and "upgrade fdpipe" in r.output
+    assert r.exit_code == 1 and f"format_version {FORMAT_VERSION + 1}" in r.output and "upgrade fdpipe" in r.output
     assert len(r.output.strip().splitlines()) == 1
 
 
@@ -234,3 +240,88 @@ def test_a_hostile_npy_header_is_refused_before_anything_is_allocated(header, me
     with pytest.raises(StoreError):  # without the manifest's promise the size check still holds
         npy_load(member, "shard.tar: k.targets.npy")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing near 15 GiB
+
+
+EXTRACT = ["--teacher", "effnet-lite0", "--image-size", "64", "--views", "2", "--workers", "0", "--quiet",
+           "--shard-size", "8"]
+DISTILL = ["--epochs", "1", "--batch-size", "6", "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def photo_store(tmp_path_factory):
+    """One shard of 6 real photos through effnet-lite0, per layout: the first batch reads every image."""
+    from click.testing import CliRunner
+
+    from conftest import write_photos
+    from fdpipe.cli import main
+
+    root = tmp_path_factory.mktemp("integrity")
+    photos = write_photos(root / "photos", n=6)
+
+    def make(layout: str) -> Path:
+        out = root / layout
+        if not out.exists():
+            r = CliRunner().invoke(main, ["extract", "--data", str(photos), "--out", str(out), "--format", layout,
+                                          *EXTRACT])
+            assert r.exit_code == 0, r.output
+        return out
+    return make
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_a_flipped_byte_in_a_chunk_or_a_tar_stops_distill_in_one_line_before_any_step(photo_store, tmp_path,
+                                                                                       layout):
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    shutil.copytree(photo_store(layout), store)
+    if layout == "zarr":  # a byte inside the first chunk (image 0, view 0) and inside (image 0, view 1)
+        shard = store / "targets.zarr/targets/c/0/0/0/0"
+        chunk = open_store(str(store)).bytes_per_view() and 4 * 2 * 1280 * 2 + 4  # [2x2 grid, 1280] fp16 + crc32c
+        for k in range(2):
+            flip(shard, k * chunk + 100)
+        named = "targets.zarr/targets/c/0/0/0/0"
+    else:  # a byte of image 3's targets in every view's tar
+        for tar in sorted((store / "wds").glob("view-*/shard-000000.tar")):
+            flip(tar, 3 * (tar.stat().st_size // 6) + 700)
+        named = "wds/view-0"
+    run = tmp_path / "run"
+    p = subprocess.run([str(Path(sys.executable).parent / "fdpipe"), "distill", "--store", str(store), "--out",
+                        str(run), *DISTILL], capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert named in lines[0] and ("crc32c" in lines[0] or "checksum" in lines[0].lower()), lines[0]
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+
+
+@pytest.mark.slow
+def test_non_finite_targets_with_good_checksums_stop_distill_naming_the_image_and_view(photo_store, tmp_path,
+                                                                                       monkeypatch, cli):
+    from fdpipe.store import Store
+    from fdpipe.store.tools import convert
+
+    real = Store.iter_stored
+
+    def broken(self, shards=None):
+        for it in real(self, shards):
+            if it.image_idx == 4:
+                it.values[:, 0, :] = np.nan  # one token of each view of an image that decoded
+            yield it
+
+    monkeypatch.setattr(Store, "iter_stored", broken)
+    convert(str(photo_store("zarr")), str(tmp_path / "nan"), "zarr")
+    monkeypatch.undo()
+    assert cli("store", "verify", tmp_path / "nan").exit_code == 0  # the checksums are the files' own
+    r = cli("distill", "--store", tmp_path / "nan", "--out", tmp_path / "run", *DISTILL)
+    assert r.exit_code == 1 and "step 1 (epoch 0): the targets of image 4 view " in r.output, r.output
+    assert "not finite" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "student.safetensors").exists()

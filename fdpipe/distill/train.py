@@ -77,7 +77,9 @@ def distill_step(model: Distiller, data: Replay, device: torch.device, teacher: 
         if seen is not None:
             seen.write(step=pos.step, epoch=pos.epoch, image_idx=batch["image_idx"].tolist(),
                        view=batch["view"].tolist())
-        return Step((x,), model.align_target(target), x.shape[0])
+        names = [f"image {i} view {v}" for i, v in zip(batch["image_idx"].tolist(), batch["view"].tolist())]
+        return Step((x,), model.align_target(target), x.shape[0], finite=torch.isfinite(target).flatten(1).all(1),
+                    names=names)
 
     def loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         return fd_loss(pred, target), {}

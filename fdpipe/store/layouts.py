@@ -29,16 +29,18 @@ WDS_DATA_MEMBERS = ("targets.npy", "scales.npy", "params.json", "cls")
 
 
 
-def compressors(codec: str) -> Any:
-    """zarr's compressors for a codec name (`codec` in the manifest; format 1 stores used zarr's default zstd)."""
-    from zarr.codecs import BloscCodec, ZstdCodec
+def compressors(codec: str) -> list[Any]:
+    """zarr's bytes-to-bytes codecs of a chunk for a codec name (`codec` in the manifest), then crc32c: zarr-python
+    and tensorstore check every chunk's checksum as they read it, so a flipped byte stops a read instead of
+    training on it (format 3; format 1 stores used zarr's default zstd, format 2 had no checksum)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     if codec.startswith("zstd-"):
-        return ZstdCodec(level=int(codec.split("-", 1)[1]))
+        return [ZstdCodec(level=int(codec.split("-", 1)[1])), Crc32cCodec()]
     if codec == "lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec()]
     raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
@@ -59,16 +61,18 @@ def wds_images_name(shard: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- zarr
 def _zarr_arrays(group: zarr.Group, n: int, v: int, shape: list[int], s: int, q: Quantizer, codec: str) -> None:
+    # every chunk is written, a failed image's fill values too: checking each chunk for them cost more than the write
+    config = {"write_empty_chunks": True}
     group.create_array(
         "targets", shape=(n, v, *shape), chunks=(1, 1, *shape), shards=(s, v, *shape), dtype=q.dtype,
-        compressors=compressors(codec),
+        compressors=compressors(codec), config=config,
         fill_value=q.fill_value, dimension_names=("image", "view", *(["token", "channel"] if len(shape) == 2
                                                                       else ["class"])),
     )
     if q.has_scales:
         group.create_array(
             "scales", shape=(n, v, *shape[:-1]), chunks=(1, 1, *shape[:-1]), shards=(s, v, *shape[:-1]),
-            dtype="float16", fill_value=np.float16(np.nan), compressors=compressors(codec),
+            dtype="float16", fill_value=np.float16(np.nan), compressors=compressors(codec), config=config,
         )
 
 
@@ -91,9 +95,9 @@ def zarr_encode_shard(settings: dict[str, Any], q: Quantizer, shard: int, values
     """Encode one shard's arrays; returns {relative path: the file's bytes as a list of buffers} of the shard files.
 
     Uncompressed shards skip zarr-python's chunk-by-chunk write (a fill-valued buffer and a copy per chunk, then
-    one more to join them: 3x the time of hashing and writing the bytes): the chunks are the values' own bytes, in
-    C order, and the index is zarr's `_ShardIndex` encoded by the array's sharding codec. Compressed shards go
-    through zarr's pipeline. Both decode identically (tests/test_io.py).
+    one more to join them: 3x the time of hashing and writing the bytes): the chunks are the values' own bytes
+    with their crc32c, in C order, and the index is zarr's `_ShardIndex` encoded by the array's sharding codec.
+    Compressed shards go through zarr's pipeline. Both decode identically (tests/test_io.py).
     """
     d, g = _zarr_memory(settings, q)
     start = shard * settings["shard_size"]
@@ -113,18 +117,22 @@ except ImportError:  # pragma: no cover
 
 
 def _raw_shard(array: zarr.Array, values: np.ndarray) -> list:
-    """One uncompressed shard: every chunk's bytes in C order, then the index the sharding codec encodes."""
+    """One uncompressed shard: each chunk's bytes and their crc32c, in C order, then the index the sharding codec
+    encodes. The chunks are views of `values`: nothing is copied on the way to the file."""
+    import google_crc32c
     from zarr.core.sync import sync
 
     codec = array.metadata.codecs[0]
     index = _shard_index.create_empty(tuple(s // c for s, c in zip(array.shards, array.chunks)))
     values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))  # the bytes codec's endianness
-    chunk_bytes = int(np.prod(array.chunks)) * values.dtype.itemsize
-    n = values.shape[0] * values.shape[1]  # chunks present: a last shard holds fewer images
-    offsets = np.arange(n, dtype="<u8") * chunk_bytes
+    chunks = values.reshape(values.shape[0] * values.shape[1], -1).view(np.uint8)  # chunk (i, v) is row i * V + v
+    size = chunks.shape[1] + 4
     flat = index.offsets_and_lengths.reshape(-1, 2)
-    flat[:n, 0], flat[:n, 1] = offsets, chunk_bytes  # chunk (i, v) is C-order position i * V + v
-    return [memoryview(values).cast("B"), sync(codec._encode_shard_index(index)).as_numpy_array()]
+    flat[:len(chunks), 0], flat[:len(chunks), 1] = np.arange(len(chunks), dtype="<u8") * size, size
+    pieces = []
+    for chunk in chunks:
+        pieces += [chunk, np.uint32(google_crc32c.value(chunk)).astype("<u4").tobytes()]
+    return pieces + [sync(codec._encode_shard_index(index)).as_numpy_array()]
 
 
 def zarr_open(loc: StoreLocation) -> zarr.Group:
@@ -221,13 +229,13 @@ def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     return dtype, tuple(shape), len(header)
 
 
-def wds_write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]]) -> tuple[int, str]:
-    """Stream one tar to a temporary name and move it into place; returns (bytes, sha256)."""
+def wds_write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]]) -> dict[str, Any]:
+    """Stream one tar to a temporary name and move it into place; returns its manifest entry."""
     with loc.open_atomic(rel) as f:
         with _tar_writer()(f, encoder=False, mtime=0) as tw:  # an int: no PAX header (1 KiB) per member
             for sample in samples:
                 tw.write(sample)
-    return f.bytes, f.sha256
+    return f.entry
 
 
 @functools.cache
@@ -256,37 +264,47 @@ def wds_iter_tar(loc: StoreLocation, rel: str, expect: dict[str, Any] | None = N
     """Samples of one tar as dicts of member bytes (bytearrays, so arrays made on them are writable), grouped by
     webdataset's `group_by_keys`.
 
-    The members come from tarfile's seekable reader: each member's data is one read into its own buffer, where
-    the streamed reader webdataset uses copies it in 10 KiB pieces (half the replay's time at CLIP-L shape).
-    Anything but a regular file with a relative name (a link, a device, `../x`) is refused. `expect` is the file's
-    manifest entry: with it, a remote tar is read through the location's read cache. The samples at the positions in
-    `skip` (0 = the tar's first sample) are passed over unread: only their 512-byte headers are.
+    tarfile parses the headers, and each member's data is one read into its own buffer (webdataset's streamed
+    reader copies it in 10 KiB pieces: half the replay's time at CLIP-L shape). Anything but a regular file with
+    a relative name (a link, a device, `../x`) is refused. `expect` is the file's manifest entry: with it, a remote
+    tar is read through the location's read cache, and when it has a crc32c (format 3) every byte is checked
+    against it as the tar streams, and no sample is handed on before the whole file matched. The samples at the
+    positions in `skip` (0 = the tar's first sample) are not decoded: only read for that checksum.
     """
     from webdataset.tariterators import base_plus_ext, group_by_keys
 
-    with loc.open(rel, expect=expect) as f:
+    crc = None if expect is None else expect.get("crc32c")
+    with loc.open(rel, expect=expect) as raw:
+        f = _Crc32cReader(raw)
+
         def members():
             sample, key = -1, None
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
+                    tar.members = []  # a shard's member list is not kept: memory stays flat
                     prefix = base_plus_ext(info.name)[0]
                     if prefix != key:
                         sample, key = sample + 1, prefix
-                    if sample in skip:
-                        tar.members = []
-                        continue
                     if not _safe_member(info.name):
                         raise StoreError(f"{loc.path(rel)}: unsafe tar member name {info.name!r}; refusing to read")
                     if not info.isreg():
                         raise StoreError(f"{loc.path(rel)}: member {info.name!r} is not a regular file (a link or "
                                          "device); fdpipe stores hold files only: refusing to read")
+                    if sample in skip:
+                        continue
                     data = bytearray(info.size)
-                    if tar.extractfile(info).readinto(data) != info.size:
+                    f.seek(info.offset_data)
+                    if f.readinto(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name!r} is truncated")
-                    tar.members = []  # a shard's member list is not kept: memory stays flat
                     yield {"fname": info.name, "data": data, "__url__": rel}
+            f.read_to_end()
+
         try:
-            yield from group_by_keys(members())
+            samples = group_by_keys(members())
+            if crc is None:  # format 1 and 2: nothing to check against while streaming
+                yield from samples
+                return
+            held = list(samples)
         except tarfile.TarError as e:
             raise StoreError(f"{loc.path(rel)}: corrupt tar ({e}); run `fdpipe store verify`") from None
         except Exception as e:  # noqa: BLE001 - a remote read failing mid-stream: one line when the user can fix it
@@ -294,6 +312,49 @@ def wds_iter_tar(loc: StoreLocation, rel: str, expect: dict[str, Any] | None = N
             if err is None:
                 raise
             raise err from None
+    if f"{f.crc:08x}" != crc:
+        raise StoreError(f"{loc.path(rel)}: its bytes do not match the manifest's crc32c (the file is corrupt); "
+                         "nothing of it was used: run `fdpipe store verify` and replace the store")
+    yield from held
+
+
+class _Crc32cReader:
+    """A read-only file that crc32c-hashes every byte it passes on, in order; forward seeks read (and hash) the
+    gap, so that tar padding and skipped members are covered too."""
+
+    def __init__(self, f: Any):
+        import google_crc32c
+
+        self.f, self.pos, self.crc, self._extend = f, 0, 0, google_crc32c.extend
+
+    def _hash(self, b: Any) -> None:
+        self.crc = self._extend(self.crc, b if isinstance(b, bytes) else np.frombuffer(b, np.uint8))
+        self.pos += len(b)
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self._hash(b)
+        return b
+
+    def readinto(self, b: bytearray) -> int:
+        n = self.f.readinto(b)
+        self._hash(memoryview(b)[:n])
+        return n
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self.pos + pos if whence == 1 else None
+        if target is None or target < self.pos:
+            raise tarfile.ReadError("the tar reader seeks backwards; a store's tar is read front to back")
+        while self.pos < target and self.read(min(target - self.pos, 1 << 22)):
+            pass
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read_to_end(self) -> None:
+        while self.read(1 << 22):
+            pass
 
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:

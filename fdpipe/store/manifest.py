@@ -18,7 +18,9 @@ from typing import Any
 from ..errors import StoreError
 
 FORMAT = "fdpipe-store"
-FORMAT_VERSION = 2  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor
+FORMAT_VERSION = 3  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
+# end in a crc32c (the codec zarr and tensorstore check on every read), and every file entry carries a crc32c that
+# readers check as a wds tar streams
 MANIFEST = "manifest.json"
 DRAFT = "manifest.draft.json"
 

@@ -58,6 +58,18 @@ class ImageTargets:
     rows: list[dict[str, Any]]
 
 
+def _read_error(url: str, e: Exception) -> StoreError:
+    """One line for a failed tensorstore read, naming the file it names."""
+    import re
+
+    found = re.search(r'file "([^"]+)"', str(e))
+    where = found.group(1) if found else url
+    if "Digest mismatch" in str(e):
+        return StoreError(f"{where}: a chunk's bytes do not match its crc32c (the file is corrupt); nothing of it was "
+                          "used: run `fdpipe store verify` and replace the store")
+    return StoreError(f"{where}: cannot read targets ({' '.join(str(e).split())}); run `fdpipe store verify`")
+
+
 def open_store(url: str, storage_options: dict | None = None, cache_dir: str | None = None) -> "Store":
     """Open a complete store; one clear line for every way that can fail.
 
@@ -195,7 +207,7 @@ class Store:
             try:
                 return tuple(None if a is None else a.vindex[ii, vv].read().result() for a in fast)
             except ValueError as e:  # tensorstore's read errors (a corrupt or missing shard) say which file
-                raise StoreError(f"{self.url}: cannot read targets: {e}; run `fdpipe store verify`") from None
+                raise _read_error(self.url, e) from None
         return self._zarr_python_targets(pairs)
 
     def _zarr_python_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:

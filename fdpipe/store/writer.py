@@ -144,8 +144,7 @@ class StoreWriter:
         files: dict[str, dict[str, Any]] = {}
         if self.layout == "zarr":
             for rel, pieces in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
-                nbytes, sha = self.loc.put_atomic(rel, pieces)
-                files[rel] = {"bytes": nbytes, "sha256": sha}
+                files[rel] = self.loc.put_atomic(rel, pieces)
         else:  # one tar per view, each holding that view of every image of the shard; the images once, apart
             for view in range(self.v):
                 samples = [layouts.wds_view_sample(rows[j * self.v]["key"], values[j, view],
@@ -153,17 +152,14 @@ class StoreWriter:
                                                    rows[j * self.v + view], rows[j * self.v].get("label"))
                            for j in range(n)]
                 rel = layouts.wds_view_name(shard, view)
-                nbytes, sha = layouts.wds_write_tar(self.loc, rel, samples)
-                files[rel] = {"bytes": nbytes, "sha256": sha}
+                files[rel] = layouts.wds_write_tar(self.loc, rel, samples)
             if images and any(im is not None for im in images):
                 samples = [{"__key__": rows[j * self.v]["key"], images[j][0]: images[j][1]}
                            for j in range(n) if images[j] is not None]
                 rel = layouts.wds_images_name(shard)
-                nbytes, sha = layouts.wds_write_tar(self.loc, rel, samples)
-                files[rel] = {"bytes": nbytes, "sha256": sha}
+                files[rel] = layouts.wds_write_tar(self.loc, rel, samples)
         part = index_mod.encode(rows)
-        nbytes, sha = self.loc.put_atomic(index_mod.part_name(shard), part)
-        files[index_mod.part_name(shard)] = {"bytes": nbytes, "sha256": sha}
+        files[index_mod.part_name(shard)] = self.loc.put_atomic(index_mod.part_name(shard), part)
         marker = {"shard": shard, "images": n, "rows": n * self.v,
                   "failed": sum(1 for r in rows[::self.v] if r.get("status") not in (None, "ok")), "files": files}
         self.loc.put_atomic(progress_name(shard), canonical(marker))

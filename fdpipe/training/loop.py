@@ -31,6 +31,8 @@ class Step(NamedTuple):
     inputs: tuple[Any, ...]  # model(*inputs), under autocast
     target: Any  # handed to loss(output, target)
     samples: int  # images in the micro-batch, for samples/s
+    finite: torch.Tensor | None = None  # [samples] bool on the device: is each sample's target finite
+    names: list[str] | None = None  # each sample as a message names it ("image 3 view 1")
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,14 @@ class Trainer:
     def __post_init__(self) -> None:
         self.ddp = wrap_ddp(self.model, self.device)
 
-    def micro_step(self, batch: Any, pos: Position) -> tuple[torch.Tensor, dict[str, float], int]:
+    def micro_step(self, batch: Any, pos: Position) -> tuple[torch.Tensor, dict[str, float], Step]:
         """Forward and backward of one micro-batch; the gradient is scaled for accumulation."""
         step = self.prepare(batch, pos)
         with autocast(self.device):
             output = self.ddp(*step.inputs)
         loss, parts = self.loss(output, step.target)
         (loss / self.loop.accum_steps).backward()
-        return loss, parts, step.samples
+        return loss, parts, step
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step and clear the gradients; returns the norm before clipping (None without clipping)."""
@@ -152,9 +154,9 @@ class Trainer:
                         break
                     lr = schedule.lr(pos.step)
                     set_lr(self.optimizer, lr)
-                    loss, parts, n = self.micro_step(batch, pos)
+                    loss, parts, step = self.micro_step(batch, pos)
                     micro += 1
-                    pending.samples += n
+                    pending.watch(pos, loss, step)
                     if micro % loop.accum_steps:
                         continue
                     grad_norm = self.optimizer_step()
@@ -184,14 +186,42 @@ class PendingLog:
     """Steps whose log records wait on the device: losses and gradient norms stay tensors until `flush`, which
     brings a whole group to the host at once (and averages the losses over ranks in one all_reduce).
 
-    Reading a CUDA tensor's value waits for the GPU; doing it every step would stall the queue of kernels.
+    Reading a CUDA tensor's value waits for the GPU; doing it every step would stall the queue of kernels. So
+    non-finite targets and losses are found at the flush too, which runs before every checkpoint: the run stops
+    there with one line naming the step and the samples, and nothing trained on them is saved.
     """
 
     def __init__(self, log: JsonlLog, bar: Any, device: torch.device, world: int, fields: dict[str, Any]):
         self.log, self.bar, self.device, self.world, self.fields = log, bar, device, world, fields
         self.steps: list[tuple[Position, float, dict[str, Any]]] = []
         self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), then its parts
+        self.watched: list[tuple[Position, torch.Tensor, Step]] = []  # per micro-batch: loss and target flags
         self.samples, self.t_last = 0, time.time()
+
+    def watch(self, pos: Position, loss: torch.Tensor, step: Step) -> None:
+        self.samples += step.samples
+        self.watched.append((pos, loss.detach(), step))
+
+    def check_finite(self) -> None:
+        """Stop on the first micro-batch whose targets or loss are not finite (one wait, with the flush's)."""
+        if not self.watched:
+            return
+        flags = [torch.isfinite(loss).reshape(1) if s.finite is None else torch.cat([s.finite, torch.isfinite(
+            loss).reshape(1)]) for _, loss, s in self.watched]
+        ok = torch.cat(flags).cpu()
+        at = 0
+        for (pos, _, step), f in zip(self.watched, flags):
+            good, at = ok[at:at + len(f)], at + len(f)
+            if bool(good.all()):
+                continue
+            bad = [] if step.finite is None else [i for i in range(len(good) - 1) if not good[i]]
+            names = step.names or [f"sample {i} of the batch" for i in range(len(good) - 1)]
+            what = (f"the targets of {', '.join(names[i] for i in bad[:3])}"
+                    f"{' and more' * (len(bad) > 3)} are not finite (NaN or inf): the store holds broken values; "
+                    "run `fdpipe store verify --deep`" if bad else "the loss is not finite (NaN or inf); lower --lr "
+                    "or check the data")
+            raise FdpipeError(f"step {pos.step + 1} (epoch {pos.epoch}): {what}")
+        self.watched = []
 
     def add(self, pos: Position, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor | None,
             parts: dict[str, Any]) -> None:
@@ -201,6 +231,7 @@ class PendingLog:
             loss.device)]))
 
     def flush(self) -> None:
+        self.check_finite()
         if not self.steps:
             return
         host = torch.stack(self.values).double().cpu()  # the one wait for the device per group
@@ -220,7 +251,9 @@ class PendingLog:
 class RunFiles:
     """A run directory's resume state and metrics log, and what a resume must agree on.
 
-    `agree` is saved with every checkpoint; `check(state)` refuses a resume whose saved values differ.
+    `agree` is saved with every checkpoint; `check(state)` refuses a resume whose saved values differ. The main
+    rank holds the folder's lock while the object lives, so a second run into the same --out is refused in one line
+    instead of interleaving its metrics and checkpoints with this one's.
     """
 
     out: Path

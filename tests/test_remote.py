@@ -380,3 +380,78 @@ def test_default_timeouts_and_retries_are_bounded_and_overridable():
                                    "retries": {"max_attempts": 2, "mode": "standard"}}
     assert so["key"] == "k" and so["use_listings_cache"] is False
     assert effective_options("/local/path", {"x": 1}) == {"x": 1}
+
+
+# ------------------------------------------------------------------------------------------ a stalled endpoint
+STALLER = """
+import os, signal, sys
+from fdpipe.store import fs
+server, target = int(sys.argv[1]), sys.argv[2]
+orig = fs.StoreLocation.put_atomic
+def put_atomic(self, rel, data):
+    if target in rel:
+        os.kill(server, signal.SIGSTOP)  # the endpoint stops answering just as this upload starts
+    return orig(self, rel, data)
+fs.StoreLocation.put_atomic = put_atomic
+from fdpipe.cli import main
+main(sys.argv[3:])
+"""
+
+
+@pytest.fixture
+def stoppable_s3():
+    """A moto server in its own process, so that it can be stopped (SIGSTOP) and resumed (SIGCONT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    deadline = time.time() + 30
+    while True:
+        try:
+            s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("stall")
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.time() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.2)
+    fast = {**options, "call_timeout": 5, "config_kwargs": {"connect_timeout": 2, "read_timeout": 2}}
+    yield server, endpoint, fast
+    server.send_signal(signal.SIGCONT)
+    server.kill()
+    server.wait()
+
+
+@pytest.mark.slow
+def test_a_stalled_endpoint_stops_extract_and_distill_in_one_line_and_a_rerun_resumes(cli, stoppable_s3, photo_dir,
+                                                                                      reference_stores):
+    from test_extract import _extract_cmd
+
+    server, endpoint, so = stoppable_s3
+    remote = "s3://stall/store"
+    cmd = _extract_cmd(photo_dir, remote, "--format", "wds", "--storage-options", json.dumps(so),
+                       "--commit-workers", "1")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", STALLER, str(server.pid), "index/part-00001", *cmd[1:]],
+                       capture_output=True, text=True, timeout=120)
+    took = time.time() - t0
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"cannot reach {endpoint}" in lines[0] and "rerun the same command to resume" in lines[0], lines[0]
+    assert took < 60, took  # the 5 s call_timeout, plus extraction itself
+    server.send_signal(signal.SIGCONT)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "resumed:" in p.stdout, p.stderr[-2000:]
+    assert open_store(remote, so).fingerprint == open_store(str(reference_stores("wds"))).fingerprint
+
+    server.send_signal(signal.SIGSTOP)
+    t0 = time.time()
+    r = subprocess.run([str(Path(sys.executable).parent / "fdpipe"), "distill", "--store", remote,
+                        "--storage-options", json.dumps(so), "--out", str(photo_dir.parent / "run"), *map(str, DISTILL)],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and f"cannot reach {endpoint}" in lines[0], r.stderr[-2000:]
+    assert time.time() - t0 < 60

@@ -41,6 +41,10 @@ S3_DEFAULTS: dict[str, Any] = {
     "use_listings_cache": False,
 }
 S3_RETRIES = 2  # s3fs's own loop; it also retries a download cut off mid-body, which botocore does not
+# A deadline on every call into an async filesystem (s3fs), in seconds: read_timeout bounds a silent read, but a
+# request body sent to a server that stopped reading blocks forever (an upload to a stalled endpoint hung > 600 s).
+# `call_timeout` in --storage-options overrides it; one 50 MiB multipart part has all of it.
+CALL_TIMEOUT = 120.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,6 +85,26 @@ def _connection_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     return tuple(types)
+
+
+def with_deadline(fs: fsspec.AbstractFileSystem, seconds: float) -> None:
+    """Give every blocking call of an async filesystem instance a deadline (fsspec's own `sync(..., timeout=)`,
+    which cancels the request and raises FSTimeoutError). The instance may be fsspec's cached one, shared."""
+    import inspect
+
+    from fsspec.asyn import AsyncFileSystem
+
+    if not isinstance(fs, AsyncFileSystem):
+        return
+    plain = fs.__dict__.setdefault("_fdpipe_sync", {})  # the sync twins as fsspec made them, before any deadline
+    if not plain:
+        for name, coro in inspect.getmembers(type(fs), inspect.iscoroutinefunction):
+            twin = getattr(fs, name[1:], None) if name.startswith("_") else None
+            wrapped = getattr(twin, "__wrapped__", None)
+            if wrapped is not None and getattr(wrapped, "__func__", wrapped) is coro:
+                plain[name[1:]] = twin
+    for name, twin in plain.items():
+        fs.__dict__[name] = functools.partial(twin, timeout=seconds)
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:
@@ -128,12 +152,15 @@ class StoreLocation:
     def _connect(self) -> None:
         """(Re)create the filesystem objects: once, and again in a forked or unpickled process (DataLoader
         workers), because async filesystems such as s3fs must not be shared across a fork."""
+        options = dict(self.fs_options)
+        self._deadline = float(options.pop("call_timeout", CALL_TIMEOUT))
         try:
-            self._fs, self.root = url_to_fs(self.url, **self.fs_options)
+            self._fs, self.root = url_to_fs(self.url, **options)
         except (ImportError, ValueError, TypeError) as e:
             raise StoreError(f"cannot open {self.url}: {_one_line(e)}; check the URL and --storage-options") from None
         if _protocol(self._fs) in ("s3", "s3a"):
             self._fs.retries = S3_RETRIES
+        with_deadline(self._fs, self._deadline)
         self._pid = os.getpid()
         self._cache = None
         if self._cache_storage is not None:
@@ -204,9 +231,12 @@ class StoreLocation:
             if type(e).__name__ == "NoCredentialsError":
                 return StoreError(f"no credentials for {self.url}; pass --storage-options '{{\"key\": ..., "
                                   "\"secret\": ...}}' or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            if type(e).__name__ == "FSTimeoutError":
+                text = f"no answer within the {self._deadline:g} s call_timeout"
             return StoreError(
-                f"cannot reach {self.endpoint} for {self.url} ({text}); check the endpoint URL and the network "
-                "(timeouts and retries: config_kwargs in --storage-options)"
+                f"cannot reach {self.endpoint} for {self.url} ({text}); check the endpoint URL and the network, then "
+                "rerun the same command to resume (timeouts and retries: call_timeout and config_kwargs in "
+                "--storage-options)"
             )
         return None
 

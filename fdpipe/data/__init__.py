@@ -43,7 +43,7 @@ from webdataset.shardlists import expand_urls
 from fdpipe.errors import FdpipeError
 
 from .decode import (ImageDecodeError, ImageError, ImageReadError, Sample, _one_line, decode_rgb, encoded_image,
-                     image_sha256, original_size, sanitize_key)
+                     image_sha256, key_problem, original_size, sanitize_key)
 from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _FASHION_MNIST_SIZES, FashionMnistSource,
                             _fashion_mnist_dir)
 from .folder import IMAGE_EXTENSIONS, FolderSource, _find_images
@@ -70,6 +70,7 @@ __all__ = [
     "original_size",
     "image_sha256",
     "sanitize_key",
+    "key_problem",
     "encoded_image",
 ]
 

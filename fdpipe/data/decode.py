@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -62,8 +63,26 @@ def image_sha256(sample: Sample | bytes | Image.Image) -> str:
 
 
 def sanitize_key(key: str) -> str:
-    """A key WebDataset can round-trip: '/' separators and no dots (WebDataset splits a key at its first dot)."""
-    return key.replace("\\", "/").replace(".", "_")
+    """A key WebDataset can round-trip and a tar can hold as a member name: '/' separators, no dots (WebDataset
+    splits a key at its first dot, and so no '..' either) and no empty parts (so no leading '/': the member name
+    stays relative)."""
+    return "/".join(part for part in key.replace("\\", "/").replace(".", "_").split("/") if part)
+
+
+_WDS_META = re.compile(r"__.*__")  # a part WebDataset skips as metadata (its skip_meta pattern)
+
+
+def key_problem(key: object) -> str | None:
+    """Why `key` cannot identify an image in a store (as a wds member prefix and an index string), or None."""
+    if not isinstance(key, str) or not key:
+        return "is empty"
+    if key != sanitize_key(key):
+        return "is not a relative '/'-separated name without dots"
+    if any(ord(ch) < 32 for ch in key):
+        return "holds a control character"
+    if any(_WDS_META.fullmatch(part) for part in key.split("/")):
+        return "has a __part__ that WebDataset skips as metadata"
+    return None
 
 
 def _short_hash(text: str) -> str:
@@ -75,8 +94,15 @@ def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
 
     Colliding keys first get their extension appended (`a.jpg`, `a.png` -> `a_jpg`, `a_png`); anything still
     colliding gets a short hash of its identity (relative path or shard#member) appended. Keys that do not collide
-    never change, whatever their neighbours are called.
+    never change, whatever their neighbours are called. An identity listed twice, or a key that cannot be stored
+    (`key_problem`), is one FdpipeError line.
     """
+    twice = next((ident for ident, c in Counter(ident for _, _, ident in entries).items() if c > 1), None)
+    if twice is not None:
+        raise FdpipeError(f"{twice} is listed twice in the source; list each image once")
+    bad = next(((k, ident, p) for k, _, ident in entries if (p := key_problem(k))), None)
+    if bad is not None:
+        raise FdpipeError(f"image {bad[1]}: its key {bad[0]!r} {bad[2]}; rename it")
     counts = Counter(k for k, _, _ in entries)
     keys = [
         k if counts[k] == 1 or not ext else f"{k}_{sanitize_key(ext)}" for k, ext, _ in entries
@@ -86,7 +112,7 @@ def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
         if len(counts) == len(keys):
             return keys
         keys = [k if counts[k] == 1 else f"{k}_{_short_hash(ident + k)}" for k, (_, _, ident) in zip(keys, entries)]
-    raise AssertionError("could not make keys unique")  # unreachable short of a blake2b collision
+    raise FdpipeError("could not make the image keys unique; rename the images")  # short of a blake2b collision
 
 
 def _split_ext(rel: str) -> tuple[str, str]:
@@ -123,6 +149,11 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(raw))
                 image.load()  # decode now, so truncated files fail here and not in a worker later
+        except Image.DecompressionBombError as e:  # PIL refuses before decoding: the header's size is absurd
+            raise ImageDecodeError(
+                f"cannot decode image: {_one_line(e)} ({len(raw)} bytes); a decompression bomb or a damaged "
+                "header: re-encode it at a sane size or remove it"
+            ) from e
         except UnidentifiedImageError as e:
             head = raw[:16]
             raise ImageDecodeError(

@@ -35,10 +35,15 @@ class ListSource(ImageSource):
         self.labels, self.classes = _encode_labels(raw_labels)
         base_dir = posixpath.dirname(list_path)
         self._urls = [self._resolve(fs, base_dir, p.strip()) for p in paths]
-        if "key" in table.column_names:
-            given = [str(k) for k in table.column("key").to_pylist()]
-            entries = [(sanitize_key(k), "", f"row{i}") for i, k in enumerate(given)]
+        if "key" in table.column_names:  # keys as given, made safe: no dots, no leading '/', no empty parts
+            given = ["" if k is None else str(k) for k in table.column("key").to_pylist()]
+            entries = [(sanitize_key(k), "", f"{spec} row {i}") for i, k in enumerate(given)]
         else:
+            first: dict[str, int] = {}
+            for i, url in enumerate(self._urls):
+                if first.setdefault(url, i) != i:
+                    raise FdpipeError(f"{spec} lists {paths[i].strip()!r} twice (rows {first[url]} and {i}); "
+                                      "list each image once, or give each row its own 'key'")
             entries = [(sanitize_key(stem), ext, p) for p in paths for stem, ext in [_key_stem(p)]]
         self.keys = _unique_keys(entries)
         _apply_limit(limit, self.keys, self.labels, self._urls)

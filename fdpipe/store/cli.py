@@ -63,8 +63,8 @@ def store_verify(store_url: str, deep: bool, storage_options: dict, cache_dir: s
 
     store_obj, problems = verify_store(store_url, storage_options, deep=deep, cache_dir=cache_dir)
     if problems:
-        for p in problems:
-            click.echo(f"error: {p}", err=True)
+        for p in problems:  # one line each, whatever a hostile name put in it
+            click.echo(f"error: {' '.join(p.split())}", err=True)
         sys.exit(1)
     what = "files, counts and targets" if deep else "files and counts"
     click.echo(f"ok: {store_url}: {store_obj.num_shards} shards, {store_obj.num_images} images x {store_obj.views} "

@@ -13,6 +13,7 @@ each shard once.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import hashlib
 import json
@@ -360,10 +361,14 @@ class StoreLocation:
         tmp = self._tmp_name(rel)
         self.makedirs(rel.rpartition("/")[0])
         digest = Digest()
-        with self.fs.open(self.path(tmp), "wb") as f:
-            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
-                digest.update(piece)
-                f.write(piece)
+        try:
+            with self.fs.open(self.path(tmp), "wb") as f:
+                for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                    digest.update(piece)
+                    f.write(piece)
+        except OSError as e:
+            _name_the_file(e, self.path(rel))
+            raise
         self.commit(tmp, rel)
         return digest.entry()
 
@@ -409,7 +414,11 @@ class AtomicWriter:
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            _name_the_file(e, self.loc.path(self.rel))
+            raise
 
     def flush(self) -> None:
         self._f.flush()
@@ -443,6 +452,12 @@ class AtomicWriter:
         except Exception:  # noqa: BLE001
             pass
 
+
+
+def _name_the_file(e: OSError, path: str) -> None:
+    """A full disk's error often names no file; the one-line message should say which one was being written."""
+    if e.errno == errno.ENOSPC and not e.filename:
+        e.filename = path
 
 
 class Digest:

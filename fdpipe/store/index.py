@@ -1,6 +1,10 @@
 """The per-shard parquet index: one row per (image, view), readable with plain pyarrow.
 
 Rows of images that failed to decode stay, with `status` and `error`, so nothing is dropped silently.
+
+A part may come from another team's store, so `decode` refuses one whose columns have other types, and
+`check_part` one whose rows are not the ones its manifest promises (the shard's images and views in order, crop
+boxes inside the recorded image size, keys that are safe as tar member names): one line naming the file and column.
 """
 
 from __future__ import annotations
@@ -8,8 +12,11 @@ from __future__ import annotations
 import io
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ..errors import StoreError
 
 SCHEMA = pa.schema([
     ("image_idx", pa.int64()),
@@ -31,6 +38,13 @@ SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+STATUSES = ("ok", "error")
+_CROP = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
+
+
+class IndexSchemaError(pa.ArrowInvalid):
+    """A parquet file that is not an index part (a column missing or of another type); readers report it as a
+    damaged file, like any other parquet that does not read."""
 
 
 def part_name(shard: int) -> str:
@@ -52,6 +66,97 @@ def encode(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def decode(data: bytes) -> pa.Table:
+    """Parquet bytes -> the part's table; IndexSchemaError when a column is missing or has another type (columns
+    added by a later format version are allowed)."""
     # An arrow buffer, not a Python file object: pyarrow reading through Python file objects can abort the
     # interpreter at exit ("terminate called without an active exception") once torch is loaded.
-    return pq.read_table(pa.BufferReader(data))
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowInvalid:
+        raise
+    except pa.ArrowException as e:  # e.g. a type pyarrow cannot read: a damaged file all the same
+        raise IndexSchemaError(" ".join(str(e).split())) from None
+    problem = schema_problem(table.schema)
+    if problem:
+        raise IndexSchemaError(problem)
+    return table
+
+
+def schema_problem(schema: pa.Schema) -> str | None:
+    for f in SCHEMA:
+        i = schema.get_field_index(f.name)
+        if i < 0:
+            return f"column {f.name!r} is missing"
+        if not schema.field(i).type.equals(f.type):
+            return f"column {f.name!r} is {schema.field(i).type}, expected {f.type}"
+    return None
+
+
+def check_part(table: pa.Table, manifest: dict[str, Any], shard: int, where: str) -> None:
+    """The rows of shard `shard` are the ones the (checked) manifest promises; one StoreError line otherwise.
+
+    Row j is view j % V of image start + j // V; every row names its shard and a known status; an image's views
+    share one key, a safe and unique one (it becomes a tar member name); a decoded image's crop boxes lie inside
+    its recorded size.
+    """
+    problem = schema_problem(table.schema)
+    if problem:
+        raise StoreError(f"{where}: {problem}; the index is damaged or was not written by fdpipe")
+    n, views, size = manifest["num_images"], manifest["views"], manifest["shard_size"]
+    start = shard * size
+    images = min(size, n - start)
+    if table.num_rows != images * views:
+        raise StoreError(f"{where}: {table.num_rows:,} rows, but shard {shard} holds {images:,} images x {views} "
+                         "views; the index is damaged or was not written by fdpipe")
+
+    def fail(row: int, what: str) -> StoreError:
+        return StoreError(f"{where}: row {row} (image {start + row // views}, view {row % views}): {what}; the "
+                          "index is damaged or was not written by fdpipe")
+
+    def ints(name: str) -> tuple[np.ndarray, np.ndarray]:
+        col = table.column(name)
+        return col.is_null().to_numpy(zero_copy_only=False), col.fill_null(0).to_numpy().astype(np.int64)
+
+    j = np.arange(table.num_rows)
+    for name, want in (("image_idx", start + j // views), ("view", j % views), ("shard", np.full_like(j, shard))):
+        null, got = ints(name)
+        bad = np.flatnonzero(null | (got != want))
+        if bad.size:
+            r = int(bad[0])
+            raise fail(r, f"{name} is {None if null[r] else int(got[r])}, expected {int(want[r])}")
+    status = table.column("status").to_pylist()
+    for r, s in enumerate(status):
+        if s not in STATUSES:
+            raise fail(r, f"status is {s!r}, not one of {', '.join(STATUSES)}")
+    ok = np.array([s == "ok" for s in status], dtype=bool)
+    crop = {name: ints(name) for name in _CROP if name != "flip"}
+    for name in _CROP:
+        null = table.column(name).is_null().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(ok & null)
+        if bad.size:
+            raise fail(int(bad[0]), f"{name} is null in a decoded image's row")
+    (_, top), (_, left), (_, h), (_, w), (_, oh), (_, ow) = (crop[c] for c in _CROP if c != "flip")
+    outside = ok & ((oh < 1) | (ow < 1) | (h < 1) | (w < 1) | (top < 0) | (left < 0) | (top + h > oh) | (left + w > ow))
+    bad = np.flatnonzero(outside)
+    if bad.size:
+        r = int(bad[0])
+        raise fail(r, f"crop box top {top[r]} left {left[r]} height {h[r]} width {w[r]} is not inside the "
+                      f"{oh[r]} x {ow[r]} image")
+    _check_keys(table.column("key").to_pylist(), views, fail)
+
+
+def _check_keys(keys: list[Any], views: int, fail: Any) -> None:
+    from ..data import key_problem
+
+    seen: set[str] = set()
+    for r in range(0, len(keys), views):
+        key = keys[r]
+        problem = key_problem(key)
+        if problem:
+            raise fail(r, f"key {key!r} {problem}")
+        other = next((v for v in range(1, views) if keys[r + v] != key), None)
+        if other is not None:
+            raise fail(r + other, f"key {keys[r + other]!r} differs from view 0's {key!r}")
+        if key in seen:
+            raise fail(r, f"key {key!r} appears twice")
+        seen.add(key)

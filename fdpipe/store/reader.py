@@ -97,7 +97,7 @@ def open_store(url: str, storage_options: dict | None = None, cache_dir: str | N
     raw = loc.read_bytes(MANIFEST)
     try:
         manifest = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise StoreError(f"{loc.path(MANIFEST)} is not valid JSON; the manifest is corrupt") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{loc.path(MANIFEST)} is not a manifest object; the manifest is corrupt")
@@ -146,11 +146,13 @@ class Store:
     def index_part(self, shard: int) -> pa.Table:
         rel = index_mod.part_name(shard)
         try:
-            return index_mod.decode(self.loc.read_bytes(rel, expect=self.file_meta(shard, rel)))
+            table = index_mod.decode(self.loc.read_bytes(rel, expect=self.file_meta(shard, rel)))
         except FileNotFoundError:
             raise StoreError(f"{self.loc.path(rel)} is missing; the store is damaged (run `fdpipe store verify`)") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{self.loc.path(rel)} is not a readable parquet file ({e}); the store is damaged") from None
+        index_mod.check_part(table, self.manifest, shard, self.loc.path(rel))  # rows, order, boxes, keys
+        return table
 
     @cached_property
     def index(self) -> pa.Table:

@@ -15,12 +15,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import FdpipeError, StoreError
+from . import index as index_mod
 from .fs import StoreLocation
-from .manifest import DRAFT, MANIFEST, MERGE_KEYS, SETTING_KEYS, check_version, describe_value, first_difference
+from .manifest import (DRAFT, LAYOUTS, MANIFEST, MERGE_KEYS, SETTING_KEYS, check_settings, check_shard, check_version,
+                       describe_value, first_difference)
 from .reader import Store, StoredImage, open_store
-from .writer import StoreWriter, committed_markers, num_shards, shard_range
+from .writer import PROGRESS, StoreWriter, committed_markers, num_shards, shard_range
 
-LAYOUTS = ("zarr", "wds")
 ShardDone = Callable[[int, int], None]  # (shards done, shards in all), after each shard
 
 
@@ -39,10 +40,12 @@ def list_shards(url: str, storage_options: dict | None = None) -> dict[str, Any]
     elif loc.exists(DRAFT):
         settings, complete = loc.read_json(DRAFT), False
         check_version(settings, loc.path(DRAFT))
+        check_settings(settings, loc.path(DRAFT))
         committed = {}
         for name in committed_markers(loc):
-            marker = loc.read_json(f"_progress/{name}")
-            committed[int(marker["shard"])] = marker
+            rel = f"{PROGRESS}/{name}"
+            marker = loc.read_json(rel)
+            committed[check_shard(marker, settings, loc.path(rel), "the marker")] = marker
     else:
         if not loc.exists():
             loc.check_bucket()
@@ -79,13 +82,21 @@ def _settings(manifest: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 
 def _writer(dst: str, settings: dict[str, Any], storage_options: dict | None) -> tuple[StoreWriter, set[int]]:
-    """A writer on an empty DST, or on the half-written DST of the same command (which then resumes)."""
+    """A writer on an empty DST, or on the DST of the same command: half-written (it resumes) or complete (nothing
+    to do, as for a rerun extract); a DST made with other settings is refused by the writer."""
     w = StoreWriter(dst, settings, storage_options, role="DST")
-    if w.loc.exists(MANIFEST):
-        raise StoreError(f"{dst} already holds a complete store; choose a new or empty DST (or remove it first)")
     if not w.loc.exists():
         w.loc.check_bucket()
     return w, w.open()
+
+
+def _checked(store: Store) -> Store:
+    """The store, once every index part matches its manifest (index.check_part): convert and merge copy the rows
+    into a new store, where keys become tar member names."""
+    for shard in range(store.num_shards):
+        rel = index_mod.part_name(shard)
+        index_mod.check_part(store.index_part(shard), store.manifest, shard, store.loc.path(rel))
+    return store
 
 
 def _stack(items: list[StoredImage]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -206,7 +217,7 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
         raise FdpipeError(f"--format must be one of {', '.join(LAYOUTS)} (got {layout})")
     if embed_images and layout != "wds":
         raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")
-    src = open_store(src_url, storage_options, cache_dir)
+    src = _checked(open_store(src_url, storage_options, cache_dir))
     dst_so = storage_options if dst_storage_options is None else dst_storage_options
     if _same_place(src.loc, StoreLocation(dst_url, dst_so or {})):
         raise FdpipeError(f"DST {dst_url} is SRC; convert into a new or empty location")
@@ -250,8 +261,8 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
     When they also share their data spec (two parts of one dataset), the merged store records that spec, so the
     merge of a dataset's first and second half equals the store extracted in one go.
     """
-    a = open_store(a_url, storage_options, cache_dir)
-    b = open_store(b_url, storage_options, cache_dir)
+    a = _checked(open_store(a_url, storage_options, cache_dir))
+    b = _checked(open_store(b_url, storage_options, cache_dir))
     ma, mb = ({k: s.manifest.get(k) for k in MERGE_KEYS} for s in (a, b))
     diff = first_difference(ma, mb)
     if diff:

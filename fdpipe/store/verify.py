@@ -1,7 +1,13 @@
-"""`fdpipe store verify`: every file re-hashed, counts and shapes compared, and with --deep every target decoded."""
+"""`fdpipe store verify`: every file re-hashed, counts, shapes and index rows compared, and with --deep every target
+decoded.
+
+The manifest's fields and file names are checked when the store opens (manifest.check_manifest), so verify never
+hashes a file outside the store; a local file that is a link leading out of it is reported, not read.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,6 +28,9 @@ def _check_files(store: Store) -> Iterator[str]:
         if not store.loc.exists(rel):
             yield f"{where}: missing"
             continue
+        if _leaves_store(store, rel):
+            yield f"{where}: a link that leads outside the store; refusing to read it"
+            continue
         nbytes, sha = store.loc.sha256(rel)
         if nbytes != meta["bytes"]:
             yield f"{where}: {nbytes} bytes, manifest says {meta['bytes']}"
@@ -29,18 +38,24 @@ def _check_files(store: Store) -> Iterator[str]:
             yield f"{where}: sha256 mismatch (the file is corrupt)"
 
 
-def _check_counts(store: Store) -> Iterator[str]:
-    m = store.manifest
-    if sum(s["images"] for s in m["shards"]) != store.num_images:
-        yield f"manifest.json: shards hold {sum(s['images'] for s in m['shards'])} images, expected {store.num_images}"
-    for s in m["shards"]:
+def _leaves_store(store: Store, rel: str) -> bool:
+    if not store.loc.is_local:
+        return False
+    root = os.path.realpath(store.loc.root)
+    return os.path.commonpath([root, os.path.realpath(store.loc.path(rel))]) != root
+
+
+def _check_index(store: Store) -> Iterator[str]:
+    """The index rows against the manifest: counts, order, crop boxes and keys (index.check_part)."""
+    for s in store.manifest["shards"]:
+        rel = index_mod.part_name(s["shard"])
         try:
-            part = store.index_part(s["shard"])
+            index_mod.check_part(store.index_part(s["shard"]), store.manifest, s["shard"], store.loc.path(rel))
         except StoreError as e:
             yield str(e)
-            continue
-        if part.num_rows != s["rows"]:
-            yield f"shard {s['shard']}: {index_mod.part_name(s['shard'])} has {part.num_rows} rows, expected {s['rows']}"
+
+
+def _check_shape(store: Store) -> Iterator[str]:
     if store.layout == "zarr":
         t, _ = store._zarr
         want = (store.num_images, store.views, *store.target_shape)
@@ -53,12 +68,12 @@ def _check_values(store: Store, whitened: bool) -> Iterator[str]:
         ok = np.array([r["status"] in (None, "ok") for r in it.rows])
         x = it.targets[ok]
         if not np.isfinite(x).all():
-            yield f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key}) has non-finite targets"
+            yield f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r}) has non-finite targets"
         elif whitened and x.size:
             mean, var = x.mean(-1), x.var(-1)
             bad = (np.abs(mean) > WHITENED_TOL) | ((np.abs(var - 1) > WHITENED_TOL) & (var > 1e-3))
             if bad.any():
-                yield (f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key}) is not whitened "
+                yield (f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r}) is not whitened "
                        f"(token mean {float(mean.flat[np.argmax(bad)]):.3f}, var {float(var.flat[np.argmax(bad)]):.3f})")
 
 
@@ -72,11 +87,12 @@ def verify_store(url: str, storage_options: dict | None = None, deep: bool = Fal
         store = open_store(url, storage_options, cache_dir)
     except StoreError as e:
         return None, [str(e)]
-    problems = list(_check_files(store))
-    if problems:
-        return store, problems
-    problems += _check_counts(store)
-    if deep and not problems:
+    problems: list[str] = []
+    for check in (_check_files, _check_index, _check_shape):  # each only once the ones before it found nothing
+        problems += check(store)
+        if problems:
+            return store, problems
+    if deep:
         whitened = bool(store.manifest.get("whitening")) and store.manifest.get("target") == "features"
         problems += _check_values(store, whitened)
     return store, problems

@@ -18,7 +18,8 @@ from ..errors import StoreError
 from . import index as index_mod
 from . import layouts
 from .fs import StoreLocation
-from .manifest import DRAFT, MANIFEST, canonical, describe_value, first_difference, make_draft, make_final
+from .manifest import (DRAFT, MANIFEST, canonical, check_settings, check_shard, describe_value, first_difference,
+                       make_draft, make_final)
 from .quantize import get_quantizer
 
 PROGRESS = "_progress"
@@ -68,21 +69,41 @@ class StoreWriter:
 
     # -------------------------------------------------------------------------------------------------- opening
     def open(self) -> set[int]:
-        """Write or check the draft; returns the shards already committed (all of them for a complete store)."""
+        """Write or check the draft; returns the shards already committed (all of them for a complete store).
+
+        While a local store is being written, this process holds its folder lock (shared by the ranks of one job),
+        so a second writer is refused in one line instead of racing this one. A folder that holds only
+        temporaries (`.tmp-*`, left by a crash during the first commit) counts as empty: the rerun resumes.
+        """
+        from ..locks import lock_folder
+        from ..runtime import ranks_from_env
+        from .fs import TMP_PREFIX
+        from .manifest import MAX_SHARDS
+
         loc = self.loc
         if loc.exists(MANIFEST):
             self._check_same(loc.read_json(MANIFEST), MANIFEST)
-        elif loc.exists(DRAFT):
-            self._check_same(loc.read_json(DRAFT), DRAFT)
         else:
-            if loc.exists() and loc.ls(""):
-                raise StoreError(
-                    f"{loc.url} exists and is not an fdpipe store; choose a new or empty directory for {self.role}"
-                )
-            try:
-                loc.put_atomic(DRAFT, canonical(self.draft))
-            except OSError as e:
-                raise StoreError(f"cannot write to {loc.url}: {e.strerror or e}; choose a writable {self.role}") from None
+            if loc.is_local:
+                self._lock = lock_folder(loc.root, f"{loc.url} is being written by another process (extract, "
+                                         f"convert or merge); wait for it to finish, or choose another {self.role}",
+                                         shared=ranks_from_env().world > 1)
+            if loc.exists(DRAFT):
+                self._check_same(loc.read_json(DRAFT), DRAFT)
+            else:
+                if loc.exists() and [n for n in loc.ls("") if not n.startswith(TMP_PREFIX)]:
+                    raise StoreError(
+                        f"{loc.url} exists and is not an fdpipe store; choose a new or empty directory for {self.role}"
+                    )
+                if self.num_shards > MAX_SHARDS:
+                    raise StoreError(f"{loc.url}: {self.n:,} images in shards of {self.s:,} make {self.num_shards:,} "
+                                     f"shards, more than the {MAX_SHARDS:,} a store may have; use larger shards "
+                                     "(--shard-size)")
+                try:
+                    loc.put_atomic(DRAFT, canonical(self.draft))
+                except OSError as e:
+                    raise StoreError(f"cannot write to {loc.url}: {e.strerror or e}; choose a writable "
+                                     f"{self.role}") from None
         if self.layout == "zarr":
             for rel, data in layouts.zarr_metadata(self.draft, self.q).items():
                 if not loc.exists(rel):
@@ -183,6 +204,7 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     if not loc.exists(DRAFT):
         raise StoreError(f"{url} has no {DRAFT}: it is not an fdpipe store being written")
     draft = loc.read_json(DRAFT)
+    check_settings(draft, loc.path(DRAFT))
     n_shards = num_shards(draft["num_images"], draft["shard_size"])
     missing = [i for i in range(n_shards) if not loc.exists(progress_name(i))]
     if missing:
@@ -193,6 +215,7 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     shards, digest, counts = [], hashlib.sha256(), {"images": 0, "rows": 0, "failed": 0}
     for i in range(n_shards):
         marker = loc.read_json(progress_name(i))
+        check_shard(marker, draft, loc.path(progress_name(i)), "marker", i)
         shards.append({"shard": i, "images": marker["images"], "rows": marker["rows"], "files": marker["files"]})
         for k in counts:
             counts[k] += int(marker[k])

@@ -264,6 +264,11 @@ class RunFiles:
     log: JsonlLog = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.ranks.is_main:
+            from ..locks import lock_folder
+
+            self._lock = lock_folder(self.out, f"--out {self.out} is in use by another run; wait for it to finish, "
+                                               "or choose another --out")
         self.log = JsonlLog(self.out / "metrics.jsonl", enabled=self.ranks.is_main)
 
     def begin(self, trainer: Trainer, resume: bool, settings: Any = None,

@@ -1,0 +1,680 @@
+"""Hostile stores, broken sources and bad settings (issue 16): one line and exit 1, never a traceback, a hang or an
+allocation sized by hostile content.
+
+The zoo. Each variant is made here from one small real store per layout (4 photos, effnet-lite0 at 32 px, 2 views,
+2 shards), with the manifest's checksum both fixed up (so the hostile content passes the integrity check and reaches
+the checks behind it) and not (the integrity check refuses it). Every command that reads the damaged part (verify, verify --deep, info, ls, distill,
+convert) must refuse it: exit 1, exactly one line on stderr, no traceback, peak memory under 2 GB, done within
+60 s. Commands that do not read it (info on a broken index) must succeed, under the same bounds.
+
+Commands run in a fork server: one subprocess imports fdpipe once and forks a child per command, whose own peak RSS
+(ru_maxrss from wait4: the pages it shares with the server count too) and wall time are measured, and whose address
+space is capped a few GB above the server's so that a runaway allocation fails instead of swamping the machine. So
+hundreds of commands take about a minute instead of an import each. Set FDPIPE_HOSTILE_SUMMARY=path to get the
+zoo's figures (variants, refusals, tracebacks, hangs, peak memory) as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import shard_rows, store_settings, whitened, write_photos, write_store
+from fdpipe.store.manifest import canonical, checksum, fingerprint
+
+TIMEOUT_S = 60
+MAX_RSS_MB = 2048
+EXTRACT = ["--teacher", "effnet-lite0", "--views", "2", "--image-size", "32", "--workers", "0", "--quiet"]
+DISTILL = ["--epochs", "1", "--batch-size", "2", "--workers", "0", "--quiet"]
+COMMANDS = ("verify", "verify-deep", "info", "ls", "distill", "convert")
+
+SERVER = r"""
+import json, os, resource, signal, sys, time, traceback
+import pyarrow.dataset, pyarrow.parquet, webdataset, zarr, zarr.codecs  # noqa: F401 - imported once, not per child
+import fdpipe.cli, fdpipe.distill.train, fdpipe.extract.loop, fdpipe.store.tools, fdpipe.store.verify  # noqa: F401
+from fdpipe.cli import main
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+import gc
+gc.freeze()  # the children's collections leave the server's objects alone: far fewer copy-on-write page faults
+print(json.dumps({"ready": os.getpid()}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (3 << 30),) * 2)
+        code = 1
+        try:
+            main.main(req["args"], prog_name="fdpipe")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    timed_out = False
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() - t0 > req["timeout"]:
+            os.kill(pid, signal.SIGKILL)
+            done, status, usage = os.wait4(pid, 0)
+            timed_out = True
+            break
+        time.sleep(0.005)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024,
+                      "seconds": time.monotonic() - t0, "timed_out": timed_out}), flush=True)
+"""
+
+
+@dataclasses.dataclass
+class Outcome:
+    args: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+    rss_mb: float
+    seconds: float
+    timed_out: bool
+
+    @property
+    def lines(self) -> list[str]:
+        return [ln for ln in self.stderr.splitlines() if ln.strip()]
+
+    def refusal_problem(self, message: str | None = None) -> str | None:
+        """Why this is not a clean one-line refusal (None when it is)."""
+        if self.timed_out:
+            return f"hung (killed after {TIMEOUT_S} s)"
+        if "Traceback" in self.stderr:
+            return "traceback: " + " | ".join(self.lines[-3:])
+        if self.rc != 1 or len(self.lines) != 1:
+            return f"exit {self.rc} with {len(self.lines)} stderr lines: {self.stderr[-400:]!r}"
+        if message is not None and message not in self.stderr:
+            return f"the refusal does not say {message!r}: {self.stderr.strip()!r}"
+        return self.bound_problem()
+
+    def success_problem(self) -> str | None:
+        if self.timed_out or self.rc != 0 or "Traceback" in self.stderr:
+            return f"exit {self.rc}{' (hung)' if self.timed_out else ''}: {self.stderr[-400:]!r}"
+        return self.bound_problem()
+
+    def bound_problem(self) -> str | None:
+        if self.rss_mb > MAX_RSS_MB:
+            return f"peak memory {self.rss_mb:.0f} MB"
+        return None
+
+
+class Server:
+    """The fork server (see the module docstring)."""
+
+    def __init__(self, scratch: Path):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+        self.scratch = scratch
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=str(scratch))
+        assert "ready" in json.loads(self.proc.stdout.readline())
+        self.outcomes: list[tuple[str, Outcome]] = []
+
+    def run(self, *args: Any, label: str = "") -> Outcome:
+        out, err = self.scratch / "stdout", self.scratch / "stderr"
+        args = [str(a) for a in args]
+        self.proc.stdin.write(json.dumps({"args": args, "stdout": str(out), "stderr": str(err),
+                                          "timeout": TIMEOUT_S}) + "\n")
+        self.proc.stdin.flush()
+        r = json.loads(self.proc.stdout.readline())
+        o = Outcome(args, r["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"), r["rss_mb"],
+                    r["seconds"], r["timed_out"])
+        self.outcomes.append((label, o))
+        return o
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("server"))
+    yield s
+    s.close()
+    path = os.environ.get("FDPIPE_HOSTILE_SUMMARY")
+    if path:
+        zoo = [o for label, o in s.outcomes if label.startswith("zoo")]
+        Path(path).write_text(json.dumps({
+            "commands run": len(s.outcomes), "zoo variants": len({label for label, _ in s.outcomes
+                                                                   if label.startswith("zoo")}),
+            "zoo commands": len(zoo), "one-line refusals": sum(o.rc == 1 and len(o.lines) == 1 for o in zoo),
+            "tracebacks": sum("Traceback" in o.stderr for _, o in s.outcomes),
+            "hangs": sum(o.timed_out for _, o in s.outcomes),
+            "peak rss MB": round(max(o.rss_mb for _, o in s.outcomes)),
+            "slowest s": round(max(o.seconds for _, o in s.outcomes), 2)}, indent=2))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos") / "photos", 4)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, photos) -> dict[str, Path]:
+    """One small real store per layout: 4 photos, 2 views, 2 shards of 2 images."""
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    root = tmp_path_factory.mktemp("bases")
+    runner = CliRunner()
+    r = runner.invoke(main, ["extract", "--data", str(photos), "--out", str(root / "zarr"), "--shard-size", "2",
+                             *EXTRACT])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["store", "convert", str(root / "zarr"), str(root / "wds"), "--format", "wds", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return {"zarr": root / "zarr", "wds": root / "wds"}
+
+
+def commands(store: Path, work: Path, layout: str, photos: Path) -> dict[str, list[Any]]:
+    other = "wds" if layout == "zarr" else "zarr"
+    return {
+        "verify": ["store", "verify", store], "verify-deep": ["store", "verify", "--deep", store],
+        "info": ["store", "info", store], "ls": ["store", "ls", store],
+        "distill": ["distill", "--store", store, "--data", photos, "--out", work / "run", *DISTILL],
+        "convert": ["store", "convert", store, work / "converted", "--format", other, "--quiet"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- making variants
+def load(root: Path) -> dict[str, Any]:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def save(root: Path, m: dict[str, Any], fix: bool) -> None:
+    """Write a manifest; fix: recompute its fingerprint and checksum so the content passes the integrity check."""
+    if fix:
+        m["fingerprint"] = fingerprint(m)
+        m["checksum"] = checksum(m)
+    try:
+        raw = canonical(m)
+    except ValueError:  # NaN: not representable canonically, written as json writes it
+        raw = (json.dumps(m, sort_keys=True, indent=2) + "\n").encode()
+    (root / "manifest.json").write_bytes(raw)
+
+
+def put_file(root: Path, rel: str, data: bytes, fix: bool) -> None:
+    """Replace a store file; fix: record its new size and sha256 in the manifest, and fix the checksum up."""
+    (root / rel).write_bytes(data)
+    if fix:
+        m = load(root)
+        for entry in m["shards"]:
+            if rel in entry["files"]:
+                entry["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        save(root, m, True)
+
+
+def edit_manifest(change: Callable[[dict[str, Any], Path], None]) -> Callable[[Path, bool], None]:
+    def build(root: Path, fix: bool) -> None:
+        m = load(root)
+        change(m, root)
+        save(root, m, fix)
+
+    return build
+
+
+def edit_index(change: Callable[[pa.Table], pa.Table | bytes]) -> Callable[[Path, bool], None]:
+    rel = "index/part-00000.parquet"
+
+    def build(root: Path, fix: bool) -> None:
+        out = change(pq.read_table(root / rel))
+        if isinstance(out, pa.Table):
+            buf = io.BytesIO()
+            pq.write_table(out, buf)
+            out = buf.getvalue()
+        put_file(root, rel, out, fix)
+
+    return build
+
+
+def set_column(table: pa.Table, name: str, values: list[Any], type_: pa.DataType | None = None) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, pa.field(name, type_ or table.schema.field(i).type), pa.array(values, type_ or
+                                                                                             table.schema.field(i).type))
+
+
+def replace_row(table: pa.Table, name: str, row: int, value: Any) -> pa.Table:
+    values = table.column(name).to_pylist()
+    values[row] = value
+    return set_column(table, name, values)
+
+
+def edit_tar(change: Callable[[tarfile.TarInfo, bytes], tuple[tarfile.TarInfo, bytes]]):
+    """Rewrite wds/view-00/shard-000000.tar with its first member changed."""
+    rel = "wds/view-00/shard-000000.tar"
+
+    def build(root: Path, fix: bool) -> None:
+        buf = io.BytesIO()
+        with tarfile.open(root / rel) as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+            for i, info in enumerate(src.getmembers()):
+                data = src.extractfile(info).read()
+                if i == 0:
+                    info, data = change(info, data)
+                dst.addfile(info, io.BytesIO(data) if info.isreg() else None)
+        put_file(root, rel, buf.getvalue(), fix)
+
+    return build
+
+
+def _symlink(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    link = tarfile.TarInfo(info.name)
+    link.type, link.linkname = tarfile.SYMTYPE, "../../../../outside/secret.txt"
+    return link, b""
+
+
+def _absolute(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info.name = "/" + info.name
+    return info, data
+
+
+def _secret(root: Path) -> Path:
+    secret = root.parent / "outside" / "secret.txt"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("not the store's")
+    return secret
+
+
+def _list_file(name: Callable[[Path], str]) -> Callable[[dict[str, Any], Path], None]:
+    def change(m: dict[str, Any], root: Path) -> None:
+        data = _secret(root).read_bytes()
+        m["shards"][0]["files"][name(root)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    return change
+
+
+def _one_giant_shard(m: dict[str, Any], root: Path) -> None:
+    """10^12 images in one shard: every count agrees, only the index (4 rows) and the data say otherwise."""
+    n = 10**12
+    m.update(num_images=n, shard_size=n, counts={"images": n, "rows": 2 * n, "failed": 0})
+    m["shards"] = [dict(m["shards"][0], images=n, rows=2 * n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    build: Callable[[Path, bool], None]
+    reads: tuple[str, ...] = COMMANDS  # the commands that read the damaged part, and so must refuse it
+    message: str | None = None  # what the refusal names (fixed-up variants)
+    layouts: tuple[str, ...] = ("zarr", "wds")
+    file: bool = False  # a store file is changed (else the manifest): verify's hashes catch it when not fixed up
+
+
+def _m(name: str, change: Callable[[dict[str, Any], Path], None], message: str) -> Variant:
+    return Variant(name, edit_manifest(change), message=message)
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any], Path], None]:
+    def change(m: dict[str, Any], root: Path) -> None:
+        *head, last = path.split(".")
+        node = m
+        for part in head:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+
+    return change
+
+
+INDEX_READERS = ("verify", "verify-deep", "distill", "convert")
+TAR_READERS = ("verify-deep", "distill", "convert")
+
+ZOO = [
+    _m("layout-unknown", _set("layout", "parquet"), "unknown layout 'parquet'"),
+    _m("images-10^12", _set("num_images", 10**12), "more than the 100,000 a store may have"),
+    Variant("images-10^12-in-one-shard", edit_manifest(_one_giant_shard), INDEX_READERS, "1,000,000,000,000 images"),
+    _m("shard-size-0", _set("shard_size", 0), "shard_size is 0"),
+    _m("views-a-string", _set("views", "2"), "views is '2'"),
+    _m("shards-null", _set("shards", None), "shards is None"),
+    _m("shards-one-missing", lambda m, root: m["shards"].pop(), "shards lists 1 shards"),
+    _m("shard-files-missing", lambda m, root: m["shards"][0].pop("files"), "shards[0].files is missing"),
+    _m("shard-images-wrong", _set("shards.1.images", 3), "shards[1].images is 3"),
+    _m("file-outside-store", _list_file(lambda root: "../outside/secret.txt"), "'../outside/secret.txt'] is not a normalised"),
+    _m("file-absolute", _list_file(lambda root: str(root.parent / "outside" / "secret.txt")), "is not a normalised"),
+    _m("file-sha-not-hex", lambda m, root: m["shards"][0]["files"]["index/part-00000.parquet"].update(sha256="x"),
+       "not 64 lowercase hex"),
+    _m("counts-failed-negative", _set("counts.failed", -1), "counts.failed is -1"),
+    _m("target-shape-10^9", _set("target_shape", [10**9, 1280]), "values per view"),
+    _m("teacher-grid-a-string", _set("teacher.grid", "1x1"), "teacher.grid is '1x1'"),
+    _m("plan-scale-reversed", _set("plan.scale", [0.9, 0.1]), "plan.scale is [0.9, 0.1]"),
+    _m("flip-p-nan", _set("plan.flip_p", float("nan")), "not in canonical form"),
+    Variant("index-column-missing", edit_index(lambda t: t.drop_columns(["status"])), INDEX_READERS,
+            "column 'status' is missing", file=True),
+    Variant("index-view-a-string", edit_index(lambda t: set_column(t, "view", [str(v) for v in t.column("view")
+                                                                               .to_pylist()], pa.string())),
+            INDEX_READERS, "column 'view' is string", file=True),
+    Variant("index-row-missing", edit_index(lambda t: t.slice(0, t.num_rows - 1)), INDEX_READERS, "3 rows",
+            file=True),
+    Variant("index-view-out-of-range", edit_index(lambda t: replace_row(t, "view", 1, 5)), INDEX_READERS,
+            "view is 5, expected 1", file=True),
+    Variant("index-crop-outside", edit_index(lambda t: replace_row(t, "height", 0, 10**6)), INDEX_READERS,
+            "is not inside the", file=True),
+    Variant("index-key-absolute", edit_index(lambda t: set_column(t, "key", ["/etc/evil"] * 2 + t.column("key")
+                                                                  .to_pylist()[2:])), INDEX_READERS,
+            "'/etc/evil' is not a relative", file=True),
+    Variant("index-status-unknown", edit_index(lambda t: replace_row(t, "status", 0, "maybe")), INDEX_READERS,
+            "status is 'maybe'", file=True),
+    Variant("index-not-parquet", edit_index(lambda t: b"PAR1 not a parquet file PAR1"), INDEX_READERS,
+            "is not a readable parquet file", file=True),
+    Variant("tar-symlink-member", edit_tar(_symlink), TAR_READERS, "shard-000000.tar", ("wds",), file=True),
+    Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
+            file=True),
+]
+CASES = [pytest.param(v, layout, id=f"{v.name}-{layout}") for v in ZOO for layout in v.layouts]
+
+
+def expected_refusals(variant: Variant, fix: bool) -> dict[str, str | None]:
+    """{command: what its refusal says} for the commands that must refuse; the others must succeed."""
+    if not fix and not variant.file:
+        return {name: "checksum mismatch" for name in COMMANDS}
+    refusals = {name: variant.message for name in variant.reads}
+    if not fix:  # a file changed under the manifest: verify's hashes name it
+        refusals |= {"verify": "shard 0: ", "verify-deep": "shard 0: "}
+    return refusals
+
+
+def test_the_untouched_stores_pass_every_command(server, bases, photos, tmp_path):
+    for layout, base in bases.items():
+        for name, args in commands(base, tmp_path / layout, layout, photos).items():
+            problem = server.run(*args, label="control").success_problem()
+            assert problem is None, f"{layout} {name}: {problem}"
+
+
+@pytest.mark.parametrize("variant,layout", CASES)
+def test_a_hostile_store_is_refused_in_one_line(server, bases, photos, tmp_path, variant, layout):
+    problems = []
+    for fix in (True, False):
+        work = tmp_path / ("fixed" if fix else "stale")
+        store = work / "store"
+        shutil.copytree(bases[layout], store)
+        variant.build(store, fix)
+        refusals = expected_refusals(variant, fix)
+        for name, args in commands(store, work, layout, photos).items():
+            o = server.run(*args, label=f"zoo {variant.name} {layout} {work.name}")
+            problem = o.refusal_problem(refusals[name]) if name in refusals else o.success_problem()
+            if problem:
+                problems.append(f"{work.name} {name}: {problem}")
+        assert not (work / "converted" / "manifest.json").exists()
+    assert not problems, "\n".join(problems)
+
+
+def test_verify_does_not_follow_a_store_file_that_links_outside(server, bases, tmp_path):
+    """A listed name inside the store that is a link to a file elsewhere (issue 16 defect 7, by another route)."""
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    part = store / "index" / "part-00000.parquet"
+    outside = _secret(store)
+    outside.write_bytes(part.read_bytes())  # the same bytes: the hashes would match
+    part.unlink()
+    part.symlink_to(outside)
+    assert server.run("store", "verify", store, label="link").refusal_problem("leads outside the store") is None
+
+
+def _draft_claims_10_12_images(root: Path) -> None:
+    draft = json.loads((root / "manifest.draft.json").read_text())
+    draft.update(num_images=10**12, shard_size=10**6)  # a million shards: more than a store may have
+    (root / "manifest.draft.json").write_bytes(canonical(draft))
+
+
+def _marker_lists_a_file_outside(root: Path) -> None:
+    marker = json.loads((root / "_progress" / "shard-00000.json").read_text())
+    marker["files"]["../../outside/secret.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    (root / "_progress" / "shard-00000.json").write_bytes(canonical(marker))
+
+
+@pytest.mark.parametrize("change,message", [
+    (_draft_claims_10_12_images, "more than the 100,000 a store may have"),
+    (_marker_lists_a_file_outside, "'../../outside/secret.txt'] is not a normalised"),
+], ids=["draft-10^12-images", "marker-file-outside"])
+def test_ls_of_a_hostile_incomplete_store_is_one_line(server, bases, tmp_path, change, message):
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    (store / "manifest.json").unlink()
+    change(store)
+    assert server.run("store", "ls", store, label="draft").refusal_problem(message) is None
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+def _csv(folder: Path, rows: list[str], header: str = "path") -> Path:
+    path = folder / "list.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_csv_keys_become_relative_member_names(server, photos, tmp_path):
+    """A `key` column starting with '/' or holding '..' is normalised: the wds store's member names stay relative
+    and the store reads back."""
+    images = sorted(photos.rglob("*.png"))[:2]
+    data = _csv(tmp_path, [f"{images[0]},/abs/evil", f"{images[1]},../../up/evil"], "path,key")
+    out = tmp_path / "s"
+    assert server.run("extract", "--data", data, "--out", out, "--format", "wds", *EXTRACT).success_problem() is None
+    with tarfile.open(out / "wds" / "view-00" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names and all(not n.startswith("/") and ".." not in n.split("/") for n in names), names
+    assert {n.split(".")[0] for n in names} == {"abs/evil", "__/__/up/evil"}
+    assert server.run("store", "verify", "--deep", out).success_problem() is None
+
+
+@pytest.mark.parametrize("rows,header,message", [
+    (["{0}", "{1}", "{0}"], "path", "twice (rows 0 and 2)"),  # issue 16 defect 8: AssertionError before
+    (["{0},__meta__/x"], "path,key", "that WebDataset skips as metadata"),
+    (["{0},/"], "path,key", "is empty"),
+], ids=["same-path-twice", "key-wds-metadata", "key-empty"])
+def test_a_bad_file_list_is_one_line(server, photos, tmp_path, rows, header, message):
+    images = [str(p) for p in sorted(photos.rglob("*.png"))]
+    data = _csv(tmp_path, [r.format(*images) for r in rows], header)
+    o = server.run("extract", "--data", data, "--out", tmp_path / "s", *EXTRACT)
+    assert o.refusal_problem(message) is None
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_wds_source_holding_a_key_twice_is_one_line(server, photos, tmp_path):
+    png = sorted(photos.rglob("*.png"))[0].read_bytes()
+    shard = tmp_path / "src.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("a.png", "b.png", "a.png"):  # not adjacent: two samples with one key
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+    o = server.run("extract", "--data", shard, "--out", tmp_path / "s", *EXTRACT)
+    assert o.refusal_problem("is listed twice") is None
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_called_one():
+    from fdpipe.data import ImageDecodeError, decode_rgb
+
+    with pytest.raises(ImageDecodeError) as e:
+        decode_rgb(_png_header(40_000, 40_000))
+    assert "decompression bomb" in str(e.value) and "truncated or corrupt" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------- CLI bounds
+@pytest.mark.parametrize("flag,value,message", [
+    ("--views", 100_000, "--views must be at most 1024 (got 100000)"),
+    ("--image-size", 100_000, "--image-size must be at most 4096 (got 100000)"),
+    ("--workers", -2, "--workers must be at least 0 (got -2)"),
+    ("--image-size", 1, "--image-size must be at least 16 (got 1)"),
+    ("--seed", -1, "--seed must be at least 0 (got -1)"),
+])
+def test_an_unbounded_setting_is_one_line_and_leaves_no_draft(server, photos, tmp_path, flag, value, message):
+    out = tmp_path / "s"
+    o = server.run("extract", "--teacher", "effnet-lite0", "--data", photos, "--out", out, flag, value)
+    assert o.refusal_problem(message) is None
+    assert not out.exists()
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"{flag[2:]}: {value}\n")
+    o = server.run("extract", "--teacher", "effnet-lite0", "--data", photos, "--out", out, "--config", config)
+    assert o.refusal_problem(message) is None and f"--config {config}" in o.stderr
+    assert not out.exists()
+
+
+def test_settings_built_in_python_are_held_to_the_same_bounds(tmp_path):
+    from fdpipe.errors import FdpipeError
+    from fdpipe.extract.settings import ExtractConfig
+
+    with pytest.raises(FdpipeError, match=r"--views must be at most 1024 \(got 100000\)"):
+        ExtractConfig(teacher="effnet-lite0", data="x", out=str(tmp_path), views=100_000)
+
+
+def test_a_store_of_too_many_shards_is_refused_before_its_draft(tmp_path):
+    from fdpipe.errors import StoreError
+    from fdpipe.store import StoreWriter
+
+    writer = StoreWriter(str(tmp_path / "s"), store_settings(n=200_001, s=1))
+    with pytest.raises(StoreError, match="200,001 shards, more than the 100,000 a store may have; use larger shards"):
+        writer.open()
+    assert not (tmp_path / "s" / "manifest.draft.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- drafts, locks
+def _synthetic(tmp_path: Path, name: str, key_prefix: str = "", n: int = 5) -> str:
+    """A small synthetic store (conftest's) whose keys carry `key_prefix`."""
+    from fdpipe.store import StoreWriter, shard_range
+
+    settings = store_settings("zarr", n=n, s=2)
+    targets = whitened(np.random.default_rng(0), (n, 2, 4, 8))
+    url = str(tmp_path / name)
+    if not key_prefix:
+        write_store(url, settings, targets)
+        return url
+    w = StoreWriter(url, settings)
+    w.open()
+    for shard in range(w.num_shards):
+        a, b = shard_range(shard, w.s, w.n)
+        rows = [dict(r, key=key_prefix + r["key"]) for r in shard_rows(settings, shard)]
+        w.write_shard(shard, targets[a:b], rows)
+    w.try_finalize()
+    return url
+
+
+@pytest.mark.parametrize("failure", ["crash", "enospc"])
+def test_a_failed_first_commit_of_the_draft_resumes(cli, tmp_path, monkeypatch, failure):
+    """A crash (or a full disk) while the draft is moved into place leaves only `.tmp-*-manifest.draft.json`: the
+    rerun resumes instead of calling the folder foreign (issue 16 defect 4)."""
+    from fdpipe.store.fs import StoreLocation
+    from fdpipe.store.tools import convert
+
+    src = _synthetic(tmp_path, "src")
+    dst = tmp_path / "dst"
+    real = StoreLocation.commit
+
+    def failing(self, tmp, rel):
+        if rel == "manifest.draft.json":
+            if failure == "crash":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tmp, rel)
+
+    monkeypatch.setattr(StoreLocation, "commit", failing)
+    if failure == "crash":
+        with pytest.raises(KeyboardInterrupt):
+            convert(src, str(dst), "wds")
+    else:
+        r = cli("store", "convert", src, dst, "--format", "wds")
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert [p.name for p in dst.iterdir()] and all(p.name.startswith(".tmp-") for p in dst.iterdir())
+    monkeypatch.setattr(StoreLocation, "commit", real)
+    r = cli("store", "convert", src, dst, "--format", "wds")
+    assert r.exit_code == 0, r.output
+    assert cli("store", "verify", "--deep", dst).exit_code == 0
+
+
+def test_a_second_writer_of_a_local_store_is_refused_in_one_line(server, tmp_path):
+    from fdpipe.store import StoreWriter
+
+    src = _synthetic(tmp_path, "src")
+    dst = tmp_path / "dst"
+    writing = StoreWriter(str(dst), store_settings("wds", n=5, s=2), role="DST")  # another convert, still running
+    writing.open()
+    o = server.run("store", "convert", src, dst, "--format", "wds")
+    assert o.refusal_problem("is being written by another process") is None
+    del writing  # the lock goes with the writer: now the same command resumes and finishes
+    assert server.run("store", "convert", src, dst, "--format", "wds").success_problem() is None
+
+
+def test_a_second_run_into_one_out_folder_is_refused_in_one_line(server, bases, photos, tmp_path):
+    from fdpipe.runtime import Ranks
+    from fdpipe.training import RunFiles
+
+    out = tmp_path / "run"
+    running = RunFiles(out, out / "train_state.pt", Ranks(), {}, lambda state: None)
+    o = server.run("distill", "--store", bases["zarr"], "--data", photos, "--out", out, *DISTILL)
+    assert o.refusal_problem("is in use by another run") is None
+    assert not (out / "metrics.jsonl").exists()
+    del running
+
+
+# ------------------------------------------------------------------------------------------------- small ones
+def test_a_full_disk_names_the_file_or_nothing_never_empty_brackets():
+    import click
+    from click.testing import CliRunner
+
+    from fdpipe.options import Group
+
+    @click.group(cls=Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    @click.option("--name", default=None)
+    def write(name: str | None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", name)
+
+    r = CliRunner().invoke(group, ["write"])
+    assert r.exit_code == 1 and "()" not in r.output and "no space left on device; free space" in r.output
+    r = CliRunner().invoke(group, ["write", "--name", "/data/x.tar"])
+    assert r.exit_code == 1 and "no space left on device writing /data/x.tar" in r.output
+
+
+def test_rerunning_convert_or_merge_on_its_finished_destination_succeeds(cli, tmp_path):
+    """As a rerun extract does (issue 16 defect 11); a complete DST of other settings is still refused."""
+    a, b = _synthetic(tmp_path, "a"), _synthetic(tmp_path, "b", key_prefix="b/", n=7)
+    for args in (["convert", a, tmp_path / "c", "--format", "wds"], ["merge", a, b, tmp_path / "m"]):
+        assert cli("store", *args).exit_code == 0
+        r = cli("store", *args)
+        assert r.exit_code == 0 and "resumed:" in r.output and "ok:" in r.output, r.output
+    r = cli("store", "convert", b, tmp_path / "c", "--format", "wds")
+    assert r.exit_code == 1 and "was made with other settings" in r.output, r.output
+
+
+def test_the_format_document_says_links_are_refused_as_the_readers_do():
+    """The readers refuse a link member (zoo: tar-symlink-member); the format document says so."""
+    text = " ".join((Path(__file__).parents[1] / "docs" / "store-format.md").read_text().split())
+    assert "readers must refuse any other member (a link, a device, a directory, `/x` or `../x`), as fdpipe does" in text

@@ -107,7 +107,7 @@ def run(ctx: common.Context) -> int:
     # ------------------------------------------------------------------ each stage alone, ms per image
     source = open_source(str(photos))
     plan = AugmentationPlan(seed=0, views=views)
-    ds = PlanViews(source, plan, ViewTransform.from_data_config(teacher.data_config))
+    ds = PlanViews(source, plan, [ViewTransform.from_data_config(teacher.data_config)])
     k = min(n, 4 if smoke else 32)
     t0 = time.perf_counter()
     with timing.torch_threads(1):  # as in the DataLoader workers that do this during extraction
@@ -115,7 +115,7 @@ def run(ctx: common.Context) -> int:
     decode_ms = (time.perf_counter() - t0) / k * 1e3
     teacher_ms = 1e3 / median(runs["teacher"])
     with torch.inference_mode():
-        out = teacher(torch.cat([it.pixels for it in items[:per_batch]]).to(ctx.device)).cpu().numpy()
+        out = teacher(torch.cat([it.pixels[0] for it in items[:per_batch]]).to(ctx.device)).cpu().numpy()
     out = out.reshape(-1, views, *out.shape[1:])
     q = get_quantizer(a.dtype)
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def run(ctx: common.Context) -> int:
     quant_ms = (time.perf_counter() - t0) / len(out) * 1e3
     settings = store_settings(ExtractConfig(teacher=teacher_name, data=str(photos), out="-", views=views,
                                             layout=a.layout, dtype=a.dtype, shard_size=len(out)),
-                              teacher.info.to_dict(), list(out.shape[2:]), len(out), plan)
+                              teacher.info.to_dict(), list(out.shape[2:]), len(out), plan, len(out))
     w = StoreWriter(str(ctx.work / "stage-store"), settings)
     w.open()
     t0 = time.perf_counter()

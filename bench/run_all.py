@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .common import RESULTS, ROOT, fmt, table
 
-BENCHES = ("cached_vs_online", "read_overhead", "extract_overhead", "storage", "memory", "ceilings")
+BENCHES = ("cached_vs_online", "read_overhead", "extract_overhead", "storage", "memory", "ceilings", "multi_teacher")
 
 
 def main(argv: list[str] | None = None) -> int:

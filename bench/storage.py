@@ -72,14 +72,14 @@ def teacher_targets(ctx, teacher, source, plan, batch_views: int):
     from fdpipe.augment import ViewTransform
     from fdpipe.extract.views import PlanViews, collate
 
-    ds = PlanViews(source, plan, ViewTransform.from_data_config(teacher.data_config))
+    ds = PlanViews(source, plan, [ViewTransform.from_data_config(teacher.data_config)])
     per = max(1, batch_views // plan.views)
     loader = DataLoader(ds, batch_size=per, num_workers=ctx.workers, collate_fn=collate)
     outs, rows = [], []
     for items in loader:
         assert all(it.pixels is not None for it in items), [it.rows[0].get("error") for it in items]
         with torch.inference_mode():
-            y = teacher(torch.cat([it.pixels for it in items]).to(ctx.device)).cpu().numpy()
+            y = teacher(torch.cat([it.pixels[0] for it in items]).to(ctx.device)).cpu().numpy()
         outs.append(y.reshape(len(items), plan.views, *y.shape[1:]))
         rows += [r for it in items for r in it.rows]
     return np.concatenate(outs), rows
@@ -152,7 +152,8 @@ def run(ctx: common.Context) -> int:
             url = ctx.work / f"store-{name.replace(':', '_').replace('/', '_')}-{dtype}"
             cfg = ExtractConfig(teacher=a.teacher, data=source.spec, out=str(url), views=a.views, dtype=dtype,
                                 shard_size=len(source), limit=n)
-            w = StoreWriter(str(url), store_settings(cfg, info.to_dict(), list(x.shape[2:]), len(source), plan))
+            w = StoreWriter(str(url), store_settings(cfg, info.to_dict(), list(x.shape[2:]), len(source), plan,
+                                                      cfg.shard_size))
             w.open()
             w.write_shard(0, x, rows)
             assert w.try_finalize()

@@ -10,6 +10,11 @@ The library API, for a training loop of your own (see the README, "Use a store i
 - `fd_loss(pred, target)`: smooth-L1 with beta 2, FD's loss;
 - `matching_image_size(grid, patch)`, `create_student(name, image_size=)`, `open_source(spec)`.
 
+Several teachers: `open_replay([store1, store2], transform)` replays their shared plan once and `replay.targets(batch)`
+is {teacher: targets} (names from `teacher_names`; the stores must agree, `check_stores_agree`);
+`MultiDistiller(student, {teacher: (channels, grid, prefix)})` has a head per teacher and returns {teacher: pred};
+`multi_fd_loss(pred, target, weights)` is the weighted sum of their FD losses, with each one.
+
 Names load on first use, so `import fdpipe` (and `fdpipe --help`) stays instant.
 """
 
@@ -34,6 +39,10 @@ _API = {
     "matching_image_size": "fdpipe.models",
     "create_student": "fdpipe.models",
     "open_source": "fdpipe.data",
+    "teacher_names": "fdpipe.replay.epochs",
+    "check_stores_agree": "fdpipe.replay.epochs",
+    "MultiDistiller": "fdpipe.models.distiller",
+    "multi_fd_loss": "fdpipe.models.distiller",
 }
 __all__ = sorted(_API)
 

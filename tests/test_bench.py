@@ -76,6 +76,8 @@ def test_extra_fields_each_script_promises(smoke_results):
     mem = r["memory"]["layouts"]["zarr"]["sizes"]
     assert set(mem) == {"1", "4"} and mem["4"]["images"] == 4 * mem["1"]["images"]
     assert all(v["peak_main_mb"] > 0 for v in mem.values())
+    m = r["multi_teacher"]
+    assert set(m["rounds"]) == {"two teachers", "effnet-lite0", "effnet-lite2"} and m["ratio"] > 0
 
 
 def _positive(x) -> bool:

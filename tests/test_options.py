@@ -155,7 +155,7 @@ def test_config_gives_the_settings_the_flags_give_and_a_flag_overrides_it(parse,
 def test_config_keys_are_field_or_flag_names(parse, tmp_path):
     (tmp_path / "a.yaml").write_text("batch-size: 16\nwarmup_epochs: 1.5\nstore: S\nout: run\ncrop-scale: [0.3, 1]\n")
     cfg = parse("distill", "--config", tmp_path / "a.yaml")  # a file may give the required options too
-    assert (cfg.batch_size, cfg.warmup_epochs, cfg.store, cfg.out, cfg.crop_scale) == (16, 1.5, "S", "run", (0.3, 1.0))
+    assert (cfg.batch_size, cfg.warmup_epochs, cfg.store, cfg.out, cfg.crop_scale) == (16, 1.5, ("S",), "run", (0.3, 1.0))
     (tmp_path / "e.json").write_text(json.dumps({"format": "wds", "embed-images": True, "storage_options": {"a": 1}}))
     cfg = parse("extract", "--teacher", "t", "--data", "d", "--out", "o", "--config", tmp_path / "e.json")
     assert (cfg.layout, cfg.embed_images, cfg.storage_options) == ("wds", True, {"a": 1})

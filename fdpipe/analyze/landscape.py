@@ -1,8 +1,15 @@
-"""Loss-landscape curves: what the loss is computed on (store targets or labels) and the model it sweeps."""
+"""Loss-landscape curves: what the loss is computed on (store targets or labels) and the model it sweeps.
+
+The FD loss goes through the run's projector for --store's teacher. A run distilled from several teachers has one
+per teacher: the one whose store (by fingerprint) or teacher (online runs) is --store's is used; a one-teacher run's
+projector.safetensors is used whatever the store, as before.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -84,15 +91,22 @@ def _landscape_model(ck: Loaded, ld: LandscapeData) -> tuple[nn.Module | None, s
     from ..models import Distiller
 
     t = ld.store.teacher
+    heads = _run_heads(ck.run_dir)
+    head, why = _head_for_store(heads, ld.store)
     if ck.spec.init:  # the projector is drawn next from the RNG, as distill does: RUN@init gets the run's own
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(ck.rng_after_init)
+            for before in heads[:heads.index(head)] if head is not None and len(heads) > 1 else []:
+                nn.Linear(ck.model.num_features, int(before["channels"]))  # the heads distill drew first
             distiller = Distiller(ck.model, int(t["channels"]), tuple(t["grid"]), int(t["num_prefix_tokens"]))
         return distiller, None
+    if why is not None:
+        return None, why
     distiller = Distiller(ck.model, int(t["channels"]), tuple(t["grid"]), int(t["num_prefix_tokens"]))
-    proj = ck.run_dir / "projector.safetensors" if ck.run_dir is not None else None
+    name = head["projector"] if head is not None else "projector.safetensors"
+    proj = ck.run_dir / name if ck.run_dir is not None else None
     if proj is None or not proj.is_file():
-        return None, "no projector.safetensors (not a distill run); the FD loss needs the run's projector"
+        return None, f"no {name} (not a distill run); the FD loss needs the run's projector"
     from safetensors.torch import load_file
 
     sd = load_file(str(proj))
@@ -103,6 +117,40 @@ def _landscape_model(ck: Loaded, ld: LandscapeData) -> tuple[nn.Module | None, s
         return None, (f"its projector {shape} does not map {ck.model.num_features} channels to the store's "
                       f"{t['channels']}; it was distilled from another teacher")
     return distiller, None
+
+
+def _run_heads(run_dir: Path | None) -> list[dict[str, Any]]:
+    """The teachers (and their projector files) a distill run's config.json names; [] for other checkpoints."""
+    from ..models.checkpoint import run_teachers
+
+    path = run_dir / "config.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        return run_teachers(json.loads(path.read_text()))
+    except (ValueError, UnicodeDecodeError):
+        return []
+
+
+_SAME_TEACHER = ("timm_name", "weights_sha256", "layer", "image_size", "grid", "channels", "num_prefix_tokens")
+
+
+def _head_for_store(heads: list[dict[str, Any]], store: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The run's head for `store`'s teacher, or why there is none: by store fingerprint, else (online runs) by the
+    teacher's identity; a one-teacher run's head whatever the store (its shape is checked when it loads)."""
+    if len(heads) <= 1:
+        return (heads[0] if heads else None), None
+    for h in heads:
+        if h.get("store_fingerprint") and h["store_fingerprint"] == store.fingerprint:
+            return h, None
+    t = store.teacher
+    for h in heads:
+        ht = h.get("teacher") or {}
+        if ht and all(ht.get(k) == t.get(k) for k in _SAME_TEACHER):
+            return h, None
+    names = ", ".join(str(h.get("name")) for h in heads)
+    return None, (f"it was distilled from {len(heads)} teachers ({names}), none of them {store.url}'s; pass one of "
+                  f"its stores as --store for the FD loss through that teacher's projector")
 
 
 def landscape_for(ck: Loaded, ld: LandscapeData, cfg: AnalyzeConfig, device: torch.device) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from .settings import DistillConfig
 def distill(ctx: click.Context, **params: Any) -> None:
     """Train a student against a store's targets by replaying its views (or against a live teacher).
 
+    Repeat --store (or --teacher) to distill several teachers at once: one head each, the loss their weighted sum.
+
     Runs under torchrun as it is: DDP with NCCL on GPU, gloo on CPU.
     """
     from .train import distill as run_distill
@@ -23,5 +25,6 @@ def distill(ctx: click.Context, **params: Any) -> None:
     cfg = settings_from_cli(DistillConfig, ctx, **params)
     r = run_distill(cfg)
     if "final_loss" in r:
-        click.echo(f"distilled {r['steps']} steps; final loss {r['final_loss']:.4f}; student in "
-                   f"{cfg.out}/student.safetensors")
+        each = "".join(f", {n} {v:.4f}" for n, v in r.get("final_losses", {}).items())
+        click.echo(f"distilled {r['steps']} steps; final loss {r['final_loss']:.4f}{each and f' ({each[2:]})'}; "
+                   f"student in {cfg.out}/student.safetensors")

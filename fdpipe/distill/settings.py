@@ -1,23 +1,32 @@
 """The settings of `fdpipe distill`: one frozen dataclass, validated once on construction.
 
 Each field is declared once with its command-line form (fdpipe.options); `fdpipe distill --help` is made from it.
+
+Several teachers: --store repeats (or --teacher, online), one projection head each, and the loss is the
+--teacher-weights sum of their FD losses. The online teacher settings (--teacher-image-size, --layer, --weights) are
+given once for all teachers or once per --teacher, in order. A store, or a teacher, named twice is refused.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
-from ..options import (cache_dir_option, crop_scale_option, device_option, layer_option, option, quiet_option,
-                       seed_option, storage_options_option, views_option, weights_option, workers_option)
+from ..options import (cache_dir_option, crop_scale_option, device_option, option, parse_floats, quiet_option,
+                       seed_option, show_floats, storage_options_option, views_option, workers_option)
 
 FD_MIN_LR, FD_MIN_LR_BATCH = 5e-6, 512  # FD's cosine floor: TRAIN.MIN_LR 5e-6 per 512 images, scaled linearly
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-    store: str | None = option(None, "Store to train from (path or fsspec URL).")
+    store: tuple[str, ...] = option((), "Store to train from (path or fsspec URL); repeat it to distill several "
+                                        "teachers at once, one projection head per store.", multiple=True)
+    teacher_weights: tuple[float, ...] | None = option(
+        None, "Weights of the teachers' FD losses in the total, one per --store (or --teacher), in order "
+              "[default: 1 each].", metavar="W1,W2", parse=parse_floats, show=show_floats)
     student: str = option("fd-vit-tiny", "fd-vit-tiny|small|base|large or any timm ViT name.")
     out: str = option(help="Run directory for checkpoints, metrics and plots.", path="dir")
     # recipe
@@ -50,13 +59,22 @@ class DistillConfig:
     buffer: int = option(256, "wds stores: samples held in the seeded shuffle buffer.", cli=False)
     # online mode: the plan and teacher settings a store would carry
     data: str | None = option(None, "Image source [default: the one the store was extracted from]; required online.")
-    teacher: str | None = option(None, "Online mode: run this teacher live instead of reading a store.")
+    teacher: tuple[str, ...] = option((), "Online mode: run this teacher live instead of reading a store; repeat it "
+                                          "for several teachers.", multiple=True)
     views: int = views_option()
     crop_scale: tuple[float, float] = crop_scale_option()
-    layer: int | None = layer_option()
-    weights: str | None = weights_option()
-    teacher_image_size: int | None = option(None, "Online mode: teacher input size [default: its pretrained_cfg].")
+    layer: tuple[int, ...] = option((), "Online mode: take block K's output (forward_intermediates) instead of "
+                                        "forward_features; once for all teachers or once per --teacher.",
+                                    multiple=True)
+    weights: tuple[str, ...] = option((), "Online mode: teacher weights (safetensors, a timm state dict, or an "
+                                          "OpenAI/open_clip CLIP checkpoint); once for all teachers or once per "
+                                          "--teacher.", path="file", multiple=True)
+    teacher_image_size: tuple[int, ...] = option((), "Online mode: teacher input size [default: its pretrained_cfg]; "
+                                                     "once for all teachers or once per --teacher.", multiple=True)
     plan_seed: int = option(0, "Online mode: the plan seed (extract's --seed).")
+    fresh_views: bool = option(False, "Online mode: in epoch e every image takes view e of the plan (its seeds are "
+                                      "defined for any view index), so each epoch sees new crops, as FD online; "
+                                      "without it the plan's --views V views are replayed, as from a store.")
     limit: int | None = option(None, "Online mode: use the first N images of --data.")
     # remote stores
     storage_options: dict[str, Any] = storage_options_option()
@@ -65,6 +83,12 @@ class DistillConfig:
     quiet: bool = quiet_option()
 
     def __post_init__(self) -> None:
+        for name in ("store", "teacher", "layer", "weights", "teacher_image_size"):  # one value, as before, or several
+            value = getattr(self, name)
+            object.__setattr__(self, name, () if value is None else (value,) if isinstance(value, (str, int, os.PathLike))
+                               else tuple(value))
+        if self.teacher_weights is not None:
+            object.__setattr__(self, "teacher_weights", tuple(float(w) for w in self.teacher_weights))
         for name in ("epochs", "batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -73,10 +97,42 @@ class DistillConfig:
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
 
         make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
-        if (self.store is None) == (self.teacher is None):
+        if bool(self.store) == bool(self.teacher):
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
-        if self.teacher is not None and self.data is None:
+        if self.teacher and self.data is None:
             raise FdpipeError("online mode needs --data SRC beside --teacher")
+        if self.fresh_views and self.store:
+            raise FdpipeError("--fresh-views runs the teacher live on new crops each epoch: give --teacher and --data "
+                              "instead of --store (a store holds only its V views)")
+        flag, names = ("--store", self.store) if self.store else ("--teacher", self.teacher)
+        twice = next((x for i, x in enumerate(names) if x in names[:i]), None)
+        if twice is not None:
+            raise FdpipeError(f"{flag} {twice} is given twice; name each {flag[2:]} once (one head per {flag[2:]})")
+        if self.teacher_weights is not None:
+            w = self.teacher_weights
+            if len(w) != len(names):
+                raise FdpipeError(f"--teacher-weights gives {len(w)} weight{'s' * (len(w) != 1)} for {len(names)} "
+                                  f"{flag[2:]}{'s' * (len(names) != 1)}; give one per {flag}, in order")
+            if any(not x >= 0 or x == float("inf") for x in w):  # NaN too
+                raise FdpipeError(f"--teacher-weights must be finite and at least 0 (got {show_floats(w)})")
+            if not any(x > 0 for x in w):
+                raise FdpipeError(f"--teacher-weights are all 0 (got {show_floats(w)}); give one a positive weight")
+        for name in ("teacher_image_size", "layer", "weights"):
+            given = getattr(self, name)
+            if self.teacher and len(given) > 1 and len(given) != len(self.teacher):
+                raise FdpipeError(f"--{name.replace('_', '-')} is given {len(given)} times for {len(self.teacher)} "
+                                  f"teacher{'s' * (len(self.teacher) != 1)}; give it once for all, or once per "
+                                  "--teacher in order")
+
+    def per_teacher(self, name: str) -> list[Any]:
+        """An online teacher setting for each --teacher, in order: None for all, the one value for all, or its own."""
+        given = getattr(self, name)
+        return [given[0] if len(given) == 1 else given[i] if given else None for i in range(len(self.teacher))]
+
+    def loss_weights(self) -> list[float]:
+        """Each teacher's weight in the total loss (1 each by default)."""
+        return list(self.teacher_weights) if self.teacher_weights is not None else [1.0] * len(self.store or
+                                                                                            self.teacher)
 
     def floor_lr(self, world: int) -> float:
         """The schedule's floor: --min-lr, else FD's 5e-6 per 512 images of the global batch (accumulation included,

@@ -16,7 +16,9 @@ from .settings import ExtractConfig
 def extract(ctx: click.Context, **params: Any) -> None:
     """Run a teacher once over V augmented views per image and write whitened targets to a store.
 
-    Under torchrun or Slurm each rank writes its own shards; the last one to finish writes manifest.json.
+    With several --teacher flags each image is decoded and cropped once, and every teacher's store
+    (--out/<teacher>/) shares the plan, the index rows and the dataset fingerprint. Under torchrun or Slurm each
+    rank writes its own shards; the last one to finish writes manifest.json.
     """
     from .loop import extract as run_extract
 
@@ -30,4 +32,8 @@ def extract(ctx: click.Context, **params: Any) -> None:
         click.echo(f"  failed: {line}")
     if len(s["failed"]) > 20:
         click.echo(f"  ... and {len(s['failed']) - 20} more (see the index's status and error columns)")
-    click.echo(f"store {'complete' if s['complete'] else 'partial (other ranks still running)'}: {cfg.out}")
+    for alias in s["skipped_teachers"]:
+        click.echo(f"{alias}: its store was already complete; skipped")
+    state = "complete" if s["complete"] else "partial (other ranks still running)"
+    for url in s["stores"].values():
+        click.echo(f"store {state}: {url}")

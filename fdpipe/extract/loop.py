@@ -8,8 +8,9 @@ teacher waits only when --commit-queue finished shards are already waiting for a
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -28,17 +29,15 @@ from .views import ImageViews, PlanViews, collate
 
 
 def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shape: list[int], n: int,
-                   plan: AugmentationPlan) -> dict[str, Any]:
+                   plan: AugmentationPlan, shard_size: int) -> dict[str, Any]:
     """What the draft manifest pins: a resumed run must agree on every field."""
     from ..models import WHITENING
 
-    itemsize = 2 if cfg.dtype == "float16" else 1
-    bytes_per_image = cfg.views * int(np.prod(target_shape)) * itemsize
     return dict(
         layout=cfg.layout, dtype=cfg.dtype, quantizer=_quantizer(cfg.dtype), target=cfg.target, codec=cfg.codec,
         teacher=teacher_info, whitening=WHITENING if cfg.target == "features" else None,
         plan=plan.to_dict(), num_images=n, views=cfg.views,
-        shard_size=cfg.shard_size or default_shard_size(bytes_per_image), target_shape=list(target_shape),
+        shard_size=shard_size, target_shape=list(target_shape),
         data={"spec": cfg.data, "limit": cfg.limit},
     )
 
@@ -101,76 +100,127 @@ class ShardBuffer:
         return run
 
 
-def extract(cfg: ExtractConfig) -> dict[str, Any]:
-    """Fill (or resume) the store at cfg.out with this rank's shards; returns a summary."""
+@dataclass
+class TeacherStore:
+    """One teacher of an extraction: the model, the store it fills, and which shards of this rank it still owes."""
+
+    alias: str
+    teacher: Any
+    writer: StoreWriter
+    view: int  # which of the distinct view transforms (PlanViews) it reads
+    target_shape: list[int]
+    done: set[int]
+    mine: set[int] = field(default_factory=set)
+    current: ShardBuffer | None = None
+
+
+def open_teachers(cfg: ExtractConfig, n: int, plan: AugmentationPlan, device: torch.device,
+                  ranks: Any) -> tuple[list[TeacherStore], list[ViewTransform]]:
+    """Build every teacher and open (or resume) its store: --out itself for one teacher, --out/<alias>/ for several.
+
+    Several teachers share one shard size (--shard-size, or the smallest of their defaults), so that their stores
+    cut the images at the same places and every batch feeds each teacher's shard whole.
+    """
     from ..models import create_teacher
 
+    made = []
+    for spec in cfg.teacher_specs():
+        teacher = create_teacher(spec.alias, weights=spec.weights, image_size=spec.image_size, layer=spec.layer,
+                                 target=cfg.target, device=str(device))
+        info = teacher.info
+        shape = [info.tokens, info.channels] if cfg.target == "features" else [info.pretrained_cfg["num_classes"]]
+        made.append((spec.alias, teacher, shape))
+    itemsize = 2 if cfg.dtype == "float16" else 1
+    shard_size = cfg.shard_size or min(default_shard_size(cfg.views * int(np.prod(shape)) * itemsize)
+                                       for _, _, shape in made)
+    transforms: list[ViewTransform] = []
+    runs = []
+    for alias, teacher, shape in made:
+        transform = ViewTransform.from_data_config(teacher.data_config)
+        if transform not in transforms:  # teachers that see views alike share their pixels
+            transforms.append(transform)
+        out = cfg.out if len(made) == 1 else f"{cfg.out.rstrip('/')}/{re.sub(r'[^A-Za-z0-9._-]+', '-', alias)}"
+        writer = StoreWriter(out, store_settings(cfg, teacher.info.to_dict(), shape, n, plan, shard_size),
+                             cfg.storage_options)
+        done = writer.open()
+        run = TeacherStore(alias, teacher, writer, transforms.index(transform), shape, done)
+        run.mine = {s for s in shards_of_rank(writer.num_shards, ranks.rank, ranks.world) if s not in done}
+        runs.append(run)
+    return runs, transforms
+
+
+def extract(cfg: ExtractConfig) -> dict[str, Any]:
+    """Fill (or resume) the store(s) at cfg.out with this rank's shards; returns a summary.
+
+    With several teachers each image is decoded and each view's crop box sampled once; each teacher then sees the
+    views through its own transform, and the teachers run one after another on each batch (the peak GPU memory is
+    the largest teacher's, plus every teacher's weights). A teacher whose store is complete is skipped.
+    """
     ranks = ranks_from_env()
     device = resolve_device(cfg.device)
     source = open_source(cfg.data, limit=cfg.limit, storage_options=cfg.storage_options or None)
     if len(source) == 0:
         raise FdpipeError(f"no images in {cfg.data}; check the --data path")
-    teacher = create_teacher(cfg.teacher, weights=cfg.weights, image_size=cfg.image_size, layer=cfg.layer,
-                             target=cfg.target, device=str(device))
-    info = teacher.info
-    target_shape = [info.tokens, info.channels] if cfg.target == "features" else [info.pretrained_cfg["num_classes"]]
     plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale)
-    settings = store_settings(cfg, info.to_dict(), target_shape, len(source), plan)
-    writer = StoreWriter(cfg.out, settings, cfg.storage_options)
-    done = writer.open()
-    mine = [s for s in shards_of_rank(writer.num_shards, ranks.rank, ranks.world) if s not in done]
-    transform = ViewTransform.from_data_config(teacher.data_config)
-    dataset = PlanViews(source, plan, transform, embed=cfg.embed_images)
+    runs, transforms = open_teachers(cfg, len(source), plan, device, ranks)
+    first = runs[0].writer
+    todo = sorted(set().union(*(r.mine for r in runs)))
+    dataset = PlanViews(source, plan, transforms, embed=cfg.embed_images)
     per_batch = max(1, cfg.batch_size // cfg.views)
-    batches = [list(range(a, min(a + per_batch, b))) for s in mine
-               for a, b in [shard_range(s, writer.s, writer.n)] for a in range(a, b, per_batch)]
+    batches = [list(range(a, min(a + per_batch, b))) for s in todo
+               for a, b in [shard_range(s, first.s, first.n)] for a in range(a, b, per_batch)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if cfg.workers else None)
-    total = sum(shard_range(s, writer.s, writer.n)[1] - shard_range(s, writer.s, writer.n)[0] for s in mine)
+    total = sum(len(b) for b in batches)
     t0, failed, seen = time.time(), [], 0
     bar = progress(total=total, desc=f"extract [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else "extract",
                    unit="img", disable=cfg.quiet)
 
     @torch.inference_mode()
-    def targets(items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(run: TeacherStore, items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A batch's stored targets (and scales) on the device; NaN targets for failed images, quantized alike."""
         ok = [j for j, it in enumerate(items) if it.pixels is not None]
         y = None
         if ok:
-            x = torch.cat([items[j].pixels for j in ok]).to(device, non_blocking=True)
-            y = teacher(x).float().reshape(len(ok), cfg.views, *target_shape)
+            x = torch.cat([items[j].pixels[run.view] for j in ok]).to(device, non_blocking=True)
+            y = run.teacher(x).float().reshape(len(ok), cfg.views, *run.target_shape)
         if len(ok) < len(items):
-            full = torch.full((len(items), cfg.views, *target_shape), float("nan"), device=device)
+            full = torch.full((len(items), cfg.views, *run.target_shape), float("nan"), device=device)
             if ok:
                 full[ok] = y
             y = full
-        return writer.q.quantize_tensor(y)
+        return run.writer.q.quantize_tensor(y)
 
-    shard_iter = iter(mine)
-    current: ShardBuffer | None = None
     with Committer(cfg.commit_workers, cfg.commit_queue) as committer:
         for items in loader:
             committer.check()  # a failed commit stops the run here, not at the end
-            values, scales = targets(items)
-            if current is None:
-                shard = next(shard_iter)
-                current = ShardBuffer(shard, *shard_range(shard, writer.s, writer.n), device)
-            current.put(items, values, scales)
+            shard = items[0].image_idx // first.s
+            for run in runs:
+                if shard not in run.mine:
+                    continue
+                values, scales = targets(run, items)
+                if run.current is None:
+                    run.current = ShardBuffer(shard, *shard_range(shard, first.s, first.n), device)
+                run.current.put(items, values, scales)
+                if run.current.full:
+                    committer.submit(f"{run.alias} shard {shard}" if len(runs) > 1 else shard,
+                                     run.current.commit(run.writer, cfg.embed_images))
+                    run.current = None
             failed += [f"{it.key}: {it.rows[0]['error']}" for it in items if it.pixels is None]
             bar.update(len(items))
             seen += len(items)
-            if current.full:
-                committer.submit(current.shard, current.commit(writer, cfg.embed_images))
-                current = None
         bar.close()
         committer.finish()
-    complete = writer.try_finalize()
+    complete = [run.writer.try_finalize() for run in runs]
     elapsed = time.time() - t0
     return {
-        "store": cfg.out, "rank": ranks.rank, "world": ranks.world, "shards_total": writer.num_shards,
-        "shards_written": len(mine), "shards_skipped": len(done), "images": seen, "failed": failed,
+        "store": cfg.out, "stores": {r.alias: r.writer.loc.url for r in runs}, "rank": ranks.rank,
+        "world": ranks.world, "shards_total": first.num_shards,
+        "shards_written": len(todo), "shards_skipped": min(len(r.done) for r in runs), "images": seen,
+        "failed": failed,
+        "skipped_teachers": [r.alias for r in runs if not r.mine and r.done],
         "seconds": elapsed, "blocked_s": committer.blocked_s, "drain_s": committer.drain_s,
-        "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "complete": complete,
+        "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "complete": all(complete),
         "settings": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
     }

@@ -10,24 +10,32 @@ from typing import Any
 
 from ..errors import FdpipeError
 from ..store.manifest import CODECS, DEFAULT_CODEC
-from ..options import (crop_scale_option, device_option, layer_option, option, quiet_option, seed_option,
-                       storage_options_option, views_option, weights_option, workers_option)
+from ..options import (check_bounds, crop_scale_option, device_option, option, quiet_option, seed_option,
+                       storage_options_option, views_option, workers_option)
 
 LAYOUTS = ("zarr", "wds")
 DTYPES = ("float16", "int8")
 TARGETS = ("features", "logits")
+# A teacher input of one patch at least, and no more than 4096 px: a view is then 200 MB of float32 pixels at most.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
-    teacher: str = option(help="Teacher alias (clip-l, clip-b, dino-b, deit-b, dinov2-b[-reg], dinov2-l[-reg], "
-                               "siglip-b, siglip-so400m, eva02-clip-l, effnet-lite0) or any timm name.")
+    teacher: tuple[str, ...] = option(
+        help="Teacher alias (clip-l, clip-b, dino-b, deit-b, dinov2-b[-reg], dinov2-l[-reg], siglip-b, siglip-so400m, "
+            "eva02-clip-l, effnet-lite0, effnet-lite2) or any timm name. Repeat it to run several teachers in one "
+            "pass over the images: each gets a store at --out/<teacher>/.", multiple=True)
     data: str = option(help="Images: a folder, WebDataset shards (brace pattern), a parquet/CSV list, or fashion-mnist.")
-    out: str = option(help="Store path or fsspec URL (s3://bucket/prefix). Rerun the same command to resume.")
+    out: str = option(help="Store path or fsspec URL (s3://bucket/prefix); with several teachers, the folder of their "
+                           "stores. Rerun the same command to resume.")
     views: int = views_option()
     crop_scale: tuple[float, float] = crop_scale_option()
-    layer: int | None = layer_option()
-    weights: str | None = weights_option()
+    layer: tuple[int, ...] = option((), "Take block K's output (forward_intermediates) instead of forward_features; "
+                                        "once for every teacher or once per --teacher, in order.", multiple=True)
+    weights: tuple[str, ...] = option((), "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip "
+                                          "CLIP checkpoint; once per --teacher, in order.", path="file",
+                                      multiple=True)
     layout: str = option("zarr", "zarr: random access by (image, view); wds: tar shards to stream.", flag="--format",
                          choices=LAYOUTS)
     dtype: str = option("float16", "Stored dtype; int8 keeps a float16 scale per token.", choices=DTYPES)
@@ -36,8 +44,10 @@ class ExtractConfig:
                         choices=CODECS)
     target: str = option("features", "Whitened feature maps (FD) or the teacher's logits (DeiT-style distillation).",
                          choices=TARGETS)
-    image_size: int | None = option(None, "Teacher input size in pixels [default: 224 for dinov2-*, else the teacher's "
-                                                "pretrained_cfg].")
+    image_size: tuple[int, ...] = option((), "Teacher input size in pixels, once for every teacher or once per "
+                                             "--teacher [default: 224 for dinov2-*, else the teacher's "
+                                             "pretrained_cfg].", min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE,
+                                         multiple=True)
     seed: int = seed_option("Plan seed: view v of image k is seeded by blake2b(seed/k/v).")
     shard_size: int | None = option(None, "Images per shard [default: about 0.75 GiB of targets per shard].")
     batch_size: int = option(64, "Views per teacher forward.")
@@ -55,6 +65,13 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
 
+        for name in ("teacher", "layer", "weights", "image_size"):  # one value from Python code: a tuple of one
+            value = getattr(self, name)
+            if value is None or isinstance(value, (str, int)):
+                object.__setattr__(self, name, () if value is None else (value,))
+            else:
+                object.__setattr__(self, name, tuple(value))
+        check_bounds(self)  # the bounds the fields declare, for settings built in Python (the CLI checks on parsing)
         make_plan(self.seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
         if self.batch_size < 1:
             raise FdpipeError(f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -69,5 +86,31 @@ class ExtractConfig:
         if self.codec != "none" and self.layout == "wds":
             raise FdpipeError(f"--codec {self.codec} is for zarr stores: wds members stay plain .npy so that webdataset "
                               "reads them; drop --codec or use --format zarr")
+        if not self.teacher:
+            raise FdpipeError("--teacher is required: name a teacher alias or timm model (repeat it for several)")
+        twice = sorted({t for t in self.teacher if self.teacher.count(t) > 1})
+        if twice:
+            raise FdpipeError(f"--teacher {twice[0]} is given twice; name each teacher once")
+        for name, flag in (("layer", "--layer"), ("image_size", "--image-size"), ("weights", "--weights")):
+            n = len(getattr(self, name))
+            if n > 1 and n != len(self.teacher) or (name == "weights" and n == 1 and len(self.teacher) > 1):
+                raise FdpipeError(f"{flag} is given {n} time{'s' * (n != 1)} for {len(self.teacher)} teachers; give it once per "
+                                  f"--teacher, in order" + (" or once for all" if name != "weights" else ""))
         if self.embed_images and self.layout != "wds":
             raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")
+
+    def teacher_specs(self) -> list["TeacherSpec"]:
+        """Each --teacher with its own --weights, --image-size and --layer (one value serves every teacher)."""
+        def nth(values: tuple, i: int) -> Any:
+            return values[i] if len(values) > 1 else values[0] if values else None
+
+        return [TeacherSpec(t, nth(self.weights, i), nth(self.image_size, i), nth(self.layer, i))
+                for i, t in enumerate(self.teacher)]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    alias: str
+    weights: str | None
+    image_size: int | None
+    layer: int | None

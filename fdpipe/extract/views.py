@@ -22,16 +22,18 @@ class ImageViews:
     image_idx: int
     key: str
     label: int | None
-    pixels: torch.Tensor | None  # the V views, [V, 3, H, W]; None when the image failed
+    pixels: list[torch.Tensor] | None  # per transform, the V views [V, 3, H, W]; None when the image failed
     rows: list[dict[str, Any]]  # V index rows (without `shard`)
     embed: tuple[str, bytes] | None = None
 
 
 class PlanViews(Dataset):
-    """Image i of `source` -> all V views of the plan, transformed for one model."""
+    """Image i of `source` -> all V views of the plan, for each of the models' transforms: the image is decoded and
+    each view's crop box sampled once, then every transform resizes and normalizes the same crops its own way."""
 
-    def __init__(self, source: ImageSource, plan: AugmentationPlan, transform: ViewTransform, embed: bool = False):
-        self.source, self.plan, self.transform, self.embed = source, plan, transform, embed
+    def __init__(self, source: ImageSource, plan: AugmentationPlan, transforms: list[ViewTransform],
+                 embed: bool = False):
+        self.source, self.plan, self.transforms, self.embed = source, plan, list(transforms), embed
 
     def __len__(self) -> int:
         return len(self.source)
@@ -48,13 +50,11 @@ class PlanViews(Dataset):
                     for v in range(self.plan.views)]
             return ImageViews(i, key, label, None, rows)
         h, w = image.height, image.width
-        views, rows = [], []
-        for v in range(self.plan.views):
-            p = self.plan.sample(key, v, (h, w))
-            views.append(self.transform(image, p))
-            rows.append(dict(base, view=v, seed=self.plan.view_seed(key, v), **p.to_dict(), orig_height=h,
-                             orig_width=w, image_sha256=sha, status="ok"))
-        return ImageViews(i, key, label, torch.stack(views), rows, encoded_image(sample.data) if self.embed else None)
+        params = [self.plan.sample(key, v, (h, w)) for v in range(self.plan.views)]
+        rows = [dict(base, view=v, seed=self.plan.view_seed(key, v), **p.to_dict(), orig_height=h, orig_width=w,
+                     image_sha256=sha, status="ok") for v, p in enumerate(params)]
+        pixels = [torch.stack([tf(image, p) for p in params]) for tf in self.transforms]
+        return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None)
 
 
 def collate(items: list[ImageViews]) -> list[ImageViews]:

@@ -124,3 +124,40 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
         raise FdpipeError(f"'{s}' is neither a checkpoint path nor a timm model name; check the name")
     model, _ = _load_pretrained(s, s, None, None, what="model", **overrides)
     return model, StudentSpec(name=s, architecture=arch, model_args=dict(overrides)), {}
+
+
+# ------------------------------------------------------------------------------------------ distill's projectors
+
+PROJECTOR = "projector.safetensors"  # the one teacher's head
+
+
+def projector_filename(name: str | None) -> str:
+    """A distill run's head file: projector.safetensors for one teacher, projector-<name>.safetensors per teacher
+    for several."""
+    return PROJECTOR if name is None else f"projector-{name}.safetensors"
+
+
+def save_projector(projector: nn.Module, out_dir: str | os.PathLike, filename: str) -> Path:
+    """A projection head's state dict (weight, bias) as safetensors, atomically."""
+    import safetensors.torch
+
+    path = Path(out_dir) / filename
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
+    _atomic_write_bytes(path, lambda tmp: safetensors.torch.save_file(sd, tmp))
+    return path
+
+
+def run_teachers(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The teachers a distill run's config.json names, each with its projector file, in the run's order; a run
+    saved before several teachers (no 'teachers' entry) has its one head in projector.safetensors."""
+    fd = config.get("fdpipe") if isinstance(config, Mapping) else None
+    if not isinstance(fd, Mapping) or fd.get("stage") != "distill":
+        return []
+    teachers = fd.get("teachers")
+    if isinstance(teachers, list) and all(isinstance(t, Mapping) and isinstance(t.get("projector"), str)
+                                          for t in teachers):
+        return [dict(t) for t in teachers]
+    targets = fd.get("targets") if isinstance(fd.get("targets"), Mapping) else {}
+    teacher = targets.get("teacher") if isinstance(targets.get("teacher"), Mapping) else {}
+    return [{"name": teacher.get("alias"), "projector": PROJECTOR,
+             "store_fingerprint": fd.get("store_fingerprint"), "teacher": dict(teacher)}]

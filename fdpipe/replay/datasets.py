@@ -3,6 +3,11 @@
 The stored AugParams are authoritative: the student sees the same crop box the teacher saw, resized and normalized
 its own way. `strict` re-derives the parameters from the plan's seed and refuses any mismatch; a source image whose
 sha256 differs from the index means the dataset changed under the store, and is refused naming the key.
+
+Several teachers' stores share the plan and the images, so one view serves them all: `MultiStoreReplay` (zarr) reads
+every store's targets for the same (image_idx, view) pairs, `ZippedWdsReplay` (wds) streams the stores side by side
+and checks each sample's (image_idx, view) agree; their items carry {teacher: target}. Online, `OnlineReplay` crops
+each teacher's input from the same view.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..data import ImageError, ImageSource, decode_rgb, image_sha256
 from ..errors import FdpipeError
 from ..store import Store
 from ..store.reader import StoredView
-from .order import buffer_order, epoch_samples, epoch_views, round_robin_resume, shard_order, shard_views
+from .order import buffer_order, epoch_samples, epoch_views, fresh_views, round_robin_resume, shard_order, shard_views
 
 
 def source_lookup(source: ImageSource) -> dict[str, int]:
@@ -60,9 +65,13 @@ class ViewBuilder:
             self.check_params(key, view, params, (image.height, image.width))
         return self.student_tf.pixels(image, params)
 
-    def live_views(self, key: str, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def live_views(self, key: str, view: int) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+        """The student's and the teacher's pixels of one view ({teacher: pixels} for a dict of teacher transforms)."""
         image = self.image(key, None)
         params = self.plan.sample(key, view, (image.height, image.width))
+        if isinstance(self.teacher_tf, dict):
+            return self.student_tf.pixels(image, params), {n: tf.pixels(image, params)
+                                                           for n, tf in self.teacher_tf.items()}
         return self.student_tf.pixels(image, params), self.teacher_tf.pixels(image, params)
 
 
@@ -120,11 +129,100 @@ class StoreReplay(Dataset):
         return items
 
 
+class MultiStoreReplay(Dataset):
+    """Map-style replay from several zarr stores of one plan and one image set: x once, {teacher: target} per item.
+
+    Each store's targets are read for the same (image_idx, view) pairs; the first store's index gives the crops.
+    The stores' index rows (keys, image hashes, status, crop boxes) must agree, else one line names the store.
+    """
+
+    def __init__(self, stores: dict[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
+                 strict: bool = False):
+        names = list(stores)
+        self.parts = {n: StoreReplay(stores[n], source if i == 0 else None, student_tf, strict=strict)
+                      for i, n in enumerate(names)}
+        first = self.parts[names[0]]
+        for n in names[1:]:
+            other = self.parts[n]
+            same = (other.keys == first.keys and other.shas == first.shas
+                    and np.array_equal(other.valid, first.valid)
+                    and all(np.array_equal(other.params[c], first.params[c]) for c in PARAMS))
+            if not same:
+                raise FdpipeError(f"{stores[n].url}: its index rows (keys, image hashes, status or crop boxes) differ "
+                                  f"from {stores[names[0]].url}'s; the stores of several teachers must come from one "
+                                  "plan over the same images")
+        self.names, self.first = names, first
+        self.valid = first.valid
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        pairs = [(int(i), int(v)) for i, v in items]
+        got = {n: part.__getitems__(pairs) for n, part in self.parts.items()}
+        out = got[self.names[0]]
+        for j, item in enumerate(out):
+            item["target"] = {n: got[n][j]["target"] for n in self.names}
+            scales = {n: got[n][j]["scales"] for n in self.names if "scales" in got[n][j]}
+            if scales:
+                item["scales"] = scales
+            else:
+                item.pop("scales", None)
+        return out
+
+
+class ZippedWdsReplay(IterableDataset):
+    """Several wds stores of one plan, one image set and one shard size, streamed side by side.
+
+    Their `WdsReplay` streams are the same (image_idx, view) sequence: the same shard order, the same view per
+    shard, the same buffer order (a function of the sample count). Each sample's pair is checked to agree; the first
+    store's stream crops the student's view. Items carry {teacher: target}.
+    """
+
+    def __init__(self, parts: dict[str, WdsReplay]):
+        self.parts = parts
+        self.names = list(parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[self.names[0]])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        streams = {n: iter(p) for n, p in self.parts.items()}
+        first = self.names[0]
+        for item in streams[first]:
+            target, scales = {first: item["target"]}, {}
+            if "scales" in item:
+                scales[first] = item.pop("scales")
+            for n in self.names[1:]:
+                other = next(streams[n], None)
+                if other is None or (other["image_idx"], other["view"]) != (item["image_idx"], item["view"]):
+                    got = "nothing" if other is None else f"image {other['image_idx']} view {other['view']}"
+                    raise FdpipeError(f"{self.parts[n].store.url} streams {got} where {self.parts[first].store.url} "
+                                      f"streams image {item['image_idx']} view {item['view']}; the wds stores of "
+                                      "several teachers must share the plan, the images and the shard size")
+                target[n] = other["target"]
+                if "scales" in other:
+                    scales[n] = other["scales"]
+            item["target"] = target
+            if scales:
+                item["scales"] = scales
+            yield item
+        for n in self.names[1:]:
+            if next(streams[n], None) is not None:
+                raise FdpipeError(f"{self.parts[n].store.url} streams more samples than {self.parts[first].store.url}; "
+                                  "the wds stores of several teachers must share the plan, the images and the shard "
+                                  "size")
+
+
 class OnlineReplay(Dataset):
-    """Map-style replay for online mode: the same views, with the teacher's input instead of a stored target."""
+    """Map-style replay for online mode: the same views, with the teacher's input instead of a stored target
+    ({teacher: input} for a dict of teacher transforms)."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
-                 teacher_tf: ViewTransform):
+                 teacher_tf: ViewTransform | dict[str, ViewTransform]):
         self.builder = ViewBuilder(source, plan, student_tf, teacher_tf)
         self.keys = source.keys
         self.valid = np.ones(len(source), dtype=bool)
@@ -142,10 +240,10 @@ class EpochSampler(torch.utils.data.Sampler):
     """This rank's (image_idx, view) pairs of one epoch, from `start` on; a pure function of its arguments."""
 
     def __init__(self, valid: np.ndarray, views: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                 start: int = 0):
+                 start: int = 0, fresh: bool = False):
         ids = np.flatnonzero(valid)
         pairs = epoch_samples(seed, epoch, len(ids), views, rank, world)
-        chosen = epoch_views(seed, epoch, len(valid), views)
+        chosen = fresh_views(epoch, len(valid)) if fresh else epoch_views(seed, epoch, len(valid), views)
         self.pairs = [(int(ids[p]), int(chosen[ids[p]])) for p, _ in pairs][start:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

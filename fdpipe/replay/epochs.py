@@ -2,10 +2,16 @@
 
 `Replay.loader(epoch, start)` gives this rank's batches of (student view, target) for an epoch from sample `start`
 on, with the same order, resume position and DDP split as `fdpipe distill`, because distill calls it too.
+
+Several teachers: `open_replay([store1, store2], ...)` (or {name: store}) replays their shared plan once, and
+`Replay.targets(batch)` gives {teacher: targets}. The stores must agree on the layout, the plan, the images and (wds)
+the shard size (`check_stores_agree`); the data order is then the one a single store gives.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -17,7 +23,8 @@ from ..augment import AugmentationPlan, ViewTransform
 from ..data import ImageSource
 from ..errors import FdpipeError
 from ..store import Store
-from .datasets import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
+from .datasets import (EpochSampler, MultiStoreReplay, OnlineReplay, StoreReplay, WdsReplay, ZippedWdsReplay,
+                       samples_per_epoch)
 
 
 @dataclass
@@ -38,20 +45,40 @@ class Replay:
     valid: np.ndarray | None = None
     buffer: int = 256
     strict: bool = False
-    teacher_transform: ViewTransform | None = None  # online mode: how the live teacher sees the view
+    teacher_transform: ViewTransform | dict[str, ViewTransform] | None = None  # online: how live teachers see it
+    stores: dict[str, Store] | None = None  # several teachers: {teacher: store}; `store` is the first of them
+    fresh_views: bool = False  # online mode: epoch e takes view e of every image (`order.fresh_views`)
+
+    @property
+    def teachers(self) -> list[str] | None:
+        """The teachers' names, in order, when targets come as {teacher: targets}; None for one teacher."""
+        if self.stores is not None:
+            return list(self.stores)
+        return list(self.teacher_transform) if isinstance(self.teacher_transform, dict) else None
 
     # ----------------------------------------------------------------- what the training process does with a batch
     def inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
         """The student's views, float32 and normalized on `device` (they cross the DataLoader as uint8)."""
         return self.transform.normalize(batch["x"].to(device, non_blocking=True))
 
-    def teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Online mode: the live teacher's views of the same crops, normalized its own way on `device`."""
+    def teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu"
+                       ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Online mode: the live teacher's views of the same crops, normalized its own way on `device` ({teacher:
+        views} for several teachers)."""
+        if isinstance(self.teacher_transform, dict):
+            return {n: self.teacher_transform[n].normalize(x.to(device, non_blocking=True))
+                    for n, x in batch["teacher_x"].items()}
         return self.teacher_transform.normalize(batch["teacher_x"].to(device, non_blocking=True))
 
-    def targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+    def targets(self, batch: dict[str, Any], device: torch.device | str = "cpu"
+                ) -> torch.Tensor | dict[str, torch.Tensor]:
         """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as the store's
-        quantizer says."""
+        quantizer says; {teacher: targets} for several stores."""
+        if self.stores is not None:
+            scales = batch.get("scales") or {}
+            return {n: st.quantizer.dequantize_tensor(
+                batch["target"][n].to(device, non_blocking=True),
+                scales[n].to(device, non_blocking=True) if n in scales else None) for n, st in self.stores.items()}
         values = batch["target"].to(device, non_blocking=True)
         scales = batch.get("scales")
         return self.store.quantizer.dequantize_tensor(
@@ -67,11 +94,16 @@ class Replay:
         """This rank's samples of `epoch` from sample `start` on, in training order: a map-style Dataset (zarr,
         online) or an IterableDataset (wds: `start` and `batch_size` say which samples its DataLoader's batches
         already delivered, and those are not read)."""
+        if self.dataset is None and self.stores is not None:
+            return ZippedWdsReplay({n: WdsReplay(st, self.source if i == 0 else None, self.transform, self.seed,
+                                                 epoch, self.rank, self.world, buffer=self.buffer, strict=self.strict,
+                                                 start=start, batch_size=batch_size)
+                                    for i, (n, st) in enumerate(self.stores.items())})
         if self.dataset is None:
             return WdsReplay(self.store, self.source, self.transform, self.seed, epoch, self.rank, self.world,
                              buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size)
         return EpochDataset(self.dataset, EpochSampler(self.valid, self.views, self.seed, epoch, self.rank,
-                                                       self.world, start=start).pairs)
+                                                       self.world, start=start, fresh=self.fresh_views).pairs)
 
     def loader(self, epoch: int, start: int = 0, batch_size: int = 64, workers: int = 0,
                pin_memory: bool = False) -> Iterable[dict[str, Any]]:
@@ -100,13 +132,77 @@ class EpochDataset(Dataset):
         return many(pairs) if many is not None else [self.dataset[p] for p in pairs]
 
 
-def open_replay(store: Store, transform: ViewTransform | None, *, source: ImageSource | None = None, seed: int = 0,
-                rank: int = 0, world: int = 1, strict: bool = False, buffer: int = 256,
-                images: bool = True) -> Replay:
+def teacher_names(aliases: Sequence[str]) -> list[str]:
+    """Names for several teachers' heads, log fields and files: each alias with characters outside [A-Za-z0-9_-]
+    made '_', and a repeated one numbered (effnet-lite0, effnet-lite0-2)."""
+    out: list[str] = []
+    for alias in aliases:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", str(alias)).strip("_") or "teacher"
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}-{k}", k + 1
+        out.append(name)
+    return out
+
+
+# what the stores of several teachers must share, checked in this order: the first that differs is named
+AGREE = ("layout", "plan", "views", "num_images", "dataset_fingerprint")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else text[:16] + "..."
+
+
+def check_stores_agree(stores: Sequence[Store]) -> None:
+    """Refuse, in one line naming the field, stores that cannot be replayed together: another layout, plan, view
+    count, image count or dataset (the manifests' dataset_fingerprint), or for wds another shard size."""
+    from ..store.manifest import describe_value, first_difference
+
+    if not stores:
+        return
+    a = stores[0]
+    keys = AGREE + (("shard_size",) if a.layout == "wds" else ())
+    for b in stores[1:]:
+        for key in keys:
+            va, vb = a.manifest.get(key), b.manifest.get(key)
+            if va == vb:
+                continue
+            field, inner = key, first_difference(va, vb) if isinstance(va, dict) and isinstance(vb, dict) else None
+            if inner:  # the plan: name the setting within it (plan.seed)
+                field, va, vb = f"{key}.{inner}", describe_value(va, inner), describe_value(vb, inner)
+            raise FdpipeError(f"the stores differ in {field} ({_short(va)} in {a.url}, {_short(vb)} in {b.url}); "
+                              "several teachers' stores must share the plan and the images: extract them with the "
+                              "same --data, --limit, --seed, --views, --crop-scale and --format"
+                              f"{' and --shard-size' if key == 'shard_size' else ''}")
+
+
+def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform: ViewTransform | None, *,
+                source: ImageSource | None = None, seed: int = 0, rank: int = 0, world: int = 1,
+                strict: bool = False, buffer: int = 256, images: bool = True) -> Replay:
     """A store's views for a student, as `fdpipe distill` replays them; `source` defaults to the store's images.
 
     images=False: targets only (batches without "x"), in the same order; no source is opened.
+
+    Several stores (a list, named by `teacher_names` of their teachers' aliases, or {name: store}): one replay of
+    their shared plan whose `targets(batch)` are {name: targets}, the same (image_idx, view) pairs for every store.
     """
+    if not isinstance(store, Store):
+        stores = dict(store) if isinstance(store, Mapping) else dict(zip(
+            teacher_names([s.teacher.get("alias", "teacher") for s in store]), store))
+        if not stores:
+            raise FdpipeError("open_replay needs at least one store")
+        listed = list(stores.values())
+        check_stores_agree(listed)
+        first = listed[0]
+        if source is None and images:
+            source = store_source(first)
+        if first.layout == "wds":
+            return Replay(source, transform, first.views, seed, rank, world, store=first, buffer=buffer,
+                          strict=strict, stores=stores)
+        dataset = MultiStoreReplay(stores, source, transform, strict=strict)
+        return Replay(source, transform, first.views, seed, rank, world, store=first, dataset=dataset,
+                      valid=dataset.valid, stores=stores)
     if source is None and images:
         source = store_source(store)
     if store.layout == "wds":
@@ -117,11 +213,14 @@ def open_replay(store: Store, transform: ViewTransform | None, *, source: ImageS
 
 
 def online_replay(source: ImageSource, plan: AugmentationPlan, transform: ViewTransform,
-                  teacher_transform: ViewTransform, *, seed: int = 0, rank: int = 0, world: int = 1) -> Replay:
-    """The plan's views of `source` for a live teacher: batches carry `teacher_x` instead of `target`."""
+                  teacher_transform: ViewTransform | dict[str, ViewTransform], *, seed: int = 0, rank: int = 0,
+                  world: int = 1, fresh_views: bool = False) -> Replay:
+    """The plan's views of `source` for a live teacher: batches carry `teacher_x` instead of `target` ({teacher:
+    input} for a dict of teacher transforms, one per live teacher). fresh_views: epoch e takes view e of every
+    image instead of one of the plan's V, so every epoch sees new crops."""
     dataset = OnlineReplay(source, plan, transform, teacher_transform)
     return Replay(source, transform, plan.views, seed, rank, world, dataset=dataset, valid=dataset.valid,
-                  teacher_transform=teacher_transform)
+                  teacher_transform=teacher_transform, fresh_views=fresh_views)
 
 
 def store_source(store: Store, spec: str | None = None) -> ImageSource:

@@ -26,6 +26,12 @@ def epoch_views(seed: int, epoch: int, n: int, views: int) -> np.ndarray:
     return epoch_rng(seed, epoch, "view").integers(0, views, size=n)
 
 
+def fresh_views(epoch: int, n: int) -> np.ndarray:
+    """The view of each image_idx in epoch `epoch` of a fresh-view run: view e of the plan for every image, so each
+    epoch sees new crops (FD online); the plan's seeds are defined for any view index."""
+    return np.full(n, epoch, dtype=np.int64)
+
+
 def epoch_samples(seed: int, epoch: int, n: int, views: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """This rank's (image_idx, view) pairs of the epoch: a strided slice of one shared permutation.
 

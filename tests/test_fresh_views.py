@@ -54,3 +54,23 @@ def test_fresh_views_with_a_store_is_one_line(cli, tmp_path):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.slow
+def test_bench_views_smoke_writes_its_table_plot_and_json(tmp_path):
+    """The shape of the output, never the accuracy."""
+    import subprocess
+    import sys
+
+    doc = tmp_path / "views.md"
+    p = subprocess.run([sys.executable, "-m", "bench.views", "--smoke", "--out", str(tmp_path), "--doc", str(doc)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "views.json").read_text())
+    assert [pt["point"] for pt in result["points"]] == ["V2", "fresh"]
+    for pt in result["points"]:
+        assert 0 <= pt["knn20_top1"] <= 100 and 0 <= pt["finetune_top1"] <= 100 and pt["distill_s"] > 0
+    assert result["points"][0]["store_bytes"] > 0 and result["points"][1]["extract_s"] is None
+    text = doc.read_text()
+    assert "python -m bench.views --smoke" in text and "| point" not in text and "fresh" in text
+    assert (tmp_path / "views.png").stat().st_size > 0

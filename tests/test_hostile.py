@@ -313,6 +313,23 @@ def _list_file(name: Callable[[Path], str]) -> Callable[[dict[str, Any], Path], 
     return change
 
 
+def edit_zarr_metadata(change: Callable[[dict[str, Any]], None]) -> Callable[[Path, bool], None]:
+    """Change targets.zarr/targets/zarr.json; fix: record its new sha256 in the manifest's metadata_files."""
+    rel = "targets.zarr/targets/zarr.json"
+
+    def build(root: Path, fix: bool) -> None:
+        meta = json.loads((root / rel).read_text())
+        change(meta)
+        data = json.dumps(meta).encode()
+        (root / rel).write_bytes(data)
+        if fix:
+            m = load(root)
+            m["metadata_files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            save(root, m, True)
+
+    return build
+
+
 def _one_giant_shard(m: dict[str, Any], root: Path) -> None:
     """10^12 images in one shard: every count agrees, only the index (4 rows) and the data say otherwise."""
     n = 10**12
@@ -328,6 +345,7 @@ class Variant:
     message: str | None = None  # what the refusal names (fixed-up variants)
     layouts: tuple[str, ...] = ("zarr", "wds")
     file: bool = False  # a store file is changed (else the manifest): verify's hashes catch it when not fixed up
+    stale: str = "shard 0: "  # what verify's hash check names when the change is not fixed up
 
 
 def _m(name: str, change: Callable[[dict[str, Any], Path], None], message: str) -> Variant:
@@ -385,6 +403,12 @@ ZOO = [
             "status is 'maybe'", file=True),
     Variant("index-not-parquet", edit_index(lambda t: b"PAR1 not a parquet file PAR1"), INDEX_READERS,
             "is not a readable parquet file", file=True),
+    Variant("zarr-shape-10^9", edit_zarr_metadata(lambda z: z.update(shape=[10**9, *z["shape"][1:]])),
+            ("verify", "verify-deep", "distill", "convert"), "zarr.json: shape is [1000000000", ("zarr",), file=True,
+            stale="targets.zarr/targets/zarr.json: "),
+    Variant("zarr-dtype-float64", edit_zarr_metadata(lambda z: z.update(data_type="float64")),
+            ("verify", "verify-deep", "distill", "convert"), "zarr.json: dtype is float64", ("zarr",), file=True,
+            stale="targets.zarr/targets/zarr.json: "),
     Variant("tar-symlink-member", edit_tar(_symlink), TAR_READERS, "shard-000000.tar", ("wds",), file=True),
     Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
             file=True),
@@ -398,7 +422,7 @@ def expected_refusals(variant: Variant, fix: bool) -> dict[str, str | None]:
         return {name: "checksum mismatch" for name in COMMANDS}
     refusals = {name: variant.message for name in variant.reads}
     if not fix:  # a file changed under the manifest: verify's hashes name it
-        refusals |= {"verify": "shard 0: ", "verify-deep": "shard 0: "}
+        refusals |= {"verify": variant.stale, "verify-deep": variant.stale}
     return refusals
 
 

@@ -181,6 +181,24 @@ class Store:
             raise StoreError(f"{self.url} is a wds store: random access needs zarr; "
                              "convert it with `fdpipe store convert SRC DST --format zarr`")
         g = layouts.zarr_open(self.loc)
+        lead, shape = (self.num_images, self.views), self.target_shape
+        arrays = {"targets": (shape, self.quantizer.dtype)}
+        if self.quantizer.has_scales:
+            arrays["scales"] = (shape[:-1], "float16")
+        for name, (view_shape, dtype) in arrays.items():  # zarr.json against the manifest, before any read
+            try:
+                a = g[name]
+                got = {"shape": tuple(a.shape), "chunks": tuple(a.chunks), "dtype": str(a.dtype)}
+            except Exception as e:  # noqa: BLE001 - a missing or unreadable array: one line
+                raise StoreError(f"{self.loc.path(f'{layouts.ZARR_ROOT}/{name}')}: cannot open the array "
+                                 f"({' '.join(str(e).split())}); the store is damaged") from None
+            want = {"shape": (*lead, *view_shape), "chunks": (1, 1, *view_shape), "dtype": dtype}
+            for field, value in want.items():
+                if got[field] != value:
+                    raise StoreError(f"{self.loc.path(f'{layouts.ZARR_ROOT}/{name}/zarr.json')}: {field} is "
+                                     f"{list(got[field]) if field != 'dtype' else got[field]}, the manifest says "
+                                     f"{list(value) if field != 'dtype' else value}; the store is damaged (run "
+                                     "`fdpipe store verify --deep`)")
         return g["targets"], (g["scales"] if self.quantizer.has_scales else None)
 
     def target(self, image_idx: int, view: int) -> np.ndarray:

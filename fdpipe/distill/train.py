@@ -114,7 +114,8 @@ def distill_step(model: Distiller | MultiDistiller, data: Replay, device: torch.
         if seen is not None:
             seen.write(step=pos.step, epoch=pos.epoch, image_idx=batch["image_idx"].tolist(),
                        view=batch["view"].tolist())
-        names = [f"image {i} view {v}" for i, v in zip(batch["image_idx"].tolist(), batch["view"].tolist())]
+        names = ([f"image {i} view {v}" for i, v in zip(batch["image_idx"].tolist(), batch["view"].tolist())]
+                 if "image_idx" in batch else None)  # a batch made by hand (benchmarks) has no ids
         if multi:
             finite = torch.stack([torch.isfinite(target[n]).flatten(1).all(1) for n in model.names]).all(0)
         else:

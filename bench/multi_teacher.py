@@ -65,6 +65,12 @@ def run(ctx: common.Context) -> int:
     rows.append(["lite0 + lite2 alone", median(singles), n / median(singles)])
     result = {"ratio": ratio, "goal": g, "images": n, "views": views, "rounds": runs,
               "config": {"teachers": list(TEACHERS), "shard_size": 16, "workers": ctx.workers}}
+    if not g["met"]:
+        alone = {t: median(x["seconds"] for x in runs[t]) for t in TEACHERS}
+        result["bottleneck"] = {"summary": (
+            f"one pass {median(two):.1f}s against {' + '.join(f'{v:.1f}' for v in alone.values())}s alone: the "
+            "teachers are the cost, and a single run already decodes in its loader worker behind the teacher, so "
+            "decoding once saves little where the teacher is slow (CPU)")}
     common.finish(ctx, result, ["extraction", "seconds", "images/s"], rows,
                   f"{NAME}: {n} photos x {views} views, {' and '.join(TEACHERS)}; {ctx.workers} decode worker(s)")
     return 0

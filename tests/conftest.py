@@ -66,14 +66,17 @@ def shard_rows(settings: dict, shard: int) -> list[dict]:
     return rows
 
 
-def write_store(url: str, settings: dict, targets: np.ndarray, shards: list[int] | None = None) -> None:
+def write_store(url: str, settings: dict, targets: np.ndarray, shards: list[int] | None = None,
+                edit_row=None) -> None:
+    """The store of `targets` through fdpipe's writer; `edit_row(row) -> row` changes index rows on the way."""
     from fdpipe.store import StoreWriter, shard_range
 
     w = StoreWriter(url, settings)
     w.open()
     for shard in range(w.num_shards) if shards is None else shards:
         a, b = shard_range(shard, w.s, w.n)
-        w.write_shard(shard, targets[a:b], shard_rows(settings, shard))
+        rows = shard_rows(settings, shard)
+        w.write_shard(shard, targets[a:b], rows if edit_row is None else [edit_row(r) for r in rows])
     w.try_finalize()
 
 

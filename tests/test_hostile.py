@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import shard_rows, store_settings, whitened, write_photos, write_store
+from conftest import store_settings, whitened, write_photos, write_store
 from fdpipe.store.manifest import canonical, checksum, fingerprint
 
 TIMEOUT_S = 60
@@ -590,21 +590,10 @@ def test_a_store_of_too_many_shards_is_refused_before_its_draft(tmp_path):
 # ---------------------------------------------------------------------------------------------- drafts, locks
 def _synthetic(tmp_path: Path, name: str, key_prefix: str = "", n: int = 5) -> str:
     """A small synthetic store (conftest's) whose keys carry `key_prefix`."""
-    from fdpipe.store import StoreWriter, shard_range
-
     settings = store_settings("zarr", n=n, s=2)
-    targets = whitened(np.random.default_rng(0), (n, 2, 4, 8))
     url = str(tmp_path / name)
-    if not key_prefix:
-        write_store(url, settings, targets)
-        return url
-    w = StoreWriter(url, settings)
-    w.open()
-    for shard in range(w.num_shards):
-        a, b = shard_range(shard, w.s, w.n)
-        rows = [dict(r, key=key_prefix + r["key"]) for r in shard_rows(settings, shard)]
-        w.write_shard(shard, targets[a:b], rows)
-    w.try_finalize()
+    write_store(url, settings, whitened(np.random.default_rng(0), (n, 2, 4, 8)),
+                edit_row=(lambda r: dict(r, key=key_prefix + r["key"])) if key_prefix else None)
     return url
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import shard_rows, store_settings, whitened, write_store
+from conftest import store_settings, whitened, write_store
 
 IMAGES = ["--data", "fashion-mnist", "--limit", "32", "--views", "2", "--workers", "0", "--quiet"]
 LITE0 = ["--teacher", "effnet-lite0", "--image-size", "64"]  # 2x2 x 1280: the student's grid at 32 px
@@ -180,21 +180,11 @@ def synthetic(tmp_path: Path, name: str, *, teacher: str = "t", seed: int = 0, l
     targets = whitened(np.random.default_rng(zlib.crc32(f"{name}/{teacher}".encode())),
                        (n, settings["views"], *settings["target_shape"]))
     url = str(tmp_path / name)
-    if sha_of is None:
-        write_store(url, settings, targets)
-        return url
-    from fdpipe.store import StoreWriter, shard_range
 
-    w = StoreWriter(url, settings)
-    w.open()
-    for shard in range(w.num_shards):
-        a, b = shard_range(shard, w.s, w.n)
-        rows = shard_rows(settings, shard)
-        for row in rows:
-            if row["image_idx"] == 0:
-                row["image_sha256"] = f"{sha_of:064x}"
-        w.write_shard(shard, targets[a:b], rows)
-    w.try_finalize()
+    def other_image(row: dict) -> dict:  # image 0 stands for another image (another dataset)
+        return dict(row, image_sha256=f"{sha_of:064x}") if row["image_idx"] == 0 else row
+
+    write_store(url, settings, targets, edit_row=None if sha_of is None else other_image)
     return url
 
 

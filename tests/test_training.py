@@ -57,3 +57,45 @@ def test_steps_never_read_a_tensor_value_on_the_host(tmp_path, monkeypatch):
 def test_log_every_below_one_is_one_line(cli, tmp_path, value):
     r = cli("distill", "--store", tmp_path / "none", "--out", tmp_path / "run", "--log-every", value)
     assert r.exit_code == 1 and "--log-every must be at least 1" in r.output
+
+
+def _log_two_parts(rank: int, port: int, out: str) -> None:
+    """One rank of test_each_logged_loss_part_is_the_mean_over_ranks: its own loss and per-teacher parts."""
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fdpipe.runtime import JsonlLog
+    from fdpipe.training import Position
+    from fdpipe.training.loop import PendingLog
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        log = PendingLog(JsonlLog(out, enabled=rank == 0), SimpleNamespace(set_postfix=lambda **_: None),
+                         torch.device("cpu"), 2, {"kind": "train"})
+        for step in range(3):
+            r = float(rank + 1)  # rank 0 logs 1, 10, 100 (x step+1); rank 1 logs twice that
+            log.add(Position(epoch=0, step=step), 1e-3, torch.tensor(r * (step + 1)), torch.tensor(0.5),
+                    {"loss/a": torch.tensor(10 * r * (step + 1)), "loss/b": torch.tensor(100 * r * (step + 1))})
+        log.flush()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_logged_loss_part_is_the_mean_over_ranks(tmp_path):
+    """Under DDP the per-teacher losses (loss/<teacher>) are each rank's own: the log holds their mean over ranks,
+    as it does for the total loss (rank 0 alone logged its own half of the batch before)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "metrics.jsonl"
+    mp.spawn(_log_two_parts, args=(port, str(out)), nprocs=2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["loss"], r["loss/a"], r["loss/b"], r["grad_norm"]) for r in rows] == [
+        (1.5 * k, 15.0 * k, 150.0 * k, 0.5) for k in (1, 2, 3)]

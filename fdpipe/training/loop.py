@@ -194,7 +194,7 @@ class PendingLog:
     def __init__(self, log: JsonlLog, bar: Any, device: torch.device, world: int, fields: dict[str, Any]):
         self.log, self.bar, self.device, self.world, self.fields = log, bar, device, world, fields
         self.steps: list[tuple[Position, float, dict[str, Any]]] = []
-        self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), then its parts
+        self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), tensor parts
         self.watched: list[tuple[Position, torch.Tensor, Step]] = []  # per micro-batch: loss and target flags
         self.samples, self.t_last = 0, time.time()
 
@@ -225,25 +225,29 @@ class PendingLog:
 
     def add(self, pos: Position, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor | None,
             parts: dict[str, Any]) -> None:
+        """One step's record; its loss and the parts that are tensors (per-teacher losses) wait on the device."""
         norm = grad_norm if grad_norm is not None else torch.tensor(float("nan"))
-        self.steps.append((pos, lr, parts))
-        self.values.append(torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(()).to(
-            loss.device)]))
+        live = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
+        self.steps.append((pos, lr, {k: v for k, v in parts.items() if k not in live}, live))
+        self.values.append(torch.stack([v.detach().float().reshape(()).to(loss.device)
+                                        for v in (loss, norm, *(parts[k] for k in live))]))
 
     def flush(self) -> None:
         self.check_finite()
         if not self.steps:
             return
         host = torch.stack(self.values).double().cpu()  # the one wait for the device per group
-        losses = all_mean(host[:, 0].contiguous(), self.device).tolist()
+        # the loss and its parts are each rank's own: their mean over ranks (one all_reduce); the gradient norm is
+        # taken after DDP averaged the gradients, so every rank already holds the same one
+        means = all_mean(torch.cat([host[:, :1], host[:, 2:]], 1).contiguous(), self.device).tolist()
         norms = host[:, 1].tolist()
         now = time.time()
         rate = self.samples * self.world / max(now - self.t_last, 1e-9)
-        for (pos, lr, parts), loss, norm in zip(self.steps, losses, norms):
-            self.log.write(**self.fields, step=pos.step, epoch=pos.epoch, loss=loss, lr=lr,
+        for (pos, lr, fixed, live), mean, norm in zip(self.steps, means, norms):
+            self.log.write(**self.fields, step=pos.step, epoch=pos.epoch, loss=mean[0], lr=lr,
                            grad_norm=None if norm != norm else norm, samples_per_s=rate,
-                           **{k: float(v) for k, v in parts.items()})
-        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.steps[-1][1]:.2e}")
+                           **{k: float(v) for k, v in fixed.items()}, **dict(zip(live, mean[1:])))
+        self.bar.set_postfix(loss=f"{means[-1][0]:.4f}", lr=f"{self.steps[-1][1]:.2e}")
         self.steps, self.values, self.samples, self.t_last = [], [], 0, now
 
 

@@ -38,7 +38,7 @@ def run(ctx: common.Context) -> int:
     from fdpipe.augment import AugmentationPlan, ViewTransform
     from fdpipe.data import open_source
     from fdpipe.extract.loop import ExtractConfig, extract, store_settings
-    from fdpipe.extract.views import PlanViews
+    from fdpipe.extract.views import PlanViews, teacher_inputs
     from fdpipe.models import create_teacher
     from fdpipe.store import StoreWriter
     from fdpipe.store.quantize import get_quantizer
@@ -107,7 +107,8 @@ def run(ctx: common.Context) -> int:
     # ------------------------------------------------------------------ each stage alone, ms per image
     source = open_source(str(photos))
     plan = AugmentationPlan(seed=0, views=views)
-    ds = PlanViews(source, plan, [ViewTransform.from_data_config(teacher.data_config)])
+    tf = ViewTransform.from_data_config(teacher.data_config)
+    ds = PlanViews(source, plan, [tf])
     k = min(n, 4 if smoke else 32)
     t0 = time.perf_counter()
     with timing.torch_threads(1):  # as in the DataLoader workers that do this during extraction
@@ -115,7 +116,7 @@ def run(ctx: common.Context) -> int:
     decode_ms = (time.perf_counter() - t0) / k * 1e3
     teacher_ms = 1e3 / median(runs["teacher"])
     with torch.inference_mode():
-        out = teacher(torch.cat([it.pixels[0] for it in items[:per_batch]]).to(ctx.device)).cpu().numpy()
+        out = teacher(teacher_inputs(items[:per_batch], 0, tf, ctx.device)).cpu().numpy()
     out = out.reshape(-1, views, *out.shape[1:])
     q = get_quantizer(a.dtype)
     t0 = time.perf_counter()

@@ -70,16 +70,17 @@ def teacher_targets(ctx, teacher, source, plan, batch_views: int):
     from torch.utils.data import DataLoader
 
     from fdpipe.augment import ViewTransform
-    from fdpipe.extract.views import PlanViews, collate
+    from fdpipe.extract.views import PlanViews, collate, teacher_inputs
 
-    ds = PlanViews(source, plan, [ViewTransform.from_data_config(teacher.data_config)])
+    tf = ViewTransform.from_data_config(teacher.data_config)
+    ds = PlanViews(source, plan, [tf])
     per = max(1, batch_views // plan.views)
     loader = DataLoader(ds, batch_size=per, num_workers=ctx.workers, collate_fn=collate)
     outs, rows = [], []
     for items in loader:
         assert all(it.pixels is not None for it in items), [it.rows[0].get("error") for it in items]
         with torch.inference_mode():
-            y = teacher(torch.cat([it.pixels[0] for it in items]).to(ctx.device)).cpu().numpy()
+            y = teacher(teacher_inputs(items, 0, tf, ctx.device)).cpu().numpy()
         outs.append(y.reshape(len(items), plan.views, *y.shape[1:]))
         rows += [r for it in items for r in it.rows]
     return np.concatenate(outs), rows

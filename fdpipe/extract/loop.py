@@ -25,7 +25,7 @@ from ..store import StoreWriter, shard_range, shards_of_rank
 from ..store.writer import default_shard_size
 from .commits import Committer
 from .settings import ExtractConfig
-from .views import ImageViews, PlanViews, collate
+from .views import ImageViews, PlanViews, collate, geometries, teacher_inputs
 
 
 def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shape: list[int], n: int,
@@ -107,7 +107,8 @@ class TeacherStore:
     alias: str
     teacher: Any
     writer: StoreWriter
-    view: int  # which of the distinct view transforms (PlanViews) it reads
+    geometry: int  # which of PlanViews' view geometries it reads
+    transform: ViewTransform  # how it normalizes them
     target_shape: list[int]
     done: set[int]
     mine: set[int] = field(default_factory=set)
@@ -133,20 +134,18 @@ def open_teachers(cfg: ExtractConfig, n: int, plan: AugmentationPlan, device: to
     itemsize = 2 if cfg.dtype == "float16" else 1
     shard_size = cfg.shard_size or min(default_shard_size(cfg.views * int(np.prod(shape)) * itemsize)
                                        for _, _, shape in made)
-    transforms: list[ViewTransform] = []
+    transforms = [ViewTransform.from_data_config(teacher.data_config) for _, teacher, _ in made]
+    shared, which = geometries(transforms)  # teachers that see views alike share their pixels
     runs = []
-    for alias, teacher, shape in made:
-        transform = ViewTransform.from_data_config(teacher.data_config)
-        if transform not in transforms:  # teachers that see views alike share their pixels
-            transforms.append(transform)
+    for (alias, teacher, shape), transform, geometry in zip(made, transforms, which):
         out = cfg.out if len(made) == 1 else f"{cfg.out.rstrip('/')}/{re.sub(r'[^A-Za-z0-9._-]+', '-', alias)}"
         writer = StoreWriter(out, store_settings(cfg, teacher.info.to_dict(), shape, n, plan, shard_size),
                              cfg.storage_options)
         done = writer.open()
-        run = TeacherStore(alias, teacher, writer, transforms.index(transform), shape, done)
+        run = TeacherStore(alias, teacher, writer, geometry, transform, shape, done)
         run.mine = {s for s in shards_of_rank(writer.num_shards, ranks.rank, ranks.world) if s not in done}
         runs.append(run)
-    return runs, transforms
+    return runs, shared
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
@@ -183,7 +182,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         ok = [j for j, it in enumerate(items) if it.pixels is not None]
         y = None
         if ok:
-            x = torch.cat([items[j].pixels[run.view] for j in ok]).to(device, non_blocking=True)
+            x = teacher_inputs([items[j] for j in ok], run.geometry, run.transform, device)
             y = run.teacher(x).float().reshape(len(ok), cfg.views, *run.target_shape)
         if len(ok) < len(items):
             full = torch.full((len(items), cfg.views, *run.target_shape), float("nan"), device=device)

@@ -1,8 +1,9 @@
 """Decoding and cropping in DataLoader workers: one item is one image with all of its V views.
 
-Workers do the CPU work (decode, RGB conversion, parameter sampling, crop, resize, normalize) so the main process
-only batches and runs the teacher. An image that fails to decode comes back with its error instead of views, and
-its rows stay in the index.
+Workers do the CPU work (decode, RGB conversion, parameter sampling, crop, resize) so the main process only batches,
+normalizes on the teacher's device and runs the teacher. Views cross as uint8, a quarter of float32's bytes, as
+timm's PrefetchLoader has them. An image that fails to decode comes back with its error instead of views, and its
+rows stay in the index.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ class ImageViews:
     image_idx: int
     key: str
     label: int | None
-    pixels: list[torch.Tensor] | None  # per transform, the V views [V, 3, H, W]; None when the image failed
+    pixels: list[torch.Tensor] | None  # per view geometry, the V views uint8 [V, 3, H, W]; None when it failed
     rows: list[dict[str, Any]]  # V index rows (without `shard`)
     embed: tuple[str, bytes] | None = None
 
 
 class PlanViews(Dataset):
-    """Image i of `source` -> all V views of the plan, for each of the models' transforms: the image is decoded and
-    each view's crop box sampled once, then every transform resizes and normalizes the same crops its own way."""
+    """Image i of `source` -> all V views of the plan, for each of the models' view geometries: the image is decoded
+    and each view's crop box sampled once, then every geometry (size, interpolation) resizes the same crops. Teachers
+    that differ only in mean and std share one geometry: each normalizes the same uint8 views its own way
+    (`ViewTransform.normalize`, on its device)."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, transforms: list[ViewTransform],
                  embed: bool = False):
@@ -53,9 +56,31 @@ class PlanViews(Dataset):
         params = [self.plan.sample(key, v, (h, w)) for v in range(self.plan.views)]
         rows = [dict(base, view=v, seed=self.plan.view_seed(key, v), **p.to_dict(), orig_height=h, orig_width=w,
                      image_sha256=sha, status="ok") for v, p in enumerate(params)]
-        pixels = [torch.stack([tf(image, p) for p in params]) for tf in self.transforms]
+        pixels = [torch.stack([tf.pixels(image, p) for p in params]) for tf in self.transforms]
         return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None)
 
 
 def collate(items: list[ImageViews]) -> list[ImageViews]:
     return items
+
+
+def geometries(transforms: list[ViewTransform]) -> tuple[list[ViewTransform], list[int]]:
+    """The distinct view geometries of the models' transforms (what PlanViews resizes to) and, per transform, the
+    index of its geometry: two teachers at 224 px bicubic share one resize whatever their mean and std."""
+    shapes: list[tuple[Any, str]] = []
+    first: list[ViewTransform] = []
+    which = []
+    for tf in transforms:
+        shape = (tf.size, tf.interpolation)
+        if shape not in shapes:
+            shapes.append(shape)
+            first.append(tf)
+        which.append(shapes.index(shape))
+    return first, which
+
+
+def teacher_inputs(items: list[ImageViews], geometry: int, transform: ViewTransform,
+                   device: torch.device | str) -> torch.Tensor:
+    """float32 [sum of V, 3, H, W] on `device`: the items' uint8 views of one geometry, normalized there."""
+    x = torch.cat([it.pixels[geometry] for it in items]).to(device, non_blocking=True)
+    return transform.normalize(x)

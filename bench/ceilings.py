@@ -135,45 +135,17 @@ def write_stages(write: Callable[[], None]) -> dict[str, float]:
     return out
 
 
-class ZeroCostTeacher(torch.nn.Module):
-    """What extract's loop reads from a teacher (.info, .data_config, forward), answering every batch with one
-    fixed whitened tensor [B, T, C] made up front: the extraction then costs only loading and committing."""
+def synthetic_teacher(tokens: int, channels: int, image_size: int, batch: int) -> fixtures.ZeroCostTeacher:
+    """A zero-cost teacher of CLIP-L's kind: T tokens (a square grid, plus prefix tokens), C channels."""
+    from fdpipe.models import TeacherInfo
 
-    def __init__(self, tokens: int, channels: int, image_size: int, batch: int, seed: int = 0):
-        super().__init__()
-        from fdpipe.models import TeacherInfo
-
-        g, prefix = grid_of(tokens)
-        self.info = TeacherInfo(alias="zero-cost", timm_name="zero-cost", weights_sha256="0" * 64, layer=None,
-                                target="features", pretrained_cfg={}, image_size=image_size, tokens=tokens,
-                                channels=channels, grid=(g, g), num_prefix_tokens=prefix)
-        self.data_config = {"input_size": (3, image_size, image_size), "mean": (0.485, 0.456, 0.406),
-                            "std": (0.229, 0.224, 0.225), "interpolation": "bicubic", "crop_pct": 1.0,
-                            "crop_mode": "center"}
-        self.device, self.image_size = torch.device("cpu"), image_size
-        self.out = torch.from_numpy(fixtures.whitened(np.random.default_rng(seed), (batch, tokens, channels)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        if b <= len(self.out):
-            return self.out[:b]
-        return self.out.repeat(math.ceil(b / len(self.out)), 1, 1)[:b]
-
-
-@contextlib.contextmanager
-def zero_cost_teacher(teacher: ZeroCostTeacher):
-    """create_teacher answers `teacher`, wherever extract looks it up, in this process only."""
-    import importlib
-
-    modules = [importlib.import_module(m) for m in ("fdpipe.models", "fdpipe.models.teachers", "fdpipe.extract.loop")]
-    saved = [(m, m.create_teacher) for m in modules if hasattr(m, "create_teacher")]
-    for m, _ in saved:
-        m.create_teacher = lambda *args, **kwargs: teacher
-    try:
-        yield
-    finally:
-        for m, f in saved:
-            m.create_teacher = f
+    g, prefix = grid_of(tokens)
+    info = TeacherInfo(alias="zero-cost", timm_name="zero-cost", weights_sha256="0" * 64, layer=None,
+                       target="features", pretrained_cfg={}, image_size=image_size, tokens=tokens,
+                       channels=channels, grid=(g, g), num_prefix_tokens=prefix)
+    config = {"input_size": (3, image_size, image_size), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+              "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center"}
+    return fixtures.ZeroCostTeacher(info, config, batch)
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -408,13 +380,13 @@ def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, 
     from fdpipe.extract import ExtractConfig, extract
 
     batch = max(V, 4 if smoke else 64)  # views per teacher forward: extract's default
-    teacher = ZeroCostTeacher(T, C, size, max(1, batch // V) * V)
+    teacher = synthetic_teacher(T, C, size, max(1, batch // V) * V)
     out = ctx.work / f"extract-{layout}-{dtype}"
     cfg = ExtractConfig(teacher="zero-cost", data=str(photos), out=str(out), views=V, layout=layout, dtype=dtype,
                         image_size=size, shard_size=S, batch_size=batch, workers=ctx.workers, device="cpu", quiet=True,
                         **({"codec": codec} if codec else {}))
     c0 = time.process_time()
-    with zero_cost_teacher(teacher):
+    with fixtures.zero_cost_teachers({"zero-cost": teacher}):
         s = extract(cfg)
     cpu = time.process_time() - c0
     shutil.rmtree(out, ignore_errors=True)
@@ -436,10 +408,14 @@ def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, 
     return res
 
 
+FDPIPE_READER = "fdpipe (tensorstore sharding kvstore, crc32c checked by fdpipe)"
+
+
 def read_sides(url: str, store, n_pairs: int, rounds: int) -> dict[str, Any]:
-    """Batched random reads of whole chunks: fdpipe's Store.targets (tensorstore, one point-indexed read for the
-    batch), zarr-python through asyncio.gather (how fdpipe read before, and reads remote stores), zarr-python with
-    the zarrs pipeline, tensorstore with one future per view."""
+    """Batched random reads of whole chunks: fdpipe's Store.targets (raw chunks through tensorstore's sharding
+    kvstore, each crc32c checked by fdpipe), zarr-python through asyncio.gather (how remote stores are read),
+    zarr-python with the zarrs pipeline, tensorstore's zarr3 driver with one future per view and with one
+    point-indexed read for the batch (fdpipe's local reads before)."""
     import zarr
 
     from fdpipe.store import open_store
@@ -450,7 +426,7 @@ def read_sides(url: str, store, n_pairs: int, rounds: int) -> dict[str, Any]:
     pairs = [(int(k // store.views), int(k % store.views)) for k in flat]
     q = store.quantizer
     sides: dict[str, Callable[[], np.ndarray]] = {
-        "fdpipe (tensorstore, one point-indexed read)": lambda: store.targets(pairs),
+        FDPIPE_READER: lambda: store.targets(pairs),
         "zarr-python, asyncio.gather": lambda: q.dequantize(*store._zarr_python_targets(pairs))}
     notes: dict[str, str] = {}
 
@@ -485,6 +461,12 @@ def read_sides(url: str, store, n_pairs: int, rounds: int) -> dict[str, Any]:
             got = [np.stack([f.result() for f in fs]) for fs in futures]
             return q.dequantize(got[0], got[1] if q.has_scales else None)
         sides["tensorstore, one future per view"] = with_tensorstore
+        ii, vv = (np.array([p[k] for p in pairs]) for k in (0, 1))
+
+        def point_indexed() -> np.ndarray:  # how fdpipe read local stores before RawChunks
+            got = [arr.vindex[ii, vv].read().result() for arr in arrays]
+            return q.dequantize(got[0], got[1] if q.has_scales else None)
+        sides["tensorstore zarr3, one point-indexed read"] = point_indexed
     except ImportError as e:
         notes["tensorstore, one future per view"] = f"skipped: tensorstore does not import ({e})"
 

@@ -180,3 +180,42 @@ def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = N
         yield memory
     finally:
         Store.target, Store.stored_targets = original
+
+
+class ZeroCostTeacher(torch.nn.Module):
+    """What extract's loop reads from a teacher (.info, .data_config, forward), answering every batch with one
+    fixed whitened tensor [B, T, C] made up front: an extraction then costs only its data path (decoding,
+    cropping, loading) and committing, as on a GPU that keeps up."""
+
+    def __init__(self, info: Any, data_config: dict[str, Any], batch: int, seed: int = 0):
+        super().__init__()
+        self.info, self.data_config, self.device = info, data_config, torch.device("cpu")
+        self.image_size = info.image_size
+        self.out = torch.from_numpy(whitened(np.random.default_rng(seed), (batch, info.tokens, info.channels)))
+
+    @classmethod
+    def like(cls, teacher: Any, batch: int) -> "ZeroCostTeacher":
+        """A stand-in with a real teacher's info (so its store's settings are the real one's) and input transform."""
+        return cls(teacher.info, dict(teacher.data_config), batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if b <= len(self.out):
+            return self.out[:b]
+        return self.out.repeat(-(-b // len(self.out)), 1, 1)[:b]
+
+
+@contextlib.contextmanager
+def zero_cost_teachers(teachers: dict[str, ZeroCostTeacher]):
+    """create_teacher(alias, ...) answers teachers[alias], wherever extract looks it up, in this process only."""
+    import importlib
+
+    modules = [importlib.import_module(m) for m in ("fdpipe.models", "fdpipe.models.teachers", "fdpipe.extract.loop")]
+    saved = [(m, m.create_teacher) for m in modules if hasattr(m, "create_teacher")]
+    for m, _ in saved:
+        m.create_teacher = lambda alias, *args, **kwargs: teachers[alias]
+    try:
+        yield
+    finally:
+        for m, fn in saved:
+            m.create_teacher = fn

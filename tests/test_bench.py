@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import common, timing  # noqa: E402
+from bench.ceilings import FDPIPE_READER  # noqa: E402
 from bench.run_all import BENCHES  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,12 @@ def test_extra_fields_each_script_promises(smoke_results):
     assert set(mem) == {"1", "4"} and mem["4"]["images"] == 4 * mem["1"]["images"]
     assert all(v["peak_main_mb"] > 0 for v in mem.values())
     m = r["multi_teacher"]
-    assert set(m["rounds"]) == {"two teachers", "effnet-lite0", "effnet-lite2"} and m["ratio"] > 0
+    assert {(c["regime"], c["sizes"]) for c in m["cases"].values()} == {
+        (regime, sizes) for regime in ("teachers at zero cost", "real teachers")
+        for sizes in ("own sizes", "one size (224)")}
+    for case in m["cases"].values():
+        assert set(case["rounds"]) == {"two teachers", "effnet-lite0", "effnet-lite2"} and case["ratio"] > 0
+    assert m["ratio"] == max(m["ratios"].values())
 
 
 def _positive(x) -> bool:
@@ -105,7 +111,7 @@ def test_ceilings_reports_every_store_and_its_goals(smoke_results):
     assert cores["views_per_s"] == 2500 and len(cores["write"]) == len(cores["replay"]) == 4
     assert all(_positive(v) for side in ("write", "replay") for v in cores[side].values())
     readers = c["zarr_reads"]["readers"]
-    fdpipe = readers["fdpipe (tensorstore, one point-indexed read)"]
+    fdpipe = readers[FDPIPE_READER]
     assert readers["zarr-python, asyncio.gather"]["equal"]  # the remote path reads the same numbers
     assert _positive(fdpipe["views_per_s"]) and _positive(fdpipe["views_per_s_per_core"]) and fdpipe["equal"]
     for name, side in readers.items():  # each other reader: measured and equal, or skipped with a note
@@ -151,3 +157,17 @@ def test_profile_top_names_the_hot_function():
     rows = timing.profile_top(hot, n=5)
     assert rows and all({"function", "calls", "tottime_s", "share_of_total"} <= set(r) for r in rows)
     assert any("hot" in r["function"] or "genexpr" in r["function"] for r in rows)
+
+
+def test_json_path_takes_the_place_of_the_results_folder(tmp_path, capsys):
+    """`--json PATH` writes the results there (the issue's interface), `--out DIR` to DIR/NAME.json."""
+    import time
+    from types import SimpleNamespace
+
+    for args, path in ((SimpleNamespace(smoke=True, out=str(tmp_path / "dir"), json=str(tmp_path / "x" / "c.json")),
+                        tmp_path / "x" / "c.json"),
+                       (SimpleNamespace(smoke=True, out=str(tmp_path / "dir"), json=None), tmp_path / "dir" / "c.json")):
+        ctx = SimpleNamespace(name="c", args=args, machine={}, started=time.time())
+        goal = common.goal("ratio >= 1", 2.0, 1.0)
+        assert common.finish(ctx, {"ratio": 2.0, "goal": goal}, ["a"], [[1]], "t") == path
+        assert json.loads(path.read_text())["ratio"] == 2.0

@@ -218,14 +218,16 @@ class Store:
         """Values [B, *target_shape] in the stored dtype (and int8 scales [B, *target_shape[:-1]]) of many
         (image_idx, view) pairs (zarr only): what crosses the DataLoader, dequantized in the training process.
 
-        A local store reads the batch as one tensorstore point-indexed read; a remote one as one concurrent round
-        of zarr-python chunk reads (over a network each is a round trip).
+        A local store reads the batch's chunks through tensorstore: uncompressed ones as raw chunks of its sharding
+        kvstore, checked here (`layouts.RawChunks`), others as one point-indexed read of its zarr3 driver. A remote
+        store reads them as one concurrent round of zarr-python chunk reads (over a network each is a round trip).
         """
         fast = self._tensorstore
         if fast is not None:
             ii, vv = (np.fromiter((p[k] for p in pairs), np.int64, len(pairs)) for k in (0, 1))
             try:
-                return tuple(None if a is None else a.vindex[ii, vv].read().result() for a in fast)
+                return tuple(None if a is None else a.read(pairs) if isinstance(a, layouts.RawChunks)
+                             else a.vindex[ii, vv].read().result() for a in fast)
             except ValueError as e:  # tensorstore's read errors (a corrupt or missing shard) say which file
                 raise _read_error(self.url, e) from None
         return self._zarr_python_targets(pairs)
@@ -249,15 +251,19 @@ class Store:
 
     @property
     def _tensorstore(self) -> tuple[Any, Any] | None:
-        """(targets, scales) as tensorstore arrays for a local zarr store, opened once per process (its threads do
-        not survive a fork into DataLoader workers); None to read through zarr-python."""
+        """(targets, scales) readers for a local zarr store (`layouts.RawChunks` or tensorstore arrays), opened once
+        per process (tensorstore's threads do not survive a fork into DataLoader workers); None to read through
+        zarr-python."""
         import os
 
         cached = self.__dict__.get("_ts")
         if cached is None or cached[0] != os.getpid():
             self._zarr  # noqa: B018 - the layout check and its one-line refusal
-            t = layouts.tensorstore_open(self.loc, "targets")
-            s = layouts.tensorstore_open(self.loc, "scales") if t is not None and self.quantizer.has_scales else None
+            def reader(name: str):
+                return layouts.RawChunks.open(self.loc, name) or layouts.tensorstore_open(self.loc, name)
+
+            t = reader("targets")
+            s = reader("scales") if t is not None and self.quantizer.has_scales else None
             cached = self.__dict__["_ts"] = (os.getpid(), None if t is None else (t, s))
         return cached[1]
 

@@ -72,7 +72,7 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
 
     def store_inputs(ck: Loaded) -> list[tuple[torch.Tensor, torch.Tensor]]:
         replay = open_replay(store, ck.transform, source=source)
-        batches = [torch.utils.data.default_collate(replay.dataset.__getitems__([(i, 0) for i in chosen[s:s + n]]))
+        batches = [replay.dataset.batch([(i, 0) for i in chosen[s:s + n]])
                    for s, n in ((s, cfg.batch_size) for s in range(0, len(chosen), cfg.batch_size))]
         return [(replay.inputs(b), replay.targets(b)) for b in batches]
 

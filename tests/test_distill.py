@@ -160,8 +160,9 @@ torch.save(outs, {str(tmp_path / 'y.pt')!r})
     assert all(torch.equal(p, ours) for p in plain)
 
 
-def test_student_learns_the_teachers_features(tmp_path):
-    """Held-out views of unseen images: the student's loss falls below 0.75x the loss of predicting zeros."""
+def test_student_learns_the_teachers_features_beyond_their_mean(tmp_path):
+    """Held-out views of unseen images: the student's loss falls below 0.9x the loss of predicting every token's
+    mean target (a student that learned only the mean scores 1.0x; this run reaches about 0.84x)."""
     from click.testing import CliRunner
 
     from fdpipe.cli import main
@@ -169,9 +170,9 @@ def test_student_learns_the_teachers_features(tmp_path):
     train, held = tmp_path / "train", tmp_path / "held"
     runner = CliRunner()
     assert runner.invoke(main, ["extract", "--data", "fashion-mnist", "--limit", 2048, "--out", str(train),
-                                *EXTRACT, "--views", 1, "--batch-size", 128]).exit_code == 0
+                                *EXTRACT, *LAYER, "--views", 1, "--batch-size", 128]).exit_code == 0
     assert runner.invoke(main, ["extract", "--data", "fashion-mnist:test", "--limit", 64, "--out", str(held),
-                                *EXTRACT[:4], "--views", 1, "--workers", 0, "--quiet"]).exit_code == 0
+                                *EXTRACT[:4], *LAYER, "--views", 1, "--workers", 0, "--quiet"]).exit_code == 0
     run = tmp_path / "run"
     r = runner.invoke(main, ["distill", "--store", str(train), "--out", str(run), *LEARN])
     assert r.exit_code == 0, r.output
@@ -195,14 +196,17 @@ def test_student_learns_the_teachers_features(tmp_path):
         xs.append(tf(decode_rgb(src[it.image_idx].data), AugParams.from_dict(it.rows[0])))
         ys.append(torch.from_numpy(it.targets[0]))
     x, y = torch.stack(xs), torch.stack(ys)
+    mean = torch.from_numpy(np.stack([it.targets[0] for it in open_store(str(train)).iter_images()]).mean(0))
     with torch.no_grad():
         loss = float(fd_loss(d.eval()(x), y))
-    zero = float(fd_loss(torch.zeros_like(y), y))
-    assert loss < 0.75 * zero, (loss, zero)
+    baseline = float(fd_loss(mean.expand_as(y), y))
+    assert loss < 0.9 * baseline, (loss, baseline)
 
 
-# ~830 steps of 32 views over 2,048 images: enough to learn beyond the per-token mean (about 0.82x zero-prediction)
-LEARN = ["--epochs", "13", "--batch-size", "32", "--lr", "2e-3", "--drop-path", "0", "--workers", "0", "--quiet"]
+# effnet-lite0's block 4 (320 dense channels, as the demo distils): the final 1280-channel ReLU6 head needed 13 epochs
+# to get past its mean. 6 epochs of 64 steps of 32 views over 2,048 images.
+LAYER = ["--layer", "4"]
+LEARN = ["--epochs", "6", "--batch-size", "32", "--lr", "2e-3", "--drop-path", "0", "--workers", "0", "--quiet"]
 
 
 # ----------------------------------------------------------------------------------------------------- refusals

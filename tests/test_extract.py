@@ -96,15 +96,29 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(photo_dir, tmp_path_factory):
+    """The store of an uninterrupted run, per layout, made once for the module."""
+    made = {}
+
+    def get(layout: str) -> Path:
+        if layout not in made:
+            made[layout] = tmp_path_factory.mktemp(f"uninterrupted-{layout}") / "store"
+            subprocess.run(_extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
+        return made[layout]
+
+    return get
+
+
 @pytest.mark.parametrize("layout,when,target", [
     ("zarr", "after-commit", "_progress/shard-00001"),   # some shards committed
     ("zarr", "mid-write", "targets/c/2/"),               # half of a shard file written
     ("wds", "after-commit", "_progress/shard-00000"),
     ("wds", "mid-write", "index/part-00002"),
 ])
-def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, tmp_path, layout, when, target):
-    ref = tmp_path / "ref"
-    subprocess.run(_extract_cmd(photo_dir, ref, "--format", layout), check=True)
+def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, uninterrupted, tmp_path, cli, layout, when,
+                                                         target):
+    ref = uninterrupted(layout)
     out = tmp_path / "crashed"
     cmd = _extract_cmd(photo_dir, out, "--format", layout)
     p = subprocess.run([sys.executable, "-c", KILLER, when, target, *cmd[1:]], capture_output=True)
@@ -116,8 +130,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, tmp_path, l
     b, ib = store_targets(str(out))
     assert np.array_equal(a, b, equal_nan=True)
     assert ia.equals(ib)
-    v = subprocess.run([str(BIN / "fdpipe"), "store", "verify", str(out)], capture_output=True, text=True)
-    assert v.returncode == 0, v.stderr
+    assert cli("store", "verify", out).exit_code == 0
 
 
 def test_two_ranks_under_torchrun_write_the_single_process_store(photo_dir, tmp_path, monkeypatch):

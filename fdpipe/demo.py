@@ -118,7 +118,7 @@ def _run(args: list[str]) -> float:
 def stage_commands(out: Path, sizes: DemoSizes, teachers: tuple[str, ...] = (TEACHER,)) -> dict[str, list[str]]:
     """Every stage as the fdpipe command a user would type (less --workers/--device/--quiet), in order.
 
-    With several teachers one extraction fills a store per teacher (store/<teacher>/); the demo distils one student
+    With several teachers one extraction fills a store per teacher (stores/<teacher>/); the demo distils one student
     from the first teacher's store, as the single-teacher demo does, and one from all the stores, and fine-tunes both
     beside the scratch baseline.
     """

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,30 +67,36 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------------------ helpers
 class Meter:
-    """CPU seconds (this process, all threads), wall seconds and rchar bytes of a block."""
+    """CPU seconds (this process, all threads; the kernel's share apart), wall seconds, rchar bytes and the bytes
+    that came from the disk (read_bytes) of a block."""
 
     def __init__(self) -> None:
-        self.cpu = self.wall = 0.0
-        self.rchar = 0
+        self.cpu = self.wall = self.sys = 0.0
+        self.rchar = self.disk = 0
 
     @contextlib.contextmanager
     def __call__(self):
-        c0, t0, r0 = time.process_time(), time.perf_counter(), rchar()
+        c0, t0, s0, (r0, d0) = time.process_time(), time.perf_counter(), os.times().system, proc_io()
         try:
             yield self
         finally:
+            r1, d1 = proc_io()
             self.cpu += time.process_time() - c0
             self.wall += time.perf_counter() - t0
-            self.rchar += rchar() - r0
+            self.sys += os.times().system - s0
+            self.rchar += r1 - r0
+            self.disk += d1 - d0
 
 
-def rchar() -> int:
-    """Bytes this process has read through read syscalls so far (/proc/self/io rchar; 0 where there is none)."""
+def proc_io() -> tuple[int, int]:
+    """(rchar, read_bytes) of this process so far (/proc/self/io): bytes through read syscalls, page cache included,
+    and bytes the kernel fetched from the disk for it; zeros where there is no /proc."""
+    got = {}
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    return 0
+            k, _, v = line.partition(":")
+            got[k] = int(v)
+    return got.get("rchar", 0), got.get("read_bytes", 0)
 
 
 def grid_of(tokens: int) -> tuple[int, int]:
@@ -259,7 +266,8 @@ def run(ctx: common.Context) -> int:
                         t = q.dequantize_tensor(t, b["scales"])
                 t.reshape(-1)[::1024].sum().item()  # touch one value per 4 KiB page
                 views += int(t.shape[0])
-        return {"views": views, "cpu_s": m.cpu, "wall_s": m.wall, "rchar": m.rchar, "dequantize_cpu_s": dq.cpu}
+        return {"views": views, "cpu_s": m.cpu, "wall_s": m.wall, "rchar": m.rchar, "dequantize_cpu_s": dq.cpu,
+                "sys_cpu_s": m.sys, "disk_read_bytes": m.disk}
 
     for c in cfgs:  # epoch 0: opens the zarr arrays, first reads
         epoch(c, 0)

@@ -256,7 +256,8 @@ def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool, 
            teachers: tuple[str, ...] = (TEACHER,)) -> dict[str, Any]:
     from .store import open_store
 
-    stores = [p.parent for p in stage_outputs(commands, teachers)["extract"]]
+    outputs = stage_outputs(commands, teachers)
+    stores = [p.parent for p in outputs["extract"]]
     opened = [open_store(str(p)) for p in stores]
     sizes_bytes = [st.data_bytes() for st in opened]
     runs = [("fd", f"FD (distilled from {teachers[0]}, then fine-tuned)", "distill", [0])]
@@ -317,7 +318,7 @@ Commands, in order (each printed by the demo as it ran):
 | {' | '.join(f'![]({png})' for _, png in plots)} |
 
 - {'stores' if len(stores) > 1 else 'store'}: {', '.join(f'`{p}`' for p in stores)} (`fdpipe store info` describes it)
-- distilled students: {', '.join(f"`{p}`" for n in commands if n.startswith("distill") for p in stage_outputs(commands, teachers)[n])}
+- distilled students: {', '.join(f"`{p}`" for n in commands if n.startswith("distill") for p in outputs[n])}
 - fine-tuned models: {', '.join(f"`{out / f'finetune-{r[0]}' / 'model.safetensors'}`" for r in runs)}
 """
     (out / "report.md").write_text(md)

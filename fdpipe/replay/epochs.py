@@ -110,12 +110,13 @@ class Replay:
                pin_memory: bool = False) -> Iterable[dict[str, Any]]:
         """This rank's batches of `epoch` from sample `start` on (a multiple of batch_size): what distill trains on."""
         data = self.epoch(epoch, start, batch_size)
+        common = dict(num_workers=workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
         if isinstance(data, IterableDataset):
-            return DataLoader(data, batch_size=batch_size, num_workers=workers, drop_last=True, pin_memory=pin_memory,
-                              generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
+            return DataLoader(data, batch_size=batch_size, drop_last=True, **common)
         # map-style: the dataset makes each batch whole (EpochDataset.batch), in the epoch's order
         return DataLoader(data, batch_size=None, sampler=BatchSampler(SequentialSampler(data), batch_size, True),
-                          num_workers=workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(self.seed))
+                          **common)
 
 
 class EpochDataset(Dataset):

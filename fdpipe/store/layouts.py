@@ -144,7 +144,18 @@ def zarr_open(loc: StoreLocation) -> zarr.Group:
         raise loc.explain(e) or StoreError(f"cannot open {loc.path(ZARR_ROOT)}: {e}") from None
 
 
-def tensorstore_open(loc: StoreLocation, name: str):
+class PointReads:
+    """Batched reads of one tensorstore zarr3 array: a batch's (image, view) cells as one point-indexed read."""
+
+    def __init__(self, array: Any):
+        self.array = array
+
+    def read(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        ii, vv = (np.fromiter((p[k] for p in pairs), np.int64, len(pairs)) for k in (0, 1))
+        return self.array.vindex[ii, vv].read().result()
+
+
+def tensorstore_open(loc: StoreLocation, name: str) -> PointReads | None:
     """One array of a local store through tensorstore's zarr3 driver, read-only; None where it does not apply
     (a remote store, or no tensorstore). It reads batches of chunks in C++: 6x zarr-python's views per CPU-second
     at CLIP-L shape (bench/README.md), with the same values (tests/test_io.py)."""
@@ -156,7 +167,7 @@ def tensorstore_open(loc: StoreLocation, name: str):
         return None
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": loc.path(f"{ZARR_ROOT}/{name}")}}
     try:
-        return ts.open(spec, read=True, open=True).result()
+        return PointReads(ts.open(spec, read=True, open=True).result())
     except ValueError as e:
         raise StoreError(f"cannot open {loc.path(f'{ZARR_ROOT}/{name}')}: {e}") from None
 
@@ -211,9 +222,8 @@ class RawChunks:
         if kv is None:
             import tensorstore as ts
 
-            key = self.sep.join(["c", *map(str, cell)])
             kv = self._kv[cell] = ts.KvStore.open({
-                "driver": "zarr3_sharding_indexed", "base": {"driver": "file", "path": f"{self.path}/{key}"},
+                "driver": "zarr3_sharding_indexed", "base": {"driver": "file", "path": self._file(cell)},
                 "grid_shape": [s // c for s, c in zip(self.shard, self.chunk)],
                 "index_codecs": self.sharding["index_codecs"],
                 "index_location": self.sharding.get("index_location", "end")}).result()
@@ -231,24 +241,27 @@ class RawChunks:
             futures.append((cell, self._store(cell).read(key)))
         out = np.empty((len(pairs), *self.chunk[2:]), self.dtype)
         for j, (cell, future) in enumerate(futures):
-            where = f"{self.path}/{self.sep.join(['c', *map(str, cell)])}"
             try:
                 got = future.result()
             except ValueError as e:  # a damaged shard index, an unreadable file: tensorstore names it
-                raise StoreError(f"{where}: cannot read targets ({' '.join(str(e).split())}); run "
+                raise StoreError(f"{self._file(cell)}: cannot read targets ({' '.join(str(e).split())}); run "
                                  "`fdpipe store verify`") from None
             if got.state != "value":
                 out[j] = self.fill
                 continue
             raw = np.frombuffer(got.value, np.uint8)
             if len(raw) != self.nbytes + 4:
-                raise StoreError(f"{where}: a chunk holds {len(raw)} bytes where {self.nbytes + 4} belong; the file "
-                                 "is corrupt: run `fdpipe store verify` and replace the store")
+                raise StoreError(f"{self._file(cell)}: a chunk holds {len(raw)} bytes where {self.nbytes + 4} "
+                                 "belong; the file is corrupt: run `fdpipe store verify` and replace the store")
             if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
-                raise StoreError(f"{where}: a chunk's bytes do not match its crc32c (the file is corrupt); nothing "
-                                 "of it was used: run `fdpipe store verify` and replace the store")
+                raise StoreError(f"{self._file(cell)}: a chunk's bytes do not match its crc32c (the file is corrupt); "
+                                 "nothing of it was used: run `fdpipe store verify` and replace the store")
             out[j] = raw[:-4].view(self.dtype).reshape(self.chunk[2:])
         return out
+
+    def _file(self, cell: tuple[int, ...]) -> str:
+        """The shard file of a chunk-grid cell (its zarr key under the array)."""
+        return f"{self.path}/{self.sep.join(['c', *map(str, cell)])}"
 
 
 # ------------------------------------------------------------------------------------------------------------ wds

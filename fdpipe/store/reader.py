@@ -224,10 +224,8 @@ class Store:
         """
         fast = self._tensorstore
         if fast is not None:
-            ii, vv = (np.fromiter((p[k] for p in pairs), np.int64, len(pairs)) for k in (0, 1))
             try:
-                return tuple(None if a is None else a.read(pairs) if isinstance(a, layouts.RawChunks)
-                             else a.vindex[ii, vv].read().result() for a in fast)
+                return tuple(None if a is None else a.read(pairs) for a in fast)
             except ValueError as e:  # tensorstore's read errors (a corrupt or missing shard) say which file
                 raise _read_error(self.url, e) from None
         return self._zarr_python_targets(pairs)

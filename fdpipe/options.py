@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import MISSING
@@ -160,8 +161,18 @@ def seed_option(help: str) -> Any:
     return option(0, help, min=0, max=MAX_SEED)
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity: a container's or Slurm's share), as PyTorch's DataLoader
+    counts them when it warns that there are more workers than cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def workers_option(help: str, default: int = 4) -> Any:
-    return option(default, help, min=0, max=MAX_WORKERS)
+    """--workers: `default`, or the cores there are when fewer (more workers than cores only compete)."""
+    return option(min(default, usable_cpus()), help, min=0, max=MAX_WORKERS)
 
 
 def quiet_option(help: str = "No progress bar.") -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see fdpipe/__init__.py
 
@@ -30,6 +31,17 @@ def write_photos(folder, n: int = 6, size=(48, 64)):
         y, x = (i * 17) % (pic.shape[0] - size[0]), (i * 29) % (pic.shape[1] - size[1])
         Image.fromarray(pic[y:y + size[0], x:x + size[1]]).save(cls / f"img{i}.png")
     return folder
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(section: str, lang: str = "python") -> str:
+    """The first ```lang block of README.md's '## section': tests run what the README tells readers to run."""
+    import re
+
+    text = README.read_text().split(f"## {section}\n", 1)[1]
+    return re.findall(rf"```{lang}\n(.*?)```", text.split("\n## ", 1)[0], flags=re.S)[0]
 
 
 def whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -130,7 +130,7 @@ def test_a_two_teacher_demo_reports_the_two_teacher_student_beside_the_single_on
     logged = [json.loads(line) for line in (out / "distill-multi" / "metrics.jsonl").read_text().splitlines()]
     assert all({"loss/effnet-lite0", "loss/effnet-lite2"} <= r.keys() for r in logged if r.get("kind") == "train")
     for teacher in TWO.split(","):
-        assert (out / "distill-multi" / f"projector-{teacher}.safetensors").exists()
+        assert (out / "distill-multi" / "heads" / f"projector-{teacher}.safetensors").exists()
     for png in ("distill-multi/loss.png", "finetune-multi/accuracy.png"):
         assert png in report and (out / png).exists()
 

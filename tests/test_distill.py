@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import readme_block
+
 from fdpipe.store import open_store
 
 BIN = Path(sys.executable).parent
@@ -240,6 +242,65 @@ torch.save(outs, {str(tmp_path / 'y.pt')!r})
     assert all(torch.equal(p, ours) for p in plain)
 
 
+# train.py's flags that reach its create_model and resolve_data_config calls, with train.py's defaults, and those
+# calls as its main() makes them (train.py is not in the timm wheel)
+TRAIN_PY = """
+import argparse, json, sys
+import timm, torch
+from safetensors.torch import load_file
+p = argparse.ArgumentParser()
+for flag in ("--data-dir", "--model", "--pretrained-path", "--gp", "--interpolation"):
+    p.add_argument(flag, default=None)
+for flag in ("--num-classes", "--in-chans", "--img-size"):
+    p.add_argument(flag, type=int, default=None)
+for flag in ("--drop-path", "--drop-block", "--bn-momentum", "--bn-eps", "--crop-pct"):
+    p.add_argument(flag, type=float, default=None)
+p.add_argument("--drop", type=float, default=0.0)
+p.add_argument("--input-size", type=int, nargs=3, default=None)
+p.add_argument("--mean", type=float, nargs="+", default=None)
+p.add_argument("--std", type=float, nargs="+", default=None)
+p.add_argument("--pretrained", action="store_true")
+p.add_argument("--initial-checkpoint", default="")
+args = p.parse_args(sys.argv[2:])
+in_chans = args.in_chans if args.in_chans is not None else args.input_size[0] if args.input_size else 3
+factory_kwargs = {}
+if args.pretrained_path:
+    factory_kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
+model = timm.create_model(args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+                          drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
+                          global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, scriptable=False,
+                          checkpoint_path=args.initial_checkpoint, **factory_kwargs)
+data_config = timm.data.resolve_data_config(vars(args), model=model)
+student, sd = load_file(sys.argv[1]), model.state_dict()
+same = all(torch.equal(sd[k], v) for k, v in student.items())
+x = torch.randn(4, *data_config["input_size"])
+loss = torch.nn.functional.cross_entropy(model.train()(x), torch.arange(4) % model.num_classes)
+loss.backward()
+torch.optim.SGD(model.parameters(), lr=0.01).step()
+print(json.dumps({"same": same, "new": sorted(set(sd) - set(student)), "input_size": list(data_config["input_size"]),
+                  "num_classes": model.num_classes, "loss": float(loss), "fdpipe": "fdpipe" in sys.modules}))
+"""
+
+
+def test_timms_train_py_fine_tunes_a_distilled_run_as_the_readme_says(cli, fm_store, tmp_path):
+    """README's train.py command on a distill --out: the student's weights, a new 10-class head, the run's 32 px
+    input from config.json, one training step, no fdpipe. Before, timm's local-dir: loader took the run's
+    projector.safetensors for the weights, and a plain timm name needed model_args passed in --model-kwargs less
+    num_classes, global_pool and drop_path_rate (train.py passes its own), and --img-size."""
+    import shlex
+
+    run = tmp_path / "run"
+    assert cli("distill", "--store", fm_store, "--out", run, *TINY, "--max-steps", 2).exit_code == 0
+    line = next(ln for ln in readme_block("Load a run in plain timm", "bash").splitlines() if "train.py" in ln)
+    argv = [a.replace(":RUN", f":{run}") for a in shlex.split(line)[2:]]
+    p = subprocess.run([sys.executable, "-c", TRAIN_PY, str(run / "student.safetensors"), *argv],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["same"] and got["new"] == ["head.bias", "head.weight"] and got["num_classes"] == 10
+    assert got["input_size"] == [3, 32, 32] and np.isfinite(got["loss"]) and not got["fdpipe"]
+
+
 def test_student_learns_the_teachers_features_beyond_their_mean(tmp_path):
     """Held-out views of unseen images: the student's loss falls below 0.9x the loss of predicting every token's
     mean target (a student that learned only the mean scores 1.0x; this run reaches about 0.84x)."""
@@ -268,7 +329,7 @@ def test_student_learns_the_teachers_features_beyond_their_mean(tmp_path):
     st = open_store(str(held))
     t = st.teacher
     d = Distiller(model, t["channels"], tuple(t["grid"]), t["num_prefix_tokens"])
-    d.projector.load_state_dict(load_file(run / "projector.safetensors"))
+    d.projector.load_state_dict(load_file(run / "heads" / "projector.safetensors"))
     src = open_source("fashion-mnist:test", limit=64)
     tf = student_transform(model, spec.image_size)
     xs, ys = [], []

@@ -12,7 +12,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import write_photos
+from conftest import README, readme_block, write_photos
 
 from fdpipe.errors import FdpipeError
 from fdpipe.finetune import init as inits
@@ -82,6 +82,75 @@ def distilled_run(tmp_path_factory, photo_dir) -> Path:
                              "--batch-size", "2", "--workers", "0", "--max-steps", "2", "--quiet"])
     assert r.exit_code == 0, r.output
     return base / "RUN"
+
+
+class _Bar:
+    """Stands in for the progress bar and keeps every label it is given."""
+
+    last: "_Bar"
+
+    def __init__(self, *a, desc: str = "", **k):
+        self.labels = [desc]
+        _Bar.last = self
+
+    def set_description_str(self, desc: str = "", refresh: bool = True) -> None:
+        self.labels.append(desc)
+
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a, **k) -> None: ...
+    def write(self, s: str) -> None: ...
+    def close(self) -> None: ...
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory, photo_dir, distilled_run) -> tuple[Path, list[str]]:
+    """fdpipe finetune from the distilled run, one epoch at 32 px, its bar recorded: (run dir, the bar's labels)."""
+    out = tmp_path_factory.mktemp("finetuned") / "FT"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fdpipe.training.loop.progress", _Bar)
+        finetune(FinetuneConfig(init=str(distilled_run), data=str(photo_dir), val=str(photo_dir), out=str(out),
+                                epochs=1, batch_size=4, mixup=False, randaug=False, min_crop=0.5, image_size=32,
+                                workers=0))
+    return out, _Bar.last.labels
+
+
+def test_the_readme_loads_a_fine_tuned_run_that_predicts_as_fdpipes_evaluation(finetuned_run, photo_dir) -> None:
+    """README 'Load a run in plain timm', both ways: the head, the input size and the normalization come back as
+    saved, so timm's own data config and fdpipe's evaluate() give exactly the top-1, top-5 and loss the run recorded.
+
+    Before, the README's pretrained_cfg_overlay=dict(file=...) took beit_base's 1000 classes and 224 px: the trained
+    head was dropped for a random one and the data config was 224 px for a 32 px model."""
+    from torch.utils.data import DataLoader
+
+    from fdpipe.data import open_source
+    from fdpipe.finetune.data import Labelled
+    from fdpipe.finetune.evaluate import evaluate
+
+    run, _ = finetuned_run
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    src = open_source(str(photo_dir))
+    block = readme_block("Load a run in plain timm").replace('"RUN"', repr(str(run)))
+    for code in (block.split("\n# or")[0], block):  # local-dir:, then config.json + the weights file
+        ns: dict = {}
+        exec(code, ns)
+        model = ns["model"]
+        tf = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+        loader = DataLoader(Labelled(src, np.asarray(src.labels), tf), batch_size=4, sampler=list(range(len(src))))
+        got = evaluate(model, loader, torch.device("cpu"))
+        assert (got["images"], got["top1"], got["top5"]) == (final["images"], final["top1"], final["top5"])
+        assert got["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_the_bar_says_when_it_waits_on_the_evaluation(finetuned_run) -> None:
+    """The step count stands still while the held-out split is evaluated: the bar says so, and how far it is."""
+    _, labels = finetuned_run
+    assert labels[0] == labels[-1] == "finetune ce"
+    assert "finetune ce [evaluating 8/8 images]" in labels
+
+
+def test_the_readme_names_val_limit_for_short_runs() -> None:
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `fdpipe finetune"))
+    assert "`--val-limit N`" in row
 
 
 # --- selection and order ---------------------------------------------------------------------------------------

@@ -396,6 +396,41 @@ def test_load_model_rebuilds_student_and_applies_overrides(tmp_path):
     torch.testing.assert_close(clf.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight, rtol=0, atol=0)
 
 
+def test_config_names_each_fd_vit_by_its_own_size(tmp_path):
+    """timm has Beit only at base and large: an fd-vit checkpoint names the nearest one that timm builds into the
+    student with model_args, and pretrained_cfg's tag names the student, as timm's arch.tag names checkpoints.
+    Before, every size named beit_base_patch16_224 and nothing in the pretrained_cfg said tiny."""
+    model, spec = create_student("fd-vit-tiny", image_size=32)
+    save_model(model, tmp_path, "student.safetensors", spec)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    pc = cfg["pretrained_cfg"]
+    assert (cfg["architecture"], pc["architecture"], pc["tag"]) == ("beit_base_patch16_224",) * 2 + ("fd_vit_tiny",)
+    with torch.device("meta"):  # 300M parameters: shapes only
+        large, lspec = create_student("fd-vit-large", image_size=32)
+        ref = timm.create_model("beit_large_patch16_224", img_size=32)
+    assert lspec.architecture == "beit_large_patch16_224"
+    def size(m):
+        return m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads, m.blocks[0].mlp.fc1.out_features
+
+    assert size(large) == size(ref) == (1024, 24, 16, 4096)
+
+
+def test_load_model_reads_a_config_saved_before_the_tag_and_the_adapt_keys(tmp_path):
+    torch.manual_seed(0)
+    model, spec = create_student("fd-vit-tiny", image_size=32)
+    save_model(model.eval(), tmp_path, "student.safetensors", spec)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["pretrained_cfg"] = {k: cfg["pretrained_cfg"][k] for k in ("input_size", "mean", "std", "interpolation",
+                                                                   "crop_pct", "num_classes")}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    x = torch.randn(1, 3, 32, 32)
+    same, _, _ = load_model(tmp_path)
+    clf, _, _ = load_model(tmp_path, num_classes=10)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval().forward_features(x), model.forward_features(x), rtol=0, atol=0)
+    assert clf.num_classes == 10 and same.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
 def test_load_model_missing_checkpoint_fails_with_one_line(tmp_path):
     with pytest.raises(FdpipeError, match="config.json"):
         load_model(tmp_path)

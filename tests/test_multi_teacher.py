@@ -75,13 +75,13 @@ def test_two_stores_train_one_student_with_a_head_and_a_logged_loss_per_teacher(
     from safetensors.torch import load_file
 
     for name in NAMES:
-        head = load_file(cached / f"projector-{name}.safetensors")
+        head = load_file(cached / "heads" / f"projector-{name}.safetensors")
         assert head["weight"].shape == (1280, 192) and head["bias"].shape == (1280,)
-    assert not (cached / "projector.safetensors").exists() and (cached / "loss.png").stat().st_size > 0
+    assert not (cached / "heads" / "projector.safetensors").exists() and (cached / "loss.png").stat().st_size > 0
     fd = json.loads((cached / "config.json").read_text())["fdpipe"]
     assert [t["name"] for t in fd["teachers"]] == NAMES and [t["weight"] for t in fd["teachers"]] == [1.0, 0.5]
     assert [t["grid"] for t in fd["teachers"]] == [[2, 2], [3, 3]]
-    assert [t["projector"] for t in fd["teachers"]] == [f"projector-{n}.safetensors" for n in NAMES]
+    assert [t["projector"] for t in fd["teachers"]] == [f"heads/projector-{n}.safetensors" for n in NAMES]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from fdpipe.analyze.settings import AnalyzeConfig
 from fdpipe.distill.settings import DistillConfig
 from fdpipe.extract.settings import ExtractConfig
 from fdpipe.finetune.settings import FinetuneConfig
-from fdpipe.options import write_settings
+from fdpipe.options import usable_cpus, write_settings
 
 BIN = Path(sys.executable).parent
 
@@ -58,14 +59,14 @@ def one_line_error(r, code: int = 1) -> str:
 DEFAULTS = [
     ("extract", "--device", "auto"), ("extract", "--views", 8), ("extract", "--crop-scale", (0.08, 1.0)),
     ("extract", "--format", "zarr"), ("extract", "--dtype", "float16"), ("extract", "--target", "features"),
-    ("extract", "--batch-size", 64), ("extract", "--workers", 4), ("extract", "--seed", 0),
+    ("extract", "--batch-size", 64), ("extract", "--workers", min(4, usable_cpus())), ("extract", "--seed", 0),
     ("extract", "--layer", None), ("extract", "--image-size", None), ("extract", "--embed-images", False),
     ("extract", "--storage-options", None), ("extract", "--quiet", False),
     ("distill", "--epochs", 10), ("distill", "--batch-size", 64), ("distill", "--accum-steps", 1),
     ("distill", "--student", "fd-vit-tiny"), ("distill", "--lr", None), ("distill", "--weight-decay", 0.05),
     ("distill", "--patch-size", 16), ("distill", "--save-every", 0), ("distill", "--views", 8),
     ("distill", "--crop-scale", (0.08, 1.0)), ("distill", "--plan-seed", 0), ("distill", "--device", "auto"),
-    ("distill", "--workers", 4), ("distill", "--cache-dir", None), ("distill", "--store", None),
+    ("distill", "--workers", min(4, usable_cpus())), ("distill", "--cache-dir", None), ("distill", "--store", None),
     ("finetune", "--epochs", 100), ("finetune", "--layer-decay", None), ("finetune", "--min-lr", 1e-06),
     ("finetune", "--method", "ce"), ("finetune", "--batch-size", 64), ("finetune", "--accum-steps", 1),
     ("finetune", "--mixup", None), ("finetune", "--no-mixup", None), ("finetune", "--randaug", None),
@@ -74,8 +75,20 @@ DEFAULTS = [
     ("finetune", "--student", "fd-vit-tiny"),
     ("analyze", "--images", 32), ("analyze", "--batch-size", 8), ("analyze", "--directions", 2),
     ("analyze", "--alphas", "-1,-0.5,-0.25,0,0.25,0.5,1"), ("analyze", "--device", "auto"), ("analyze", "--seed", 0),
-    ("demo", "--workers", 2), ("demo", "--device", "auto"),
+    ("demo", "--workers", min(2, usable_cpus())), ("demo", "--device", "auto"),
 ]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_workers_default_to_the_cores_there_are_when_fewer():
+    """--workers 4 on a 1- or 2-core machine made PyTorch warn (more workers than cores) twice per command."""
+    code = ("from fdpipe.cli import main; print([p.default for c in ('extract', 'distill', 'finetune', 'demo') "
+            "for p in main.commands[c].params if p.name == 'workers'])")
+    one = min(os.sched_getaffinity(0))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {one}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[1, 1, 1, 1]"
 
 
 def _param(command: str, flag: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from fdpipe.runtime import Ranks
 from fdpipe.training import LoopSettings, RunFiles, Step, Trainer, make_schedule
 
 
-def tiny_run(tmp_path, log_every: int, monkeypatch=None):
+def tiny_run(tmp_path, log_every: int, monkeypatch=None, on_epoch_end=None):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     xs = torch.randn(40, 4)
@@ -33,7 +34,7 @@ def tiny_run(tmp_path, log_every: int, monkeypatch=None):
 
         monkeypatch.setattr(torch.Tensor, "item", refuse)
         monkeypatch.setattr(torch.Tensor, "__float__", refuse)
-    trainer.fit(run, schedule, data, pos)
+    trainer.fit(run, schedule, data, pos, on_epoch_end=on_epoch_end)
     if monkeypatch is not None:
         monkeypatch.undo()
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -51,6 +52,15 @@ def test_grouped_logging_keeps_one_exact_record_per_step(tmp_path):
 def test_steps_never_read_a_tensor_value_on_the_host(tmp_path, monkeypatch):
     records = tiny_run(tmp_path, log_every=10, monkeypatch=monkeypatch)
     assert [r["step"] for r in records] == list(range(1, 21))
+
+
+def test_samples_per_s_leaves_out_the_time_between_epochs(tmp_path):
+    """An evaluation after each epoch (here 1 s) is not training: the next epoch's rate does not count it.
+
+    Before, finetune's rate over a run that evaluated 10,000 images every epoch was mostly the evaluation's."""
+    records = tiny_run(tmp_path, log_every=10, on_epoch_end=lambda *a: time.sleep(1.0))
+    second = [r for r in records if r["epoch"] == 1]
+    assert len(second) == 10 and second[0]["samples_per_s"] > 10 * 4 / 1.0  # 10 steps of 4 samples, well under 1 s
 
 
 @pytest.mark.parametrize("value", [0, -3])

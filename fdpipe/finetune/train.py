@@ -34,7 +34,7 @@ from . import recipe as recipes
 from .core import CoreTuningLoss
 from .data import Labelled, eval_transform, per_rank, train_transform
 from .deit import DistilledClassifier, deit_loss
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluating
 from .heads import Finetuner, LiveTeacher, build_optimizer, deit_model, export_model
 from .settings import FinetuneConfig
 from .splits import setup_id, train_data, val_data, val_loader
@@ -162,7 +162,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     def on_epoch_end(trainer: Trainer, pos: Position, complete: bool, last: bool) -> None:
         if not complete or last or (pos.epoch + 1) % cfg.eval_every == 0:
-            metrics = evaluate(model, vloader, device)
+            with evaluating(trainer.bar, loop.desc, len(vloader.sampler)) as shown:  # this rank's share
+                metrics = evaluate(model, vloader, device, shown)
             run.log.write(kind="eval", epoch=pos.epoch, step=pos.step, complete=complete, **metrics)
             if ranks.is_main and not cfg.quiet:
                 trainer.bar.write(f"epoch {pos.epoch}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "

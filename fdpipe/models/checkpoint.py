@@ -18,10 +18,14 @@ import timm.data
 from fdpipe.errors import FdpipeError
 
 from ._helpers import _first_line, _json_able
-from .students import StudentSpec, student_grid
+from .students import STUDENTS, StudentSpec, student_grid
 from .weights import _drop_overlay_state_dict, _load_pretrained
 
 _RESERVED = ("architecture", "model_args", "num_classes", "num_features", "pretrained_cfg", "name", "weights")
+_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+# what timm's loader adapts a checkpoint by (the input conv, the head to drop for another class count); a
+# local-dir: load reads only this file's pretrained_cfg, not the registry's
+_ADAPT_KEYS = ("fixed_input_size", "first_conv", "classifier")
 
 
 def _atomic_write_bytes(path: Path, write: Any) -> None:
@@ -40,9 +44,11 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
                extra: Mapping[str, Any] | None = None) -> Path:
     """Write <filename> (safetensors) and a timm-style config.json, each atomically; returns the weights path.
 
-    The pair loads in plain timm: create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict(file=W),
-    **model_args), create_model(architecture, checkpoint_path=W, **model_args), or
-    create_model("local-dir:<out_dir>", pretrained=True) when W is the only safetensors file there.
+    The pair loads in plain timm as saved (head, input size and normalization included):
+    create_model("local-dir:<out_dir>", pretrained=True) when W is the only safetensors file there (or is
+    model.safetensors), or create_model(architecture, pretrained=True, **model_args,
+    pretrained_cfg_overlay=dict(file=W, **pretrained_cfg)). The first is also what timm's train.py takes:
+    --model local-dir:<out_dir> --pretrained --num-classes K.
     """
     import safetensors.torch
 
@@ -65,12 +71,14 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
         ps = model.patch_embed.patch_size
         dc["input_size"] = (3, gh * ps[0], gw * ps[1])
     num_classes = int(getattr(model, "num_classes", 0) or 0)
+    adapt = getattr(model, "pretrained_cfg", None) or {}
     config = {
         "architecture": spec.architecture,
         "num_classes": num_classes,
         "num_features": int(getattr(model, "num_features", 0) or 0),
         "model_args": dict(spec.model_args),
-        "pretrained_cfg": {**{k: dc[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+        "pretrained_cfg": {"architecture": spec.architecture, **_tag(spec), **{k: dc[k] for k in _DATA_KEYS},
+                           **{k: adapt[k] for k in _ADAPT_KEYS if adapt.get(k) is not None},
                            "num_classes": num_classes},
         "name": spec.name,
         "weights": filename,
@@ -79,6 +87,25 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
     text = json.dumps(_json_able(config), indent=2, sort_keys=False) + "\n"
     _atomic_write_bytes(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     return weights
+
+
+def _tag(spec: StudentSpec) -> dict[str, str]:
+    """timm names a checkpoint architecture.tag: an fd-vit student's tag is its own name (fd_vit_tiny), since its
+    architecture is the nearest Beit timm registers (beit_base_patch16_224 for tiny, small and base)."""
+    return {"tag": spec.name.replace("-", "_")} if spec.name in STUDENTS else {}
+
+
+def _overlay(config: Mapping[str, Any], weights: Path, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The pretrained_cfg_overlay that loads `weights` as saved: the config's pretrained_cfg (an older config has
+    only some of it) with the input size of an img_size override, so the model's data config matches the model."""
+    saved = config.get("pretrained_cfg")
+    overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in (saved if isinstance(saved, dict) else {}).items()
+               if k not in ("file", "url", "hf_hub_id", "state_dict", "source")}
+    if args.get("img_size") is not None and args.get("img_size") != config.get("model_args", {}).get("img_size"):
+        s = args["img_size"]
+        overlay["input_size"] = (3, *((s, s) if isinstance(s, int) else tuple(s)))
+    overlay["num_classes"] = int(config.get("num_classes", config.get("model_args", {}).get("num_classes", 0)))
+    return {**overlay, "file": str(weights)}
 
 
 def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, StudentSpec, dict[str, Any]]:
@@ -102,10 +129,10 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
         if not weights.is_file():
             raise FdpipeError(f"checkpoint weights not found: {weights}; the run may not have saved yet")
         args = {**model_args, **overrides}
-        overlay = dict(file=str(weights), num_classes=int(config.get("num_classes", model_args.get("num_classes", 0))))
         try:
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **args)
-        except (RuntimeError, KeyError, ValueError) as e:
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=_overlay(config, weights, args),
+                                      **args)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({_first_line(e)}); "
                               f"check the overrides") from None
         _drop_overlay_state_dict(model)
@@ -128,13 +155,14 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
 
 # ------------------------------------------------------------------------------------------ distill's projectors
 
-PROJECTOR = "projector.safetensors"  # the one teacher's head
+PROJECTOR = "projector.safetensors"  # the one teacher's head in a run saved before heads/
+HEADS = "heads"  # the run dir's own safetensors is then only the student, which timm's local-dir: loader takes
 
 
 def projector_filename(name: str | None) -> str:
-    """A distill run's head file: projector.safetensors for one teacher, projector-<name>.safetensors per teacher
-    for several."""
-    return PROJECTOR if name is None else f"projector-{name}.safetensors"
+    """A distill run's head file, relative to the run: heads/projector.safetensors for one teacher,
+    heads/projector-<name>.safetensors per teacher for several (config.json's teachers name it)."""
+    return f"{HEADS}/{PROJECTOR if name is None else f'projector-{name}.safetensors'}"
 
 
 def save_projector(projector: nn.Module, out_dir: str | os.PathLike, filename: str) -> Path:
@@ -142,6 +170,7 @@ def save_projector(projector: nn.Module, out_dir: str | os.PathLike, filename: s
     import safetensors.torch
 
     path = Path(out_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
     _atomic_write_bytes(path, lambda tmp: safetensors.torch.save_file(sd, tmp))
     return path

@@ -25,8 +25,11 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "fd-vit-large": dict(embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.3),
 }
 
-# The timm entry point every fd-vit student is built through; model_args override all of its settings.
+# The timm entry point an fd-vit student is built through; model_args override all of its settings. timm registers
+# Beit only at base and large, so large (1024 wide, 24 deep, 16 heads, as beit_large) names beit_large and the
+# smaller sizes the nearest, beit_base; config.json's pretrained_cfg "tag" then names the student (fd_vit_tiny).
 BEIT_ARCH = "beit_base_patch16_224"
+BEIT_ARCHS = {"fd-vit-large": "beit_large_patch16_224"}
 
 _BEIT_STUDENT_ARGS: dict[str, Any] = dict(
     mlp_ratio=4.0,
@@ -84,7 +87,7 @@ def create_student(name: str, *, image_size: int, patch_size: int | None = None,
         dp = row.pop("drop_path_rate")
         dp = dp if drop_path is None else float(drop_path)
         args = dict(_BEIT_STUDENT_ARGS, **row, img_size=int(image_size), patch_size=p, drop_path_rate=dp)
-        arch = BEIT_ARCH
+        arch = BEIT_ARCHS.get(name, BEIT_ARCH)
     else:
         arch_name, _ = timm.models.split_model_name_tag(name)
         if not timm.is_model(arch_name):

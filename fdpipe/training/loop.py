@@ -148,6 +148,7 @@ class Trainer:
             limit = schedule.micro_per_epoch[pos.epoch]
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
+            pending.restart_clock()  # the last epoch's evaluation and checkpoint are not training time
             with worker_errors_one_line():
                 for batch in data(pos.epoch, pos.sample_in_epoch):
                     if micro >= limit or pos.step >= schedule.total_steps:
@@ -197,6 +198,10 @@ class PendingLog:
         self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), tensor parts
         self.watched: list[tuple[Position, torch.Tensor, Step]] = []  # per micro-batch: loss and target flags
         self.samples, self.t_last = 0, time.time()
+
+    def restart_clock(self) -> None:
+        """samples_per_s counts from here: call it after work between steps that is not training."""
+        self.t_last = time.time()
 
     def watch(self, pos: Position, loss: torch.Tensor, step: Step) -> None:
         self.samples += step.samples

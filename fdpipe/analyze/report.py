@@ -210,8 +210,9 @@ def write_markdown(path: Path, analysis: dict[str, Any], plots: dict[str, str]) 
            "diverse heads.", "", f"![head similarity]({plots['head_similarity']})", "",
            *_layer_table(ck, "head_cosine_similarity"), "",
            "## Mean attention maps", "",
-           "Query x key attention over patch positions, averaged over images and heads. The panels of one layer "
-           "over the same grid share a colour scale (0 to the layer's largest weight). The numbers are in "
+           "Query x key attention over patch positions, averaged over images and heads. The colour is each weight "
+           "against uniform attention (1 / patches) on a log scale shared by all panels: white is uniform, red "
+           "more, blue less. The numbers are in "
            f"`{ck[0]['mean_attention_maps']['file']}`, one [layers, patches, patches] array per checkpoint.", "",
            f"![mean attention maps]({plots['attention_maps']})", ""]
     land = analysis.get("landscape")

@@ -144,6 +144,8 @@ def test_the_doc_names_every_manifest_field_and_index_column(stores):
     from fdpipe.store.manifest import FORMAT_VERSION
 
     assert f"format_version {FORMAT_VERSION})" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if line.startswith("| `format_version`"))
+    assert f"| `{FORMAT_VERSION}` (" in row, row  # the manifest table names the version writers write now
 
 
 # ------------------------------------------------------------------------------------------------ README library API
@@ -153,6 +155,22 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_library_example() -> str:
     text = README.read_text().split("## Use a store in your own training loop", 1)[1]
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+
+
+def test_the_readme_links_resolve_inside_a_clone():
+    root = README.parent
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local
+    for link in local:
+        target = (root / link).resolve()
+        assert target.exists() and root in target.parents, f"README links to {link}, which a clone does not have"
+
+
+def test_the_readme_and_the_makefile_give_the_same_suite_time():
+    readme = re.search(r"^make test .*about (\d+) minutes", README.read_text(), flags=re.M)
+    makefile = re.search(r"run the suite in about (\d+) minutes", (README.parent / "Makefile").read_text())
+    assert readme and makefile and readme.group(1) == makefile.group(1), (readme, makefile)
 
 
 def test_the_readme_library_example_is_short_and_uses_only_public_names():

@@ -142,8 +142,9 @@ def test_one_flipped_byte_anywhere_fails_verify_naming_the_file(make_store, cli,
     assert cli("store", "verify", "--deep", url).exit_code == 0
 
 
-def test_deep_verify_catches_targets_that_are_not_whitened(tmp_path, cli):
-    settings = store_settings(n=4, s=2)
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_deep_verify_catches_targets_that_are_not_whitened(tmp_path, cli, dtype):
+    settings = store_settings(dtype=dtype, n=4, s=2)
     url = str(tmp_path / "s")
     write_store(url, settings, 3 * whitened(np.random.default_rng(0), (4, 2, 4, 8)))
     assert cli("store", "verify", url).exit_code == 0

@@ -47,28 +47,38 @@ def _colors(n: int) -> list:
 
 
 def plot_distance(path: Path, checkpoints: list[dict[str, Any]]) -> None:
-    """Per checkpoint: one dot per head at its layer, the layer mean as a line, uniform attention dashed."""
+    """Per checkpoint: one dot per head at its layer, the layer mean as a line, uniform attention dashed.
+
+    The y range runs from just below 0 to 15% above the largest of them, so no dot sits on the frame (heads at init
+    sit at the uniform level, often the top); the legend goes below the panels, off the data.
+    """
     plt = _plt()
     k = len(checkpoints)
-    fig, axes = plt.subplots(1, k, figsize=(max(4.2, 0.32 * max(c["layers"] for c in checkpoints)) * k + 0.4, 3.8),
+    fig, axes = plt.subplots(1, k, figsize=(max(4.2, 0.32 * max(c["layers"] for c in checkpoints)) * k + 0.4, 4.1),
                              sharey=True, squeeze=False)
     rng = np.random.default_rng(0)
+    top = max(max(c["uniform_attention_distance"], *(d for heads in c["attention_distance"] for d in heads))
+              for c in checkpoints)
     for ax, c, color in zip(axes[0], checkpoints, _colors(k)):
         layers = np.arange(1, c["layers"] + 1)
         for layer, heads in zip(layers, c["attention_distance"]):
             jitter = rng.uniform(-0.12, 0.12, len(heads)) if len(heads) > 1 else np.zeros(1)
-            ax.scatter(layer + jitter, heads, s=14, color=color, alpha=0.75, linewidths=0)
+            ax.scatter(layer + jitter, heads, s=14, color=color, alpha=0.75, linewidths=0,
+                       label="one head" if layer == 1 else None)
         ax.plot(layers, c["attention_distance_mean"], color=color, lw=1.2, alpha=0.6, label="mean over heads")
         ax.axhline(c["uniform_attention_distance"], color="0.4", ls="--", lw=1, label="uniform attention")
         ax.set_title(c["label"], fontsize=10)
         ax.set_xlabel("layer")
+        ax.set_xlim(0.5, c["layers"] + 0.5)
         ax.set_xticks(layers if len(layers) <= 16 else layers[:: math.ceil(len(layers) / 12)])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean attention distance (patches)")
-    axes[0][0].set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=8, loc="best")
+    top = top if top > 0 else 1.0
+    axes[0][0].set_ylim(-0.04 * top, 1.15 * top)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("average attention distance per head", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, path)
 
 
@@ -90,23 +100,24 @@ def plot_similarity(path: Path, checkpoints: list[dict[str, Any]]) -> None:
 
 
 def plot_maps(path: Path, checkpoints: list[dict[str, Any]], maps: dict[str, np.ndarray]) -> None:
-    """Checkpoints x layers grid of query x key maps over patch positions.
+    """Checkpoints x layers grid of query x key maps over patch positions, one colour scale and its bar for all.
 
-    A layer's panels over the same grid share one colour scale, 0 to the largest weight of that layer in any of
-    them, so the checkpoints compare column by column and near-uniform attention looks uniform rather than noisy.
+    The colour is each weight against uniform attention (1 / patches), on a log2 scale centred on it: white is
+    uniform, red more, blue less. A 0-to-maximum scale made near-uniform maps (every map at init, and early in
+    distillation) a single colour; as a ratio, maps over different grids compare too. The scale spans the largest
+    |log2 ratio| of any panel (at least 0.05, a 3.5% departure), so no weight is clipped.
     """
     plt = _plt()
     k = len(checkpoints)
     cols = max(c["layers"] for c in checkpoints)
     size = 1.35
-    fig, axes = plt.subplots(k, cols, figsize=(size * cols + 1.2, size * k + 0.7), squeeze=False)
-    all_maps = [maps[c["mean_attention_maps"]["key"]] for c in checkpoints]
-    vmax: dict[tuple[int, int], float] = {}  # (layer, patches): maps over other grids are not comparable
-    for m in all_maps:
-        for layer in range(len(m)):
-            key = (layer, m.shape[-1])
-            vmax[key] = max(vmax.get(key, 0.0), float(m[layer].max()))
-    for r, (c, m) in enumerate(zip(checkpoints, all_maps)):
+    fig, axes = plt.subplots(k, cols, figsize=(max(size * cols + 1.8, 6.0), size * k + 1.0), squeeze=False,
+                             layout="constrained")
+    ratios = [np.log2(np.clip(m * m.shape[-1], 1e-6, None)) for m in
+              (maps[c["mean_attention_maps"]["key"]] for c in checkpoints)]
+    span = max(max(float(np.abs(r).max()) for r in ratios), 0.05)
+    image = None
+    for r, (c, m) in enumerate(zip(checkpoints, ratios)):
         for layer in range(cols):
             ax = axes[r][layer]
             ax.set_xticks([])
@@ -114,14 +125,16 @@ def plot_maps(path: Path, checkpoints: list[dict[str, Any]], maps: dict[str, np.
             if layer >= len(m):
                 ax.axis("off")
                 continue
-            ax.imshow(m[layer], cmap="viridis", vmin=0, vmax=vmax[(layer, m.shape[-1])] or 1.0,
-                      interpolation="nearest")
+            image = ax.imshow(m[layer], cmap="RdBu_r", vmin=-span, vmax=span, interpolation="nearest")
             if r == 0 or c["layers"] != checkpoints[0]["layers"]:
                 ax.set_title(f"layer {layer + 1}", fontsize=8)
         axes[r][0].set_ylabel(c["label"], fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle("mean attention map per layer (rows: query patch, columns: key patch, row-major grid order; "
-                 "colour 0 to the layer's maximum)", fontsize=10)
-    fig.tight_layout()
+    bar = fig.colorbar(image, ax=axes, shrink=0.9, aspect=25)
+    bar.set_label("weight / uniform attention", fontsize=8)
+    bar.ax.yaxis.set_major_formatter(lambda v, _: f"{2 ** v:.3g}x")
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle("mean attention map per layer\n(rows: query patch, columns: key patch, row-major grid order)",
+                 fontsize=10)
     _save(fig, path)
 
 
@@ -197,8 +210,9 @@ def write_markdown(path: Path, analysis: dict[str, Any], plots: dict[str, str]) 
            "diverse heads.", "", f"![head similarity]({plots['head_similarity']})", "",
            *_layer_table(ck, "head_cosine_similarity"), "",
            "## Mean attention maps", "",
-           "Query x key attention over patch positions, averaged over images and heads. The panels of one layer "
-           "over the same grid share a colour scale (0 to the layer's largest weight). The numbers are in "
+           "Query x key attention over patch positions, averaged over images and heads. The colour is each weight "
+           "against uniform attention (1 / patches) on a log scale shared by all panels: white is uniform, red "
+           "more, blue less. The numbers are in "
            f"`{ck[0]['mean_attention_maps']['file']}`, one [layers, patches, patches] array per checkpoint.", "",
            f"![mean attention maps]({plots['attention_maps']})", ""]
     land = analysis.get("landscape")

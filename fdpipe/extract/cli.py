@@ -32,6 +32,8 @@ def extract(ctx: click.Context, **params: Any) -> None:
         click.echo(f"  failed: {line}")
     if len(s["failed"]) > 20:
         click.echo(f"  ... and {len(s['failed']) - 20} more (see the index's status and error columns)")
+    for alias, line in s["warnings"].items():
+        click.echo(f"warning: {alias}: {line}" if len(s["stores"]) > 1 else f"warning: {line}", err=True)
     for alias in s["skipped_teachers"]:
         click.echo(f"{alias}: its store was already complete; skipped")
     state = "complete" if s["complete"] else "partial (other ranks still running)"

@@ -22,6 +22,7 @@ from ..data import open_source
 from ..errors import FdpipeError
 from ..runtime import progress, ranks_from_env, resolve_device
 from ..store import StoreWriter, shard_range, shards_of_rank
+from ..store.degenerate import ShareMeter
 from ..store.writer import default_shard_size
 from .commits import Committer
 from .settings import ExtractConfig
@@ -113,6 +114,7 @@ class TeacherStore:
     done: set[int]
     mine: set[int] = field(default_factory=set)
     current: ShardBuffer | None = None
+    shares: ShareMeter = field(default_factory=ShareMeter)  # how degenerate its targets are (a warning)
 
 
 def open_teachers(cfg: ExtractConfig, n: int, plan: AugmentationPlan, device: torch.device,
@@ -184,6 +186,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         if ok:
             x = teacher_inputs([items[j] for j in ok], run.geometry, run.transform, device)
             y = run.teacher(x).float().reshape(len(ok), cfg.views, *run.target_shape)
+            run.shares.add(y)
         if len(ok) < len(items):
             full = torch.full((len(items), cfg.views, *run.target_shape), float("nan"), device=device)
             if ok:
@@ -219,6 +222,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         "shards_written": len(todo), "shards_skipped": min(len(r.done) for r in runs), "images": seen,
         "failed": failed,
         "skipped_teachers": [r.alias for r in runs if not r.mine and r.done],
+        "warnings": {r.alias: w for r in runs if (w := r.shares.warning())},
         "seconds": elapsed, "blocked_s": committer.blocked_s, "drain_s": committer.drain_s,
         "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "complete": all(complete),
         "settings": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},

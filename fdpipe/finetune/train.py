@@ -214,7 +214,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             plot_curves(out / "loss.png", {"train loss": ([r["step"] for r in train], [r["loss"] for r in train])},
                         "step", "training loss", f"fine-tuning ({cfg.method})")
         if evals:
-            xs = [r["epoch"] + (1 if r.get("complete", True) else 0.5) for r in evals]
+            # the epoch as the log and metrics.json number it; an interrupted epoch's evaluation halfway to its end
+            xs = [r["epoch"] - (0 if r.get("complete", True) else 0.5) for r in evals]
             plot_curves(out / "accuracy.png", {"top-1": (xs, [r["top1"] for r in evals]),
                                                "top-5": (xs, [r["top5"] for r in evals])},
                         "epoch", "held-out accuracy (%)", f"fine-tuning ({cfg.method})")

@@ -57,11 +57,13 @@ def store_info(store_url: str, storage_options: dict, as_json: bool) -> None:
 def store_verify(store_url: str, deep: bool, storage_options: dict, cache_dir: str | None) -> None:
     """Re-hash every file of STORE and compare counts and shapes; exit 1 naming each damaged file.
 
+    --deep also warns (exit 0) when most of each token's channels sit on one value (a student learns little from them).
     Hashes are always taken of the bytes in the store itself; --cache-dir serves the --deep decoding.
     """
     from . import verify_store
 
-    store_obj, problems = verify_store(store_url, storage_options, deep=deep, cache_dir=cache_dir)
+    store_obj, problems = verify_store(store_url, storage_options, deep=deep, cache_dir=cache_dir,
+                                       on_warning=lambda line: click.echo(f"warning: {line}", err=True))
     if problems:
         for p in problems:  # one line each, whatever a hostile name put in it
             click.echo(f"error: {' '.join(p.split())}", err=True)

@@ -3,6 +3,8 @@
 A stored target only means something together with the exact crop it was computed on, so parameters are a pure
 function of (plan.seed, key, view) drawn from a private Philox stream, never from a global RNG. Parameters live in
 pixels of the original image; every consumer applies the same box and only differs in the final resize.
+
+torch and torchvision load on first use (`_tf`), so that the settings' checks (`make_plan`) answer before them.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
 
 POLICY_NAME = "fd-rrc-flip"
 POLICY_VERSION = 1
@@ -85,12 +89,21 @@ def sample_resized_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _tf() -> ModuleType:
+    """torchvision.transforms.v2.functional, imported on first use (3 s with torch: not for a usage error)."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
+
+
 def _size2(size: int | Sequence[int]) -> list[int]:
     return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
 
 
 def interpolation_mode(name: str | InterpolationMode) -> InterpolationMode:
     """timm's pretrained_cfg names ('bicubic', 'bilinear', ...) as torchvision modes."""
+    from torchvision.transforms import InterpolationMode
+
     return name if isinstance(name, InterpolationMode) else InterpolationMode(name)
 
 
@@ -132,6 +145,7 @@ class AugmentationPlan:
         interpolation: str | InterpolationMode = "bicubic",
     ) -> Image.Image | torch.Tensor:
         """Crop the stored box, resize to `size` with the consumer's interpolation, then flip if the view says so."""
+        TF = _tf()
         out = TF.resized_crop(
             image, params.top, params.left, params.height, params.width, _size2(size),
             interpolation=interpolation_mode(interpolation), antialias=True,
@@ -193,10 +207,13 @@ class ViewTransform:
         Replay hands views across the DataLoader in this form (4x fewer bytes than float32) and the training
         process normalizes them on its device, as timm's PrefetchLoader does.
         """
-        return TF.pil_to_tensor(AugmentationPlan.apply(image, params, self.size, self.interpolation))
+        return _tf().pil_to_tensor(AugmentationPlan.apply(image, params, self.size, self.interpolation))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] on any device -> float32, scaled to [0, 1] and normalized by this model's mean/std."""
+        import torch
+
+        TF = _tf()
         return TF.normalize(TF.to_dtype(pixels, torch.float32, scale=True), list(self.mean), list(self.std))
 
 

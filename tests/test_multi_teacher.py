@@ -285,6 +285,9 @@ def test_several_stores_round_trip_through_the_settings_file(tmp_path, monkeypat
 
     seen = []
     monkeypatch.setattr("fdpipe.distill.train.distill", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.chdir(tmp_path)  # the command checks that a local store path exists before it imports its stage
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir()
     cfg = DistillConfig(store=("A", "B"), out="o", teacher_weights=(1, 0.5))
     path = write_settings(cfg, tmp_path / "s.yaml")
     run("distill", "--config", path)

@@ -30,8 +30,14 @@ class _Stop(Exception):
 
 
 @pytest.fixture
-def parse(cli, monkeypatch):
-    """parse(command, *args): the settings the command would run its stage with (the stage does not run)."""
+def parse(cli, monkeypatch, tmp_path):
+    """parse(command, *args): the settings the command would run its stage with (the stage does not run).
+
+    It runs in a folder holding `d` and `S`, the sources and stores the cases name: the command checks that a local
+    path exists before it imports its stage."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("d", "S"):
+        (tmp_path / name).mkdir()
 
     def run(command: str, *args):
         seen = []

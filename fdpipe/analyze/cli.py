@@ -35,9 +35,14 @@ def analyze(ctx: click.Context, **params: Any) -> None:
     Example: what distillation changed, against the student's own starting point:
       fdpipe analyze runs/fd-tiny runs/fd-tiny@init clip-b --data val/ --out analysis/
     """
+    cfg = settings_from_cli(AnalyzeConfig, ctx, **params)
+    from ..data import check_local_source  # a missing local path answers now, not after torch loads
+    from ..store.fs import check_local_store
+
+    check_local_source(cfg.data)
+    check_local_store(cfg.store)
     from .run import analyze as run_analyze
 
-    cfg = settings_from_cli(AnalyzeConfig, ctx, **params)
     r = run_analyze(cfg)
     n = len(r["checkpoints"])
     click.echo(f"analysed {n} checkpoint{'s' * (n != 1)} on {r['images']} images in {r['seconds']:.1f}s")

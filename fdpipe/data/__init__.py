@@ -38,7 +38,6 @@ import os
 import re
 
 import fsspec
-from webdataset.shardlists import expand_urls
 
 from fdpipe.errors import FdpipeError
 
@@ -66,6 +65,7 @@ __all__ = [
     "WdsSource",
     "FashionMnistSource",
     "open_source",
+    "check_local_source",
     "decode_rgb",
     "original_size",
     "image_sha256",
@@ -91,6 +91,20 @@ def _absolute(spec: str) -> str:
     if "://" in spec:
         return spec
     return os.path.abspath(os.path.expanduser(spec))
+
+
+def _no_path(spec: str) -> FdpipeError:
+    return FdpipeError(f"no images at {spec}: the path does not exist; check the path or URL")
+
+
+def check_local_source(spec: str | None) -> None:
+    """Refuse a local folder or list file that does not exist, as open_source would, with the stdlib alone: the CLI
+    asks before it imports torch. URLs, patterns, shards and builtin sets are left to open_source."""
+    spec = spec.strip() if isinstance(spec, str) else ""
+    if not spec or "://" in spec or _BUILTIN.match(spec) or any(ch in spec for ch in "*?[") or _is_wds_spec(spec):
+        return
+    if not os.path.lexists(_absolute(spec)):  # as fsspec's local exists: a dangling link exists
+        raise _no_path(spec)
 
 
 def open_source(
@@ -128,6 +142,8 @@ def open_source(
         raise FdpipeError(f"{spec}: glob patterns are supported for .tar shards only; point at the folder instead")
 
     if _is_wds_spec(spec):
+        from webdataset.shardlists import expand_urls  # here: webdataset imports torch
+
         pattern = "::".join(_absolute(p) for p in spec.split("::"))
         urls = expand_urls(pattern)
         return WdsSource(pattern, urls, limit=limit, storage_options=so)
@@ -139,7 +155,7 @@ def open_source(
     except Exception as e:  # noqa: BLE001 - remote filesystems raise credential and network errors here
         raise FdpipeError(f"cannot reach {spec}: {_one_line(e)}; check the URL and storage options") from e
     if not exists:
-        raise FdpipeError(f"no images at {spec}: the path does not exist; check the path or URL")
+        raise _no_path(spec)
     if fs.isdir(path):
         if not _find_images(fs, path):
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
-from webdataset.tariterators import base_plus_ext
 
 from fdpipe.errors import FdpipeError
 
@@ -71,6 +70,8 @@ class WdsSource(ImageSource):
 
     def _scan(self, shard: int) -> tuple[list[_Member], list[str], list[bytes | None]]:
         """One pass over a shard's tar headers; groups members into samples the way webdataset does."""
+        from webdataset.tariterators import base_plus_ext  # here: webdataset imports torch
+
         url = self._urls[shard]
         fs, path = self._fs(url)
         samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []

@@ -20,9 +20,15 @@ def distill(ctx: click.Context, **params: Any) -> None:
 
     Runs under torchrun as it is: DDP with NCCL on GPU, gloo on CPU.
     """
+    cfg = settings_from_cli(DistillConfig, ctx, **params)
+    from ..data import check_local_source  # a missing local path answers now, not after torch loads
+    from ..store.fs import check_local_store
+
+    for url in cfg.store:
+        check_local_store(url)
+    check_local_source(cfg.data)
     from .train import distill as run_distill
 
-    cfg = settings_from_cli(DistillConfig, ctx, **params)
     r = run_distill(cfg)
     if "final_loss" in r:
         each = "".join(f", {n} {v:.4f}" for n, v in r.get("final_losses", {}).items())

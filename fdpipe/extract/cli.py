@@ -20,9 +20,12 @@ def extract(ctx: click.Context, **params: Any) -> None:
     (--out/<teacher>/) shares the plan, the index rows and the dataset fingerprint. Under torchrun or Slurm each
     rank writes its own shards; the last one to finish writes manifest.json.
     """
+    cfg = settings_from_cli(ExtractConfig, ctx, **params)
+    from ..data import check_local_source  # a missing local --data answers now, not after torch loads
+
+    check_local_source(cfg.data)
     from .loop import extract as run_extract
 
-    cfg = settings_from_cli(ExtractConfig, ctx, **params)
     s = run_extract(cfg)
     if s["shards_skipped"]:
         click.echo(f"resumed: {s['shards_skipped']} of {s['shards_total']} shards were already committed")

@@ -20,9 +20,16 @@ def finetune(ctx: click.Context, **params: Any) -> None:
     Writes OUT/model.safetensors + config.json (plain timm loads them), metrics.json, metrics.jsonl, accuracy.png
     and loss.png. Runs under torchrun as it is: DDP with NCCL on GPU, gloo on CPU.
     """
+    cfg = settings_from_cli(FinetuneConfig, ctx, **params)
+    from ..data import check_local_source  # a missing local path answers now, not after torch loads
+    from ..store.fs import check_local_store
+
+    check_local_source(cfg.data)
+    check_local_source(cfg.val)
+    check_local_store(cfg.teacher_store)
     from .train import finetune as run_finetune
 
-    r = run_finetune(settings_from_cli(FinetuneConfig, ctx, **params))
+    r = run_finetune(cfg)
     if "top1" in r:
         heads = f" (class head alone {r['top1_cls']:.2f}%)" if "top1_cls" in r else ""
         click.echo(f"fine-tuned {r['steps']} steps on {r['train_images']} images; held-out top-1 {r['top1']:.2f}%"

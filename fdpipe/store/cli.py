@@ -35,6 +35,9 @@ def store() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def store_info(store_url: str, storage_options: dict, as_json: bool) -> None:
     """Describe STORE: teacher, plan, N, V, T, C, grid, dtype, size on disk, bytes per view."""
+    from .fs import check_local_store
+
+    check_local_store(store_url)  # a missing local path answers now, not after zarr and torch load
     from . import describe, open_store
 
     info = describe(open_store(store_url, storage_options))
@@ -60,10 +63,18 @@ def store_verify(store_url: str, deep: bool, storage_options: dict, cache_dir: s
     --deep also warns (exit 0) when most of each token's channels sit on one value (a student learns little from them).
     Hashes are always taken of the bytes in the store itself; --cache-dir serves the --deep decoding.
     """
-    from . import verify_store
+    from ..errors import StoreError
+    from .fs import check_local_store
 
-    store_obj, problems = verify_store(store_url, storage_options, deep=deep, cache_dir=cache_dir,
-                                       on_warning=lambda line: click.echo(f"warning: {line}", err=True))
+    try:
+        check_local_store(store_url)  # a missing local path answers now, not after zarr and torch load
+    except StoreError as e:
+        problems = [str(e)]
+    else:
+        from . import verify_store
+
+        store_obj, problems = verify_store(store_url, storage_options, deep=deep, cache_dir=cache_dir,
+                                           on_warning=lambda line: click.echo(f"warning: {line}", err=True))
     if problems:
         for p in problems:  # one line each, whatever a hostile name put in it
             click.echo(f"error: {' '.join(p.split())}", err=True)
@@ -83,6 +94,9 @@ def store_ls(store_url: str, storage_options: dict, as_json: bool) -> None:
     Status is ok, pending (not committed yet) or damaged (a file missing or of the wrong size). Sizes come from one
     listing; `fdpipe store verify` re-hashes the bytes.
     """
+    from .fs import check_local_store
+
+    check_local_store(store_url)  # a missing local path answers now, not after zarr and torch load
     from .tools import list_shards
 
     info = list_shards(store_url, storage_options)
@@ -118,6 +132,9 @@ def store_convert(src: str, dst: str, layout: str, embed_images: bool, storage_o
     The stored values are copied (int8 with their scales), never dequantized. DST must be new or empty; rerunning
     the same command after a crash resumes it.
     """
+    from .fs import check_local_store
+
+    check_local_store(src)  # a missing local path answers now, not after zarr and torch load
     from .tools import convert
 
     bar = _ShardBar("convert", quiet)
@@ -149,6 +166,10 @@ def store_merge(a: str, b: str, dst: str, storage_options: dict, dst_storage_opt
     DST holds A's images, then B's, in A's layout and shard size. DST must be new or empty; rerunning the same
     command after a crash resumes it.
     """
+    from .fs import check_local_store
+
+    check_local_store(a)  # a missing local path answers now, not after zarr and torch load
+    check_local_store(b)
     from .tools import merge
 
     bar = _ShardBar("merge", quiet)

@@ -64,6 +64,14 @@ def effective_options(url: str, storage_options: dict[str, Any] | None) -> dict[
     return _merge(S3_DEFAULTS, so) if protocol in ("s3", "s3a") else so
 
 
+def check_local_store(url: str | None) -> None:
+    """Refuse a local store path that does not exist, in open_store's words, with the stdlib alone: the CLI asks
+    before it imports zarr, pyarrow and torch. URLs are left to open_store."""
+    url = "" if url is None else str(url)
+    if url and "://" not in url and "::" not in url and not os.path.lexists(os.path.expanduser(url)):
+        raise StoreError(f"no store at {url}: the path does not exist")
+
+
 def _connection_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     try:

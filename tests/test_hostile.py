@@ -654,6 +654,59 @@ def test_a_second_run_into_one_out_folder_is_refused_in_one_line(server, bases, 
     del running
 
 
+# ----------------------------------------------------------------------------------------- links out of a store
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _link_out(store: Path, folder: str) -> Path:
+    """Move the store's `folder` out of it and leave a link in its place, with a crashed writer's temporary file in
+    it (what finalize's cleanup deletes); returns where the folder now is."""
+    outside = store.parent / "outside" / folder
+    outside.parent.mkdir(exist_ok=True)
+    shutil.move(store / folder, outside)
+    (store / folder).symlink_to(outside, target_is_directory=True)
+    (outside / ".tmp-0123456789ab-part").write_bytes(b"a file of someone else's")
+    return outside
+
+
+@pytest.mark.parametrize("layout,folder,missing,command", [
+    ("zarr", "index", True, "extract"),  # wrote its index parts through the link before
+    ("zarr", "targets.zarr", True, "extract"),
+    ("zarr", "_progress", False, "extract"),  # every shard committed, no manifest: the resumed run finalizes
+    ("wds", "wds", False, "extract"),  # deleted the .tmp-* files behind the link before
+    ("wds", "wds", False, "finalize"),
+    ("zarr", "index", False, "finalize"),
+], ids=["extract-index", "extract-targets", "extract-progress", "extract-wds", "finalize-wds", "finalize-index"])
+def test_nothing_is_written_or_deleted_through_a_link_out_of_the_store(server, bases, photos, tmp_path, layout,
+                                                                       folder, missing, command):
+    store = tmp_path / "store"
+    shutil.copytree(bases[layout], store)
+    (store / "manifest.json").unlink()  # a crash before the manifest; missing: before shard 1's marker too
+    if missing:
+        (store / "_progress" / "shard-00001.json").unlink()
+    outside = _link_out(store, folder)
+    before = _files(outside)
+    args = {"extract": ["extract", "--data", photos, "--out", store, "--shard-size", "2", "--format", layout,
+                        *EXTRACT], "finalize": ["store", "finalize", store]}[command]
+    o = server.run(*args, label="link")
+    assert o.refusal_problem(f"{store / folder} is a link that leads outside the store") is None
+    assert _files(outside) == before and not (store / "manifest.json").exists()
+
+
+def test_a_link_inside_the_store_is_still_written_through(cli, tmp_path):
+    """Only links that leave the store are refused: a folder linked to another place inside it is the store's."""
+    from fdpipe.store import finalize
+
+    src = _synthetic(tmp_path, "src")
+    (Path(src) / "manifest.json").unlink()
+    shutil.move(Path(src) / "index", Path(src) / "elsewhere")
+    (Path(src) / "index").symlink_to(Path(src) / "elsewhere", target_is_directory=True)
+    (Path(src) / "elsewhere" / ".tmp-0123456789ab-part").write_bytes(b"debris")
+    finalize(src)
+    assert (Path(src) / "manifest.json").exists() and not (Path(src) / "elsewhere" / ".tmp-0123456789ab-part").exists()
+
+
 # ------------------------------------------------------------------------------------------------- small ones
 def test_a_full_disk_names_the_file_or_nothing_never_empty_brackets():
     import click

@@ -707,6 +707,51 @@ def test_a_link_inside_the_store_is_still_written_through(cli, tmp_path):
     assert (Path(src) / "manifest.json").exists() and not (Path(src) / "elsewhere" / ".tmp-0123456789ab-part").exists()
 
 
+# ---------------------------------------------------------------------------------------------- run directories
+FINETUNE = ["--data", "{photos}", "--val", "{photos}", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+            "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def distill_run(server, bases, photos, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "distilled"
+    o = server.run("distill", "--store", bases["zarr"], "--data", photos, "--out", run, *DISTILL, label="run")
+    assert o.success_problem() is None
+    return run
+
+
+def _stopped(run: Path, tmp_path: Path) -> Path:
+    """A copy of a run that stopped before its model was written: settings.yaml, metrics.jsonl, train_state.pt."""
+    out = tmp_path / "stopped"
+    shutil.copytree(run, out)
+    for name in ("config.json", "student.safetensors", "projector.safetensors", "loss.png"):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+@pytest.mark.parametrize("case,message", [
+    ("init-is-out", "holds --init {out}, which this run would overwrite"),  # overwrote the distill run before
+    ("out-is-a-distill-run", "holds a run of fdpipe distill, which fdpipe finetune would overwrite"),
+    ("out-is-a-stopped-distill-run", "holds another command's run, which fdpipe finetune would overwrite"),
+    ("distill-into-a-store", "holds a feature store, which this run would overwrite"),
+], ids=["init-is-out", "out-is-a-distill-run", "out-is-a-stopped-distill-run", "distill-into-a-store"])
+def test_a_run_never_overwrites_what_it_did_not_make(server, bases, photos, distill_run, tmp_path, case, message):
+    out = distill_run
+    if case == "out-is-a-stopped-distill-run":
+        out = _stopped(distill_run, tmp_path)
+    if case == "distill-into-a-store":
+        out = Path(shutil.copytree(bases["zarr"], tmp_path / "store"))
+    before = _files(out)
+    if case == "distill-into-a-store":
+        args = ["distill", "--store", out, "--data", photos, "--out", out, *DISTILL]
+    else:
+        init = str(distill_run) if case == "init-is-out" else "scratch"
+        args = ["finetune", "--init", init, "--out", out, *(a.format(photos=photos) for a in FINETUNE)]
+    o = server.run(*args, label="run")
+    assert o.refusal_problem(f"--out {out} {message.format(out=out)}; choose a new --out") is None
+    assert _files(out) == before
+
+
 # ------------------------------------------------------------------------------------------------- small ones
 def test_a_full_disk_names_the_file_or_nothing_never_empty_brackets():
     import click

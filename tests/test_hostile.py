@@ -533,20 +533,76 @@ def test_a_wds_source_holding_a_key_twice_is_one_line(server, photos, tmp_path):
     assert o.refusal_problem("is listed twice") is None
 
 
-def _png_header(width: int, height: int) -> bytes:
+def _png(width: int, height: int, color_type: int = 2, rows: bool = False) -> bytes:
+    """A PNG of width x height (color type 2: RGB, 6: RGBA) whose pixels are all grey, or with rows=False only its
+    header (no pixel data)."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    z = zlib.compressobj(1)
+    row = b"\x00" + b"\x80" * (width * {2: 3, 6: 4}[color_type])
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush() if rows else zlib.compress(b"")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, color_type, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_a_decompression_bomb_is_called_one():
     from fdpipe.data import ImageDecodeError, decode_rgb
 
     with pytest.raises(ImageDecodeError) as e:
-        decode_rgb(_png_header(40_000, 40_000))
+        decode_rgb(_png(40_000, 40_000))
     assert "decompression bomb" in str(e.value) and "truncated or corrupt" not in str(e.value)
+
+
+def test_an_image_too_big_to_decode_is_refused_from_its_header():
+    """13000 x 13000 RGBA is under PIL's bomb limit but took 4.2 GB to decode; the header says so first."""
+    from fdpipe.data import ImageDecodeError, decode_rgb
+
+    with pytest.raises(ImageDecodeError, match=r"13000x13000 RGBA .* about 3\.1 GiB to decode, more than the 1 GiB"):
+        decode_rgb(_png(13_000, 13_000, 6))
+
+
+def _index(store: Path) -> dict[str, tuple[str, str | None]]:
+    """{key: (status, error)} of a one-shard store's first views."""
+    t = pq.read_table(store / "index" / "part-00000.parquet").to_pylist()
+    return {r["key"]: (r["status"], r["error"]) for r in t if r["view"] == 0}
+
+
+def test_extract_records_a_huge_image_as_failed_within_the_memory_bound(server, photos, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    (data / "cat" / "huge.png").write_bytes(_png(13_000, 13_000, 6, rows=True))  # 3 MB of file, 676 MB of pixels
+    out = tmp_path / "s"
+    assert server.run("extract", "--data", data, "--out", out, *EXTRACT, label="huge").success_problem() is None
+    status, error = _index(out)["cat/huge"]
+    assert status == "error" and "more than the 1 GiB fdpipe gives one image" in error
+
+
+def test_a_fifo_named_like_an_image_is_no_hang(server, photos, tmp_path):
+    """In a folder it is not an image (skipped); named by a file list, it is recorded as failed."""
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    os.mkfifo(data / "cat" / "x.png")  # opening it would wait for a writer forever
+    o = server.run("extract", "--data", data, "--out", tmp_path / "s", *EXTRACT, label="fifo")
+    assert o.success_problem() is None and "cat/x" not in _index(tmp_path / "s")
+    listed = _csv(tmp_path, ["data/cat/x.png", "data/cat/img1.png"])  # relative to the list: the keys
+    o = server.run("extract", "--data", listed, "--out", tmp_path / "l", *EXTRACT, label="fifo")
+    assert o.success_problem() is None
+    status, error = _index(tmp_path / "l")["data/cat/x"]
+    assert status == "error" and "not a regular file" in error
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_name_that_is_not_utf8_is_one_line(server, photos, tmp_path, where):
+    """A name of other bytes (os.fsdecode gives surrogates, which a store cannot record): a file in the source, or
+    the source folder itself."""
+    data = tmp_path / ("data" if where == "file" else os.fsdecode(b"data-\xff"))
+    shutil.copytree(photos, data)
+    if where == "file":
+        shutil.copy(sorted(photos.rglob("*.png"))[0], data / "cat" / os.fsdecode(b"bad-\xff.png"))
+    o = server.run("extract", "--data", data, "--out", tmp_path / "s", *EXTRACT, label="utf8")
+    assert o.refusal_problem("is not valid UTF-8, which a store cannot record; rename it") is None
+    assert not (tmp_path / "s").exists()
 
 
 # ------------------------------------------------------------------------------------------------- CLI bounds

@@ -633,6 +633,43 @@ def test_settings_built_in_python_are_held_to_the_same_bounds(tmp_path):
         ExtractConfig(teacher="effnet-lite0", data="x", out=str(tmp_path), views=100_000)
 
 
+@pytest.mark.parametrize("name,text,message", [
+    ("c.yaml", "views: [1, 2]\n", "views is [1, 2], not a whole number"),  # a TypeError before
+    ("c.yaml", "views: true\n", "views is True, not a whole number"),  # taken as 1 before
+    ("c.yaml", "views: 2.5\n", "views is 2.5, not a whole number"),  # taken as 2 before
+    ("c.yaml", "crop_scale: 0.5\n", "crop_scale is 0.5, not a list of 2 values, each a number"),
+    ("c.yaml", "crop_scale: [0.5, true]\n", "crop_scale is [0.5, True], not a list of 2 values, each a number"),
+    ("c.yaml", "data: 5\n", "data is 5, not text (quote it)"),
+    ("c.yaml", "storage_options: 5\n", "--storage-options must be a JSON object (got 5)"),
+    ("c.yaml", "storage_options: {endpoint_url: 5}\n", "--storage-options: endpoint_url is 5, not a string"),
+    ("c.yaml", "views: 2\nviews: 3\n", "'views' is given twice (line 2); keep one"),  # the last won before
+    ("c.json", '{"views": 2, "views": 3}', "'views' is given twice; keep one"),
+    ("c.json", '{"storage_options": {"key": "a", "key": "b"}}', "'key' is given twice; keep one"),
+    ("c.yaml", b"views: 2\n\xff\xfe: 1\n", "not UTF-8 text (byte 9 is 0xff); save it as UTF-8"),
+], ids=["list-for-int", "bool-for-int", "float-for-int", "scalar-for-pair", "bool-in-pair", "int-for-text",
+        "int-for-storage-options", "int-for-endpoint", "yaml-key-twice", "json-key-twice", "nested-key-twice",
+        "not-utf8"])
+def test_a_config_value_of_the_wrong_shape_is_one_line(server, photos, tmp_path, name, text, message):
+    config = tmp_path / name
+    (config.write_bytes if isinstance(text, bytes) else config.write_text)(text)
+    o = server.run("extract", "--teacher", "effnet-lite0", "--data", photos, "--out", tmp_path / "s", "--config",
+                   config, label="config")
+    assert o.refusal_problem(f"--config {config}: {message}") is None
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    ('{"endpoint_url": 5}', "endpoint_url is 5, not a string"),  # a TypeError deep in botocore before
+    ('{"client_kwargs": {"endpoint_url": ["x"]}}', "client_kwargs.endpoint_url is ['x'], not a string"),
+    ('{"anon": "yes"}', "anon is 'yes', not true or false"),
+    ('{"call_timeout": "soon"}', "call_timeout is 'soon', not a number"),
+    ('{"key": "a", "key": "b"}', "'key' is given twice; keep one"),
+], ids=["endpoint-int", "client-endpoint-list", "anon-text", "timeout-text", "key-twice"])
+def test_storage_options_of_the_wrong_type_are_one_line(server, options, message):
+    o = server.run("store", "info", "s3://bucket/store", "--storage-options", options, label="storage options")
+    assert o.refusal_problem(f"--storage-options: {message}") is None
+
+
 def test_a_store_of_too_many_shards_is_refused_before_its_draft(tmp_path):
     from fdpipe.errors import StoreError
     from fdpipe.store import StoreWriter

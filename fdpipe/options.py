@@ -116,19 +116,48 @@ def meta(f: dataclasses.Field) -> Meta:
 # ------------------------------------------------------------------------------------------------ parsers
 
 
+# the types of the storage options that fsspec's filesystems (s3fs, gcsfs) pass on unchecked, to fail deep inside
+# botocore with a traceback: in the object itself or in its client_kwargs
+_STORAGE_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "endpoint_url": (str,), "key": (str,), "secret": (str,), "token": (str,), "profile": (str,),
+    "region_name": (str,), "anon": (bool,), "client_kwargs": (dict,), "config_kwargs": (dict,),
+    "call_timeout": (int, float), "use_listings_cache": (bool,),
+}
+_KIND = {str: "a string", bool: "true or false", dict: "an object", int: "a number", float: "a number"}
+
+
 def parse_storage_options(value: str | dict | None) -> dict:
     """--storage-options: a JSON object (text on the command line, a mapping or text in a --config file)."""
-    if isinstance(value, dict):
-        return value
-    if not value:
+    if value is None or value == "":
         return {}
-    try:
-        parsed = json.loads(value)
-    except ValueError as e:
-        raise FdpipeError(f"--storage-options is not valid JSON ({e}); pass an object like '{{\"key\": \"...\"}}'") from None
-    if not isinstance(parsed, dict):
-        raise FdpipeError("--storage-options must be a JSON object")
-    return parsed
+    if isinstance(value, str):
+        try:
+            value = json.loads(value, object_pairs_hook=_unique_pairs("--storage-options"))
+        except ValueError as e:
+            raise FdpipeError(f"--storage-options is not valid JSON ({e}); pass an object like "
+                              "'{\"key\": \"...\"}'") from None
+    if not isinstance(value, dict):
+        raise FdpipeError(f"--storage-options must be a JSON object (got {value!r})")
+    for where, options in (("", value), ("client_kwargs.", value.get("client_kwargs"))):
+        for k, v in options.items() if isinstance(options, dict) else ():
+            kinds = _STORAGE_OPTION_TYPES.get(k)
+            if kinds and (not isinstance(v, kinds) or isinstance(v, bool) and bool not in kinds):
+                raise FdpipeError(f"--storage-options: {where}{k} is {v!r}, not {' or '.join(_KIND[t] for t in kinds)}")
+    return value
+
+
+def _unique_pairs(where: str) -> Callable[[list[tuple[Any, Any]]], dict]:
+    """json.loads' object_pairs_hook that refuses a key given twice (json keeps the last silently)."""
+
+    def pairs(items: list[tuple[Any, Any]]) -> dict:
+        out: dict = {}
+        for k, v in items:
+            if k in out:
+                raise FdpipeError(f"{where}: {k!r} is given twice; keep one")
+            out[k] = v
+        return out
+
+    return pairs
 
 
 def parse_floats(value: str | typing.Iterable[Any]) -> tuple[float, ...]:
@@ -370,15 +399,19 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if kind is None:
         raise FdpipeError(f"--config {path}: name the file .yaml, .yml or .json (it says which format it is)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FdpipeError(f"--config {path}: no such file; pass the path of a YAML or JSON settings file") from None
     except OSError as e:
         raise FdpipeError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise FdpipeError(f"--config {path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); save "
+                          "it as UTF-8") from None
     import yaml
 
     try:
-        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        data = (json.loads(text, object_pairs_hook=_unique_pairs(f"--config {path}")) if kind == "JSON" else
+                yaml.load(text, Loader=_unique_keys_loader(f"--config {path}")))
     except (ValueError, yaml.YAMLError) as e:  # their messages span lines
         raise FdpipeError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())}); fix the file") from None
     if data is None:
@@ -387,6 +420,54 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise FdpipeError(f"--config {path}: holds a {type(data).__name__}, not a mapping of settings; write one "
                           "`name: value` per line (e.g. `epochs: 10`)")
     return data
+
+
+def _unique_keys_loader(where: str) -> type:
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise FdpipeError(f"{where}: {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                      "keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
+# what a --config value of each field type must be: (its description, the types it may have); text is converted
+# as on the command line (YAML reads 1e-4 as text), but no number or list becomes text and no list becomes a number
+_SHAPES: dict[Any, tuple[str, tuple[type, ...]]] = {
+    bool: ("true or false", (bool, str)), int: ("a whole number", (int, str)), float: ("a number", (int, float, str)),
+    str: ("text (quote it)", (str,)),
+}
+
+
+def config_shape_problem(value: Any, hint: Any, m: Meta) -> str | None:
+    """What a --config value should be when it cannot be the value of a field typed `hint` (a list for a number,
+    true or 2.5 for a whole number, a number for a pair), else None. Click's own conversion would take true as 1
+    and 2.5 as 2, or raise a TypeError; a field with a parser (parse=) checks its values itself."""
+    base, optional = _unwrap(hint)
+    if m.parse is not None or value is None and optional:
+        return None
+    if typing.get_origin(base) is tuple:
+        args = typing.get_args(base)
+        n = "" if args[1:] == (Ellipsis,) else f"{len(args)} "
+        what, _ = _SHAPES.get(args[0], ("values", ()))
+        wrong = not isinstance(value, list) or n and len(value) != len(args)
+        if wrong or any(config_shape_problem(v, args[0], m) for v in value):
+            return f"a list of {n}values, each {what}"
+        return None
+    if base not in _SHAPES:
+        return None
+    what, kinds = _SHAPES[base]
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    return None if ok else what
 
 
 def _apply_config(cls: type, ctx: click.Context, path: str | None) -> None:
@@ -422,6 +503,9 @@ def _apply_config(cls: type, ctx: click.Context, path: str | None) -> None:
             param = kind(decls, **kw)
         if getattr(param, "multiple", False) and not isinstance(value, (list, tuple)):
             value = [value]  # a repeatable option given once in the file
+        expected = config_shape_problem(value, hints[name], meta(fields[name]))
+        if expected:
+            raise FdpipeError(f"--config {path}: {key} is {value!r}, not {expected}")
         try:
             values[name] = None if value is None else param.type_cast_value(ctx, value)
         except click.BadParameter as e:

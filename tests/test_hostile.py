@@ -533,20 +533,76 @@ def test_a_wds_source_holding_a_key_twice_is_one_line(server, photos, tmp_path):
     assert o.refusal_problem("is listed twice") is None
 
 
-def _png_header(width: int, height: int) -> bytes:
+def _png(width: int, height: int, color_type: int = 2, rows: bool = False) -> bytes:
+    """A PNG of width x height (color type 2: RGB, 6: RGBA) whose pixels are all grey, or with rows=False only its
+    header (no pixel data)."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    z = zlib.compressobj(1)
+    row = b"\x00" + b"\x80" * (width * {2: 3, 6: 4}[color_type])
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush() if rows else zlib.compress(b"")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, color_type, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_a_decompression_bomb_is_called_one():
     from fdpipe.data import ImageDecodeError, decode_rgb
 
     with pytest.raises(ImageDecodeError) as e:
-        decode_rgb(_png_header(40_000, 40_000))
+        decode_rgb(_png(40_000, 40_000))
     assert "decompression bomb" in str(e.value) and "truncated or corrupt" not in str(e.value)
+
+
+def test_an_image_too_big_to_decode_is_refused_from_its_header():
+    """13000 x 13000 RGBA is under PIL's bomb limit but took 4.2 GB to decode; the header says so first."""
+    from fdpipe.data import ImageDecodeError, decode_rgb
+
+    with pytest.raises(ImageDecodeError, match=r"13000x13000 RGBA .* about 3\.1 GiB to decode, more than the 1 GiB"):
+        decode_rgb(_png(13_000, 13_000, 6))
+
+
+def _index(store: Path) -> dict[str, tuple[str, str | None]]:
+    """{key: (status, error)} of a one-shard store's first views."""
+    t = pq.read_table(store / "index" / "part-00000.parquet").to_pylist()
+    return {r["key"]: (r["status"], r["error"]) for r in t if r["view"] == 0}
+
+
+def test_extract_records_a_huge_image_as_failed_within_the_memory_bound(server, photos, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    (data / "cat" / "huge.png").write_bytes(_png(13_000, 13_000, 6, rows=True))  # 3 MB of file, 676 MB of pixels
+    out = tmp_path / "s"
+    assert server.run("extract", "--data", data, "--out", out, *EXTRACT, label="huge").success_problem() is None
+    status, error = _index(out)["cat/huge"]
+    assert status == "error" and "more than the 1 GiB fdpipe gives one image" in error
+
+
+def test_a_fifo_named_like_an_image_is_no_hang(server, photos, tmp_path):
+    """In a folder it is not an image (skipped); named by a file list, it is recorded as failed."""
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    os.mkfifo(data / "cat" / "x.png")  # opening it would wait for a writer forever
+    o = server.run("extract", "--data", data, "--out", tmp_path / "s", *EXTRACT, label="fifo")
+    assert o.success_problem() is None and "cat/x" not in _index(tmp_path / "s")
+    listed = _csv(tmp_path, ["data/cat/x.png", "data/cat/img1.png"])  # relative to the list: the keys
+    o = server.run("extract", "--data", listed, "--out", tmp_path / "l", *EXTRACT, label="fifo")
+    assert o.success_problem() is None
+    status, error = _index(tmp_path / "l")["data/cat/x"]
+    assert status == "error" and "not a regular file" in error
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_name_that_is_not_utf8_is_one_line(server, photos, tmp_path, where):
+    """A name of other bytes (os.fsdecode gives surrogates, which a store cannot record): a file in the source, or
+    the source folder itself."""
+    data = tmp_path / ("data" if where == "file" else os.fsdecode(b"data-\xff"))
+    shutil.copytree(photos, data)
+    if where == "file":
+        shutil.copy(sorted(photos.rglob("*.png"))[0], data / "cat" / os.fsdecode(b"bad-\xff.png"))
+    o = server.run("extract", "--data", data, "--out", tmp_path / "s", *EXTRACT, label="utf8")
+    assert o.refusal_problem("is not valid UTF-8, which a store cannot record; rename it") is None
+    assert not (tmp_path / "s").exists()
 
 
 # ------------------------------------------------------------------------------------------------- CLI bounds
@@ -575,6 +631,43 @@ def test_settings_built_in_python_are_held_to_the_same_bounds(tmp_path):
 
     with pytest.raises(FdpipeError, match=r"--views must be at most 1024 \(got 100000\)"):
         ExtractConfig(teacher="effnet-lite0", data="x", out=str(tmp_path), views=100_000)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("c.yaml", "views: [1, 2]\n", "views is [1, 2], not a whole number"),  # a TypeError before
+    ("c.yaml", "views: true\n", "views is True, not a whole number"),  # taken as 1 before
+    ("c.yaml", "views: 2.5\n", "views is 2.5, not a whole number"),  # taken as 2 before
+    ("c.yaml", "crop_scale: 0.5\n", "crop_scale is 0.5, not a list of 2 values, each a number"),
+    ("c.yaml", "crop_scale: [0.5, true]\n", "crop_scale is [0.5, True], not a list of 2 values, each a number"),
+    ("c.yaml", "data: 5\n", "data is 5, not text (quote it)"),
+    ("c.yaml", "storage_options: 5\n", "--storage-options must be a JSON object (got 5)"),
+    ("c.yaml", "storage_options: {endpoint_url: 5}\n", "--storage-options: endpoint_url is 5, not a string"),
+    ("c.yaml", "views: 2\nviews: 3\n", "'views' is given twice (line 2); keep one"),  # the last won before
+    ("c.json", '{"views": 2, "views": 3}', "'views' is given twice; keep one"),
+    ("c.json", '{"storage_options": {"key": "a", "key": "b"}}', "'key' is given twice; keep one"),
+    ("c.yaml", b"views: 2\n\xff\xfe: 1\n", "not UTF-8 text (byte 9 is 0xff); save it as UTF-8"),
+], ids=["list-for-int", "bool-for-int", "float-for-int", "scalar-for-pair", "bool-in-pair", "int-for-text",
+        "int-for-storage-options", "int-for-endpoint", "yaml-key-twice", "json-key-twice", "nested-key-twice",
+        "not-utf8"])
+def test_a_config_value_of_the_wrong_shape_is_one_line(server, photos, tmp_path, name, text, message):
+    config = tmp_path / name
+    (config.write_bytes if isinstance(text, bytes) else config.write_text)(text)
+    o = server.run("extract", "--teacher", "effnet-lite0", "--data", photos, "--out", tmp_path / "s", "--config",
+                   config, label="config")
+    assert o.refusal_problem(f"--config {config}: {message}") is None
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    ('{"endpoint_url": 5}', "endpoint_url is 5, not a string"),  # a TypeError deep in botocore before
+    ('{"client_kwargs": {"endpoint_url": ["x"]}}', "client_kwargs.endpoint_url is ['x'], not a string"),
+    ('{"anon": "yes"}', "anon is 'yes', not true or false"),
+    ('{"call_timeout": "soon"}', "call_timeout is 'soon', not a number"),
+    ('{"key": "a", "key": "b"}', "'key' is given twice; keep one"),
+], ids=["endpoint-int", "client-endpoint-list", "anon-text", "timeout-text", "key-twice"])
+def test_storage_options_of_the_wrong_type_are_one_line(server, options, message):
+    o = server.run("store", "info", "s3://bucket/store", "--storage-options", options, label="storage options")
+    assert o.refusal_problem(f"--storage-options: {message}") is None
 
 
 def test_a_store_of_too_many_shards_is_refused_before_its_draft(tmp_path):
@@ -652,6 +745,104 @@ def test_a_second_run_into_one_out_folder_is_refused_in_one_line(server, bases, 
     assert o.refusal_problem("is in use by another run") is None
     assert not (out / "metrics.jsonl").exists()
     del running
+
+
+# ----------------------------------------------------------------------------------------- links out of a store
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _link_out(store: Path, folder: str) -> Path:
+    """Move the store's `folder` out of it and leave a link in its place, with a crashed writer's temporary file in
+    it (what finalize's cleanup deletes); returns where the folder now is."""
+    outside = store.parent / "outside" / folder
+    outside.parent.mkdir(exist_ok=True)
+    shutil.move(store / folder, outside)
+    (store / folder).symlink_to(outside, target_is_directory=True)
+    (outside / ".tmp-0123456789ab-part").write_bytes(b"a file of someone else's")
+    return outside
+
+
+@pytest.mark.parametrize("layout,folder,missing,command", [
+    ("zarr", "index", True, "extract"),  # wrote its index parts through the link before
+    ("zarr", "targets.zarr", True, "extract"),
+    ("zarr", "_progress", False, "extract"),  # every shard committed, no manifest: the resumed run finalizes
+    ("wds", "wds", False, "extract"),  # deleted the .tmp-* files behind the link before
+    ("wds", "wds", False, "finalize"),
+    ("zarr", "index", False, "finalize"),
+], ids=["extract-index", "extract-targets", "extract-progress", "extract-wds", "finalize-wds", "finalize-index"])
+def test_nothing_is_written_or_deleted_through_a_link_out_of_the_store(server, bases, photos, tmp_path, layout,
+                                                                       folder, missing, command):
+    store = tmp_path / "store"
+    shutil.copytree(bases[layout], store)
+    (store / "manifest.json").unlink()  # a crash before the manifest; missing: before shard 1's marker too
+    if missing:
+        (store / "_progress" / "shard-00001.json").unlink()
+    outside = _link_out(store, folder)
+    before = _files(outside)
+    args = {"extract": ["extract", "--data", photos, "--out", store, "--shard-size", "2", "--format", layout,
+                        *EXTRACT], "finalize": ["store", "finalize", store]}[command]
+    o = server.run(*args, label="link")
+    assert o.refusal_problem(f"{store / folder} is a link that leads outside the store") is None
+    assert _files(outside) == before and not (store / "manifest.json").exists()
+
+
+def test_a_link_inside_the_store_is_still_written_through(cli, tmp_path):
+    """Only links that leave the store are refused: a folder linked to another place inside it is the store's."""
+    from fdpipe.store import finalize
+
+    src = _synthetic(tmp_path, "src")
+    (Path(src) / "manifest.json").unlink()
+    shutil.move(Path(src) / "index", Path(src) / "elsewhere")
+    (Path(src) / "index").symlink_to(Path(src) / "elsewhere", target_is_directory=True)
+    (Path(src) / "elsewhere" / ".tmp-0123456789ab-part").write_bytes(b"debris")
+    finalize(src)
+    assert (Path(src) / "manifest.json").exists() and not (Path(src) / "elsewhere" / ".tmp-0123456789ab-part").exists()
+
+
+# ---------------------------------------------------------------------------------------------- run directories
+FINETUNE = ["--data", "{photos}", "--val", "{photos}", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+            "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def distill_run(server, bases, photos, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "distilled"
+    o = server.run("distill", "--store", bases["zarr"], "--data", photos, "--out", run, *DISTILL, label="run")
+    assert o.success_problem() is None
+    return run
+
+
+def _stopped(run: Path, tmp_path: Path) -> Path:
+    """A copy of a run that stopped before its model was written: settings.yaml, metrics.jsonl, train_state.pt."""
+    out = tmp_path / "stopped"
+    shutil.copytree(run, out)
+    for name in ("config.json", "student.safetensors", "projector.safetensors", "loss.png"):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+@pytest.mark.parametrize("case,message", [
+    ("init-is-out", "holds --init {out}, which this run would overwrite"),  # overwrote the distill run before
+    ("out-is-a-distill-run", "holds a run of fdpipe distill, which fdpipe finetune would overwrite"),
+    ("out-is-a-stopped-distill-run", "holds another command's run, which fdpipe finetune would overwrite"),
+    ("distill-into-a-store", "holds a feature store, which this run would overwrite"),
+], ids=["init-is-out", "out-is-a-distill-run", "out-is-a-stopped-distill-run", "distill-into-a-store"])
+def test_a_run_never_overwrites_what_it_did_not_make(server, bases, photos, distill_run, tmp_path, case, message):
+    out = distill_run
+    if case == "out-is-a-stopped-distill-run":
+        out = _stopped(distill_run, tmp_path)
+    if case == "distill-into-a-store":
+        out = Path(shutil.copytree(bases["zarr"], tmp_path / "store"))
+    before = _files(out)
+    if case == "distill-into-a-store":
+        args = ["distill", "--store", out, "--data", photos, "--out", out, *DISTILL]
+    else:
+        init = str(distill_run) if case == "init-is-out" else "scratch"
+        args = ["finetune", "--init", init, "--out", out, *(a.format(photos=photos) for a in FINETUNE)]
+    o = server.run(*args, label="run")
+    assert o.refusal_problem(f"--out {out} {message.format(out=out)}; choose a new --out") is None
+    assert _files(out) == before
 
 
 # ------------------------------------------------------------------------------------------------- small ones

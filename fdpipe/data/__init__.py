@@ -41,8 +41,8 @@ import fsspec
 
 from fdpipe.errors import FdpipeError
 
-from .decode import (ImageDecodeError, ImageError, ImageReadError, Sample, _one_line, decode_rgb, encoded_image,
-                     image_sha256, key_problem, original_size, sanitize_key)
+from .decode import (ImageDecodeError, ImageError, ImageReadError, Sample, _is_utf8, _one_line, decode_rgb,
+                     encoded_image, image_sha256, key_problem, original_size, sanitize_key)
 from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _FASHION_MNIST_SIZES, FashionMnistSource,
                             _fashion_mnist_dir)
 from .folder import IMAGE_EXTENSIONS, FolderSource, _find_images
@@ -122,6 +122,8 @@ def open_source(
     if limit is not None and limit < 0:
         raise FdpipeError(f"limit must be >= 0, got {limit}")
     spec = spec.strip()
+    if not _is_utf8(spec):  # a path of other bytes: the store records each image's location as UTF-8 text
+        raise FdpipeError(f"image source {spec!r}: the path is not valid UTF-8, which a store cannot record; rename it")
     so = dict(storage_options or {})
 
     builtin = _BUILTIN.match(spec)

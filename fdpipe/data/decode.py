@@ -97,6 +97,9 @@ def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
     never change, whatever their neighbours are called. An identity listed twice, or a key that cannot be stored
     (`key_problem`), is one FdpipeError line.
     """
+    not_utf8 = next((ident for _, _, ident in entries if not _is_utf8(ident)), None)
+    if not_utf8 is not None:  # a name of other bytes (os.fsdecode's surrogates): a store records names as UTF-8
+        raise FdpipeError(f"image {not_utf8!r}: its name is not valid UTF-8, which a store cannot record; rename it")
     twice = next((ident for ident, c in Counter(ident for _, _, ident in entries).items() if c > 1), None)
     if twice is not None:
         raise FdpipeError(f"{twice} is listed twice in the source; list each image once")
@@ -115,12 +118,45 @@ def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
     raise FdpipeError("could not make the image keys unique; rename the images")  # short of a blake2b collision
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _split_ext(rel: str) -> tuple[str, str]:
     stem, ext = posixpath.splitext(rel)
     return stem, ext[1:]
 
 
 # --------------------------------------------------------------------------------------------------- decoding
+
+MAX_DECODE_BYTES = 1 << 30  # the memory one image may take to decode: far below PIL's bomb limit for RGBA or 16 bit
+
+
+def decode_cost(image: Image.Image) -> int:
+    """About the peak bytes `decode_rgb` takes for an opened (not yet loaded) image: the decoded pixels and the
+    copies its conversion to RGB makes (measured: RGB 4 bytes a pixel, RGBA 19, 16-bit grey 32)."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        per_pixel = 32
+    elif "A" in mode or "a" in mode or mode == "P":  # alpha (a palette may hold some): composited on white
+        per_pixel = 20
+    else:
+        per_pixel = 8
+    return per_pixel * image.width * image.height
+
+
+def _check_cost(image: Image.Image, nbytes: int) -> None:
+    cost = decode_cost(image)
+    if cost > MAX_DECODE_BYTES:
+        raise ImageDecodeError(
+            f"cannot decode image: {image.width}x{image.height} {image.mode} ({nbytes} bytes) would take about "
+            f"{cost / 2**30:.1f} GiB to decode, more than the {MAX_DECODE_BYTES / 2**30:g} GiB fdpipe gives one "
+            "image; downscale it or remove it"
+        )
 
 
 def decode_rgb(data: bytes | Image.Image) -> Image.Image:
@@ -131,7 +167,8 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
     - 16-bit grey (I;16*), and I with values in 0..65535: scaled by 255/65535 with rounding (65535 -> 255, 257 -> 1);
       other I/F images: F in [0, 1] is scaled by 255, anything else is stretched min..max to 0..255.
     - Multi-frame files (GIF, TIFF): the first frame.
-    Raises ImageDecodeError (one line) for empty, truncated, corrupt or non-image data.
+    Raises ImageDecodeError (one line) for empty, truncated, corrupt or non-image data, and for an image whose
+    decoding would take more than MAX_DECODE_BYTES (checked from the header, before any pixel is decoded).
     """
     if isinstance(data, Image.Image):
         image = data
@@ -148,7 +185,10 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(raw))
+                _check_cost(image, len(raw))
                 image.load()  # decode now, so truncated files fail here and not in a worker later
+        except ImageDecodeError:
+            raise
         except Image.DecompressionBombError as e:  # PIL refuses before decoding: the header's size is absurd
             raise ImageDecodeError(
                 f"cannot decode image: {_one_line(e)} ({len(raw)} bytes); a decompression bomb or a damaged "

@@ -49,10 +49,13 @@ class FolderSource(ImageSource):
 
 
 def _find_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Relative '/'-separated paths of the image files under root, skipping hidden files and folders."""
+    """Relative '/'-separated paths of the image files under root, skipping hidden files and folders, and what is
+    not a regular file (a FIFO named x.png blocks its reader forever; a device, a socket)."""
     rels = []
     prefix = root.rstrip("/") + "/"
-    for path in fs.find(root):
+    for path, info in fs.find(root, detail=True).items():
+        if info.get("type", "file") != "file":
+            continue
         rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
         if any(part.startswith(".") for part in rel.split("/")):
             continue

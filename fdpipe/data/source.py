@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any, Iterator, Sequence
 
 import fsspec
@@ -81,7 +83,11 @@ def _apply_limit(limit: int | None, *lists: list) -> None:
 
 
 def _read_bytes(fs: fsspec.AbstractFileSystem, path: str, where: str) -> bytes:
+    """The file's bytes; a local path that is not a regular file (a FIFO would block forever) is an ImageReadError."""
     try:
+        if _is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageReadError(f"cannot read image {where}: not a regular file (a FIFO, device or folder); "
+                                 "remove it from the list")
         return fs.cat_file(path)
     except FileNotFoundError as e:
         raise ImageReadError(f"no image at {where}: the file is gone; restore it or reopen the source") from e

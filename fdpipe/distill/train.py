@@ -132,7 +132,8 @@ def distill_step(model: Distiller | MultiDistiller, data: Replay, device: torch.
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-    device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE)
+    device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE, stage="distill",
+                                               settings=cfg)
 
     stores, teachers = [], []
     if cfg.store:

@@ -60,7 +60,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     held-out top-1/top-5 (percent) and the paths of what was written. For deit, top1/top5 are DeiT's (the two heads'
     average) and ``top1_cls``/``top5_cls`` the class head's, which is the exported timm model.
     """
-    device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE)
+    device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE, stage="finetune",
+                                               settings=cfg, inputs={"--init": cfg.init, "--like": cfg.like})
 
     td = train_data(cfg)
     vd = val_data(cfg, td)

@@ -357,10 +357,32 @@ class StoreLocation:
                 n += len(chunk)
         return n, h.hexdigest()
 
+    def escape(self, rel: str) -> tuple[str, str] | None:
+        """(the shortest part of `rel`, where it leads) when a link takes `rel` outside a local store's root; else
+        None (remote stores have no links)."""
+        if not self.is_local:
+            return None
+        root = os.path.realpath(self.root)
+        parts = [p for p in rel.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            real = os.path.realpath(self.path("/".join(parts[:i])))
+            if os.path.commonpath([root, real]) != root:
+                return "/".join(parts[:i]), real
+        return None
+
+    def inside(self, rel: str, doing: str = "write") -> str:
+        """The path of `rel`, refused in one line when a link takes it outside the store: nothing is written, renamed
+        or deleted through a link that leaves the store (every write, commit and removal below asks here)."""
+        out = self.escape(rel)
+        if out is not None:
+            raise StoreError(f"{self.path(out[0])} is a link that leads outside the store (to {out[1]}); refusing to "
+                             f"{doing} through it: replace the link with a folder inside {self.url}")
+        return self.path(rel)
+
     # --------------------------------------------------------------------------------------------------- writing
     def makedirs(self, rel: str) -> None:
         if self.is_local:
-            self.fs.makedirs(self.path(rel), exist_ok=True)
+            self.fs.makedirs(self.inside(rel), exist_ok=True)
 
     @_remote
     def put_atomic(self, rel: str, data: bytes | Sequence[Any]) -> dict[str, Any]:
@@ -370,7 +392,7 @@ class StoreLocation:
         self.makedirs(rel.rpartition("/")[0])
         digest = Digest()
         try:
-            with self.fs.open(self.path(tmp), "wb") as f:
+            with self.fs.open(self.inside(tmp), "wb") as f:
                 for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
                     digest.update(piece)
                     f.write(piece)
@@ -391,21 +413,21 @@ class StoreLocation:
     @_remote
     def commit(self, tmp: str, rel: str) -> None:
         """Move a complete temporary file to its final name (a rename locally, copy + delete on object stores)."""
-        self.fs.mv(self.path(tmp), self.path(rel))
+        self.fs.mv(self.inside(tmp, "rename"), self.inside(rel, "rename"))
 
     @_remote
     def remove(self, rel: str) -> None:
         if self.fs.exists(self.path(rel)):
-            self.fs.rm(self.path(rel), recursive=True)
+            self.fs.rm(self.inside(rel, "delete"), recursive=True)
 
     @_remote
     def remove_stale_tmp(self, under: list[str]) -> int:
         """Delete temporary files left under the given folders by crashed writers; returns how many."""
-        removed = 0
+        removed, prefix = 0, self.root.rstrip("/") + "/"
         for rel in under:
-            for path in self.fs.find(self.path(rel)):
+            for path in self.fs.find(self.inside(rel, "delete")):
                 if path.rpartition("/")[2].startswith(TMP_PREFIX):
-                    self.fs.rm_file(path)
+                    self.fs.rm_file(self.inside(path[len(prefix):], "delete") if path.startswith(prefix) else path)
                     removed += 1
         return removed
 
@@ -417,7 +439,7 @@ class AtomicWriter:
         self.loc, self.rel = loc, rel
         self.tmp = loc._tmp_name(rel)
         loc.makedirs(rel.rpartition("/")[0])
-        self._f = _remote(lambda loc_: loc_.fs.open(loc_.path(self.tmp), "wb"))(loc)
+        self._f = _remote(lambda loc_: loc_.fs.open(loc_.inside(self.tmp), "wb"))(loc)
         self.digest = Digest()
 
     def write(self, data: bytes) -> int:

@@ -84,6 +84,8 @@ class StoreWriter:
         if loc.exists(MANIFEST):
             self._check_same(loc.read_json(MANIFEST), MANIFEST)
         else:
+            for folder in (PROGRESS, "index", layouts.ZARR_ROOT, layouts.WDS_DIR):
+                loc.inside(folder)  # a folder linked out of the store is refused before any work, not at its commit
             if loc.is_local:
                 self._lock = lock_folder(loc.root, f"{loc.url} is being written by another process (extract, "
                                          f"convert or merge); wait for it to finish, or choose another {self.role}",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,11 +18,14 @@ from ..runtime import Ranks, resolve_device
 from .distributed import init_distributed
 
 
-def start_run(device_name: str, out: str | Path, seed: int, resume: bool, state: str) -> tuple[torch.device, Ranks, Path, Path]:
-    """What every training command does first: device, process group, the resume check, seeds, determinism on CPU."""
+def start_run(device_name: str, out: str | Path, seed: int, resume: bool, state: str, *, stage: str,
+              settings: Any = None, inputs: dict[str, Any] | None = None) -> tuple[torch.device, Ranks, Path, Path]:
+    """What every training command does first: the --out check (check_out), device, process group, the resume check,
+    seeds, determinism on CPU."""
+    out = Path(out)
+    check_out(out, stage, settings, inputs or {})
     device = resolve_device(device_name)
     ranks = init_distributed(device)
-    out = Path(out)
     state_path = out / state
     if resume and not state_path.exists():
         raise FdpipeError(f"--resume: no {state} in {out}; start without --resume or point --out at the run")
@@ -26,6 +33,56 @@ def start_run(device_name: str, out: str | Path, seed: int, resume: bool, state:
     if device.type == "cpu":
         deterministic(True)
     return device, ranks, out, state_path
+
+
+ANOTHER = "another command"  # run_of: settings.yaml of another command's settings
+
+
+def check_out(out: Path, stage: str, settings: Any, inputs: dict[str, Any]) -> None:
+    """Refuse an --out whose files the run would overwrite but did not make: an input of this run (`inputs`: flag ->
+    path, e.g. --init), a store, or a run of another command (`stage`; see run_of). A run writes settings.yaml,
+    metrics.jsonl, train_state.pt, config.json and its plots there, whoever's they were."""
+    if not out.is_dir():
+        return
+    real = os.path.realpath(out)
+    for flag, value in inputs.items():
+        if isinstance(value, str) and os.path.exists(value):
+            if os.path.commonpath([real, os.path.realpath(value)]) == real:
+                raise FdpipeError(f"--out {out} holds {flag} {value}, which this run would overwrite; choose a new "
+                                  "--out")
+    if (out / "manifest.json").exists() or (out / "manifest.draft.json").exists():
+        raise FdpipeError(f"--out {out} holds a feature store, which this run would overwrite; choose a new --out")
+    other = run_of(out, settings)
+    if other is not None and other != stage:
+        what = "another command's run" if other == ANOTHER else f"a run of fdpipe {other}"
+        raise FdpipeError(f"--out {out} holds {what}, which fdpipe {stage} would overwrite; choose a new --out")
+
+
+def run_of(out: Path, settings: Any) -> str | None:
+    """The command whose run `out` holds: the stage its config.json names (written with the model); for a run that
+    stopped before that, ANOTHER when its settings.yaml is not of `settings`' kind (it has fields `settings` lacks,
+    and lacks some of its own); None when out holds no run that says whose it is."""
+    try:
+        stage = json.loads((out / "config.json").read_text()).get("fdpipe", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    if isinstance(stage, str):
+        return stage
+    if settings is None or not (out / "settings.yaml").is_file():
+        return None
+    import yaml
+
+    try:
+        recorded = yaml.safe_load((out / "settings.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    from ..options import meta
+
+    fields = {f.name for f in dataclasses.fields(settings) if not meta(f).secret}  # write_settings leaves those out
+    keys = set(map(str, recorded))
+    return ANOTHER if keys - fields and fields - keys else None
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@ epoch axes in whole epochs as the log numbers them. Each figure is caught before
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -25,9 +25,13 @@ from .weights import _load_pretrained
 # alias -> timm name. The input contract (size, mean/std, bicubic everywhere) is the weights' pretrained_cfg, except
 # for the size where TEACHER_IMAGE_SIZES says otherwise; each comment gives it and the targets it makes: prefix tokens
 # + patch grid, x C. CLIP = OpenAI's mean/std, IN = ImageNet's, 0.5 = mean = std = 0.5.
+# Each architecture runs the activation its weights were trained with (docs/recipe.md, "CLIP activation"): OpenAI's
+# CLIP was trained with QuickGELU, as FD's models/clip/model.py runs it, so the clip aliases are timm's quickgelu
+# variants over the same weights file as timm's GELU vit_*_clip_224.openai (earlier fdpipe's clip aliases: their
+# stores record that name and hold GELU targets).
 TEACHERS: dict[str, str] = {
-    "clip-l": "vit_large_patch14_clip_224.openai",  # 224 px, CLIP: CLS + 16x16, C 1024
-    "clip-b": "vit_base_patch16_clip_224.openai",  # 224 px, CLIP: CLS + 14x14, C 768
+    "clip-l": "vit_large_patch14_clip_quickgelu_224.openai",  # 224 px, CLIP: CLS + 16x16, C 1024
+    "clip-b": "vit_base_patch16_clip_quickgelu_224.openai",  # 224 px, CLIP: CLS + 14x14, C 768
     "dino-b": "vit_base_patch16_224.dino",  # 224 px, IN: CLS + 14x14, C 768
     "deit-b": "deit_base_patch16_224.fb_in1k",  # 224 px, IN: CLS + 14x14, C 768; 1000-class head for logits
     "effnet-lite0": "tf_efficientnet_lite0",  # 224 px, 0.5: 7x7 feature map, no prefix, C 1280

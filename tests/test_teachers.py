@@ -3,6 +3,7 @@ pair with the student's: CLS to CLS, extra registers left out of the loss."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -390,3 +391,48 @@ def test_clip_alias_refuses_a_gelu_torchscript_archive_in_one_line(tmp_path):
     assert "\n" not in msg and "GELU model" in msg and "runs QuickGELU" in msg
     assert "--teacher vit_base_patch16_clip_224.openai" in msg
 
+
+# ------------------------------------------------------------------------------- teacher precision (issue 24)
+
+
+def test_teacher_precision_is_fp32_by_default_and_an_unknown_one_is_one_line(on_meta):
+    assert create_teacher("clip-b", device="meta").info.to_dict()["precision"] == "fp32"
+    with pytest.raises(FdpipeError, match="unknown teacher precision 'fp16': use one of fp32, bf16"):
+        create_teacher("clip-b", device="meta", precision="fp16")
+
+
+def test_bf16_teacher_runs_under_autocast_on_cpu_returns_float32_and_says_bf16():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    kw = dict(alias="t", timm_name="vit_tiny_patch16_224", weights_sha256="0" * 64, layer=None, target="features",
+              image_size=32)
+    fp32, bf16 = Teacher(model, **kw), Teacher(model, precision="bf16", **kw)
+    assert (fp32.info.precision, bf16.info.precision) == ("fp32", "bf16")
+    x = torch.randn(2, 3, 32, 32)
+    a, b = fp32(x), bf16(x)
+    assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9
+
+
+def test_extract_refuses_an_unknown_teacher_precision_as_a_usage_error(cli, tmp_path):
+    from fdpipe.extract import ExtractConfig
+
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", tmp_path, "--out", tmp_path / "s",
+            "--teacher-precision", "fp16")
+    assert r.exit_code == 2 and "fp16" in r.output
+    with pytest.raises(FdpipeError, match="--teacher-precision must be one of fp32, bf16"):
+        ExtractConfig(teacher="effnet-lite0", data=str(tmp_path), out=str(tmp_path / "s"), teacher_precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_extract_records_the_teacher_precision_in_the_manifest(cli, tmp_path, precision):
+    from fdpipe.store import open_store
+
+    from conftest import write_photos
+
+    args = ["--teacher-precision", precision] if precision == "bf16" else []  # fp32 is the default
+    out = tmp_path / "s"
+    r = cli("extract", "--teacher", "effnet-lite0", "--image-size", 64, "--data", write_photos(tmp_path / "p", n=2),
+            "--out", out, "--views", 1, "--workers", 0, "--quiet", *args)
+    assert r.exit_code == 0, r.output
+    assert open_store(str(out)).teacher["precision"] == precision
+    assert json.loads(cli("store", "info", "--json", out).output)["precision"] == precision

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -383,7 +384,8 @@ def test_clip_alias_refuses_a_gelu_torchscript_archive_in_one_line(tmp_path):
             return self.visual(x)
 
     path = tmp_path / "ViT-B-16-laion.pt"
-    with pytest.warns(FutureWarning):  # torch.jit is deprecated, and still what OpenAI's .pt files are
+    with warnings.catch_warnings():  # torch.jit is deprecated, and still what OpenAI's .pt files are
+        warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(Clip(_open_clip_b16(quick_gelu=False))).save(str(path))
     with pytest.raises(FdpipeError) as e:
         create_teacher("clip-b", weights=path, image_size=64)

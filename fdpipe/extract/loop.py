@@ -129,7 +129,7 @@ def open_teachers(cfg: ExtractConfig, n: int, plan: AugmentationPlan, device: to
     made = []
     for spec in cfg.teacher_specs():
         teacher = create_teacher(spec.alias, weights=spec.weights, image_size=spec.image_size, layer=spec.layer,
-                                 target=cfg.target, device=str(device))
+                                 target=cfg.target, device=str(device), precision=cfg.teacher_precision)
         info = teacher.info
         shape = [info.tokens, info.channels] if cfg.target == "features" else [info.pretrained_cfg["num_classes"]]
         made.append((spec.alias, teacher, shape))

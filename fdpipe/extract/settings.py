@@ -16,6 +16,7 @@ from ..options import (check_bounds, crop_scale_option, device_option, option, q
 LAYOUTS = ("zarr", "wds")
 DTYPES = ("float16", "int8")
 TARGETS = ("features", "logits")
+PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
 # A teacher input of one patch at least, and no more than 4096 px: a view is then 200 MB of float32 pixels at most.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
 
@@ -44,6 +45,9 @@ class ExtractConfig:
                         choices=CODECS)
     target: str = option("features", "Whitened feature maps (FD) or the teacher's logits (DeiT-style distillation).",
                          choices=TARGETS)
+    teacher_precision: str = option("fp32", "The teacher's arithmetic, recorded in the manifest: fp32 (FD's) or bf16 "
+                                            "autocast (faster; its targets are not fp32's, see docs/recipe.md).",
+                                    choices=PRECISIONS)
     image_size: tuple[int, ...] = option((), "Teacher input size in pixels, once for every teacher or once per "
                                              "--teacher [default: 224 for dinov2-*, else the teacher's "
                                              "pretrained_cfg].", min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE,
@@ -83,6 +87,9 @@ class ExtractConfig:
             raise FdpipeError(f"--shard-size must be at least 1 (got {self.shard_size})")
         if self.layout not in LAYOUTS:
             raise FdpipeError(f"--format must be one of {', '.join(LAYOUTS)} (got {self.layout})")
+        if self.teacher_precision not in PRECISIONS:
+            raise FdpipeError(f"--teacher-precision must be one of {', '.join(PRECISIONS)} "
+                              f"(got {self.teacher_precision})")
         if self.codec != "none" and self.layout == "wds":
             raise FdpipeError(f"--codec {self.codec} is for zarr stores: wds members stay plain .npy so that webdataset "
                               "reads them; drop --codec or use --format zarr")

@@ -25,9 +25,13 @@ from .weights import _load_pretrained
 # alias -> timm name. The input contract (size, mean/std, bicubic everywhere) is the weights' pretrained_cfg, except
 # for the size where TEACHER_IMAGE_SIZES says otherwise; each comment gives it and the targets it makes: prefix tokens
 # + patch grid, x C. CLIP = OpenAI's mean/std, IN = ImageNet's, 0.5 = mean = std = 0.5.
+# Each architecture runs the activation its weights were trained with (docs/recipe.md, "CLIP activation"): OpenAI's
+# CLIP was trained with QuickGELU, as FD's models/clip/model.py runs it, so the clip aliases are timm's quickgelu
+# variants over the same weights file as timm's GELU vit_*_clip_224.openai (earlier fdpipe's clip aliases: their
+# stores record that name and hold GELU targets).
 TEACHERS: dict[str, str] = {
-    "clip-l": "vit_large_patch14_clip_224.openai",  # 224 px, CLIP: CLS + 16x16, C 1024
-    "clip-b": "vit_base_patch16_clip_224.openai",  # 224 px, CLIP: CLS + 14x14, C 768
+    "clip-l": "vit_large_patch14_clip_quickgelu_224.openai",  # 224 px, CLIP: CLS + 16x16, C 1024
+    "clip-b": "vit_base_patch16_clip_quickgelu_224.openai",  # 224 px, CLIP: CLS + 14x14, C 768
     "dino-b": "vit_base_patch16_224.dino",  # 224 px, IN: CLS + 14x14, C 768
     "deit-b": "deit_base_patch16_224.fb_in1k",  # 224 px, IN: CLS + 14x14, C 768; 1000-class head for logits
     "effnet-lite0": "tf_efficientnet_lite0",  # 224 px, 0.5: 7x7 feature map, no prefix, C 1280
@@ -47,6 +51,10 @@ TEACHERS: dict[str, str] = {
 TEACHER_IMAGE_SIZES: dict[str, int] = {alias: 224 for alias in ("dinov2-b", "dinov2-b-reg", "dinov2-l", "dinov2-l-reg")}
 
 WHITENING: dict[str, Any] = {"name": "layernorm-noaffine", "eps": 1e-6}
+
+# The teacher's arithmetic. fp32 is FD's (AMP off when it extracts targets); bf16 autocast's targets differ from fp32's
+# by more than fdpipe's 0.9999 per-token cosine (docs/recipe.md, "Teacher precision"), so it is opt-in.
+PRECISIONS = ("fp32", "bf16")
 
 
 def whiten(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +100,7 @@ class TeacherInfo:
     channels: int  # C (num_classes for logits)
     grid: tuple[int, int]  # (h, w) of the patch tokens; (0, 0) for logits
     num_prefix_tokens: int
+    precision: str = "fp32"  # one of PRECISIONS: how the teacher computed the targets
 
     def to_dict(self) -> dict[str, Any]:
         return _json_able(dataclasses.asdict(self))
@@ -101,13 +110,16 @@ class Teacher(nn.Module):
     """A frozen timm model plus the extraction rule: whitened tokens (or logits) of already-normalized images.
 
     Always in eval mode (no dropout, no drop path) with requires_grad False; channels_last everywhere (it doubles a
-    CNN teacher's CPU speed through oneDNN, and suits CUDA's tensor cores), bf16 autocast on CUDA only (CPU keeps
-    float32 so stored targets match a float32 recomputation), and always returns float32.
+    CNN teacher's CPU speed through oneDNN, and suits CUDA's tensor cores), float32 unless precision "bf16" asks for
+    bf16 autocast (on any device), and always returns float32.
     """
 
     def __init__(self, model: nn.Module, *, alias: str, timm_name: str, weights_sha256: str, layer: int | None,
-                 target: str, image_size: int, device: str | torch.device = "cpu") -> None:
+                 target: str, image_size: int, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise FdpipeError(f"unknown teacher precision '{precision}': use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         self.device = torch.device(device)
         model.eval().requires_grad_(False)
         model = model.to(self.device).to(memory_format=torch.channels_last)
@@ -129,7 +141,7 @@ class Teacher(nn.Module):
         self._info = TeacherInfo(
             alias=alias, timm_name=timm_name, weights_sha256=weights_sha256, layer=layer, target=target,
             pretrained_cfg=_json_able(pcfg), image_size=image_size, tokens=int(tokens), channels=int(channels),
-            grid=grid, num_prefix_tokens=prefix)
+            grid=grid, num_prefix_tokens=prefix, precision=precision)
 
     @property
     def info(self) -> TeacherInfo:
@@ -145,8 +157,8 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -224,10 +236,11 @@ def _num_layers(model: nn.Module) -> int:
 
 def create_teacher(name: str, *, weights: str | os.PathLike | None = None, image_size: int | None = None,
                    layer: int | None = None, target: str = "features",
-                   device: str | torch.device = "cpu") -> Teacher:
+                   device: str | torch.device = "cpu", precision: str = "fp32") -> Teacher:
     """Build a frozen teacher from an alias or timm name, finding its weights (see fdpipe.models.weights).
 
     image_size None: the alias's size in TEACHER_IMAGE_SIZES, else the weights' pretrained_cfg input size.
+    precision: one of PRECISIONS (fp32, FD's, unless bf16 autocast is asked for).
     """
     if target not in ("features", "logits"):
         raise FdpipeError(f"unknown target '{target}': use 'features' or 'logits'")
@@ -253,4 +266,4 @@ def create_teacher(name: str, *, weights: str | os.PathLike | None = None, image
             raise FdpipeError(f"--layer {layer} is out of range for {timm_name}: it has {n} layers (0..{n - 1})")
         layer = layer % n
     return Teacher(model, alias=name, timm_name=timm_name, weights_sha256=sha, layer=layer, target=target,
-                   image_size=image_size, device=device)
+                   image_size=image_size, device=device, precision=precision)

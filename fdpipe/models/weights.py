@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -70,6 +71,52 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+# Activation modules that tell a CLIP's MLP apart: OpenAI's weights were trained with QuickGELU, LAION's with GELU,
+# over the same tensors. A state dict holds no activation; a TorchScript archive keeps its modules' class names.
+_ACTIVATIONS = ("QuickGELU", "GELU")
+
+
+def _torchscript_activation(path: Path) -> str | None:
+    """The MLP activation a TorchScript archive's code defines (QuickGELU or GELU), None when it names neither."""
+    with zipfile.ZipFile(path) as z:
+        classes = {c for n in z.namelist() if "/code/" in n and n.endswith(".py")
+                   for c in re.findall(r"^class (\w+)\(", z.read(n).decode("utf-8", "replace"), re.M)}
+    return next((a for a in _ACTIVATIONS if a in classes), None)
+
+
+def _model_activation(model: nn.Module) -> str | None:
+    """QuickGELU or GELU when the model's modules include one of them (first match in that order), else None."""
+    names = {type(m).__name__ for m in model.modules()}
+    return next((a for a in _ACTIVATIONS if a in names), None)
+
+
+def _check_activation(model: nn.Module, timm_name: str, path: Path) -> None:
+    """Refuse a TorchScript archive whose activation is not the model's: the targets would be another network's."""
+    if not _is_torchscript(path) or (file_act := _torchscript_activation(path)) is None:
+        return
+    model_act = _model_activation(model)
+    if model_act is None or model_act == file_act:
+        return
+    other = _other_clip_variant(timm_name)
+    hint = f"--teacher {other}" if other else f"a teacher built with {file_act}"
+    raise FdpipeError(f"weights {path} are a {file_act} model but {timm_name} runs {model_act}; pass {hint} "
+                      f"to run them as they were trained")
+
+
+def _other_clip_variant(timm_name: str) -> str | None:
+    """timm's CLIP ViT of the other activation (quickgelu <-> plain), with the tag when timm knows it, or None."""
+    arch, tag = timm.models.split_model_name_tag(timm_name)
+    if "_clip_quickgelu_" in arch:
+        arch = arch.replace("_clip_quickgelu_", "_clip_")
+    elif "_clip_" in arch:
+        arch = arch.replace("_clip_", "_clip_quickgelu_")
+    else:
+        return None
+    if not timm.is_model(arch):
+        return None
+    return f"{arch}.{tag}" if tag and f"{arch}.{tag}" in timm.list_pretrained(f"{arch}.*") else arch
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -259,6 +306,7 @@ def _load_pretrained(name: str, timm_name: str, weights: str | os.PathLike | Non
         if not path.is_file():
             raise FdpipeError(f"weights file not found: {path}; check --weights")
         model = _build_from_state_dict(timm_name, image_size, _read_state_dict(path), str(path), **kwargs)
+        _check_activation(model, timm_name, path)
         return model, file_sha256(path)
 
     arch, tag = timm.models.split_model_name_tag(timm_name)

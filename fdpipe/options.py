@@ -368,6 +368,7 @@ def click_options(cls: type) -> Callable:
         callback=lambda ctx, _param, path: _apply_config(cls, ctx, path),
         help="Read settings from a YAML or JSON file of `name: value` lines (field or flag names: batch_size or "
              "batch-size); flags given beside it override it."))
+    decorators.append(print_config_option())
 
     def decorate(fn: Callable) -> Callable:
         for d in reversed(decorators):
@@ -515,8 +516,10 @@ def _apply_config(cls: type, ctx: click.Context, path: str | None) -> None:
     ctx.default_map = {**(ctx.default_map or {}), **values}
 
 
-def write_settings(cfg: Any, path: str | Path) -> Path:
-    """Write a settings dataclass as YAML that `--config` reads back to equal settings (secret fields left out)."""
+def settings_yaml(cfg: Any, head: str = "the resolved settings of this run; pass this file to --config to run it "
+                                         "again") -> str:
+    """A settings dataclass as YAML that `--config` reads back to equal settings (secret fields left out), under a
+    `# head` comment line."""
     import yaml
 
     def plain(v: Any) -> Any:
@@ -528,13 +531,46 @@ def write_settings(cfg: Any, path: str | Path) -> Path:
 
     values = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not meta(f).secret}
     left_out = [f.name for f in dataclasses.fields(cfg) if meta(f).secret]
-    head = "# the resolved settings of this run; pass this file to --config to run it again"
-    head += f" ({', '.join(left_out)} left out)\n" if left_out else "\n"
+    head = f"# {head}" + (f" ({', '.join(left_out)} left out)\n" if left_out else "\n")
     class Dumper(yaml.SafeDumper):  # one `name: value` line per field, lists inline: crop_scale: [0.08, 1.0]
         pass
 
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return head + yaml.dump(values, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def write_settings(cfg: Any, path: str | Path) -> Path:
+    """Write a settings dataclass as YAML that `--config` reads back to equal settings (secret fields left out)."""
     path = Path(path)
-    path.write_text(head + yaml.dump(values, Dumper=Dumper, sort_keys=False, default_flow_style=False,
-                                     allow_unicode=True))
+    path.write_text(settings_yaml(cfg))
     return path
+
+
+# ------------------------------------------------------------------------------------------------ --print-config
+
+_PRINT_CONFIG = "fdpipe.print_config"  # the ctx.meta key --print-config sets
+
+
+def print_config_option() -> Callable:
+    """--print-config, which every command with a settings class takes (click_options adds it)."""
+    return click.option(
+        "--print-config", is_flag=True, expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.__setitem__(_PRINT_CONFIG, value),
+        help="Print the resolved settings (every default the run would fill in, e.g. the recipe by size) as the YAML "
+             "--config takes, then exit without running; reads no images.")
+
+
+def print_config(ctx: click.Context, cfg: Any, resolve: Callable[[Any, int], Any] | None = None) -> None:
+    """With --print-config: print `resolve(cfg, world size)` as settings YAML and exit 0; otherwise nothing.
+
+    The command calls it once its settings are built and its local paths checked, so that a bad setting is the same
+    one line with --print-config as without; `resolve` is the function the stage itself fills its defaults with
+    (the world size is torchrun's or Slurm's, else 1: the global batch scales the learning rates)."""
+    if not ctx.meta.get(_PRINT_CONFIG):
+        return
+    if resolve is not None:
+        from .runtime import ranks_from_env
+
+        cfg = resolve(cfg, ranks_from_env().world)
+    click.echo(settings_yaml(cfg, "the resolved settings; pass this file to --config to run them"), nl=False)
+    ctx.exit(0)

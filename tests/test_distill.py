@@ -120,8 +120,13 @@ def pinned_stores(tmp_path_factory):
 
 
 def pinned_run(store: Path, out: Path, args: list[str]) -> list[dict]:
+    """The recorded run: its flags, floor 0, and through --config the recipe settings no flag sets (the recording
+    predates FD's weight decay on the bias table)."""
+    config = out.parent / "golden-settings.json"
+    config.write_text(json.dumps(GOLDEN["config"]))
     p = subprocess.run([str(BIN / "fdpipe"), "distill", "--store", str(store), "--out", str(out), "--quiet",
-                        "--min-lr", "0", *args], capture_output=True, text=True, env=pinned_env())  # recorded, floor 0
+                        "--min-lr", "0", "--config", str(config), *args], capture_output=True, text=True,
+                       env=pinned_env())
     assert p.returncode == 0, p.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

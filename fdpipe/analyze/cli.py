@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..options import CONTEXT, click_options, settings_from_cli
+from ..options import CONTEXT, click_options, print_config, settings_from_cli
 from .settings import AnalyzeConfig
 
 
@@ -41,6 +41,7 @@ def analyze(ctx: click.Context, **params: Any) -> None:
 
     check_local_source(cfg.data)
     check_local_store(cfg.store)
+    print_config(ctx, cfg)
     from .run import analyze as run_analyze
 
     r = run_analyze(cfg)

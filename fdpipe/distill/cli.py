@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from ..options import CONTEXT, click_options, settings_from_cli
+from ..options import CONTEXT, click_options, print_config, settings_from_cli
+from .recipe import resolve_before_run
 from .settings import DistillConfig
 
 
@@ -27,6 +28,7 @@ def distill(ctx: click.Context, **params: Any) -> None:
     for url in cfg.store:
         check_local_store(url)
     check_local_source(cfg.data)
+    print_config(ctx, cfg, resolve_before_run)
     from .train import distill as run_distill
 
     r = run_distill(cfg)

@@ -16,9 +16,7 @@ from typing import Any
 from ..errors import FdpipeError
 from ..options import (cache_dir_option, crop_scale_option, device_option, option, parse_floats, quiet_option,
                        seed_option, show_floats, storage_options_option, views_option, workers_option)
-
-FD_MIN_LR, FD_MIN_LR_BATCH = 5e-6, 512  # FD's cosine floor: TRAIN.MIN_LR 5e-6 per 512 images, scaled linearly
-
+from .recipe import DROP_PATH_DEFAULT
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
@@ -33,16 +31,22 @@ class DistillConfig:
     epochs: int = option(10, "Passes over the images (one view each per epoch).")
     batch_size: int = option(64, "Views per step on each process.")
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
-    lr: float | None = option(None, "Peak learning rate [default: 1.2e-3 x global batch / 2048].")
+    lr: float | None = option(None, "Peak learning rate.", show_default="FD's 3e-4 x global batch / 512")
     min_lr: float | None = option(None, "Learning rate the cosine schedule ends at; 0 decays to zero.",
-                                  show_default="auto: 5e-6 x global batch / 512, FD's rule")
-    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position tables).")
-    warmup_epochs: float | None = option(None, "Linear warmup length in epochs [default: 10% of the run].")
+                                  show_default="FD's 5e-6 x global batch / 512")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position "
+                                        "embeddings; the bias tables decay, as FD's).")
+    warmup_epochs: float | None = option(None, "Linear warmup length in epochs.",
+                                         show_default="1/30 of --epochs: FD's 10 of 300")
     clip_grad: float = option(3.0, "Gradient norm clipping.", cli=False)
-    drop_path: float | None = option(None, "Stochastic depth rate [default: 0.1; 0.3 for large].")
+    decay_bias_tables: bool = option(True, "Weight decay on the relative position bias table, as FD (false: timm's "
+                                           "rule, which keeps it out, as fdpipe did before).", cli=False)
+    drop_path: float | None = option(None, "Stochastic depth rate, linear over depth.",
+                                     show_default=DROP_PATH_DEFAULT)
     image_size: int | None = option(None, "Student input size in pixels [default: the size whose grid matches the "
                                           "teacher's].")
-    patch_size: int = option(16, "Student patch size in pixels.")
+    patch_size: int | None = option(None, "Student patch size in pixels.",
+                                    show_default="the teacher's (14 for clip-l: FD's ViT-L/14 at 224), else 16")
     resample_grid: bool = option(False, "Bilinearly resample the student's patch tokens to the teacher grid.")
     # running
     workers: int = workers_option("DataLoader workers for decoding and cropping.")
@@ -137,8 +141,6 @@ class DistillConfig:
     def floor_lr(self, world: int) -> float:
         """The schedule's floor: --min-lr, else FD's 5e-6 per 512 images of the global batch (accumulation included,
         as FD scales it)."""
-        if self.min_lr is not None:
-            return self.min_lr
-        from ..training import scaled_lr
+        from .recipe import FD_MIN_LR, scaled
 
-        return scaled_lr(FD_MIN_LR, self.batch_size * self.accum_steps * world, FD_MIN_LR_BATCH)
+        return self.min_lr if self.min_lr is not None else scaled(FD_MIN_LR, self.batch_size * self.accum_steps * world)

@@ -20,7 +20,7 @@ import torch
 from ..augment import AugmentationPlan, ViewTransform, make_plan
 from ..data import open_source
 from ..errors import FdpipeError
-from ..models import Distiller, check_grid, create_student, fd_loss, matching_image_size, save_model
+from ..models import Distiller, check_grid, create_student, fd_loss, save_model
 from ..models.checkpoint import projector_filename, save_projector
 from ..models.distiller import MultiDistiller, TeacherShape, multi_fd_loss
 from ..replay import Replay, online_replay, open_replay, store_source, student_transform
@@ -28,11 +28,11 @@ from ..replay.epochs import check_stores_agree, teacher_names
 from ..runtime import JsonlLog
 from ..store import open_store
 from ..training import (LoopSettings, Position, RunFiles, Step, Trainer, adamw, barrier, make_schedule, plot_curves,
-                        scaled_lr, seed_everything, start_run, weight_decay_groups)
+                        fd_no_weight_decay, seed_everything, start_run, weight_decay_groups)
+from .recipe import resolve
 from .settings import DistillConfig
 
 STATE = "train_state.pt"
-BASE_LR, BASE_BATCH = 1.2e-3, 2048
 
 
 @dataclass
@@ -142,7 +142,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         teachers, source, tgs = _targets_online(cfg, device)
     multi, tg = len(tgs) > 1, tgs[0]
     names = [t.name for t in tgs]
-    image_size = cfg.image_size or matching_image_size(tg.grid, cfg.patch_size)
+    cfg = resolve(cfg, ranks.world, tg.description["teacher"])  # FD's recipe for what is unset: settings.yaml says it
+    image_size = cfg.image_size
     seed_everything(cfg.seed)  # the student's init must not depend on whether a teacher was built first
     student, spec = create_student(cfg.student, image_size=image_size, patch_size=cfg.patch_size,
                                    drop_path=cfg.drop_path)
@@ -169,14 +170,14 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         fingerprint = hashlib.sha256("\n".join(t.fingerprint for t in tgs).encode()).hexdigest()
 
     loop = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                        clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs, warmup_fraction=0.1,
-                        min_lr=cfg.floor_lr(ranks.world), max_steps=cfg.max_steps, save_every=cfg.save_every,
+                        clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs,
+                        min_lr=cfg.min_lr, max_steps=cfg.max_steps, save_every=cfg.save_every,
                         log_every=cfg.log_every, desc="distill", quiet=cfg.quiet)
-    global_batch = cfg.batch_size * cfg.accum_steps * ranks.world
-    peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(BASE_LR, global_batch, BASE_BATCH)
+    peak_lr = cfg.lr
     schedule = make_schedule(loop, data.samples_per_epoch, peak_lr)  # per epoch: streamed ranks' counts vary
 
-    skip = {f"student.{n}" for n in student.no_weight_decay()} if hasattr(student, "no_weight_decay") else set()
+    skip = fd_no_weight_decay(student) if cfg.decay_bias_tables else set(student.no_weight_decay())
+    skip = {f"student.{n}" for n in skip}
     model.no_weight_decay = lambda: skip  # timm's rule reads it
     optimizer = adamw(weight_decay_groups(model, cfg.weight_decay), peak_lr)
 

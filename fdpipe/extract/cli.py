@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..options import CONTEXT, click_options, settings_from_cli
+from ..options import CONTEXT, click_options, print_config, settings_from_cli
 from .settings import ExtractConfig
 
 
@@ -24,6 +24,7 @@ def extract(ctx: click.Context, **params: Any) -> None:
     from ..data import check_local_source  # a missing local --data answers now, not after torch loads
 
     check_local_source(cfg.data)
+    print_config(ctx, cfg)
     from .loop import extract as run_extract
 
     s = run_extract(cfg)

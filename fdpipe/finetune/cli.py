@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..options import CONTEXT, click_options, settings_from_cli
-from .recipe import table
+from ..options import CONTEXT, click_options, print_config, settings_from_cli
+from .recipe import resolve_settings, table
 from .settings import FinetuneConfig
 
 
@@ -27,6 +27,7 @@ def finetune(ctx: click.Context, **params: Any) -> None:
     check_local_source(cfg.data)
     check_local_source(cfg.val)
     check_local_store(cfg.teacher_store)
+    print_config(ctx, cfg, resolve_settings)
     from .train import finetune as run_finetune
 
     r = run_finetune(cfg)

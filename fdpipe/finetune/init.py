@@ -78,11 +78,10 @@ def _check_head(head_classes: int, num_classes: int, new_head: bool, what: str) 
 
 def from_distilled(weights: Path, config: dict[str, Any], num_classes: int, drop_path: float,
                    image_size: int | None) -> Init:
-    """FD student -> classifier: per-block tables copied from the shared one, mean pool, fc_norm, new head.
+    """FD student -> classifier: per-block tables copied from the shared one, mean pool, a fresh fc_norm, new head.
 
-    fc_norm starts from the student's final ``norm`` (its affine) rather than from ones/zeros: the student's
-    features are LayerNorm(token) with that affine, so the fine-tuned model's normalized tokens start equal to
-    them (timm normalizes after pooling, so the pooled vector is LayerNorm(mean) instead of mean(LayerNorm)).
+    fc_norm starts at ones/zeros, as in FD (its fine-tuning ViT has norm = Identity and a new fc_norm, so the
+    student's final norm is not loaded) and BEiT/MAE; every block's weights are the student's.
     """
     import safetensors.torch
 
@@ -92,10 +91,6 @@ def from_distilled(weights: Path, config: dict[str, Any], num_classes: int, drop
     if image_size is not None:
         args["img_size"] = image_size
     model = classifier_from_distilled(sd, args, num_classes, drop_path=drop_path, arch=config["architecture"])
-    if "norm.weight" in sd and isinstance(model.fc_norm, nn.LayerNorm):
-        with torch.no_grad():
-            model.fc_norm.weight.copy_(sd["norm.weight"])
-            model.fc_norm.bias.copy_(sd["norm.bias"])
     spec_args = {k: v for k, v in args.items() if k not in ("pretrained", "arch", "model_name")}
     spec_args.update(_CLASSIFIER_ARGS, num_classes=num_classes, drop_path_rate=drop_path)
     spec = StudentSpec(name=str(config.get("name", config["architecture"])), architecture=config["architecture"],
@@ -176,17 +171,33 @@ def from_checkpoint(init: str, num_classes: int, drop_path: float, image_size: i
     return Init(model, spec, "checkpoint", init, image_size or _image_size_of(spec.model_args))
 
 
+def _recorded_config(init: str, like: str | None) -> dict[str, Any] | None:
+    """The config.json of the run or checkpoint --init (or --like) names; None for a timm name or plain scratch."""
+    if init == "scratch" and like is None:
+        return None
+    p = Path(like if init == "scratch" else init).expanduser()
+    return _read_config(p if p.is_dir() else p.parent) if p.exists() else None
+
+
 def student_name(init: str, student: str = "fd-vit-tiny", like: str | None = None) -> str:
     """The name of the student --init starts from, read before any model is built (the recipe's size comes from it,
     and drop path is set when the model is built): --student or --like's run for scratch, a run or checkpoint's
     config.json name (its architecture if it has none), else --init itself (a timm name)."""
     if init == "scratch" and like is None:
         return student
-    p = Path(like if init == "scratch" else init).expanduser()
-    config = _read_config(p if p.is_dir() else p.parent) if p.exists() else None
+    config = _recorded_config(init, like)
     if config is None:  # a timm name, or a path build() refuses with its own line
         return init
     return str(config.get("name", config["architecture"]))
+
+
+def recorded_image_size(init: str, like: str | None = None) -> int | None:
+    """The input size the run or checkpoint was trained at (its config.json's img_size), read without building it.
+
+    A distilled student keeps it by default: its grid is the one its position tables were trained on, and the
+    teacher-matched grid is FD's 224 for FD's pairs (ViT-B/16 of CLIP-B/16, ViT-L/14 of CLIP-L/14)."""
+    config = _recorded_config(init, like)
+    return _image_size_of(config.get("model_args") or {}) if config is not None else None
 
 
 def build(init: str, num_classes: int, *, drop_path: float = 0.1, image_size: int | None = None,

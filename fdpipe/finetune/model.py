@@ -19,6 +19,7 @@ from timm.models.beit import checkpoint_filter_fn
 from timm.optim import param_groups_layer_decay
 
 from fdpipe.errors import FdpipeError
+from fdpipe.training.optim import fd_no_weight_decay
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 DEFAULT_DROP_PREFIXES: tuple[str, ...] = ("projector.", "proj_head.", "head.")
@@ -110,9 +111,10 @@ def layer_decay_param_groups(
     and depth+1 for fc_norm / head; each group gets ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` and an
     explicit ``lr = lr * lr_scale``. timm's schedulers multiply their value by ``lr_scale``, so they keep the ratio;
     a plain torch scheduler scales the explicit ``lr``, which is the same. No weight decay on 1-D parameters
-    (biases, norms, layer scale) or on the model's ``no_weight_decay()`` names (tokens, position and bias tables).
+    (biases, norms, layer scale) or on the model's ``no_weight_decay()`` names (tokens, position embeddings); the
+    relative position bias tables decay, as in FD (``training.fd_no_weight_decay``).
     """
-    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    no_wd = fd_no_weight_decay(model)
     groups = param_groups_layer_decay(
         model, weight_decay=weight_decay, no_weight_decay_list=no_wd, layer_decay=layer_decay
     )

@@ -11,7 +11,8 @@ from typing import Any
 from ..errors import FdpipeError
 from ..options import (device_option, option, quiet_option, seed_option, storage_options_option, weights_option,
                        workers_option)
-from .recipe import DROP_PATH_DEFAULT, LAYER_DECAY_DEFAULT, WARMUP_DEFAULT
+from .recipe import (DROP_PATH_DEFAULT, EPOCHS_DEFAULT, LAYER_DECAY_DEFAULT, LR_DEFAULT, MIN_LR_DEFAULT, PATCH_DEFAULT,
+                     WARMUP_DEFAULT)
 
 METHODS = ("ce", "core", "deit")
 DISTILL_KINDS = ("hard", "soft")
@@ -42,17 +43,20 @@ class FinetuneConfig:
     new_head: bool = option(False, "Replace a checkpoint's classifier head that has another class count.")
     student: str = option("fd-vit-tiny", "--init scratch: fd-vit-tiny|small|base|large or a timm ViT name.")
     like: str | None = option(None, "--init scratch: copy the architecture of this distilled run.", metavar="RUN")
-    image_size: int | None = option(None, "Input size in pixels [default: the checkpoint's; 224 for scratch].")
-    patch_size: int | None = option(None, "--init scratch: patch size in pixels [default: 16].")
+    image_size: int | None = option(None, "Input size in pixels [default: the checkpoint's (a distilled student's "
+                                          "teacher-matched size: 224 for FD's pairs); FD's 224 for scratch].")
+    patch_size: int | None = option(None, "--init scratch: patch size in pixels.", show_default=PATCH_DEFAULT)
     # recipe
-    epochs: int = option(100, "Passes over the training images.")
+    epochs: int | None = option(None, "Passes over the training images.", show_default=EPOCHS_DEFAULT)
     batch_size: int = option(64, "Images per step on each process.")
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
-    lr: float | None = option(None, "Peak learning rate of the head [default: 5e-4 x global batch / 256].")
-    min_lr: float = option(1e-6, "Cosine floor of the learning rate.")
+    lr: float | None = option(None, "Peak learning rate of the head (layer decay scales the blocks below).",
+                              show_default=LR_DEFAULT)
+    min_lr: float | None = option(None, "Cosine floor of the learning rate.", show_default=MIN_LR_DEFAULT)
     layer_decay: float | None = option(None, "Layer-wise lr decay: block i trains at decay^(depth-i).",
                                        show_default=LAYER_DECAY_DEFAULT)
-    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, bias tables).")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position "
+                                        "embeddings; the bias tables decay, as FD's).")
     warmup_epochs: float | None = option(None, "Linear warmup in epochs.", show_default=WARMUP_DEFAULT)
     drop_path: float | None = option(None, "Stochastic depth rate, linear over depth.", show_default=DROP_PATH_DEFAULT)
     smoothing: float = option(0.1, "Label smoothing.")
@@ -97,7 +101,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.min_crop <= 1:
             raise FdpipeError(f"--min-crop must be in (0, 1], the smallest area fraction of a crop (got {self.min_crop})")
@@ -109,7 +113,7 @@ class FinetuneConfig:
             raise FdpipeError(f"--method must be one of {', '.join(METHODS)} (got {self.method})")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise FdpipeError(f"--layer-decay must be in (0, 1] (got {self.layer_decay}); 1 turns it off")
-        if self.min_lr < 0:
+        if self.min_lr is not None and self.min_lr < 0:
             raise FdpipeError(f"--min-lr must be at least 0 (got {self.min_lr})")
         if self.drop_path is not None and not 0 <= self.drop_path < 1:
             raise FdpipeError(f"--drop-path must be in [0, 1) (got {self.drop_path})")

@@ -28,7 +28,7 @@ from ..models import save_model
 from ..replay import open_replay, student_transform
 from ..runtime import atomic_write_json
 from ..training import (LoopSettings, Position, RunFiles, Step, Trainer, barrier, make_schedule, plot_curves,
-                        scaled_lr, start_run)
+                        start_run)
 from . import init as inits
 from . import recipe as recipes
 from .core import CoreTuningLoss
@@ -40,7 +40,7 @@ from .settings import FinetuneConfig
 from .splits import setup_id, train_data, val_data, val_loader
 
 STATE = "train_state.pt"
-BASE_LR, BASE_BATCH = 5e-4, 256  # MAE/FD fine-tuning: base lr 5e-4 per 256 images, scaled linearly
+EVAL_CROP = 0.875  # FD's evaluation: resize to 256/224 of the size, centre crop (data_finetune.py), for every init
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -62,6 +62,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE, stage="finetune",
                                                settings=cfg, inputs={"--init": cfg.init, "--like": cfg.like})
+    cfg = recipes.resolve_settings(cfg, ranks.world)  # the size's recipe for what is unset: settings.yaml says it
 
     td = train_data(cfg)
     vd = val_data(cfg, td)
@@ -78,6 +79,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     init = inits.build(cfg.init, k, drop_path=recipe.drop_path, image_size=cfg.image_size, student=cfg.student,
                        patch_size=cfg.patch_size, like=cfg.like, new_head=cfg.new_head)
     base = init.model
+    base.pretrained_cfg = {**(getattr(base, "pretrained_cfg", None) or {}), "crop_pct": EVAL_CROP}  # config.json too
     data_cfg = timm.data.resolve_model_data_config(base)
     image_size = cfg.image_size or init.image_size or int(data_cfg["input_size"][-1])
     data_cfg["input_size"] = (3, image_size, image_size)
@@ -116,8 +118,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
         mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.smoothing,
                       num_classes=k)
-    global_batch = cfg.batch_size * cfg.accum_steps * ranks.world
-    peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(BASE_LR, global_batch, BASE_BATCH)
+    peak_lr = cfg.lr
     schedule = make_schedule(loop, per_epoch, peak_lr)
     optimizer = build_optimizer(net, peak_lr, cfg.weight_decay, recipe.layer_decay)
     setup = setup_id(cfg, td)

@@ -17,11 +17,12 @@ from fdpipe.errors import FdpipeError
 from ._helpers import _first_line, _json_able
 
 # FD students: a timm Beit with a shared relative position bias, no absolute position embedding, layer scale 0.1 and
-# q/v bias. Drop path (linear over depth) is 0.1 up to base size and 0.3 for large, as in FD/BEiT recipes.
+# q/v bias. Drop path (linear over depth) is FD's pretraining rate: 0.2 base, 0.3 large, 0.1 (DeiT's) below (distill's
+# recipe, fdpipe/distill/recipe.py, passes the same).
 STUDENTS: dict[str, dict[str, Any]] = {
     "fd-vit-tiny": dict(embed_dim=192, depth=12, num_heads=3, drop_path_rate=0.1),
     "fd-vit-small": dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1),
-    "fd-vit-base": dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1),
+    "fd-vit-base": dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.2),
     "fd-vit-large": dict(embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.3),
 }
 
@@ -77,7 +78,7 @@ def create_student(name: str, *, image_size: int, patch_size: int | None = None,
     """A randomly initialized student and the plain-timm recipe that rebuilds it.
 
     patch_size: 16 for fd-vit-* when None; for other timm ViTs None keeps the model's own.
-    drop_path: None takes the table's default (0.1, 0.3 for large; 0.1 for other timm ViTs).
+    drop_path: None takes the table's default (0.1, 0.2 base, 0.3 large; 0.1 for other timm ViTs).
     """
     if image_size <= 0:
         raise FdpipeError(f"student image size must be positive, got {image_size}")

@@ -32,6 +32,14 @@ def adamw(param_groups: Iterable[dict[str, Any]], lr: float, betas=(0.9, 0.999))
     return torch.optim.AdamW(list(param_groups), lr=lr, betas=betas)
 
 
+def fd_no_weight_decay(model: nn.Module) -> set[str]:
+    """The parameters kept out of weight decay besides the 1-D ones, as FD keeps them: the model's no_weight_decay()
+    less the relative position bias tables, which timm's Beit lists but FD's ViT does not (it names pos_embed and
+    cls_token only, so its 2-D bias tables decay like every other matrix, in distillation and in fine-tuning)."""
+    names = set(getattr(model, "no_weight_decay", lambda: set())())
+    return {n for n in names if "relative_position_bias_table" not in n}
+
+
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No decay on 1-D parameters (norms, biases, layer scale), tokens and position tables (timm's rule)."""
     from timm.optim import param_groups_weight_decay

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
-from ..options import (device_option, option, quiet_option, seed_option, storage_options_option, weights_option,
-                       workers_option)
+from ..options import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_PATCH_SIZE, check_bounds, device_option, option,
+                       quiet_option, seed_option, storage_options_option, weights_option, workers_option)
 from .recipe import DROP_PATH_DEFAULT, LAYER_DECAY_DEFAULT, WARMUP_DEFAULT
 
 METHODS = ("ce", "core", "deit")
@@ -38,24 +38,26 @@ class FinetuneConfig:
     labels_per_class: int | None = option(None, "Label-scarce run: the first K images of each class in a seeded "
                                                 "order.")
     # model
-    num_classes: int | None = option(None, "Head width [default: the classes in --data].")
+    num_classes: int | None = option(None, "Head width [default: the classes in --data].", max=MAX_CLASSES)
     new_head: bool = option(False, "Replace a checkpoint's classifier head that has another class count.")
     student: str = option("fd-vit-tiny", "--init scratch: fd-vit-tiny|small|base|large or a timm ViT name.")
     like: str | None = option(None, "--init scratch: copy the architecture of this distilled run.", metavar="RUN")
-    image_size: int | None = option(None, "Input size in pixels [default: the checkpoint's; 224 for scratch].")
-    patch_size: int | None = option(None, "--init scratch: patch size in pixels [default: 16].")
+    image_size: int | None = option(None, "Input size in pixels [default: the checkpoint's; 224 for scratch].",
+                                    max=MAX_IMAGE_SIZE)
+    patch_size: int | None = option(None, "--init scratch: patch size in pixels [default: 16].", min=1,
+                                    max=MAX_PATCH_SIZE)
     # recipe
     epochs: int = option(100, "Passes over the training images.")
     batch_size: int = option(64, "Images per step on each process.")
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
-    lr: float | None = option(None, "Peak learning rate of the head [default: 5e-4 x global batch / 256].")
+    lr: float | None = option(None, "Peak learning rate of the head [default: 5e-4 x global batch / 256].", min=0)
     min_lr: float = option(1e-6, "Cosine floor of the learning rate.")
     layer_decay: float | None = option(None, "Layer-wise lr decay: block i trains at decay^(depth-i).",
                                        show_default=LAYER_DECAY_DEFAULT)
-    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, bias tables).")
-    warmup_epochs: float | None = option(None, "Linear warmup in epochs.", show_default=WARMUP_DEFAULT)
+    weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, bias tables).", min=0)
+    warmup_epochs: float | None = option(None, "Linear warmup in epochs.", show_default=WARMUP_DEFAULT, min=0)
     drop_path: float | None = option(None, "Stochastic depth rate, linear over depth.", show_default=DROP_PATH_DEFAULT)
-    smoothing: float = option(0.1, "Label smoothing.")
+    smoothing: float = option(0.1, "Label smoothing.", min=0, max=1)
     mixup: bool | None = option(None, "timm Mixup (alpha 0.8) / CutMix (alpha 1.0) on the batch.",
                                 show_default="on for ce and live deit, off otherwise")
     mixup_alpha: float = option(0.8, "Mixup's Beta(alpha, alpha).", cli=False)
@@ -90,18 +92,19 @@ class FinetuneConfig:
     resume: bool = option(False, "Continue from OUT/train_state.pt (refused for other settings).")
     log_every: int = option(10, "Steps whose records reach metrics.jsonl together: one wait for the GPU per group, "
                                 "not per step (every step still gets its record).")
-    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
-    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule spans them).")
+    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).", min=0)
+    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule spans them).", min=1)
     storage_options: dict[str, Any] = storage_options_option()
     quiet: bool = quiet_option("No progress bar or per-epoch lines.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)  # the bounds the fields declare, for settings built in Python (the CLI checks on parsing)
         for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.min_crop <= 1:
             raise FdpipeError(f"--min-crop must be in (0, 1], the smallest area fraction of a crop (got {self.min_crop})")
-        for name in ("train_limit", "labels_per_class", "val_limit", "num_classes", "image_size", "max_steps"):
+        for name in ("train_limit", "labels_per_class", "val_limit", "num_classes", "image_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")

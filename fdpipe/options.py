@@ -9,7 +9,9 @@ a fresh field each time. This module sits below the stages and imports none of t
 
 A numeric field may declare its bounds (`option(..., min=, max=)`): the CLI and --config refuse a value outside them
 in one line (exit 1, like the dataclasses' own checks), the help shows the range, and `check_bounds(settings)` holds
-a dataclass built in Python to the same bounds.
+a dataclass built in Python to the same bounds. Every float (a field's, a pair's, a parsed list's) must also be
+finite unless its field says `finite=False`: NaN passes every comparison, so a bound alone would let it through to
+the optimizer, and `--lr inf` trains a NaN student.
 
 A field may be repeatable (`option(..., multiple=True)` on a `tuple[X, ...]` field): `--x A --x B` gives (A, B), each
 value converted as a single one would be (its parser, choices, path kind and bounds); a --config file gives a list,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -74,13 +77,14 @@ class Meta:
     min: float | None = None
     max: float | None = None
     multiple: bool = False
+    finite: bool = True
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None,
            choices: typing.Sequence[str] | None = None, metavar: str | None = None, show_default: str | None = None,
            parse: Callable[[Any], Any] | None = None, show: Callable[[Any], str] | None = None,
            path: str | None = None, argument: bool = False, cli: bool = True, secret: bool = False,
-           min: float | None = None, max: float | None = None, multiple: bool = False) -> Any:
+           min: float | None = None, max: float | None = None, multiple: bool = False, finite: bool = True) -> Any:
     """A settings field (dataclasses.field) with its command-line form.
 
     default / default_factory: as for dataclasses.field; a field with neither is a required option.
@@ -95,12 +99,13 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     secret: left out of write_settings (credentials).
     min, max: the bounds of an int or float field (either may be None), refused in one line (see `Bounded`).
     multiple: a repeatable option on a tuple[X, ...] field (default () for none): each value is an X.
+    finite: False lets the field's floats be NaN or inf (refused in one line otherwise, as a value out of bounds).
     The click type comes from the field's annotation: int, float, str, tuple[float, float] (nargs 2); a bool is a
     flag (--x), or the pair --x/--no-x when it may be None.
     """
     m = Meta(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, metavar=metavar,
              show_default=show_default, parse=parse, show=show, path=path, argument=argument, cli=cli, secret=secret,
-             min=min, max=max, multiple=multiple)
+             min=min, max=max, multiple=multiple, finite=finite)
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={_KEY: m})
     return dataclasses.field(default=default, metadata={_KEY: m})
@@ -184,6 +189,10 @@ def device_option(help: str = "Where the model runs; auto picks CUDA when there 
 
 MAX_SEED = 2**32 - 1  # what numpy's global seed takes
 MAX_WORKERS = 256
+MAX_CLASSES = 100_000  # a head width and the integer labels of a source: ImageNet-21k has 21,843 classes
+# a model's input size: one 16-px patch at least, and no more than 4096 px (a view is then 200 MB of float32 pixels)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
+MAX_PATCH_SIZE = 64  # a student's patch: its embedding is a conv of that kernel (1000 px took minutes to initialise)
 
 
 def seed_option(help: str) -> Any:
@@ -242,8 +251,17 @@ def weights_option(help: str = "Teacher weights: safetensors, a timm state dict,
 # ------------------------------------------------------------------------------------------------- bounds
 
 
-def bound_problem(value: float, lo: float | None, hi: float | None) -> str | None:
-    """'must be at least 1 (got 0)' for a value outside [lo, hi], else None."""
+def _range(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo} to {hi}"
+    return f", at least {lo}" if lo is not None else f", at most {hi}" if hi is not None else ""
+
+
+def bound_problem(value: float, lo: float | None, hi: float | None, finite: bool = True) -> str | None:
+    """'must be at least 1 (got 0)' for a value outside [lo, hi], 'must be a finite number, at least 0 (got nan)'
+    for a float that is NaN or inf (unless not `finite`), else None."""
+    if finite and isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{_range(lo, hi)} (got {value})"
     if lo is not None and value < lo:
         return f"must be at least {lo} (got {value})"
     if hi is not None and value > hi:
@@ -251,48 +269,64 @@ def bound_problem(value: float, lo: float | None, hi: float | None) -> str | Non
     return None
 
 
+def values_problem(value: Any, m: Meta) -> str | None:
+    """bound_problem of a field's value, or of each number of a tuple or list value (a pair, a repeated option, a
+    parsed list); None for values that are not numbers."""
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            problem = bound_problem(v, m.min, m.max, m.finite)
+            if problem:
+                return problem
+    return None
+
+
 def check_bounds(cfg: Any) -> None:
     """Hold a settings dataclass built in Python to its fields' declared bounds (the CLI checks them on parsing)."""
     for f in dataclasses.fields(cfg):
         m = f.metadata.get(_KEY)
-        value = getattr(cfg, f.name)
-        if m is None or (m.min is None and m.max is None):
-            continue
-        for v in value if m.multiple and isinstance(value, (tuple, list)) else (value,):
-            problem = bound_problem(v, m.min, m.max) if isinstance(v, (int, float)) else None
-            if problem:
-                raise FdpipeError(f"{m.flag or '--' + f.name.replace('_', '-')} {problem}")
+        problem = values_problem(getattr(cfg, f.name), m) if m is not None else None
+        if problem:
+            raise FdpipeError(f"{m.flag or '--' + f.name.replace('_', '-')} {problem}")
 
 
 class Bounded(click.IntRange):
     """An int (or float) within bounds whose out-of-range value is a one-line FdpipeError (exit 1, as the settings'
     own checks), while text that is not a number stays a usage error; click shows the range in the help."""
 
-    def __init__(self, kind: type, lo: float | None, hi: float | None):
+    def __init__(self, kind: type, lo: float | None, hi: float | None, finite: bool = True):
         super().__init__(lo, hi)
         self.kind = click.INT if kind is int else click.FLOAT
         self.name = self.kind.name
+        self.finite = finite
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         value = self.kind.convert(value, param, ctx)
-        problem = bound_problem(value, self.min, self.max)
+        problem = bound_problem(value, self.min, self.max, self.finite)
         if problem:
-            flag = param.opts[0] if param is not None and param.opts else "the value"
-            raise FdpipeError(f"{flag} {problem}")
+            raise FdpipeError(f"{_flag(param)} {problem}")
         return value
+
+
+def _flag(param: click.Parameter | None) -> str:
+    return param.opts[0] if param is not None and param.opts else "the value"
 
 
 # ------------------------------------------------------------------------------------------ fields -> click
 
 
 class _Parsed(click.ParamType):
-    """A click type that runs a field's parser (on the option's text or a --config value)."""
+    """A click type that runs a field's parser (on the option's text or a --config value), then holds the numbers
+    it gives to the field's bounds."""
 
-    def __init__(self, parse: Callable[[Any], Any], name: str):
-        self.parse, self.name = parse, name
+    def __init__(self, parse: Callable[[Any], Any], name: str, m: Meta):
+        self.parse, self.name, self.meta = parse, name, m
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return self.parse(value)
+        value = self.parse(value)
+        problem = values_problem(value, self.meta)
+        if problem:
+            raise FdpipeError(f"{_flag(param)} {problem}")
+        return value
 
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:
@@ -306,7 +340,7 @@ def _unwrap(hint: Any) -> tuple[Any, bool]:
 
 def _click_type(hint: Any, m: Meta) -> Any:
     if m.parse is not None:
-        return _Parsed(m.parse, (m.metavar or "text").lower())
+        return _Parsed(m.parse, (m.metavar or "text").lower(), m)
     if m.choices is not None:
         return click.Choice(m.choices)
     if m.path is not None:
@@ -314,10 +348,10 @@ def _click_type(hint: Any, m: Meta) -> Any:
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
-            return args[0]
-        return args
-    if hint in (int, float) and (m.min is not None or m.max is not None):
-        return Bounded(hint, m.min, m.max)
+            return _click_type(args[0], m)
+        return tuple(_click_type(a, m) for a in args)
+    if hint is float or hint is int and (m.min is not None or m.max is not None):
+        return Bounded(hint, m.min, m.max, m.finite)
     if hint in (int, float, str):
         return hint
     raise TypeError(f"no click type for {hint!r}; give the field a parse= function")
@@ -415,6 +449,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
                 yaml.load(text, Loader=_unique_keys_loader(f"--config {path}")))
     except (ValueError, yaml.YAMLError) as e:  # their messages span lines
         raise FdpipeError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())}); fix the file") from None
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise FdpipeError(f"--config {path}: nested too deep to read; a settings file holds flat "
+                          "`name: value` lines") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -680,6 +680,156 @@ def test_a_store_of_too_many_shards_is_refused_before_its_draft(tmp_path):
     assert not (tmp_path / "s" / "manifest.draft.json").exists()
 
 
+# ------------------------------------------------------------------------------------------------------ numbers
+# (issue 30) numbers no recipe can use: one line naming the option and the range it may take, before any work;
+# each before: exit 0 (a NaN or untrained student), a traceback, a hang or an allocation of petabytes
+NUMBERS = [
+    ("distill", "--lr", "nan", "--lr must be a finite number, at least 0 (got nan)"),  # a torch ValueError
+    ("distill", "--lr", "inf", "--lr must be a finite number, at least 0 (got inf)"),  # a NaN student, exit 0
+    ("distill", "--lr", -1, "--lr must be at least 0 (got -1.0)"),
+    ("distill", "--min-lr", "nan", "--min-lr must be a finite number, at least 0 (got nan)"),
+    ("distill", "--weight-decay", "inf", "--weight-decay must be a finite number, at least 0 (got inf)"),
+    ("distill", "--warmup-epochs", "nan", "--warmup-epochs must be a finite number, at least 0 (got nan)"),
+    ("distill", "--warmup-epochs", -1, "--warmup-epochs must be at least 0 (got -1.0)"),
+    ("distill", "--save-every", -1, "--save-every must be at least 0 (got -1)"),
+    ("distill", "--max-steps", -1, "--max-steps must be at least 1 (got -1)"),
+    ("distill", "--max-steps", 0, "--max-steps must be at least 1 (got 0)"),  # saved an untrained student
+    ("distill", "--drop-path", -0.5, "--drop-path must be at least 0 (got -0.5)"),
+    ("distill", "--drop-path", 2, "--drop-path must be at most 1 (got 2.0)"),
+    ("distill", "--image-size", 100_000, "--image-size must be at most 4096 (got 100000)"),
+    ("distill", "--patch-size", 1000, "--patch-size must be at most 64 (got 1000)"),  # hung
+    ("finetune", "--smoothing", 1.5, "--smoothing must be at most 1 (got 1.5)"),
+    ("finetune", "--num-classes", 10**9, "--num-classes must be at most 100000 (got 1000000000)"),
+    ("analyze", "--alphas", "nan,inf", "--alphas must be a finite number (got nan)"),
+]
+
+
+def _stage(command: str, bases: dict[str, Path], photos: Path, out: Path) -> list[Any]:
+    """A command of `command` that runs as it is, into `out`."""
+    return {"distill": ["distill", "--store", bases["zarr"], "--out", out, *DISTILL],
+            "finetune": ["finetune", "--init", "scratch", "--out", out, *(a.format(photos=photos) for a in FINETUNE)],
+            "analyze": ["analyze", "vit_tiny_patch16_224@init", "--data", photos, "--out", out, "--images", "2",
+                        "--quiet"]}[command]
+
+
+@pytest.mark.parametrize("command,flag,value,message", NUMBERS,
+                         ids=[f"{c}{f}={v}" for c, f, v, _ in NUMBERS])
+def test_a_number_out_of_range_is_one_line_naming_the_range(server, bases, photos, tmp_path, command, flag, value,
+                                                            message):
+    out = tmp_path / "out"
+    o = server.run(*_stage(command, bases, photos, out), flag, value, label="numbers")
+    assert o.refusal_problem(message) is None
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"{flag[2:]}: {value}\n")
+    o = server.run(*_stage(command, bases, photos, out), "--config", config, label="numbers")
+    assert o.refusal_problem(f"--config {config}: {message}") is None
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cls,values,message", [
+    ("fdpipe.distill.settings.DistillConfig", dict(store="s", lr=float("nan")), "--lr must be a finite number"),
+    ("fdpipe.finetune.settings.FinetuneConfig", dict(init="scratch", data="d", smoothing=1.5),
+     "--smoothing must be at most 1"),
+    ("fdpipe.analyze.settings.AnalyzeConfig", dict(checkpoints=("c",), data="d", alphas=(0.0, float("inf"))),
+     "--alphas must be a finite number"),
+], ids=["distill", "finetune", "analyze"])
+def test_settings_built_in_python_refuse_the_same_numbers(tmp_path, cls, values, message):
+    import importlib
+
+    from fdpipe.errors import FdpipeError
+
+    module, name = cls.rsplit(".", 1)
+    with pytest.raises(FdpipeError, match=message):
+        getattr(importlib.import_module(module), name)(out=str(tmp_path), **values)
+
+
+@pytest.mark.parametrize("label,kind,command", [
+    (-5, "csv", "extract"), (-5, "csv", "finetune"),  # recorded in the store, and fine-tuned on, before
+    (-3, "csv", "finetune"),  # a traceback in the loss
+    (10**12, "csv", "finetune"), (2**63 - 1, "parquet", "finetune"),  # a head of 10^12 classes: an allocation error
+], ids=["csv-5-extract", "csv-5", "csv-3", "csv-10^12", "parquet-2^63-1"])
+def test_an_integer_label_that_is_no_class_index_is_one_line(server, photos, tmp_path, label, kind, command):
+    images = [str(p) for p in sorted(photos.rglob("*.png"))[:2]]
+    if kind == "csv":
+        data = _csv(tmp_path, [f"{images[0]},0", f"{images[1]},{label}"], "path,label")
+    else:
+        data = tmp_path / "list.parquet"
+        pq.write_table(pa.table({"path": images, "label": pa.array([0, label], pa.int64())}), data)
+    out = tmp_path / "out"
+    args = {"extract": ["extract", "--data", data, "--out", out, *EXTRACT],
+            "finetune": ["finetune", "--init", "scratch", "--data", data, "--val", data, "--out", out,
+                         *FINETUNE[4:]]}[command]
+    o = server.run(*args, label="numbers")
+    assert o.refusal_problem(f"{data} row 1 has label {label}; integer labels are class indices from 0 to "
+                             "99,999") is None
+    assert not out.exists()
+
+
+HUGE = "asks for a model of 1.7e+12 parameters (embed_dim 60000, depth 40), more than the 4 billion fdpipe builds"
+
+
+def test_a_checkpoint_asking_for_a_huge_model_is_one_line(server, distill_run, photos, tmp_path):
+    """A config.json whose model_args ask for embed_dim 60000 and depth 40: timm started allocating 7 TB."""
+    run = Path(shutil.copytree(distill_run, tmp_path / "huge"))
+    config = json.loads((run / "config.json").read_text())
+    config["model_args"].update(embed_dim=60_000, depth=40)
+    (run / "config.json").write_text(json.dumps(config))
+    finetune = [a.format(photos=photos) for a in FINETUNE]
+    for args in (["finetune", "--init", run, "--out", tmp_path / "ft", *finetune],
+                 ["finetune", "--init", "scratch", "--like", run, "--out", tmp_path / "ft", *finetune],
+                 ["analyze", run, "--data", photos, "--out", tmp_path / "an", "--images", "2", "--quiet"],
+                 ["analyze", f"{run}@init", "--data", photos, "--out", tmp_path / "an", "--images", "2", "--quiet"]):
+        o = server.run(*args, label="numbers")
+        assert o.refusal_problem(HUGE) is None, args[:4]
+
+
+def test_a_student_of_too_many_patches_is_one_line(server, bases, tmp_path):
+    """4096 px in 1 px patches is within each option's bounds; its 16.7 million tokens are not."""
+    o = server.run("distill", "--store", bases["zarr"], "--out", tmp_path / "run", *DISTILL, "--image-size", 4096,
+                   "--patch-size", 1, label="numbers")
+    assert o.refusal_problem("asks for a 4096x4096 patch grid (img_size 4096, patch_size 1), more than the 128x128")\
+        is None
+
+
+def test_a_loss_that_turns_non_finite_stops_and_keeps_the_last_finite_state(server, bases, distill_run, tmp_path):
+    """--lr 1e30 is finite, so the settings take it; the first step at it makes the weights huge and the next loss
+    NaN. The run stops naming that step, exit 1, with train_state.pt from the step before and the student of the
+    earlier run as it was: nothing trained on the NaN is saved."""
+    import torch
+
+    run = Path(shutil.copytree(distill_run, tmp_path / "run"))
+    student = (run / "student.safetensors").read_bytes()
+    before = torch.load(run / "train_state.pt", weights_only=True)["position"]["step"]
+    o = server.run("distill", "--store", bases["zarr"], "--out", run, "--resume", "--epochs", "3", "--batch-size", "2",
+                   "--workers", "0", "--quiet", "--lr", "1e30", "--warmup-epochs", "0", "--save-every", "1",
+                   label="numbers")
+    assert o.refusal_problem(f"step {before + 2} (epoch 1): the loss is not finite (NaN or inf)") is None
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    assert state["position"]["step"] == before + 1
+    assert all(bool(t.isfinite().all()) for t in state["model"].values() if t.is_floating_point())
+    assert (run / "student.safetensors").read_bytes() == student
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name,text,message", [
+    ("c.yaml", "lr: .nan\n", "--lr must be a finite number, at least 0 (got nan)"),  # a torch ValueError before
+    ("c.json", '{"lr": NaN}', "--lr must be a finite number, at least 0 (got nan)"),
+    ("c.yaml", "clip_grad: .inf\n", "--clip-grad must be a finite number, at least 0 (got inf)"),  # not an option
+    ("c.yaml", "crop_scale: [.nan, 1.0]\n", "--crop-scale must be a finite number (got nan)"),
+    ("c.yaml", "lr: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested too deep to read"),  # a RecursionError before
+    ("c.yaml", "".join(" " * i + "a:\n" for i in range(10_000)), "nested too deep to read"),
+    ("c.json", '{"lr": ' + "[" * 10_000 + "]" * 10_000 + "}", "nested too deep to read"),
+], ids=["yaml-nan", "json-nan", "yaml-inf-not-an-option", "nan-in-pair", "yaml-lists-10^4-deep",
+        "yaml-mappings-10^4-deep", "json-10^4-deep"])
+def test_a_config_of_non_finite_or_deeply_nested_values_is_one_line(server, bases, tmp_path, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    out = tmp_path / "run"
+    o = server.run("distill", "--store", bases["zarr"], "--out", out, *DISTILL, "--config", config, label="configs")
+    assert o.refusal_problem(f"--config {config}: {message}") is None
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- drafts, locks
 def _synthetic(tmp_path: Path, name: str, key_prefix: str = "", n: int = 5) -> str:
     """A small synthetic store (conftest's) whose keys carry `key_prefix`."""

@@ -159,7 +159,7 @@ def _create_random(arch: str, seed: int, **kwargs: Any) -> tuple[nn.Module, torc
 
 def _build(spec: CheckpointSpec, image_size: int | None, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """The model and what is known about where it came from (architecture, run dir, config, init seed)."""
-    from ..models import create_teacher, load_model, resolve_teacher_name
+    from ..models import check_model_size, create_teacher, load_model, resolve_teacher_name
 
     size = {"img_size": image_size} if image_size else {}
     info: dict[str, Any] = {"run_dir": None, "config": {}, "init_seed": None, "rng_after_init": None}
@@ -170,6 +170,7 @@ def _build(spec: CheckpointSpec, image_size: int | None, seed: int) -> tuple[nn.
             s = _recorded_seed(config)
             info["init_seed"] = seed if s is None else s
             args = {**config.get("model_args", {}), **size}
+            check_model_size(args, str(run_dir / "config.json"))
             model, info["rng_after_init"] = _create_random(config["architecture"], info["init_seed"], **args)
             return model, info
         with warnings.catch_warnings():  # timm's rel-pos table resampling warns about torch internals

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FdpipeError
-from ..options import device_option, option, parse_floats, quiet_option, seed_option, show_floats
+from ..options import (MAX_IMAGE_SIZE, check_bounds, device_option, option, parse_floats, quiet_option, seed_option,
+                       show_floats)
 
 DEFAULT_ALPHAS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
@@ -21,7 +22,7 @@ class AnalyzeConfig:
     out: str = option(help="Directory for the PNGs, analysis.json, attention_maps.npz and analysis.md.", path="dir")
     images: int = option(32, "Number of images N (the first N of --data that decode).")
     image_size: int | None = option(None, "Input size in pixels for every checkpoint; timm resamples position tables "
-                                          "[default: each model's own input size].")
+                                          "[default: each model's own input size].", max=MAX_IMAGE_SIZE)
     batch_size: int = option(8, "Images per forward pass.")
     device: str = device_option("Where the models run (float32); auto picks CUDA when there is one.")
     seed: int = seed_option("Seeds @init models (distill runs use their recorded seed) and the landscape's random "
@@ -37,6 +38,7 @@ class AnalyzeConfig:
     quiet: bool = quiet_option()
 
     def __post_init__(self) -> None:
+        check_bounds(self)  # the bounds the fields declare, for settings built in Python (the CLI checks on parsing)
         if not self.checkpoints:
             raise FdpipeError("name at least one checkpoint to analyze (a run directory, a timm name, or NAME@init)")
         for name in ("images", "batch_size", "directions"):

@@ -27,7 +27,7 @@ Decisions (see also `decode_rgb`):
   webdataset) decode it, so a plain reader of the store applies them to the same pixels.
 - No colour management: embedded ICC profiles are ignored and CMYK uses PIL's conversion, as torchvision does.
 - Labels given as strings (CSV/parquet `label`, wds `cls`) become sorted class names -> 0..K-1; integer labels are
-  used as they are and `classes` is None.
+  used as they are (class indices: 0 to 99,999, `options.MAX_CLASSES`, or the source is refused) and `classes` is None.
 - `spec` is absolute for local paths so a store can reopen its source from any working directory; `limit` and
   `storage_options` are not part of it (credentials must not end up in a store).
 """

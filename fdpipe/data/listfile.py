@@ -32,7 +32,7 @@ class ListSource(ImageSource):
         if bad:
             raise FdpipeError(f"{spec} row {bad[0]} has an empty 'path'; fill it in or drop the row")
         raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
-        self.labels, self.classes = _encode_labels(raw_labels)
+        self.labels, self.classes = _encode_labels(raw_labels, lambda i: f"{spec} row {i}")
         base_dir = posixpath.dirname(list_path)
         self._urls = [self._resolve(fs, base_dir, p.strip()) for p in paths]
         if "key" in table.column_names:  # keys as given, made safe: no dots, no leading '/', no empty parts

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
 from PIL import Image
 
+from ..errors import FdpipeError
+from ..options import MAX_CLASSES
 from .decode import ImageReadError, Sample, _one_line
 
 
-def _encode_labels(raw: Sequence[Any]) -> tuple[list[int | None], list[str] | None]:
-    """Integers stay as they are; strings become sorted class names -> 0..K-1; None and '' stay None."""
+def _encode_labels(raw: Sequence[Any], name: Callable[[int], str]) -> tuple[list[int | None], list[str] | None]:
+    """Integers stay as they are; strings become sorted class names -> 0..K-1; None and '' stay None.
+
+    An integer label is a class index, so it must be one a head can have (0 to MAX_CLASSES - 1): a label of 10^12
+    would size the head (max label + 1 classes) at 10^12. name(i) names item i in the refusal.
+    """
     values: list[Any] = [None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else v for v in raw]
     present = [v for v in values if v is not None]
     as_int: list[int] = []
     try:
         for v in present:
-            f = float(v)
-            if not f.is_integer():
+            f = v if isinstance(v, int) else float(v)  # an int64 near 2^63 stays exact
+            if not float(f).is_integer():
                 raise ValueError(v)
             as_int.append(int(f))
     except (TypeError, ValueError):
@@ -30,7 +36,12 @@ def _encode_labels(raw: Sequence[Any]) -> tuple[list[int | None], list[str] | No
         index = {c: i for i, c in enumerate(classes)}
         return [None if v is None else index[str(v).strip()] for v in values], classes
     it = iter(as_int)
-    return [None if v is None else next(it) for v in values], None
+    labels = [None if v is None else next(it) for v in values]
+    bad = next((i for i, v in enumerate(labels) if v is not None and not 0 <= v < MAX_CLASSES), None)
+    if bad is not None:
+        raise FdpipeError(f"{name(bad)} has label {labels[bad]}; integer labels are class indices from 0 to "
+                          f"{MAX_CLASSES - 1:,}: number the classes from 0, or give them as names")
+    return labels, None
 
 
 class ImageSource:

@@ -60,7 +60,7 @@ class WdsSource(ImageSource):
             )
         self._members = members
         labels_raw = [None if c is None else c.decode("utf-8", "replace").strip() for c in raw_cls]
-        self.labels, self.classes = _encode_labels(labels_raw)
+        self.labels, self.classes = _encode_labels(labels_raw, lambda i: f"{urls[members[i].shard]}#{raw_keys[i]}")
         entries = [(sanitize_key(k), "", f"{urls[m.shard]}#{k}") for k, m in zip(raw_keys, members)]
         self.keys = _unique_keys(entries)
         _apply_limit(limit, self.keys, self.labels, self._members)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
-from ..options import (cache_dir_option, crop_scale_option, device_option, option, parse_floats, quiet_option,
-                       seed_option, show_floats, storage_options_option, views_option, workers_option)
+from ..options import (MAX_IMAGE_SIZE, MAX_PATCH_SIZE, MIN_IMAGE_SIZE, cache_dir_option, check_bounds,
+                       crop_scale_option, device_option, option, parse_floats, quiet_option, seed_option, show_floats,
+                       storage_options_option, views_option, workers_option)
 from .recipe import DROP_PATH_DEFAULT
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,22 +32,23 @@ class DistillConfig:
     epochs: int = option(10, "Passes over the images (one view each per epoch).")
     batch_size: int = option(64, "Views per step on each process.")
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
-    lr: float | None = option(None, "Peak learning rate.", show_default="FD's 3e-4 x global batch / 512")
+    lr: float | None = option(None, "Peak learning rate.", show_default="FD's 3e-4 x global batch / 512", min=0)
     min_lr: float | None = option(None, "Learning rate the cosine schedule ends at; 0 decays to zero.",
-                                  show_default="FD's 5e-6 x global batch / 512")
+                                  show_default="FD's 5e-6 x global batch / 512", min=0)
     weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position "
-                                        "embeddings; the bias tables decay, as FD's).")
+                                        "embeddings; the bias tables decay, as FD's).", min=0)
     warmup_epochs: float | None = option(None, "Linear warmup length in epochs.",
-                                         show_default="1/30 of --epochs: FD's 10 of 300")
-    clip_grad: float = option(3.0, "Gradient norm clipping.", cli=False)
+                                         show_default="1/30 of --epochs: FD's 10 of 300", min=0)
+    clip_grad: float = option(3.0, "Gradient norm clipping.", cli=False, min=0)
     decay_bias_tables: bool = option(True, "Weight decay on the relative position bias table, as FD (false: timm's "
                                            "rule, which keeps it out, as fdpipe did before).", cli=False)
     drop_path: float | None = option(None, "Stochastic depth rate, linear over depth.",
-                                     show_default=DROP_PATH_DEFAULT)
+                                     show_default=DROP_PATH_DEFAULT, min=0, max=1)
     image_size: int | None = option(None, "Student input size in pixels [default: the size whose grid matches the "
-                                          "teacher's].")
+                                          "teacher's].", min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE)
     patch_size: int | None = option(None, "Student patch size in pixels.",
-                                    show_default="the teacher's (14 for clip-l: FD's ViT-L/14 at 224), else 16")
+                                    show_default="the teacher's (14 for clip-l: FD's ViT-L/14 at 224), else 16",
+                                    min=1, max=MAX_PATCH_SIZE)
     resample_grid: bool = option(False, "Bilinearly resample the student's patch tokens to the teacher grid.")
     # running
     workers: int = workers_option("DataLoader workers for decoding and cropping.")
@@ -56,8 +58,8 @@ class DistillConfig:
     strict: bool = option(False, "Re-derive every view's params from the plan seed; fail on any mismatch.")
     log_every: int = option(10, "Steps whose records reach metrics.jsonl together: one wait for the GPU per group, "
                                 "not per step (every step still gets its record).")
-    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
-    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule still spans the run).")
+    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).", min=0)
+    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule still spans the run).", min=1)
     log_samples: bool = option(False, "Write OUT/samples.rank<R>.jsonl: the (image_idx, view) pairs each rank "
                                       "trained on.")
     buffer: int = option(256, "wds stores: samples held in the seeded shuffle buffer.", cli=False)
@@ -93,11 +95,10 @@ class DistillConfig:
                                else tuple(value))
         if self.teacher_weights is not None:
             object.__setattr__(self, "teacher_weights", tuple(float(w) for w in self.teacher_weights))
+        check_bounds(self)  # the bounds the fields declare, for settings built in Python (the CLI checks on parsing)
         for name in ("epochs", "batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.min_lr is not None and self.min_lr < 0:
-            raise FdpipeError(f"--min-lr must be at least 0 (got {self.min_lr})")
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
 
         make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale

@@ -10,15 +10,13 @@ from typing import Any
 
 from ..errors import FdpipeError
 from ..store.manifest import CODECS, DEFAULT_CODEC
-from ..options import (check_bounds, crop_scale_option, device_option, option, quiet_option, seed_option,
-                       storage_options_option, views_option, workers_option)
+from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_scale_option, device_option, option,
+                       quiet_option, seed_option, storage_options_option, views_option, workers_option)
 
 LAYOUTS = ("zarr", "wds")
 DTYPES = ("float16", "int8")
 TARGETS = ("features", "logits")
 PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
-# A teacher input of one patch at least, and no more than 4096 px: a view is then 200 MB of float32 pixels at most.
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
 
 
 @dataclass(frozen=True, kw_only=True)

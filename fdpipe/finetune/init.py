@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import FdpipeError
-from ..models import BEIT_ARCH, StudentSpec, create_student, load_model
+from ..models import BEIT_ARCH, StudentSpec, check_model_size, create_student, load_model
 from .model import classifier_from_distilled
 
 # What every fine-tuned FD student is: per-block relative position bias, mean pooling + fc_norm, a K-way head.
@@ -85,11 +85,12 @@ def from_distilled(weights: Path, config: dict[str, Any], num_classes: int, drop
     """
     import safetensors.torch
 
-    sd = safetensors.torch.load_file(str(weights)) if weights.suffix == ".safetensors" else \
-        torch.load(str(weights), map_location="cpu", weights_only=True)
     args = dict(config.get("model_args") or {})
     if image_size is not None:
         args["img_size"] = image_size
+    check_model_size(args, str(weights.parent / "config.json"))
+    sd = safetensors.torch.load_file(str(weights)) if weights.suffix == ".safetensors" else \
+        torch.load(str(weights), map_location="cpu", weights_only=True)
     model = classifier_from_distilled(sd, args, num_classes, drop_path=drop_path, arch=config["architecture"])
     spec_args = {k: v for k, v in args.items() if k not in ("pretrained", "arch", "model_name")}
     spec_args.update(_CLASSIFIER_ARGS, num_classes=num_classes, drop_path_rate=drop_path)
@@ -109,6 +110,7 @@ def scratch(num_classes: int, drop_path: float, student: str, image_size: int | 
         arch, args = config["architecture"], dict(config.get("model_args") or {})
         if image_size is not None:
             args["img_size"] = image_size
+        check_model_size(args, f"--like {like}")
         name = str(config.get("name", arch))
     else:
         _, spec = create_student(student, image_size=image_size or 224, patch_size=patch_size, drop_path=drop_path)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
-from ..options import (device_option, option, quiet_option, seed_option, storage_options_option, weights_option,
-                       workers_option)
+from ..options import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_PATCH_SIZE, check_bounds, device_option, option,
+                       quiet_option, seed_option, storage_options_option, weights_option, workers_option)
 from .recipe import (DROP_PATH_DEFAULT, EPOCHS_DEFAULT, LAYER_DECAY_DEFAULT, LR_DEFAULT, MIN_LR_DEFAULT, PATCH_DEFAULT,
                      WARMUP_DEFAULT)
 
@@ -39,27 +39,29 @@ class FinetuneConfig:
     labels_per_class: int | None = option(None, "Label-scarce run: the first K images of each class in a seeded "
                                                 "order.")
     # model
-    num_classes: int | None = option(None, "Head width [default: the classes in --data].")
+    num_classes: int | None = option(None, "Head width [default: the classes in --data].", max=MAX_CLASSES)
     new_head: bool = option(False, "Replace a checkpoint's classifier head that has another class count.")
     student: str = option("fd-vit-tiny", "--init scratch: fd-vit-tiny|small|base|large or a timm ViT name.")
     like: str | None = option(None, "--init scratch: copy the architecture of this distilled run.", metavar="RUN")
     image_size: int | None = option(None, "Input size in pixels [default: the checkpoint's (a distilled student's "
-                                          "teacher-matched size: 224 for FD's pairs); FD's 224 for scratch].")
-    patch_size: int | None = option(None, "--init scratch: patch size in pixels.", show_default=PATCH_DEFAULT)
+                                          "teacher-matched size: 224 for FD's pairs); FD's 224 for scratch].",
+                                    max=MAX_IMAGE_SIZE)
+    patch_size: int | None = option(None, "--init scratch: patch size in pixels.", show_default=PATCH_DEFAULT, min=1,
+                                    max=MAX_PATCH_SIZE)
     # recipe
     epochs: int | None = option(None, "Passes over the training images.", show_default=EPOCHS_DEFAULT)
     batch_size: int = option(64, "Images per step on each process.")
     accum_steps: int = option(1, "Gradient accumulation: micro-batches per optimizer step.")
     lr: float | None = option(None, "Peak learning rate of the head (layer decay scales the blocks below).",
-                              show_default=LR_DEFAULT)
-    min_lr: float | None = option(None, "Cosine floor of the learning rate.", show_default=MIN_LR_DEFAULT)
+                              show_default=LR_DEFAULT, min=0)
+    min_lr: float | None = option(None, "Cosine floor of the learning rate.", show_default=MIN_LR_DEFAULT, min=0)
     layer_decay: float | None = option(None, "Layer-wise lr decay: block i trains at decay^(depth-i).",
                                        show_default=LAYER_DECAY_DEFAULT)
     weight_decay: float = option(0.05, "AdamW weight decay (none on 1-D params, tokens, position "
-                                        "embeddings; the bias tables decay, as FD's).")
-    warmup_epochs: float | None = option(None, "Linear warmup in epochs.", show_default=WARMUP_DEFAULT)
+                                        "embeddings; the bias tables decay, as FD's).", min=0)
+    warmup_epochs: float | None = option(None, "Linear warmup in epochs.", show_default=WARMUP_DEFAULT, min=0)
     drop_path: float | None = option(None, "Stochastic depth rate, linear over depth.", show_default=DROP_PATH_DEFAULT)
-    smoothing: float = option(0.1, "Label smoothing.")
+    smoothing: float = option(0.1, "Label smoothing.", min=0, max=1)
     mixup: bool | None = option(None, "timm Mixup (alpha 0.8) / CutMix (alpha 1.0) on the batch.",
                                 show_default="on for ce and live deit, off otherwise")
     mixup_alpha: float = option(0.8, "Mixup's Beta(alpha, alpha).", cli=False)
@@ -94,18 +96,19 @@ class FinetuneConfig:
     resume: bool = option(False, "Continue from OUT/train_state.pt (refused for other settings).")
     log_every: int = option(10, "Steps whose records reach metrics.jsonl together: one wait for the GPU per group, "
                                 "not per step (every step still gets its record).")
-    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).")
-    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule spans them).")
+    save_every: int = option(0, "Also save the resume state every N steps (0: each epoch).", min=0)
+    max_steps: int | None = option(None, "Stop after N optimizer steps (the schedule spans them).", min=1)
     storage_options: dict[str, Any] = storage_options_option()
     quiet: bool = quiet_option("No progress bar or per-epoch lines.")
 
     def __post_init__(self) -> None:
+        check_bounds(self)  # the bounds the fields declare, for settings built in Python (the CLI checks on parsing)
         for name in ("epochs", "batch_size", "accum_steps", "eval_every", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.min_crop <= 1:
             raise FdpipeError(f"--min-crop must be in (0, 1], the smallest area fraction of a crop (got {self.min_crop})")
-        for name in ("train_limit", "labels_per_class", "val_limit", "num_classes", "image_size", "max_steps"):
+        for name in ("train_limit", "labels_per_class", "val_limit", "num_classes", "image_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")

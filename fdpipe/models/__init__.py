@@ -12,15 +12,15 @@ filters); these modules add what fdpipe needs on top:
 
 from .checkpoint import load_model, save_model
 from .distiller import Distiller, check_grid, fd_loss
-from .students import (BEIT_ARCH, STUDENTS, StudentSpec, create_student, matching_image_size, num_prefix_tokens,
-                       student_grid)
+from .students import (BEIT_ARCH, STUDENTS, StudentSpec, check_model_size, create_student, matching_image_size,
+                       num_prefix_tokens, student_grid)
 from .teachers import TEACHERS, WHITENING, Teacher, TeacherInfo, create_teacher, resolve_teacher_name, whiten
 from .weights import _lite0_package_file, file_sha256, state_dict_sha256  # noqa: F401 - bench asks for lite0
 
 __all__ = [
     "TEACHERS", "STUDENTS", "WHITENING", "BEIT_ARCH", "whiten",
     "TeacherInfo", "Teacher", "create_teacher", "resolve_teacher_name",
-    "StudentSpec", "create_student", "student_grid", "num_prefix_tokens", "matching_image_size",
+    "StudentSpec", "create_student", "check_model_size", "student_grid", "num_prefix_tokens", "matching_image_size",
     "save_model", "load_model", "file_sha256", "state_dict_sha256",
     "Distiller", "check_grid", "fd_loss",
 ]

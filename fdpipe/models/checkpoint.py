@@ -18,7 +18,7 @@ import timm.data
 from fdpipe.errors import FdpipeError
 
 from ._helpers import _first_line, _json_able
-from .students import STUDENTS, StudentSpec, student_grid
+from .students import STUDENTS, StudentSpec, check_model_size, student_grid
 from .weights import _drop_overlay_state_dict, _load_pretrained
 
 _RESERVED = ("architecture", "model_args", "num_classes", "num_features", "pretrained_cfg", "name", "weights")
@@ -129,6 +129,7 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
         if not weights.is_file():
             raise FdpipeError(f"checkpoint weights not found: {weights}; the run may not have saved yet")
         args = {**model_args, **overrides}
+        check_model_size(args, str(cfg_path))
         try:
             model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=_overlay(config, weights, args),
                                       **args)

@@ -47,6 +47,39 @@ _BEIT_STUDENT_ARGS: dict[str, Any] = dict(
 )
 
 
+# The largest model fdpipe builds from model_args (a config.json's, or a student's settings): a ViT-G/14 has 1.8
+# billion parameters, and 4 billion are 16 GB of float32 weights before the optimizer's state; and the largest patch
+# grid, 128 x 128 tokens (1024 px at /8), past which one attention map of one image is a gigabyte.
+MAX_PARAMS, MAX_GRID = 4 * 10**9, 128
+
+
+def _positive(args: Mapping[str, Any], key: str, default: float) -> float:
+    """args[key] when it is a positive number (the largest side of an [h, w] pair), else timm's default: a value of
+    another kind is left for timm to refuse."""
+    v = args.get(key, default)
+    v = max(v, default=0) if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v) else v
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") else default
+
+
+def check_model_size(args: Mapping[str, Any], what: str) -> None:
+    """Refuse ViT model_args that ask for a model too large to build, in one line before timm allocates it: a
+    tampered config.json (embed_dim 60000 and depth 40 are 1.7e12 parameters, which timm would start to allocate)
+    or a student of 4096 px in 1-px patches. The count is a ViT's: blocks of (4 + 2 x mlp_ratio) x dim^2, the patch
+    embedding, the position table and the head, from timm's defaults where args leave a value out."""
+    dim, depth = _positive(args, "embed_dim", 768), _positive(args, "depth", 12)
+    patch, size = _positive(args, "patch_size", 16), _positive(args, "img_size", 224)
+    grid = int(size // patch)
+    params = (depth * (4 + 2 * _positive(args, "mlp_ratio", 4.0)) * dim**2 + 3 * patch**2 * dim + grid**2 * dim
+              + dim * _positive(args, "num_classes", 1000))
+    if params > MAX_PARAMS:
+        raise FdpipeError(f"{what} asks for a model of {params:.2g} parameters (embed_dim {dim:g}, depth {depth:g}), "
+                          f"more than the {MAX_PARAMS / 1e9:g} billion fdpipe builds; check its model_args")
+    if grid > MAX_GRID:
+        raise FdpipeError(f"{what} asks for a {grid}x{grid} patch grid (img_size {size:g}, patch_size {patch:g}), "
+                          f"more than the {MAX_GRID}x{MAX_GRID} fdpipe builds; use larger patches or a smaller "
+                          "image size")
+
+
 @dataclass(frozen=True)
 class StudentSpec:
     """How to rebuild a student with plain timm: timm.create_model(architecture, **model_args)."""
@@ -102,6 +135,7 @@ def create_student(name: str, *, image_size: int, patch_size: int | None = None,
     if p is not None and image_size % p:
         raise FdpipeError(f"student image size {image_size} is not a multiple of the patch size {p}; "
                           f"pick a multiple (e.g. {image_size // p * p or p})")
+    check_model_size(args, f"student {name}")
     try:
         model = timm.create_model(arch, pretrained=False, **args)
     except TypeError as e:

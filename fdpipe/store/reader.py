@@ -18,7 +18,7 @@ from ..augment import AugmentationPlan
 from ..errors import IncompleteStoreError, StoreError
 from . import index as index_mod
 from . import layouts
-from .fs import StoreLocation
+from .fs import MAX_JSON_BYTES, StoreLocation, parse_json
 from .manifest import DRAFT, MANIFEST, check_integrity, check_version
 from .quantize import get_quantizer
 
@@ -94,11 +94,8 @@ def open_store(url: str, storage_options: dict | None = None, cache_dir: str | N
                 "(or `fdpipe store finalize` once every shard is committed)"
             )
         raise StoreError(f"{url} is not an fdpipe store (no manifest.json); point at a directory made by fdpipe extract")
-    raw = loc.read_bytes(MANIFEST)
-    try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise StoreError(f"{loc.path(MANIFEST)} is not valid JSON; the manifest is corrupt") from None
+    raw = loc.read_bytes(MANIFEST, limit=MAX_JSON_BYTES)
+    manifest = parse_json(raw, loc.path(MANIFEST))
     if not isinstance(manifest, dict):
         raise StoreError(f"{loc.path(MANIFEST)} is not a manifest object; the manifest is corrupt")
     check_version(manifest, loc.path(MANIFEST))

@@ -45,6 +45,16 @@ def _refuse(path: str, mode: int) -> None:
         raise NotRegularFileError(f"is {kind}, not a regular file", path)
 
 
+def check_regular(path: str | os.PathLike) -> None:
+    """NotRegularFileError when `path` (followed through links) is not a regular file, for files that another library
+    opens (zarr, tensorstore); a path that does not exist is left to that library."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    _refuse(os.fspath(path), mode)
+
+
 def open_regular(path: str | os.PathLike) -> BinaryIO:
     """`path` opened for binary reading; NotRegularFileError (naming what it is) when it is not a regular file."""
     path = os.fspath(path)

@@ -27,7 +27,7 @@ import numpy as np
 from fsspec.core import split_protocol, url_to_fs
 
 from ..errors import StoreError
-from ..files import RefusedFileError, open_regular, read_regular, show_bytes
+from ..files import RefusedFileError, check_regular, open_regular, read_regular, show_bytes
 
 CHUNK = 1 << 22
 # The most a manifest, draft or commit marker may hold. A real manifest takes about 500 bytes per zarr shard and
@@ -308,6 +308,13 @@ class StoreLocation:
             return read(path)
         except RefusedFileError as e:
             raise StoreError(f"{path} {e}; the store is damaged or was not written by fdpipe") from None
+
+    def check_regular(self, rels: Sequence[str]) -> None:
+        """Refuse, in one line, a local store file among `rels` that is not a regular file: zarr and tensorstore
+        would open a FIFO there and wait forever. Remote stores hold objects only."""
+        if self.is_local:
+            for rel in rels:
+                self._local(rel, check_regular)
 
     def read_json(self, rel: str, limit: int = MAX_JSON_BYTES) -> Any:
         """A manifest, draft or marker: at most `limit` bytes, nested no deeper than json can parse."""

@@ -177,6 +177,9 @@ class Store:
         if self.layout != "zarr":
             raise StoreError(f"{self.url} is a wds store: random access needs zarr; "
                              "convert it with `fdpipe store convert SRC DST --format zarr`")
+        m = self.manifest
+        self.loc.check_regular([rel for files in (m["metadata_files"], *(s["files"] for s in m["shards"]))
+                                for rel in files if rel.startswith(f"{layouts.ZARR_ROOT}/")])
         g = layouts.zarr_open(self.loc)
         lead, shape = (self.num_images, self.views), self.target_shape
         arrays = {"targets": (shape, self.quantizer.dtype)}

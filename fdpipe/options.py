@@ -427,16 +427,24 @@ def settings_from_cli(cls: type, ctx: click.Context, **params: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ --config FILE
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few hundred bytes
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
-    """A settings file: a YAML (.yaml, .yml) or JSON (.json) mapping; every problem is one FdpipeError line."""
+    """A settings file: a YAML (.yaml, .yml) or JSON (.json) mapping of at most MAX_CONFIG_BYTES, read only if it
+    is a regular file; every problem is one FdpipeError line."""
     path = Path(path)
     kind = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}.get(path.suffix.lower())
     if kind is None:
         raise FdpipeError(f"--config {path}: name the file .yaml, .yml or .json (it says which format it is)")
+    from .files import RefusedFileError, read_regular
+
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_CONFIG_BYTES, "a settings file may have").decode("utf-8")
     except FileNotFoundError:
         raise FdpipeError(f"--config {path}: no such file; pass the path of a YAML or JSON settings file") from None
+    except RefusedFileError as e:  # a FIFO would block forever, /dev/zero never ends
+        raise FdpipeError(f"--config {path}: it {e}; pass a YAML or JSON settings file") from None
     except OSError as e:
         raise FdpipeError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -461,10 +469,19 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def _unique_keys_loader(where: str) -> type:
-    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently), and any
+    alias (`*name`): nine nested aliases of nine make a billion values ("billion laughs") out of a few lines, which
+    every later look at the value (a check, a message, a copy) walks."""
     import yaml
 
     class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise FdpipeError(f"{where}: line {mark.line + 1} uses a YAML alias (*{self.peek_event().anchor}); "
+                                  "fdpipe reads no aliases: write the value out")
+            return super().compose_node(parent, index)
+
         def construct_mapping(self, node: Any, deep: bool = False) -> dict:
             seen = set()
             for key_node, _ in node.value:

@@ -950,6 +950,190 @@ def test_a_link_inside_the_store_is_still_written_through(cli, tmp_path):
     assert (Path(src) / "manifest.json").exists() and not (Path(src) / "elsewhere" / ".tmp-0123456789ab-part").exists()
 
 
+# ------------------------------------------------------------------------------------------------- special files
+def _special(path: Path, kind: str) -> None:
+    """Put a FIFO (opening it waits for a writer forever), a link to /dev/zero (it never ends) or a directory where
+    a regular file belongs."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    {"fifo": os.mkfifo, "zero": lambda p: p.symlink_to("/dev/zero"), "dir": Path.mkdir}[kind](path)
+
+
+@pytest.mark.parametrize("rel,kind,what", [
+    ("manifest.json", "fifo", "a FIFO"), ("manifest.json", "zero", "a character device"),
+    ("manifest.json", "dir", "a directory"), ("index/part-00000.parquet", "fifo", "a FIFO"),
+    ("index/part-00000.parquet", "zero", "a character device"), ("targets.zarr/targets/c/0/0/0/0", "fifo", "a FIFO"),
+    ("targets.zarr/targets/zarr.json", "fifo", "a FIFO"),
+], ids=["manifest-fifo", "manifest-dev-zero", "manifest-dir", "index-fifo", "index-dev-zero", "zarr-shard-fifo",
+        "zarr-json-fifo"])
+def test_a_special_file_in_a_store_is_one_line(server, bases, photos, tmp_path, rel, kind, what):
+    """Hung (FIFO, /dev/zero: tensorstore too, on a zarr shard) or a traceback (a directory) before: every command
+    that reads it names it."""
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    _special(store / rel, kind)
+    reads = ["info", "verify", "ls"] if rel == "manifest.json" else ["verify", "distill"]
+    for name, args in commands(store, tmp_path, "zarr", photos).items():
+        if name in reads:
+            message = f"{store / rel} is {what}, not a regular file"
+            if name == "verify" and kind == "zero" and rel != "manifest.json":
+                message = f"{rel}: a link that leads outside the store"  # verify reads no link out of the store
+            o = server.run(*args, label="special")
+            assert o.refusal_problem(message) is None, name
+
+
+def test_a_fifo_given_as_a_config_or_a_list_is_one_line(server, photos, tmp_path):
+    os.mkfifo(tmp_path / "settings.yaml")
+    os.mkfifo(tmp_path / "list.csv")
+    o = server.run("extract", "--data", photos, "--out", tmp_path / "s", "--config", tmp_path / "settings.yaml",
+                   *EXTRACT, label="special")
+    assert o.refusal_problem(f"--config {tmp_path / 'settings.yaml'}: it is a FIFO, not a regular file") is None
+    o = server.run("extract", "--data", tmp_path / "list.csv", "--out", tmp_path / "s", *EXTRACT, label="special")
+    assert o.refusal_problem(f"the file list {tmp_path / 'list.csv'} is a FIFO, not a regular file") is None
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_list_naming_a_device_records_it_as_failed(server, photos, tmp_path):
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    listed = _csv(tmp_path, ["/dev/zero.png", "zero.png", str(sorted(photos.rglob("*.png"))[0])])
+    o = server.run("extract", "--data", listed, "--out", tmp_path / "s", *EXTRACT, label="special")
+    assert o.success_problem() is None
+    index = _index(tmp_path / "s")
+    assert index["zero"][0] == "error" and "not a regular file" in index["zero"][1]
+    assert index["dev/zero"][0] == "error" and "the file is gone" in index["dev/zero"][1]
+
+
+# ------------------------------------------------------------------------------------------------ brace patterns
+BIG_PATTERNS = ["x{0..999999}.tar", "x{0..9999}{0..9999}.tar", "x{0..9999999999}.tar", "a.tar::b{0..99999}.tar"]
+
+
+def test_brace_counts_agree_with_braceexpand():
+    from braceexpand import braceexpand
+
+    from fdpipe.data.braces import count_names
+
+    for p in ["x{0..9}.tar", "x{0..9}{a,b,{c..e}}y", "{07..10}", "{a..g..2}", "{4..1}", "p{2.{5..7},3.{2,3}}",
+              "a{b}c", "a{}c", r"{1\{2,3}", "}{x", "{0..9..3}", "{,.b}", "a{1,{2..4}{x,y}}", "{-3..2}"]:
+        assert count_names(p) == len(list(braceexpand(p))), p
+    assert [count_names(p) for p in BIG_PATTERNS] == [100_001] * 4  # counting stops past the bound
+
+
+@pytest.mark.parametrize("pattern", BIG_PATTERNS, ids=["10^6", "10^4x10^4", "10^10", "list"])
+def test_a_pattern_of_too_many_shards_is_one_line(server, tmp_path, pattern):
+    """Each ran past 60 s building its names before."""
+    o = server.run("extract", "--data", tmp_path / pattern, "--out", tmp_path / "s", *EXTRACT, label="braces")
+    assert o.refusal_problem("the pattern stands for more than 100,000 shards") is None
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("/data/x{0..9999999999}.tar", "image source /data/x{0..9999999999}.tar: the pattern stands for more than"),
+    ("/", "image source /: that is the file system's root"),  # walked the whole file system before
+], ids=["pattern-10^10", "root"])
+def test_a_stores_recorded_source_is_held_to_the_same_bounds(server, bases, tmp_path, spec, message):
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    edit_manifest(_set("data.spec", spec))(store, True)
+    o = server.run("distill", "--store", store, "--out", tmp_path / "run", *DISTILL, label="braces")
+    assert o.refusal_problem(message) is None
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# -------------------------------------------------------------------------------------------------------- stores
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("rel", ["manifest.draft.json", "_progress/shard-00000.json"], ids=["draft", "marker"])
+def test_a_draft_or_marker_nested_deeply_is_one_line(server, bases, tmp_path, rel):
+    """RecursionError before."""
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    (store / "manifest.json").unlink()
+    (store / rel).write_text(_nested(100_000))
+    o = server.run("store", "ls", store, label="stores")
+    assert o.refusal_problem(f"{store / rel} is not valid JSON (nested too deeply)") is None
+
+
+def test_a_manifest_too_large_is_refused_before_it_is_read(server, bases, tmp_path):
+    """300 MB took 2.4 GB to parse before; the size is checked first (a sparse file: nothing is read)."""
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    with open(store / "manifest.json", "r+b") as f:
+        f.truncate(300 << 20)
+    o = server.run("store", "info", store, label="stores")
+    assert o.refusal_problem(f"{store / 'manifest.json'} has 314,572,800 bytes, more than the 16 MiB a manifest "
+                             "may have") is None
+
+
+def test_a_manifest_just_under_the_bound_stays_under_the_memory_bound(server, bases, tmp_path):
+    """The costliest JSON per byte (small nested lists, ~40 bytes of memory each) at the size limit."""
+    from fdpipe.store.fs import MAX_JSON_BYTES
+
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    item = b"[[[[[]]]]]"
+    n = (MAX_JSON_BYTES - 100) // (len(item) + 1)
+    (store / "manifest.json").write_bytes(b'{"format": "fdpipe-store", "format_version": 3, "pad": ['
+                                          + b",".join([item] * n) + b"]}")
+    o = server.run("store", "info", store, label="stores")
+    assert o.refusal_problem("checksum mismatch") is None
+
+
+@pytest.mark.parametrize("index_too", [False, True], ids=["chunks", "chunks-and-index"])
+def test_a_zarr_array_without_its_crc32c_is_one_line(server, bases, photos, tmp_path, index_too):
+    """verify --deep failed with a reshape error inside zarr before."""
+    def drop(meta: dict[str, Any]) -> None:
+        config = meta["codecs"][0]["configuration"]
+        for key in ("codecs", "index_codecs") if index_too else ("codecs",):
+            config[key] = [c for c in config[key] if c["name"] != "crc32c"]
+
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    edit_zarr_metadata(drop)(store, True)
+    for name, args in commands(store, tmp_path, "zarr", photos).items():
+        if name in ("verify", "verify-deep", "distill"):
+            o = server.run(*args, label="stores")
+            assert o.refusal_problem("zarr.json: its chunk codecs do not end in the crc32c codec") is None, name
+
+
+# ------------------------------------------------------------------------------------------------------- sources
+@pytest.mark.parametrize("text,message", [
+    ("path\n{0}\x00x\n", "row 0: the path holds a NUL byte"),  # ValueError from os.stat before
+    ("path,path\n{0},{0}\n", "has the column 'path' 2 times; keep one"),  # KeyError from pyarrow before
+], ids=["nul-byte", "path-twice"])
+def test_a_malformed_list_is_one_line(server, photos, tmp_path, text, message):
+    data = tmp_path / "list.csv"
+    data.write_text(text.format(sorted(photos.rglob("*.png"))[0]))
+    o = server.run("extract", "--data", data, "--out", tmp_path / "s", *EXTRACT, label="sources")
+    assert o.refusal_problem(f"{data}") is None and message in o.stderr
+    assert not (tmp_path / "s").exists()
+
+
+LAUGHS = "storage_options:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["store", "info", "s3://bucket/store", "--storage-options", '{"foo": 1}'],
+     "--storage-options for s3://bucket/store: 'foo' is not an option of the s3 filesystem"),  # a TypeError before
+    (["store", "info", "zip://manifest.json::/etc/passwd"],
+     "cannot open zip://manifest.json::/etc/passwd: File is not a zip file"),  # BadZipFile before
+    (["extract", "--data", "{photos}", "--out", "http://127.0.0.1:9/store", *EXTRACT],
+     "the http filesystem cannot do what http://127.0.0.1:9/store needs"),  # NotImplementedError before
+    (["extract", "--data", "{photos}", "--out", "{tmp}/s", "--config", "{tmp}/laughs.yaml", *EXTRACT],
+     "laughs.yaml: line 3 uses a YAML alias (*a); fdpipe reads no aliases"),  # ran past 60 s before
+], ids=["unknown-storage-option", "zip-of-no-zip", "out-http", "yaml-billion-laughs"])
+def test_a_url_or_option_fdpipe_cannot_use_is_one_line(server, photos, tmp_path, args, message):
+    (tmp_path / "laughs.yaml").write_text(LAUGHS)
+    o = server.run(*(a.replace("{photos}", str(photos)).replace("{tmp}", str(tmp_path)) for a in args),
+                   label="sources")
+    assert o.refusal_problem(message) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["laughs.yaml"]
+
+
 # ---------------------------------------------------------------------------------------------- run directories
 FINETUNE = ["--data", "{photos}", "--val", "{photos}", "--epochs", "1", "--batch-size", "2", "--workers", "0",
             "--quiet"]

@@ -47,7 +47,7 @@ from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _FASHION_M
                             _fashion_mnist_dir)
 from .folder import IMAGE_EXTENSIONS, FolderSource, _find_images
 from .listfile import ListSource
-from .source import ImageSource, _local_or_url
+from .source import ImageSource, _is_local, _local_or_url
 from .wds import WDS_IMAGE_EXTENSIONS, WdsSource
 
 __all__ = [
@@ -91,6 +91,14 @@ def _absolute(spec: str) -> str:
     if "://" in spec:
         return spec
     return os.path.abspath(os.path.expanduser(spec))
+
+
+def _is_root(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` is a local file system's root (`/`, or a link to it)."""
+    if not _is_local(fs):
+        return False
+    real = os.path.realpath(path)
+    return os.path.dirname(real) == real
 
 
 def _no_path(spec: str) -> FdpipeError:
@@ -144,10 +152,10 @@ def open_source(
         raise FdpipeError(f"{spec}: glob patterns are supported for .tar shards only; point at the folder instead")
 
     if _is_wds_spec(spec):
-        from webdataset.shardlists import expand_urls  # here: webdataset imports torch
+        from .braces import expand_shards  # here: webdataset imports torch
 
         pattern = "::".join(_absolute(p) for p in spec.split("::"))
-        urls = expand_urls(pattern)
+        urls = expand_shards(pattern)
         return WdsSource(pattern, urls, limit=limit, storage_options=so)
 
     full = _absolute(spec)
@@ -159,6 +167,9 @@ def open_source(
     if not exists:
         raise _no_path(spec)
     if fs.isdir(path):
+        if _is_root(fs, path):
+            raise FdpipeError(f"image source {spec}: that is the file system's root, not a folder of images (fdpipe "
+                              "would walk every file of the machine); point at the folder of images")
         if not _find_images(fs, path):
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
             if tars:

@@ -9,7 +9,9 @@ import fsspec
 from fdpipe.errors import FdpipeError
 
 from .decode import _one_line, _split_ext, _unique_keys, sanitize_key
-from .source import ImageSource, _apply_limit, _encode_labels, _local_or_url, _read_bytes
+from fdpipe.files import NotRegularFileError, open_regular
+
+from .source import ImageSource, _apply_limit, _encode_labels, _is_local, _local_or_url, _read_bytes
 
 
 class ListSource(ImageSource):
@@ -20,6 +22,10 @@ class ListSource(ImageSource):
                  storage_options: dict | None = None):  # fmt: skip
         self.spec, self.limit, self._storage_options = spec, limit, dict(storage_options or {})
         table = _read_table(fs, list_path, spec)
+        twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+        if twice:
+            raise FdpipeError(f"{spec} has the column {twice[0]!r} {table.column_names.count(twice[0])} times; "
+                              "keep one")
         if "path" not in table.column_names:
             raise FdpipeError(
                 f"{spec} has no 'path' column (columns: {', '.join(table.column_names) or 'none'}); "
@@ -31,6 +37,9 @@ class ListSource(ImageSource):
         bad = [i for i, p in enumerate(paths) if not isinstance(p, str) or not p.strip()]
         if bad:
             raise FdpipeError(f"{spec} row {bad[0]} has an empty 'path'; fill it in or drop the row")
+        bad = [i for i, p in enumerate(paths) if "\x00" in p]
+        if bad:  # no file system names a file so: os.stat raises ValueError
+            raise FdpipeError(f"{spec} row {bad[0]}: the path holds a NUL byte, which no file name can; fix the row")
         raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
         self.labels, self.classes = _encode_labels(raw_labels, lambda i: f"{spec} row {i}")
         base_dir = posixpath.dirname(list_path)
@@ -80,11 +89,13 @@ def _read_table(fs: fsspec.AbstractFileSystem, path: str, spec: str):
     import pyarrow.parquet as pq
 
     try:
-        with fs.open(path, "rb") as f:
+        with open_regular(path) if _is_local(fs) else fs.open(path, "rb") as f:  # a FIFO would block forever
             if path.lower().endswith(".parquet"):
                 return pq.read_table(pa.BufferReader(f.read()))  # see fdpipe.store.index.decode
             return pacsv.read_csv(pa.BufferReader(f.read()))
     except FileNotFoundError as e:
         raise FdpipeError(f"no images at {spec}: the list file does not exist; check the path") from e
+    except NotRegularFileError as e:
+        raise FdpipeError(f"the file list {spec} {e}; point at a CSV or parquet file") from None
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid & co for malformed files
         raise FdpipeError(f"cannot read the file list {spec}: {_one_line(e)}; fix or regenerate it") from e

@@ -27,8 +27,13 @@ import numpy as np
 from fsspec.core import split_protocol, url_to_fs
 
 from ..errors import StoreError
+from ..files import RefusedFileError, check_regular, open_regular, read_regular, show_bytes
 
 CHUNK = 1 << 22
+# The most a manifest, draft or commit marker may hold. A real manifest takes about 500 bytes per zarr shard and
+# 200 per wds tar (16 MiB: 35,000 zarr shards, 9,000 wds shards of 8 views), and parsing it about 3 bytes of memory
+# per byte; a hostile one of tiny nested lists takes 40 (a 300 MB manifest took 2.4 GB; 16 MiB stays under 0.7 GB).
+MAX_JSON_BYTES = 16 << 20
 TMP_PREFIX = ".tmp-"
 
 # Defaults for S3 (s3fs/botocore) that the user's --storage-options override key by key. Retries multiply: botocore
@@ -165,7 +170,7 @@ class StoreLocation:
         self._deadline = float(options.pop("call_timeout", CALL_TIMEOUT))
         try:
             self._fs, self.root = url_to_fs(self.url, **options)
-        except (ImportError, ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - any filesystem's own refusal (zip:// of a file that is no zip, ...)
             raise StoreError(f"cannot open {self.url}: {_one_line(e)}; check the URL and --storage-options") from None
         if _protocol(self._fs) in ("s3", "s3a"):
             self._fs.retries = S3_RETRIES
@@ -229,6 +234,12 @@ class StoreLocation:
         if self.is_local:
             return None
         text = _one_line(e)
+        if isinstance(e, TypeError) and "unexpected keyword argument" in text:  # s3fs passes unknown keys on
+            return StoreError(f"--storage-options for {self.url}: {text.rpartition(' ')[2]} is not an option of "
+                              f"the {self.protocol} filesystem; check its name")
+        if isinstance(e, NotImplementedError):  # http(s):// reads but cannot list, write, rename or delete
+            return StoreError(f"the {self.protocol} filesystem cannot do what {self.url} needs here (it is "
+                              "read-only or cannot list); use a local path or an object store URL (s3://, gs://)")
         if isinstance(e, PermissionError):
             return StoreError(
                 f"access denied to {self.url} at {self.endpoint} ({text}); check the credentials: --storage-options "
@@ -269,25 +280,53 @@ class StoreLocation:
         return self.fs.isdir(self.path(rel))
 
     @_remote
-    def read_bytes(self, rel: str, expect: dict[str, Any] | None = None) -> bytes:
-        """The file's bytes; with `expect` ({"bytes": ...} from a manifest) through the read cache when one is set."""
+    def read_bytes(self, rel: str, expect: dict[str, Any] | None = None, limit: int | None = None) -> bytes:
+        """The file's bytes; with `expect` ({"bytes": ...} from a manifest) through the read cache when one is set.
+
+        A local file must be a regular file of at most `limit` bytes (or the size `expect` records): a FIFO, a
+        device or a file longer than that is refused before it is read; a remote one is checked against `limit`
+        once downloaded (parsing is what takes memory: see MAX_JSON_BYTES)."""
+        if self.is_local:
+            if expect is not None:
+                return self._local(rel, lambda path: read_regular(path, int(expect["bytes"]), "the manifest records"))
+            if limit is not None:
+                return self._local(rel, lambda path: read_regular(path, limit, "a manifest may have"))
+            return self._local(rel, _read_all)
         if expect is not None and self._cache_fs is not None:
             with self.open(rel, expect=expect) as f:
                 return f.read()
-        return self.fs.cat_file(self.path(rel))
+        raw = self.fs.cat_file(self.path(rel))
+        if limit is not None and len(raw) > limit:  # checked once downloaded: a listing would cost a request
+            raise StoreError(f"{self.path(rel)} has {len(raw):,} bytes, more than the {show_bytes(limit)} a manifest "
+                             "may have; the store is damaged or was not written by fdpipe")
+        return raw
 
-    def read_json(self, rel: str) -> Any:
-        raw = self.read_bytes(rel)
+    def _local(self, rel: str, read: Callable[[str], Any]) -> Any:
+        """read(path) of a local store file; a file that is not regular or too long is one StoreError line."""
+        path = self.path(rel)
         try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise StoreError(f"{self.path(rel)} is not valid JSON ({e}); the file is corrupt") from None
+            return read(path)
+        except RefusedFileError as e:
+            raise StoreError(f"{path} {e}; the store is damaged or was not written by fdpipe") from None
+
+    def check_regular(self, rels: Sequence[str]) -> None:
+        """Refuse, in one line, a local store file among `rels` that is not a regular file: zarr and tensorstore
+        would open a FIFO there and wait forever. Remote stores hold objects only."""
+        if self.is_local:
+            for rel in rels:
+                self._local(rel, check_regular)
+
+    def read_json(self, rel: str, limit: int = MAX_JSON_BYTES) -> Any:
+        """A manifest, draft or marker: at most `limit` bytes, nested no deeper than json can parse."""
+        return parse_json(self.read_bytes(rel, limit=limit), self.path(rel))
 
     @_remote
     def open(self, rel: str, mode: str = "rb", expect: dict[str, Any] | None = None) -> BinaryIO:
         """Open a file; reads of a file whose size the manifest records (`expect`) use the read cache when set."""
         if mode == "rb" and expect is not None and self._cache_fs is not None:
             return self._open_cached(rel, int(expect["bytes"]))
+        if mode == "rb" and self.is_local:
+            return self._local(rel, open_regular)
         return self.fs.open(self.path(rel), mode)
 
     def use_cache(self, cache_dir: str | os.PathLike | None, key: str) -> None:
@@ -348,10 +387,19 @@ class StoreLocation:
                 if p.startswith(prefix) and d.get("type", "file") != "directory"}
 
     @_remote
-    def sha256(self, rel: str) -> tuple[int, str]:
-        """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed."""
+    def sha256(self, rel: str, expect_bytes: int | None = None) -> tuple[int, str]:
+        """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed. A local file of other
+        than `expect_bytes` bytes is not read: (its size, "")."""
         h, n = hashlib.sha256(), 0
-        with self.fs.open(self.path(rel), "rb") as f:
+        if self.is_local:
+            f = self._local(rel, open_regular)
+            size = os.fstat(f.fileno()).st_size
+            if expect_bytes is not None and size != expect_bytes:
+                f.close()
+                return size, ""
+        else:
+            f = self.fs.open(self.path(rel), "rb")
+        with f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
                 n += len(chunk)
@@ -482,6 +530,28 @@ class AtomicWriter:
         except Exception:  # noqa: BLE001
             pass
 
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """json.loads with the garbage collector paused (millions of small lists made it rescan them all, again and
+    again: 45 s for 64 MB of them); bad JSON, nested too deeply too, is one StoreError naming `where`."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise StoreError(f"{where} is not valid JSON ({why}); the file is corrupt") from None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_all(path: str) -> bytes:
+    with open_regular(path) as f:
+        return f.read()
 
 
 def _name_the_file(e: OSError, path: str) -> None:

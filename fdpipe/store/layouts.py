@@ -44,6 +44,20 @@ def compressors(codec: str) -> list[Any]:
     raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
+def crc32c_problem(array: zarr.Array) -> str | None:
+    """Why a format-3 array does not check its checksums (what compressors() writes: one sharding codec whose chunk
+    codecs and index codecs both end in crc32c), or None."""
+    from zarr.codecs import Crc32cCodec, ShardingCodec
+
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return "its codecs are not one sharding_indexed codec"
+    for what, chain in (("chunk", codecs[0].codecs), ("shard index", codecs[0].index_codecs)):
+        if not chain or not isinstance(chain[-1], Crc32cCodec):
+            return f"its {what} codecs do not end in the crc32c codec"
+    return None
+
+
 def wds_shard_name(shard: int) -> str:
     """format 1: one tar per shard holding every view of each image."""
     return f"{WDS_DIR}/shard-{shard:06d}.tar"

@@ -32,7 +32,7 @@ def _check_files(store: Store) -> Iterator[str]:
         if store.loc.escape(rel):
             yield f"{where}: a link that leads outside the store; refusing to read it"
             continue
-        nbytes, sha = store.loc.sha256(rel)
+        nbytes, sha = store.loc.sha256(rel, meta["bytes"])
         if nbytes != meta["bytes"]:
             yield f"{where}: {nbytes} bytes, manifest says {meta['bytes']}"
         elif sha != meta["sha256"]:

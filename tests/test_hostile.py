@@ -935,6 +935,60 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(server, bases,
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def _edit_config(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def build(run: Path) -> None:
+        config = json.loads((run / "config.json").read_text())
+        change(config)
+        (run / "config.json").write_text(json.dumps(config))
+
+    return build
+
+
+def _header_length(n: int) -> Callable[[Path], None]:
+    def build(run: Path) -> None:
+        data = (run / "student.safetensors").read_bytes()
+        (run / "student.safetensors").write_bytes(n.to_bytes(8, "little") + data[8:])
+
+    return build
+
+
+def _offsets_past_the_end(run: Path) -> None:
+    path = run / "student.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [10**12, 10**12 + end - start]
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (_edit_config(lambda c: c.update(architecture=5)), "config.json: architecture is 5, not a timm model name"),
+    (_edit_config(lambda c: c["model_args"].update(colour="blue")),
+     "config.json: model_args has 'colour', which beit_base_patch16_224 does not take"),
+    (_edit_config(lambda c: c.update(weights="/etc/passwd")), "config.json: weights is '/etc/passwd', not the name"),
+    (_cut("student.safetensors", lambda n: 5000), "student.safetensors is not a whole safetensors file"),
+    (_header_length(2**62), "student.safetensors is not a whole safetensors file: its header claims "
+                            "4,611,686,018,427,387,904 bytes"),
+    (_offsets_past_the_end, "student.safetensors is not a whole safetensors file: tensor"),
+], ids=["architecture-5", "model-args-unknown-key", "weights-etc-passwd", "student-truncated",
+        "student-header-2^62", "student-offsets-past-end"])
+@pytest.mark.parametrize("command", ["finetune", "analyze"])
+def test_a_tampered_checkpoint_is_refused_in_one_line(server, photos, distill_run, tmp_path, tamper, message,
+                                                      command):
+    run = _copy(distill_run, tmp_path)
+    tamper(run)
+    before = _files(run)
+    args = {"finetune": ["finetune", "--init", run, "--out", tmp_path / "ft",
+                         *(a.format(photos=photos) for a in FINETUNE)],
+            "analyze": ["analyze", run, "--data", photos, "--out", tmp_path / "an", "--images", "2"]}[command]
+    o = server.run(*args, label="run")
+    assert o.refusal_problem(f"{run}/{message}") is None
+    assert _files(run) == before
+
+
 # ------------------------------------------------------------------------------------------------------- disks
 def _spawn(*args: Any, prefix: tuple[str, ...] = (), preexec: Callable[[], None] | None = None) -> Outcome:
     """A command in its own process (for what the fork server cannot give a child: a mount namespace, a limit)."""

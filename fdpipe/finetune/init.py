@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import FdpipeError
 from ..models import BEIT_ARCH, StudentSpec, create_student, load_model
+from ..models.checkpoint import check_config, config_args_checked, load_weights
 from .model import classifier_from_distilled
 
 # What every fine-tuned FD student is: per-block relative position bias, mean pooling + fc_norm, a K-way head.
@@ -44,6 +45,7 @@ def _read_config(directory: Path) -> dict[str, Any] | None:
         raise FdpipeError(f"{path} is not valid JSON ({e}); point --init at a run directory written by fdpipe") from None
     if not isinstance(config, dict) or "architecture" not in config:
         raise FdpipeError(f"{path} names no 'architecture'; point --init at a run directory or timm checkpoint")
+    check_config(config, path)
     return config
 
 
@@ -84,14 +86,11 @@ def from_distilled(weights: Path, config: dict[str, Any], num_classes: int, drop
     features are LayerNorm(token) with that affine, so the fine-tuned model's normalized tokens start equal to
     them (timm normalizes after pooling, so the pooled vector is LayerNorm(mean) instead of mean(LayerNorm)).
     """
-    import safetensors.torch
-
-    sd = safetensors.torch.load_file(str(weights)) if weights.suffix == ".safetensors" else \
-        torch.load(str(weights), map_location="cpu", weights_only=True)
-    args = dict(config.get("model_args") or {})
-    if image_size is not None:
-        args["img_size"] = image_size
-    model = classifier_from_distilled(sd, args, num_classes, drop_path=drop_path, arch=config["architecture"])
+    sd = load_weights(weights)
+    saved = dict(config.get("model_args") or {})
+    args = {**saved, **({} if image_size is None else {"img_size": image_size})}
+    with config_args_checked(weights.parent / "config.json", saved, config["architecture"]):
+        model = classifier_from_distilled(sd, args, num_classes, drop_path=drop_path, arch=config["architecture"])
     if "norm.weight" in sd and isinstance(model.fc_norm, nn.LayerNorm):
         with torch.no_grad():
             model.fc_norm.weight.copy_(sd["norm.weight"])

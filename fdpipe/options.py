@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
@@ -41,8 +42,21 @@ CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_conten
 _KEY = "fdpipe"  # the dataclasses.field metadata key
 
 
+# an OSError the user can fix, by errno: (what happened, what to do). fdpipe replaces every file atomically (a
+# temporary file, then a rename) and only appends to logs, so what was written before such an error is intact
+_DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space"),
+    errno.EROFS: ("read-only file system", "make it writable or write elsewhere"),
+    errno.EFBIG: ("file too large (a file-size limit: ulimit -f)", "raise the limit"),
+    errno.EACCES: ("permission denied", "fix the permissions or write elsewhere"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or write elsewhere"),
+}
+_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # errors only a write gets
+
+
 class Group(click.Group):
-    """A click group that turns FdpipeError (and a full disk) into one line and exit code 1."""
+    """A click group that turns FdpipeError (and a disk that refuses a write) into one line and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -50,10 +64,12 @@ class Group(click.Group):
         except FdpipeError as e:  # one line, whatever a hostile file name or key put in the message
             raise click.ClickException(" ".join(str(e).split())) from None
         except OSError as e:
-            if getattr(e, "errno", None) == 28:
-                where = f" writing {e.filename}" if e.filename else ""
-                raise click.ClickException(f"no space left on device{where}; free space and rerun to resume") from None
-            raise
+            if e.errno not in _DISK_ERRORS:
+                raise
+            what, todo = _DISK_ERRORS[e.errno]
+            where = f" {'writing' if e.errno in _WRITES else 'on'} {e.filename}" if e.filename else ""
+            lost = "" if e.errno == errno.ENOSPC else "; nothing written before was lost"
+            raise click.ClickException(" ".join(f"{what}{where}{lost}; {todo} and rerun to resume".split())) from None
 
 
 # ------------------------------------------------------------------------------------------- declaring a field

@@ -6,6 +6,7 @@ One code path serves one process and N processes: the rank comes from torchrun (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -64,15 +65,24 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path` and os.replace it: a crash never leaves half a file."""
+    """Write to a temporary file beside `path` and os.replace it: a crash never leaves half a file, and a write the
+    disk refuses (full, read-only, a file-size limit) leaves the old file as it was and no temporary file; its
+    OSError names `path`, not the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.filename is None or e.filename == str(tmp):  # a failed write() names no file
+            e.filename = str(path)
+        raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -93,6 +103,53 @@ class JsonlLog:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line cut short (a crash or a full disk while it was appended: no newline after it)
+        is left out, since it is of a step after the last checkpoint. Any other line that is not a JSON object is
+        refused, naming it."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text(errors="replace")
+        lines = text.splitlines()
+        records = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                if i == len(lines) and not text.endswith("\n"):
+                    break
+                raise FdpipeError(f"{self.path} line {i} is not JSON ({e}); remove or fix that line, then rerun") \
+                    from None
+            if not isinstance(record, dict):
+                raise FdpipeError(f"{self.path} line {i} is not a JSON object; remove or fix that line, then rerun")
+            records.append(record)
+        return records
+
+    def rewrite(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replace the log with `records`, atomically (a resume cuts it back to its checkpoint)."""
+        atomic_write_bytes(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+
+def read_torch(path: Path, what: str, todo: str) -> Any:
+    """torch.load with weights_only (a pickle's code is never run), refusing a file it cannot read in one line."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # the unpickler warns about the protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError:
+        raise FdpipeError(f"{what} holds objects other than tensors and plain values (it may hold code, which fdpipe "
+                          f"never runs); {todo}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, IndexError... on a broken file
+        raise FdpipeError(f"{what} is truncated or not a torch checkpoint ({gist(e)}); {todo}") from None
+
+
+def gist(e: BaseException) -> str:
+    """An exception's first sentence, short: torch's messages run to paragraphs of advice."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line.split(". ")[0].rstrip(".")[:160]

@@ -817,7 +817,7 @@ def test_a_loss_that_turns_non_finite_stops_and_keeps_the_last_finite_state(serv
     ("c.yaml", "clip_grad: .inf\n", "--clip-grad must be a finite number, at least 0 (got inf)"),  # not an option
     ("c.yaml", "crop_scale: [.nan, 1.0]\n", "--crop-scale must be a finite number (got nan)"),
     ("c.yaml", "lr: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested too deep to read"),  # a RecursionError before
-    ("c.yaml", "".join(" " * i + "a:\n" for i in range(10_000)), "nested too deep to read"),
+    ("c.yaml", "lr: " + "{a: " * 10_000 + "}" * 10_000 + "\n", "nested too deep to read"),  # block style: 50 MB
     ("c.json", '{"lr": ' + "[" * 10_000 + "]" * 10_000 + "}", "nested too deep to read"),
 ], ids=["yaml-nan", "json-nan", "yaml-inf-not-an-option", "nan-in-pair", "yaml-lists-10^4-deep",
         "yaml-mappings-10^4-deep", "json-10^4-deep"])
@@ -1177,6 +1177,256 @@ def test_a_run_never_overwrites_what_it_did_not_make(server, bases, photos, dist
     o = server.run(*args, label="run")
     assert o.refusal_problem(f"--out {out} {message.format(out=out)}; choose a new --out") is None
     assert _files(out) == before
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "copy"))
+
+
+def _edit_state(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
+    def build(run: Path) -> None:
+        import torch
+
+        path = run / "train_state.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save(change(state), path)
+
+    return build
+
+
+def _at(epoch: int, sample: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def change(state: dict[str, Any]) -> dict[str, Any]:
+        state["position"] = dict(state["position"], epoch=epoch, sample_in_epoch=sample)
+        return state
+
+    return change
+
+
+class _Code:
+    """A pickle that runs a command when unpickled (it writes the file named here)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _pickle_with_code(run: Path) -> None:
+    import pickle
+
+    (run / "train_state.pt").write_bytes(pickle.dumps({"model": _Code(run.parent / "ran")}))
+
+
+def _cut(name: str, keep: Callable[[int], int]) -> Callable[[Path], None]:
+    def build(run: Path) -> None:
+        data = (run / name).read_bytes()
+        (run / name).write_bytes(data[:keep(len(data))])
+
+    return build
+
+
+def _zeroed(run: Path) -> None:
+    path = run / "train_state.pt"
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _broken_log_line(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join([lines[0], '{"step": 2, "loss": \n', *lines[1:]]))
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (_cut("train_state.pt", lambda n: n // 2), "train_state.pt is truncated or not a torch checkpoint"),
+    (_zeroed, "train_state.pt is truncated or not a torch checkpoint"),
+    (_edit_state(lambda s: {}), "train_state.pt lacks model, optimizer, position, rng, fingerprint"),
+    (_pickle_with_code, "train_state.pt holds objects other than tensors and plain values"),
+    (_edit_state(_at(-5, 0)), "train_state.pt: position is {'epoch': -5"),
+    (_edit_state(_at(0, 10**12)), "train_state.pt is at sample 1,000,000,000,000 of epoch 0, which has 4"),
+    (_broken_log_line, "metrics.jsonl line 2 is not JSON"),
+], ids=["state-truncated", "state-zeroed", "state-empty-dict", "state-pickle-with-code", "state-epoch-minus-5",
+        "state-sample-10^12", "metrics-broken-line"])
+def test_a_tampered_run_is_refused_by_resume_in_one_line(server, bases, photos, distill_run, tmp_path, tamper,
+                                                          message):
+    run = _copy(distill_run, tmp_path)
+    tamper(run)
+    before = _files(run)
+    o = server.run("distill", "--store", bases["zarr"], "--data", photos, "--out", run, *DISTILL, "--resume",
+                   label="run")
+    assert o.refusal_problem(f"{run}/{message}") is None
+    assert _files(run) == before and not (tmp_path / "ran").exists()
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(server, bases, photos, distill_run, tmp_path):
+    """A crash (or a full disk) while a line is appended leaves it without its newline: it is of a step after the
+    last checkpoint, so the resume leaves it out instead of refusing the run."""
+    run = _copy(distill_run, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    o = server.run("distill", "--store", bases["zarr"], "--data", photos, "--out", run, *DISTILL, "--epochs", "2",
+                   "--resume", label="run")
+    assert o.success_problem() is None
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def _edit_config(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def build(run: Path) -> None:
+        config = json.loads((run / "config.json").read_text())
+        change(config)
+        (run / "config.json").write_text(json.dumps(config))
+
+    return build
+
+
+def _header_length(n: int) -> Callable[[Path], None]:
+    def build(run: Path) -> None:
+        data = (run / "student.safetensors").read_bytes()
+        (run / "student.safetensors").write_bytes(n.to_bytes(8, "little") + data[8:])
+
+    return build
+
+
+def _offsets_past_the_end(run: Path) -> None:
+    path = run / "student.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [10**12, 10**12 + end - start]
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (_edit_config(lambda c: c.update(architecture=5)), "config.json: architecture is 5, not a timm model name"),
+    (_edit_config(lambda c: c["model_args"].update(colour="blue")),
+     "config.json: model_args has 'colour', which beit_base_patch16_224 does not take"),
+    (_edit_config(lambda c: c.update(weights="/etc/passwd")), "config.json: weights is '/etc/passwd', not the name"),
+    (_cut("student.safetensors", lambda n: 5000), "student.safetensors is not a whole safetensors file"),
+    (_header_length(2**62), "student.safetensors is not a whole safetensors file: its header claims "
+                            "4,611,686,018,427,387,904 bytes"),
+    (_offsets_past_the_end, "student.safetensors is not a whole safetensors file: tensor"),
+], ids=["architecture-5", "model-args-unknown-key", "weights-etc-passwd", "student-truncated",
+        "student-header-2^62", "student-offsets-past-end"])
+@pytest.mark.parametrize("command", ["finetune", "analyze"])
+def test_a_tampered_checkpoint_is_refused_in_one_line(server, photos, distill_run, tmp_path, tamper, message,
+                                                      command):
+    run = _copy(distill_run, tmp_path)
+    tamper(run)
+    before = _files(run)
+    args = {"finetune": ["finetune", "--init", run, "--out", tmp_path / "ft",
+                         *(a.format(photos=photos) for a in FINETUNE)],
+            "analyze": ["analyze", run, "--data", photos, "--out", tmp_path / "an", "--images", "2"]}[command]
+    o = server.run(*args, label="run")
+    assert o.refusal_problem(f"{run}/{message}") is None
+    assert _files(run) == before
+
+
+# ------------------------------------------------------------------------------------------------------- disks
+def _spawn(*args: Any, prefix: tuple[str, ...] = (), preexec: Callable[[], None] | None = None) -> Outcome:
+    """A command in its own process (for what the fork server cannot give a child: a mount namespace, a limit)."""
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(a) for a in args]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([*prefix, str(Path(sys.executable).parent / "fdpipe"), *args], capture_output=True,
+                           text=True, env=env, timeout=TIMEOUT_S, preexec_fn=preexec)
+        return Outcome(args, r.returncode, r.stdout, r.stderr, 0.0, time.monotonic() - t0, False)
+    except subprocess.TimeoutExpired as e:
+        return Outcome(args, -9, str(e.stdout or ""), str(e.stderr or ""), 0.0, time.monotonic() - t0, True)
+
+
+_READ_ONLY = ('d=$1; shift; mount --bind "$d" "$d" && mount -o remount,bind,ro "$d" "$d" && exec "$@"',)
+
+
+def _read_only(folder: Path) -> tuple[str, ...]:
+    """The prefix that runs a command with `folder` read-only: a read-only bind mount in a user namespace of its
+    own (unshare -rm: no privileges, and root cannot write through it either); where there is none, the folder's
+    mode (which stops anyone but root); skip when neither works."""
+    probe = ("unshare", "-rm", "sh", "-c", *_READ_ONLY, "sh", str(folder), "sh", "-c", f"! touch {folder}/probe")
+    try:
+        if shutil.which("unshare") and subprocess.run(probe, capture_output=True, timeout=30).returncode == 0:
+            return probe[:5] + ("sh", str(folder))
+    except subprocess.TimeoutExpired:
+        pass
+    if os.geteuid() == 0:
+        pytest.skip("no user namespaces for a read-only mount, and root writes through a folder's mode")
+    folder.chmod(0o555)
+    return ()
+
+
+@pytest.mark.parametrize("command", ["distill-resume", "finetune"])
+def test_a_read_only_out_is_one_line_and_loses_nothing(server, bases, photos, distill_run, tmp_path, command):
+    run = _copy(distill_run, tmp_path)
+    before = _files(run)
+    if command == "distill-resume":
+        prefix = _read_only(run)
+        args = ["distill", "--store", bases["zarr"], "--data", photos, "--out", run, *DISTILL, "--epochs", "2",
+                "--resume"]
+        named = run / "metrics.jsonl"  # the resume's first write: the log cut back to the checkpoint
+    else:
+        (tmp_path / "ro").mkdir()
+        prefix = _read_only(tmp_path / "ro")
+        args = ["finetune", "--init", run, "--out", tmp_path / "ro" / "ft", *(a.format(photos=photos)
+                                                                           for a in FINETUNE)]
+        named = tmp_path / "ro" / "ft"
+    o = _spawn(*args, prefix=prefix)
+    assert o.refusal_problem(f"writing {named}; nothing written before was lost") is None
+    for folder in (run, tmp_path / "ro"):  # writable again, where the fallback made it read-only by its mode
+        if folder.exists():
+            folder.chmod(0o755)
+    assert _files(run) == before and not (tmp_path / "ro" / "ft").exists()
+    if command == "distill-resume":  # the run goes on from where it was
+        assert server.run(*args, label="run").success_problem() is None
+
+
+def test_a_file_size_limit_while_saving_the_state_loses_nothing(server, bases, photos, distill_run, tmp_path):
+    """RLIMIT_FSIZE (ulimit -f) below train_state.pt's size: its write fails with EFBIG at the first checkpoint of
+    the resumed run, whose earlier state and student stay as they were; a resume without the limit goes on."""
+    import resource
+
+    run = _copy(distill_run, tmp_path)
+    before = _files(run)
+    limit = (run / "train_state.pt").stat().st_size // 2
+    args = ["distill", "--store", bases["zarr"], "--data", photos, "--out", run, *DISTILL, "--epochs", "2", "--resume"]
+    o = _spawn(*args, preexec=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert o.refusal_problem(f"file too large (a file-size limit: ulimit -f) writing {run / 'train_state.pt'}; "
+                             "nothing written before was lost") is None
+    after = _files(run)
+    assert set(after) == set(before)  # no temporary file left
+    ran = ("metrics.jsonl", "settings.yaml")  # the resumed run's: its settings, the steps it took before the save
+    assert {k: v for k, v in after.items() if k not in ran} == {k: v for k, v in before.items() if k not in ran}
+    assert server.run(*args, label="run").success_problem() is None
+    assert _files(run)["student.safetensors"] != before["student.safetensors"]
+
+
+@pytest.mark.parametrize("error,message", [
+    (OSError(errno.EROFS, "Read-only file system", "/runs/a/metrics.jsonl"),
+     "read-only file system writing /runs/a/metrics.jsonl; nothing written before was lost; make it writable"),
+    (OSError(errno.EFBIG, "File too large"),
+     "file too large (a file-size limit: ulimit -f); nothing written before was lost; raise the limit"),
+    (PermissionError(errno.EACCES, "Permission denied", "/runs/a"),
+     "permission denied on /runs/a; nothing written before was lost; fix the permissions"),
+], ids=["erofs", "efbig", "eacces"])
+def test_a_refused_write_is_one_line_that_names_the_file(error, message):
+    import click
+    from click.testing import CliRunner
+
+    from fdpipe.options import Group
+
+    @click.group(cls=Group)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def write() -> None:
+        raise error
+
+    r = CliRunner().invoke(group, ["write"])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
 
 
 # ------------------------------------------------------------------------------------------------- small ones

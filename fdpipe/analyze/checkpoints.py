@@ -119,14 +119,13 @@ def _read_config(spec: CheckpointSpec) -> tuple[Path, dict[str, Any]]:
     if not cfg_path.is_file():
         raise FdpipeError(f"no config.json beside {p}; point at a run directory written by fdpipe, or write "
                           f"ARCH@{p} to load these weights into a timm architecture")
+    from ..models.checkpoint import check_config
+
     try:
         config = json.loads(cfg_path.read_text())
-        ok = isinstance(config, dict) and isinstance(config.get("architecture"), str) \
-            and isinstance(config.get("model_args", {}), dict)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FdpipeError(f"{cfg_path} is not valid JSON ({e}); re-save the checkpoint") from None
-    if not ok:
-        raise FdpipeError(f"{cfg_path} names no architecture and model_args; point at a checkpoint saved by fdpipe")
+    check_config(config, cfg_path)
     return cfg_path.parent, config
 
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..finetune.recipe import size_of
+from ..sizes import size_of
 
 if TYPE_CHECKING:
     from .settings import DistillConfig

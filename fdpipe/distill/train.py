@@ -191,7 +191,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     seen = JsonlLog(out / f"samples.rank{ranks.rank}.jsonl", enabled=cfg.log_samples)
     prepare, loss = distill_step(model, data, device, teacher, seen, weights if multi else None)
     trainer = Trainer(model, optimizer, prepare, loss, device, loop, ranks)
-    pos = run.begin(trainer, cfg.resume, cfg)
+    pos = run.begin(trainer, cfg.resume, cfg, schedule=schedule)
     pin = device.type == "cuda"
     pos = trainer.fit(run, schedule, lambda epoch, start: data.loader(epoch, start, cfg.batch_size, cfg.workers, pin),
                       pos)

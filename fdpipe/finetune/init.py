@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from ..errors import FdpipeError
 from ..models import BEIT_ARCH, StudentSpec, check_model_size, create_student, load_model
+from ..models.checkpoint import check_config, config_args_checked, load_weights
 from .model import classifier_from_distilled
 
 # What every fine-tuned FD student is: per-block relative position bias, mean pooling + fc_norm, a K-way head.
@@ -44,6 +44,7 @@ def _read_config(directory: Path) -> dict[str, Any] | None:
         raise FdpipeError(f"{path} is not valid JSON ({e}); point --init at a run directory written by fdpipe") from None
     if not isinstance(config, dict) or "architecture" not in config:
         raise FdpipeError(f"{path} names no 'architecture'; point --init at a run directory or timm checkpoint")
+    check_config(config, path)
     return config
 
 
@@ -83,15 +84,12 @@ def from_distilled(weights: Path, config: dict[str, Any], num_classes: int, drop
     fc_norm starts at ones/zeros, as in FD (its fine-tuning ViT has norm = Identity and a new fc_norm, so the
     student's final norm is not loaded) and BEiT/MAE; every block's weights are the student's.
     """
-    import safetensors.torch
-
-    args = dict(config.get("model_args") or {})
-    if image_size is not None:
-        args["img_size"] = image_size
+    saved = dict(config.get("model_args") or {})
+    args = {**saved, **({} if image_size is None else {"img_size": image_size})}
     check_model_size(args, str(weights.parent / "config.json"))
-    sd = safetensors.torch.load_file(str(weights)) if weights.suffix == ".safetensors" else \
-        torch.load(str(weights), map_location="cpu", weights_only=True)
-    model = classifier_from_distilled(sd, args, num_classes, drop_path=drop_path, arch=config["architecture"])
+    sd = load_weights(weights)
+    with config_args_checked(weights.parent / "config.json", saved, config["architecture"]):
+        model = classifier_from_distilled(sd, args, num_classes, drop_path=drop_path, arch=config["architecture"])
     spec_args = {k: v for k, v in args.items() if k not in ("pretrained", "arch", "model_name")}
     spec_args.update(_CLASSIFIER_ARGS, num_classes=num_classes, drop_path_rate=drop_path)
     spec = StudentSpec(name=str(config.get("name", config["architecture"])), architecture=config["architecture"],

@@ -15,9 +15,10 @@ This module imports no torch: `fdpipe finetune --help` prints the table.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ..sizes import size_of
 
 if TYPE_CHECKING:
     from .settings import FinetuneConfig
@@ -47,19 +48,6 @@ RECIPES: dict[str, Recipe] = {
     "large": Recipe(layer_decay=0.75, drop_path=0.4, warmup_fraction=0.1, base_lr=2.5e-4, base_min_lr=5e-7, epochs=50,
                     patch_size=14),
 }
-FALLBACK = "base"  # a student whose name names no size (e.g. a custom timm ViT)
-_SIZE_WORD = re.compile(r"(?:^|[-_])(tiny|small|base|large|huge|giant)(?:$|[-_\d])")
-
-
-def size_of(name: str) -> str:
-    """tiny/small/base/large from a student's name: fd-vit-small -> small, vit_large_patch16_224 -> large.
-
-    huge and giant take large's recipe; a name without a size word takes base's.
-    """
-    m = _SIZE_WORD.search(name.lower())
-    if m is None:
-        return FALLBACK
-    return "large" if m.group(1) in ("huge", "giant") else m.group(1)
 
 
 def resolve(size: str, layer_decay: float | None = None, drop_path: float | None = None) -> Recipe:

@@ -181,7 +181,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     run = RunFiles(out, state_path, ranks, {"setup": setup}, check)
     trainer = Trainer(net, optimizer, prepare, loss, device, loop, ranks)
     pos = run.begin(trainer, cfg.resume, cfg,  # an epoch's evaluation runs again with it
-                    keep=lambda r, p: r["epoch"] < p.epoch if r["kind"] == "eval" else r["step"] <= p.step)
+                    keep=lambda r, p: r["epoch"] < p.epoch if r["kind"] == "eval" else r["step"] <= p.step,
+                    schedule=schedule)
     pos = trainer.fit(run, schedule, epoch_data, pos, log_fields={"kind": "train"}, on_epoch_end=on_epoch_end)
 
     result: dict[str, Any] = {"out": str(out), "steps": pos.step, "epochs": pos.epoch, "image_size": image_size,

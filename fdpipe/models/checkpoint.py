@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from torch import nn
@@ -16,6 +17,7 @@ import timm
 import timm.data
 
 from fdpipe.errors import FdpipeError
+from fdpipe.runtime import read_torch
 
 from ._helpers import _first_line, _json_able
 from .students import STUDENTS, StudentSpec, check_model_size, student_grid
@@ -108,6 +110,91 @@ def _overlay(config: Mapping[str, Any], weights: Path, args: Mapping[str, Any]) 
     return {**overlay, "file": str(weights)}
 
 
+def check_config(config: Any, path: Path) -> None:
+    """Refuse a config.json (read from `path`) whose fields a loader would trip on or be led astray by, in one line:
+    an architecture that is not a timm name, model_args that are not keyword arguments, weights outside its folder."""
+    if not isinstance(config, dict):
+        raise FdpipeError(f"{path} holds a {type(config).__name__}, not a model config; re-save the checkpoint")
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not timm.is_model(timm.models.split_model_name_tag(arch)[0]):
+        raise FdpipeError(f"{path}: architecture is {arch!r:.100}, not a timm model name; re-save the checkpoint")
+    args = config.get("model_args") or {}
+    if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
+        raise FdpipeError(f"{path}: model_args is {args!r:.100}, not keyword arguments of {arch}; re-save the "
+                          "checkpoint")
+    weights = config.get("weights", "student.safetensors")
+    parts = PurePosixPath(weights).parts if isinstance(weights, str) else ()
+    if not parts or PurePosixPath(weights).is_absolute() or ".." in parts or "\\" in weights:
+        raise FdpipeError(f"{path}: weights is {weights!r:.100}, not the name of a file in {path.parent}; re-save the "
+                          "checkpoint")
+
+
+@contextlib.contextmanager
+def config_args_checked(path: Path, model_args: Mapping[str, Any], arch: str):
+    """Building a model from a config.json's model_args: a keyword its architecture does not take is that file's
+    fault, and is refused in one line naming it (timm raises a TypeError)."""
+    try:
+        yield
+    except TypeError as e:
+        m = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        if m is None or m.group(1) not in model_args:
+            raise
+        raise FdpipeError(f"{path}: model_args has {m.group(1)!r}, which {arch} does not take; remove it or re-save "
+                          "the checkpoint") from None
+
+
+_MAX_HEADER = 100 << 20  # what the safetensors library itself allows a header
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a .safetensors file that is not whole, in one line naming it, before any reader maps it: its header
+    length and every tensor's data offsets must lie inside the file."""
+    def refuse(why: str) -> None:
+        raise FdpipeError(f"{path} is not a whole safetensors file: {why}; re-save the checkpoint or copy it again")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or n > min(size - 8, _MAX_HEADER):
+            refuse(f"its header claims {n:,} bytes and the file has {size:,}" if len(head) == 8 else
+                   f"it has {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        refuse("its header is not a JSON object")
+    data = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            refuse(f"tensor {name!r:.100} has no valid data_offsets")
+        if offsets[1] > data:
+            refuse(f"tensor {name!r:.100} ends at byte {offsets[1]:,} of {data:,} bytes of data (truncated?)")
+
+
+def load_weights(path: Path) -> dict[str, Any]:
+    """A checkpoint's state dict: a .safetensors file (checked whole first), else a torch file of tensors."""
+    if path.suffix != ".safetensors":
+        sd = read_torch(path, str(path), "re-save the checkpoint")
+        if not isinstance(sd, dict):
+            raise FdpipeError(f"{path} holds a {type(sd).__name__}, not a state dict; re-save the checkpoint")
+        return sd
+    import safetensors
+    import safetensors.torch
+
+    check_safetensors(path)
+    try:
+        return safetensors.torch.load_file(str(path))
+    except safetensors.SafetensorError as e:
+        raise FdpipeError(f"{path} is not a whole safetensors file ({_first_line(e)}); re-save the checkpoint") \
+            from None
+
+
 def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, StudentSpec, dict[str, Any]]:
     """Rebuild a saved model through timm: a run dir, a .safetensors beside its config.json, or a timm name.
 
@@ -122,17 +209,21 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
             raise FdpipeError(f"no config.json beside {p}; point at a run directory written by fdpipe")
         try:
             config = json.loads(cfg_path.read_text())
-            arch, model_args = config["architecture"], dict(config.get("model_args", {}))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:
             raise FdpipeError(f"{cfg_path} is not a model config ({_first_line(e)}); re-save the checkpoint") from None
+        check_config(config, cfg_path)
+        arch, model_args = config["architecture"], dict(config.get("model_args") or {})
         weights = p if p.is_file() else p / str(config.get("weights", "student.safetensors"))
         if not weights.is_file():
             raise FdpipeError(f"checkpoint weights not found: {weights}; the run may not have saved yet")
+        if weights.suffix == ".safetensors":
+            check_safetensors(weights)
         args = {**model_args, **overrides}
         check_model_size(args, str(cfg_path))
         try:
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=_overlay(config, weights, args),
-                                      **args)
+            with config_args_checked(cfg_path, {k: v for k, v in model_args.items() if k not in overrides}, arch):
+                model = timm.create_model(arch, pretrained=True,
+                                          pretrained_cfg_overlay=_overlay(config, weights, args), **args)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({_first_line(e)}); "
                               f"check the overrides") from None

@@ -22,7 +22,7 @@ from ..runtime import JsonlLog, Ranks, progress
 from .distributed import all_mean, wrap_ddp
 from .optim import cosine_lr, set_lr
 from .setup import autocast, worker_errors_one_line
-from .state import Position, checkpoint, load_state, restore
+from .state import KEEP, Position, checkpoint, load_state, position, restore
 
 
 class Step(NamedTuple):
@@ -65,6 +65,14 @@ class Schedule:
 
     def lr(self, step: int) -> float:
         return cosine_lr(step, self.total_steps, self.warmup, self.peak_lr, self.min_lr)
+
+    def check(self, pos: Position, batch_size: int, path: Path) -> None:
+        """Refuse a resume position that is no place in this schedule: a sample past its epoch's end (a position
+        after the last epoch is the end of a finished run, which a resume with more --epochs continues)."""
+        epochs = len(self.micro_per_epoch)
+        if pos.epoch < epochs and pos.sample_in_epoch > self.micro_per_epoch[pos.epoch] * batch_size:
+            raise FdpipeError(f"--resume: {path} is at sample {pos.sample_in_epoch:,} of epoch {pos.epoch}, which has "
+                              f"{self.micro_per_epoch[pos.epoch] * batch_size:,} samples in this run; {KEEP}")
 
 
 def make_schedule(loop: LoopSettings, samples_per_epoch: int | Callable[[int], int], peak_lr: float) -> Schedule:
@@ -281,12 +289,19 @@ class RunFiles:
         self.log = JsonlLog(self.out / "metrics.jsonl", enabled=self.ranks.is_main)
 
     def begin(self, trainer: Trainer, resume: bool, settings: Any = None,
-              keep: Callable[[dict[str, Any], Position], bool] | None = None) -> Position:
-        """Restore a resumed run (the log cut back to its checkpoint) or start a fresh one; write the settings."""
+              keep: Callable[[dict[str, Any], Position], bool] | None = None,
+              schedule: Schedule | None = None) -> Position:
+        """Restore a resumed run (the log cut back to its checkpoint) or start a fresh one; write the settings.
+
+        A resumed state is checked before any of it is used: what checkpoint() saves, and a position inside
+        `schedule`'s epochs."""
         if resume:
-            state = load_state(self.state_path)
+            state = load_state(self.state_path, tuple(self.agree))
             self.check(state)
-            pos = restore(state, trainer.model, trainer.optimizer, self.log, self.ranks.is_main, keep=keep)
+            if schedule is not None:
+                schedule.check(position(state, self.state_path), trainer.loop.batch_size, self.state_path)
+            pos = restore(state, trainer.model, trainer.optimizer, self.log, self.ranks.is_main, keep=keep,
+                          path=self.state_path)
         else:
             pos = Position()
             if self.ranks.is_main:

@@ -225,13 +225,17 @@ def save(root: Path, m: dict[str, Any], fix: bool) -> None:
 
 
 def put_file(root: Path, rel: str, data: bytes, fix: bool) -> None:
-    """Replace a store file; fix: record its new size and sha256 in the manifest, and fix the checksum up."""
+    """Replace a store file; fix: record its new size, sha256 and crc32c in the manifest, and fix the checksum up."""
     (root / rel).write_bytes(data)
     if fix:
+        from fdpipe.store.fs import Digest
+
+        digest = Digest()
+        digest.update(data)
         m = load(root)
         for entry in m["shards"]:
             if rel in entry["files"]:
-                entry["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                entry["files"][rel] = digest.entry()
         save(root, m, True)
 
 

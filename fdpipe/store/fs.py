@@ -347,15 +347,19 @@ class StoreLocation:
         return {p[len(prefix):]: int(d.get("size") or 0) for p, d in found.items()
                 if p.startswith(prefix) and d.get("type", "file") != "directory"}
 
-    @_remote
     def sha256(self, rel: str) -> tuple[int, str]:
         """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed."""
-        h, n = hashlib.sha256(), 0
+        entry = self.digest(rel)
+        return entry["bytes"], entry["sha256"]
+
+    @_remote
+    def digest(self, rel: str) -> dict[str, Any]:
+        """The manifest entry (bytes, sha256, crc32c) of a file as stored (never through the read cache), streamed."""
+        digest = Digest()
         with self.fs.open(self.path(rel), "rb") as f:
             while chunk := f.read(CHUNK):
-                h.update(chunk)
-                n += len(chunk)
-        return n, h.hexdigest()
+                digest.update(chunk)
+        return digest.entry()
 
     def escape(self, rel: str) -> tuple[str, str] | None:
         """(the shortest part of `rel`, where it leads) when a link takes `rel` outside a local store's root; else

@@ -70,6 +70,18 @@ def _read_error(url: str, e: Exception) -> StoreError:
     return StoreError(f"{where}: cannot read targets ({' '.join(str(e).split())}); run `fdpipe store verify`")
 
 
+# What a wds sample's params.json must repeat of its index row (any other index column it holds must agree too).
+_PARAMS_REQUIRED = ("image_idx", "key", "view", "seed", "top", "left", "height", "width", "flip", "orig_height",
+                    "orig_width", "status")
+
+
+def _last_chunk_codec(array: Any) -> str | None:
+    """The class name of the last codec a chunk's bytes pass through (inside the sharding codec, if any)."""
+    codecs = tuple(array.metadata.codecs)
+    inner = tuple(getattr(codecs[0], "codecs", codecs)) if codecs else ()
+    return type(inner[-1]).__name__ if inner else None
+
+
 def open_store(url: str, storage_options: dict | None = None, cache_dir: str | None = None) -> "Store":
     """Open a complete store; one clear line for every way that can fail.
 
@@ -199,6 +211,11 @@ class Store:
                                      f"{list(got[field]) if field != 'dtype' else got[field]}, the manifest says "
                                      f"{list(value) if field != 'dtype' else value}; the store is damaged (run "
                                      "`fdpipe store verify --deep`)")
+            last = _last_chunk_codec(a)
+            if self.format_version >= 3 and last != "Crc32cCodec":  # its chunks end in one: read without, as data
+                raise StoreError(f"{self.loc.path(f'{layouts.ZARR_ROOT}/{name}/zarr.json')}: a chunk's codecs end in "
+                                 f"{last or 'nothing'}, not the crc32c every chunk of a format-3 store carries; the "
+                                 "store is damaged or was not written by fdpipe")
         return g["targets"], (g["scales"] if self.quantizer.has_scales else None)
 
     def target(self, image_idx: int, view: int) -> np.ndarray:

@@ -32,21 +32,19 @@ def _check_files(store: Store) -> Iterator[str]:
         if store.loc.escape(rel):
             yield f"{where}: a link that leads outside the store; refusing to read it"
             continue
-        nbytes, sha = store.loc.sha256(rel)
-        if nbytes != meta["bytes"]:
-            yield f"{where}: {nbytes} bytes, manifest says {meta['bytes']}"
-        elif sha != meta["sha256"]:
+        got = store.loc.digest(rel)
+        if got["bytes"] != meta["bytes"]:
+            yield f"{where}: {got['bytes']} bytes, manifest says {meta['bytes']}"
+        elif got["sha256"] != meta["sha256"]:
             yield f"{where}: sha256 mismatch (the file is corrupt)"
+        elif "crc32c" in meta and got["crc32c"] != meta["crc32c"]:  # what readers check: it must agree too
+            yield f"{where}: crc32c {got['crc32c']}, manifest says {meta['crc32c']} (the manifest was altered)"
 
 
 def _check_index(store: Store) -> Iterator[str]:
-    """The index rows against the manifest: counts, order, crop boxes and keys (index.check_part)."""
-    for s in store.manifest["shards"]:
-        rel = index_mod.part_name(s["shard"])
-        try:
-            index_mod.check_part(store.index_part(s["shard"]), store.manifest, s["shard"], store.loc.path(rel))
-        except StoreError as e:
-            yield str(e)
+    """The index rows against the manifest: counts, order, crop boxes and keys (index.check_part), seeds against the
+    plan, failed images against the counts, the dataset fingerprint (consistency.index_problems)."""
+    yield from index_problems(store)
 
 
 def _check_shape(store: Store) -> Iterator[str]:

@@ -8,7 +8,6 @@ writes manifest.json.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -214,17 +213,15 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             f"{url}: {len(missing)} of {n_shards} shards are not committed (first: {missing[0]}); "
             "run `fdpipe extract` again to finish them"
         )
-    shards, digest, counts = [], hashlib.sha256(), {"images": 0, "rows": 0, "failed": 0}
+    shards, counts = [], {"images": 0, "rows": 0, "failed": 0}
     for i in range(n_shards):
         marker = loc.read_json(progress_name(i))
         check_shard(marker, draft, loc.path(progress_name(i)), "marker", i)
         shards.append({"shard": i, "images": marker["images"], "rows": marker["rows"], "files": marker["files"]})
         for k in counts:
             counts[k] += int(marker[k])
-        table = index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
-        for key, sha, view in zip(*(table.column(c).to_pylist() for c in ("key", "image_sha256", "view"))):
-            if view == 0:
-                digest.update(f"{key}\t{sha}\n".encode())
+    digest = index_mod.dataset_digest(index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
+                                      for i in range(n_shards))
     q = get_quantizer(draft["dtype"])
     meta = {}
     if draft["layout"] == "zarr":
@@ -233,6 +230,6 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             meta[rel] = {"bytes": nbytes, "sha256": sha}
     # every shard is committed, so a temporary file left in a shard folder is debris of a crashed attempt
     loc.remove_stale_tmp([d for d in (PROGRESS, "index", layouts.ZARR_ROOT, layouts.WDS_DIR) if loc.exists(d)])
-    manifest = make_final(draft, shards, meta, counts, digest.hexdigest())
+    manifest = make_final(draft, shards, meta, counts, digest)
     loc.put_atomic(MANIFEST, canonical(manifest))
     return manifest

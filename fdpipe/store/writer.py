@@ -113,6 +113,7 @@ class StoreWriter:
 
     def _check_same(self, existing: dict[str, Any], name: str) -> None:
         old = {k: existing.get(k) for k in self.draft}
+        old["data"] = self._same_data(old.get("data"))
         diff = first_difference(old, self.draft)
         if diff:
             fix = (f"finish it with the fdpipe that started it, or use another {self.role}"  # not a user setting
@@ -122,6 +123,21 @@ class StoreWriter:
                 f"{self.loc.url} was made with other settings: {diff} is {describe_value(old, diff)!r} there, "
                 f"{describe_value(self.draft, diff)!r} now; {fix}"
             )
+
+    def _same_data(self, old: Any) -> Any:
+        """The store's recorded data block, refused in one line naming both specs when it names other images than
+        this run's. A spec recorded relative (by an earlier fdpipe, which kept --data as typed) resolves against
+        the working directory, as it did then."""
+        from ..data import absolute_spec
+
+        new = self.draft.get("data")
+        if not (isinstance(old, dict) and isinstance(new, dict)
+                and isinstance(old.get("spec"), str) and isinstance(new.get("spec"), str)):
+            return old
+        if absolute_spec(old["spec"]) != absolute_spec(new["spec"]):
+            raise StoreError(f"{self.loc.url} was started on the images at {absolute_spec(old['spec'])}, not "
+                             f"{absolute_spec(new['spec'])}: resume with those images, or use another {self.role}")
+        return {**old, "spec": new["spec"]}
 
     def is_committed(self, shard: int) -> bool:
         """The marker exists and every file it names still has its recorded size and sha256."""

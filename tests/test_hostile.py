@@ -62,6 +62,7 @@ for line in sys.stdin:
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
+        os.chdir(req.get("cwd") or ".")
         os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
         os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
         resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (3 << 30),) * 2)
@@ -140,11 +141,11 @@ class Server:
         assert "ready" in json.loads(self.proc.stdout.readline())
         self.outcomes: list[tuple[str, Outcome]] = []
 
-    def run(self, *args: Any, label: str = "") -> Outcome:
+    def run(self, *args: Any, label: str = "", cwd: Path | None = None) -> Outcome:
         out, err = self.scratch / "stdout", self.scratch / "stderr"
         args = [str(a) for a in args]
         self.proc.stdin.write(json.dumps({"args": args, "stdout": str(out), "stderr": str(err),
-                                          "timeout": TIMEOUT_S}) + "\n")
+                                          "timeout": TIMEOUT_S, "cwd": str(cwd or "")}) + "\n")
         self.proc.stdin.flush()
         r = json.loads(self.proc.stdout.readline())
         o = Outcome(args, r["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"), r["rss_mb"],
@@ -225,13 +226,17 @@ def save(root: Path, m: dict[str, Any], fix: bool) -> None:
 
 
 def put_file(root: Path, rel: str, data: bytes, fix: bool) -> None:
-    """Replace a store file; fix: record its new size and sha256 in the manifest, and fix the checksum up."""
+    """Replace a store file; fix: record its new size, sha256 and crc32c in the manifest, and fix the checksum up."""
     (root / rel).write_bytes(data)
     if fix:
+        from fdpipe.store.fs import Digest
+
+        digest = Digest()
+        digest.update(data)
         m = load(root)
         for entry in m["shards"]:
             if rel in entry["files"]:
-                entry["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                entry["files"][rel] = digest.entry()
         save(root, m, True)
 
 
@@ -828,6 +833,241 @@ def test_a_config_of_non_finite_or_deeply_nested_values_is_one_line(server, base
     o = server.run("distill", "--store", bases["zarr"], "--out", out, *DISTILL, "--config", config, label="configs")
     assert o.refusal_problem(f"--config {config}: {message}") is None
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- tampered stores
+# Issue 30: stores altered with every checksum recomputed, so that only a consistency check can catch them. `fdpipe
+# store verify --deep` names the inconsistency, and distill refuses the store before its first step: its epoch is one
+# batch of the 4 images, so that a wds tar (checked as it is first read, before any of its samples is used) is read
+# before that step too.
+TAMPER_DISTILL = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--quiet"]
+
+
+def _swap_images(columns: tuple[str, ...]) -> Callable[[pa.Table], pa.Table]:
+    """The index part with images 0 and 1 (2 views each) trading their `columns`."""
+    def change(t: pa.Table) -> pa.Table:
+        for name in columns:
+            values = t.column(name).to_pylist()
+            values[0:2], values[2:4] = values[2:4], values[0:2]
+            t = set_column(t, name, values)
+        return t
+
+    return change
+
+
+def _rows(**edits: dict[int, Any]) -> Callable[[pa.Table], pa.Table]:
+    """The index part with {row: value} set in each named column."""
+    def change(t: pa.Table) -> pa.Table:
+        for name, by_row in edits.items():
+            for row, value in by_row.items():
+                t = replace_row(t, name, row, value)
+        return t
+
+    return change
+
+
+def _and_manifest(first: Callable[[Path, bool], None], change: Callable[[dict[str, Any], Path], None]):
+    def build(root: Path, fix: bool) -> None:
+        first(root, fix)
+        edit_manifest(change)(root, fix)
+
+    return build
+
+
+def _recount(m: dict[str, Any], root: Path) -> None:
+    """The dataset fingerprint of the (altered) index rows, as finalize computes it: a tamperer can do that too."""
+    from fdpipe.store import index as index_mod
+
+    m["dataset_fingerprint"] = index_mod.dataset_digest(pq.read_table(p) for p in sorted((root / "index").iterdir()))
+
+
+def _zero_targets(root: Path, fix: bool) -> None:
+    """The store rewritten through fdpipe's own writer (every checksum right) with all its targets zero."""
+    from fdpipe.store import StoreWriter, open_store
+    from fdpipe.store.manifest import SETTING_KEYS
+
+    store = open_store(str(root))
+    m = store.manifest
+    out = root.parent / "zeroed"
+    w = StoreWriter(str(out), {k: m[k] for k in SETTING_KEYS if k in m and k not in ("format", "format_version")})
+    w.open()
+    for shard in range(store.num_shards):
+        items = list(store.iter_stored([shard]))
+        scales = None if items[0].scales is None else np.stack([it.scales for it in items])
+        w.write_stored(shard, np.zeros_like(np.stack([it.values for it in items])), scales,
+                       [r for it in items for r in it.rows])
+    assert w.try_finalize()
+    shutil.rmtree(root)
+    out.rename(root)
+
+
+def _tar_rewrite(members: Callable[[list[tuple[tarfile.TarInfo, bytes]]], list[tuple[tarfile.TarInfo, bytes]]]):
+    """Rewrite wds/view-00/shard-000000.tar with its (member, bytes) list changed; the manifest fixed up."""
+    rel = "wds/view-00/shard-000000.tar"
+
+    def build(root: Path, fix: bool) -> None:
+        with tarfile.open(root / rel) as src:
+            listed = [(info, src.extractfile(info).read()) for info in src.getmembers()]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+            for info, data in members(listed):
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+        put_file(root, rel, buf.getvalue(), fix)
+
+    return build
+
+
+def _params_top_moved(listed: list[tuple[tarfile.TarInfo, bytes]]) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """The first sample's params.json with its crop box one pixel lower than the index says."""
+    first = next(i for i, (info, _) in enumerate(listed) if info.name.endswith(".params.json"))
+    row = json.loads(listed[first][1])
+    row["top"] += 1
+    return [*listed[:first], (listed[first][0], json.dumps(row, sort_keys=True).encode()), *listed[first + 1:]]
+
+
+def _first_sample_again(listed: list[tuple[tarfile.TarInfo, bytes]]) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """The first sample's members once more at the end of the tar."""
+    key = listed[0][0].name.split(".")[0]
+    again = [(tarfile.TarInfo(info.name), data) for info, data in listed if info.name.split(".")[0] == key]
+    return listed + again
+
+
+def _drop_zarr_crc(meta: dict[str, Any]) -> None:
+    inner = meta["codecs"][0]["configuration"]["codecs"]
+    inner[:] = [c for c in inner if c["name"] != "crc32c"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tampered:
+    name: str
+    build: Callable[[Path, bool], None]
+    verify: str | dict[str, str] | None  # what `verify --deep` names ({layout: ...}; None: it cannot tell)
+    distill: str | None  # what distill's refusal names (None: distill reads nothing that shows it; not run)
+    layouts: tuple[str, ...] = ("zarr", "wds")
+
+
+TAMPERED = [
+    Tampered("keys-swapped", edit_index(_swap_images(("key", "image_sha256", "source"))),
+             "for that image and view", "for that image and view"),
+    Tampered("rows-swapped", _and_manifest(edit_index(_swap_images(
+        ("key", "image_sha256", "source", "label", "seed", "top", "left", "height", "width", "flip", "orig_height",
+         "orig_width"))), _recount), {"zarr": None, "wds": "(a sample out of order or twice)"},
+             "the store's rows were moved between images"),
+    Tampered("recorded-size-views-disagree", edit_index(_rows(orig_height={1: 49})), "but view 0 of the image says 48",
+             "but view 0 of the image says 48"),
+    Tampered("recorded-size-enlarged", edit_index(_rows(orig_height={0: 148, 1: 148}, top={0: 100})),
+             "in its recorded 148 x 64 pixels is not the plan's", {
+                 "zarr": "is 48 x 64 pixels, the store recorded 148 x 64 for it",
+                 "wds": "params.json: view 0's top is"}),
+    Tampered("all-zero-targets", _zero_targets, "all 8 decoded views have all-zero targets",
+             "every target of this batch of 4 views is zero"),
+    Tampered("params-crop-differs", _tar_rewrite(_params_top_moved), "params.json: view 0's top is",
+             "params.json: view 0's top is", ("wds",)),
+    Tampered("sample-twice", _tar_rewrite(_first_sample_again), "holds 3 samples where shard 0 has 2 images",
+             "holds 3 samples where shard 0 has 2 images", ("wds",)),
+    Tampered("status-error-uncounted", edit_index(_rows(status={0: "error", 1: "error"})),
+             "the index marks 1 image as failed", "the index marks 1 image as failed"),
+    Tampered("status-error-counted", _and_manifest(edit_index(_rows(status={0: "error", 1: "error"})),
+                                                   _set("counts.failed", 1)),
+             {"zarr": "is recorded as failed (status error) but holds targets",
+              "wds": "params.json: view 0's status is 'ok', the index says 'error'"}, None),
+    Tampered("seed-duplicated", edit_index(lambda t: replace_row(t, "seed", 1, t.column("seed")[0].as_py())),
+             "for that image and view", "for that image and view"),
+    Tampered("dataset-fingerprint", edit_manifest(_set("dataset_fingerprint", "0" * 64)),
+             "the manifest says 0000000000000000", "the manifest says 0000000000000000"),
+    Tampered("manifest-without-crc32c", edit_manifest(lambda m, root: [f.pop("crc32c") for f in
+                                                                      m["shards"][0]["files"].values()]),
+             "crc32c is missing", "crc32c is missing"),
+    Tampered("manifest-crc32c-wrong", edit_manifest(lambda m, root: m["shards"][0]["files"][
+        "index/part-00000.parquet"].update(crc32c="00000000")),
+             "manifest says 00000000 (the manifest was altered)", None),
+    Tampered("zarr-json-without-crc32c", edit_zarr_metadata(_drop_zarr_crc),
+             "not the crc32c every chunk of a format-3 store carries",
+             "not the crc32c every chunk of a format-3 store carries", ("zarr",)),
+]
+
+
+@pytest.mark.parametrize("case,layout", [pytest.param(c, layout, id=f"{c.name}-{layout}") for c in TAMPERED
+                                         for layout in c.layouts])
+def test_a_tampered_store_is_refused_by_verify_deep_and_by_distill_before_a_step(server, bases, photos, tmp_path,
+                                                                                 case, layout):
+    store = tmp_path / "store"
+    shutil.copytree(bases[layout], store)
+    case.build(store, True)
+    verify, distill = (want.get(layout) if isinstance(want, dict) else want for want in (case.verify, case.distill))
+    o = server.run("store", "verify", "--deep", store, label="tampered")
+    assert (o.refusal_problem(verify) if verify else o.success_problem()) is None
+    if distill is None:
+        return
+    run = tmp_path / "run"
+    o = server.run("distill", "--store", store, "--data", photos, "--out", run, *TAMPER_DISTILL, label="tampered")
+    assert o.refusal_problem(distill) is None
+    metrics = run / "metrics.jsonl"  # refused before its first step: nothing trained, nothing logged
+    assert not (run / "train_state.pt").exists() and not (metrics.exists() and metrics.read_text().strip())
+
+
+def test_a_resume_from_another_directory_is_refused_and_distill_finds_the_images_from_anywhere(server, tmp_path):
+    """Issue 30: the store records its source's absolute spec, so a resume elsewhere with another `photos/` is
+    refused in one line naming both, and distill without --data finds the images from a third directory."""
+    a, b, c = (tmp_path / name for name in "abc")
+    write_photos(a / "photos", 4)
+    write_photos(b / "photos", 4, size=(40, 56))  # the same names, other pixels
+    c.mkdir()
+    store = tmp_path / "store"
+    args = ["extract", "--data", "photos", "--out", store, "--shard-size", "2", *EXTRACT]
+    assert server.run(*args, cwd=a, label="resume").success_problem() is None
+    assert load(store)["data"]["spec"] == str(a / "photos")
+    (store / "manifest.json").unlink()  # a crash before shard 1 was committed
+    (store / "_progress" / "shard-00001.json").unlink()
+    o = server.run(*args, cwd=b, label="resume")
+    assert o.refusal_problem(f"was started on the images at {a / 'photos'}, not {b / 'photos'}") is None
+    (a / "photos" / "cat" / "img1.png").rename(a / "photos" / "cat" / "img9.png")  # here, but other images now
+    o = server.run(*args, cwd=a, label="resume")
+    assert o.refusal_problem("shard 0 holds image 0 'cat/img1'") is None
+    (a / "photos" / "cat" / "img9.png").rename(a / "photos" / "cat" / "img1.png")
+    assert server.run(*args, cwd=a, label="resume").success_problem() is None
+    assert server.run("store", "verify", "--deep", store, cwd=c, label="resume").success_problem() is None
+    o = server.run("distill", "--store", store, "--out", c / "run", *DISTILL, cwd=c, label="resume")
+    assert o.success_problem() is None
+
+
+def test_the_recorded_spec_is_the_one_open_source_gives(photos, tmp_path, monkeypatch):
+    """What a store records (data.absolute_spec, computed without opening the source) is the source's own spec, for
+    every form of a relative --data: else a resume in the same directory would be refused."""
+    from fdpipe.data import absolute_spec, open_source
+
+    shutil.copytree(photos, tmp_path / "photos")
+    (tmp_path / "shards").mkdir()
+    pngs = sorted(photos.rglob("*.png"))
+    for s in range(2):
+        with tarfile.open(tmp_path / "shards" / f"shard-{s:06d}.tar", "w") as tar:
+            tar.add(pngs[s], arcname=f"img{s}.png")
+    (tmp_path / "list.csv").write_text("path\n" + "".join(f"{p}\n" for p in pngs))
+    monkeypatch.chdir(tmp_path)
+    for spec in ("photos", " photos/ ", "list.csv", "shards/shard-{000000..000001}.tar", "shards/*.tar",
+                 "shards/shard-000000.tar::shards/shard-000001.tar"):
+        assert absolute_spec(spec) == open_source(spec).spec and str(tmp_path) in absolute_spec(spec), spec
+    assert absolute_spec("fashion-mnist") == "fashion-mnist:train" and absolute_spec("s3://b/x") == "s3://b/x"
+
+
+def test_a_store_recording_a_relative_spec_resolves_it_as_before(server, bases, photos, tmp_path):
+    """Stores written before recorded --data as typed: a relative spec still resolves against the working
+    directory (distill without --data), and a resume there is not refused for it."""
+    store = tmp_path / "store"
+    shutil.copytree(bases["zarr"], store)
+    m = load(store)
+    m["data"]["spec"] = photos.name
+    save(store, m, True)
+    o = server.run("distill", "--store", store, "--out", tmp_path / "run", *DISTILL, cwd=photos.parent, label="old")
+    assert o.success_problem() is None
+    draft = json.loads((store / "manifest.draft.json").read_text())
+    draft["data"]["spec"] = photos.name
+    (store / "manifest.draft.json").write_bytes(canonical(draft))
+    (store / "manifest.json").unlink()
+    o = server.run("extract", "--data", photos.name, "--out", store, "--shard-size", "2", *EXTRACT,
+                   cwd=photos.parent, label="old")
+    assert o.success_problem() is None and "resumed: 2 of 2 shards" in o.stdout
 
 
 # ---------------------------------------------------------------------------------------------- drafts, locks

@@ -66,6 +66,7 @@ __all__ = [
     "FashionMnistSource",
     "open_source",
     "check_local_source",
+    "absolute_spec",
     "decode_rgb",
     "original_size",
     "image_sha256",
@@ -99,6 +100,18 @@ def _is_root(fs: fsspec.AbstractFileSystem, path: str) -> bool:
         return False
     real = os.path.realpath(path)
     return os.path.dirname(real) == real
+
+
+def absolute_spec(spec: str, split: str = "train") -> str:
+    """The spec `open_source(spec).spec` gives, without opening it: what a store records, so that it reopens its
+    images from any working directory (and a resume elsewhere is told apart from one here)."""
+    spec = spec.strip()
+    builtin = _BUILTIN.match(spec)
+    if builtin:
+        return f"fashion-mnist:{builtin.group('split') or split}"
+    if _is_wds_spec(spec) and not (any(ch in spec for ch in "*?[") and "::" not in spec and "{" not in spec):
+        return "::".join(_absolute(p) for p in spec.split("::"))
+    return _absolute(spec)
 
 
 def _no_path(spec: str) -> FdpipeError:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..augment import AugmentationPlan, ViewTransform, make_plan
-from ..data import open_source
+from ..data import ImageSource, open_source
 from ..errors import FdpipeError
 from ..runtime import progress, ranks_from_env, resolve_device
 from ..store import StoreWriter, shard_range, shards_of_rank
@@ -31,7 +31,10 @@ from .views import ImageViews, PlanViews, collate, geometries, teacher_inputs
 
 def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shape: list[int], n: int,
                    plan: AugmentationPlan, shard_size: int) -> dict[str, Any]:
-    """What the draft manifest pins: a resumed run must agree on every field."""
+    """What the draft manifest pins: a resumed run must agree on every field. The data spec is absolute (as
+    open_source gives it), so that a resume from another directory is told apart and the store finds its images
+    from anywhere."""
+    from ..data import absolute_spec
     from ..models import WHITENING
 
     return dict(
@@ -39,7 +42,7 @@ def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shap
         teacher=teacher_info, whitening=WHITENING if cfg.target == "features" else None,
         plan=plan.to_dict(), num_images=n, views=cfg.views,
         shard_size=shard_size, target_shape=list(target_shape),
-        data={"spec": cfg.data, "limit": cfg.limit},
+        data={"spec": absolute_spec(cfg.data), "limit": cfg.limit},
     )
 
 
@@ -117,14 +120,35 @@ class TeacherStore:
     shares: ShareMeter = field(default_factory=ShareMeter)  # how degenerate its targets are (a warning)
 
 
-def open_teachers(cfg: ExtractConfig, n: int, plan: AugmentationPlan, device: torch.device,
+def check_same_images(writer: StoreWriter, done: set[int], source: ImageSource, spec: str) -> None:
+    """The committed shards of a resumed store hold the images `source` has at their positions (keys and where
+    they live, from the index): else resuming would fill the store's other shards from another dataset."""
+    from ..store import index as index_mod
+
+    for shard in sorted(done):
+        table = index_mod.decode(writer.loc.read_bytes(index_mod.part_name(shard)))
+        rows = table.select(["image_idx", "key", "source"]).to_pylist()[::writer.v]  # view 0 of each image
+        for r in rows:
+            i = r["image_idx"]
+            now = (source.keys[i], source.location(i)) if i < len(source) else (None, None)
+            if now != (r["key"], r["source"]):
+                raise FdpipeError(
+                    f"{writer.loc.url}: shard {shard} holds image {i} {r['key']!r} from {r['source']}, but --data "
+                    f"{spec} has {now[0]!r} from {now[1]} there: the store was started on other images; resume with "
+                    f"the --data it was started on, or use another --out")
+
+
+def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPlan, device: torch.device,
                   ranks: Any) -> tuple[list[TeacherStore], list[ViewTransform]]:
     """Build every teacher and open (or resume) its store: --out itself for one teacher, --out/<alias>/ for several.
 
     Several teachers share one shard size (--shard-size, or the smallest of their defaults), so that their stores
-    cut the images at the same places and every batch feeds each teacher's shard whole.
+    cut the images at the same places and every batch feeds each teacher's shard whole. A resumed store's committed
+    shards must hold `source`'s images (check_same_images).
     """
     from ..models import create_teacher
+
+    n = len(source)
 
     made = []
     for spec in cfg.teacher_specs():
@@ -144,6 +168,7 @@ def open_teachers(cfg: ExtractConfig, n: int, plan: AugmentationPlan, device: to
         writer = StoreWriter(out, store_settings(cfg, teacher.info.to_dict(), shape, n, plan, shard_size),
                              cfg.storage_options)
         done = writer.open()
+        check_same_images(writer, done, source, cfg.data)
         run = TeacherStore(alias, teacher, writer, geometry, transform, shape, done)
         run.mine = {s for s in shards_of_rank(writer.num_shards, ranks.rank, ranks.world) if s not in done}
         runs.append(run)
@@ -163,7 +188,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if len(source) == 0:
         raise FdpipeError(f"no images in {cfg.data}; check the --data path")
     plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale)
-    runs, transforms = open_teachers(cfg, len(source), plan, device, ranks)
+    runs, transforms = open_teachers(cfg, source, plan, device, ranks)
     first = runs[0].writer
     todo = sorted(set().union(*(r.mine for r in runs)))
     dataset = PlanViews(source, plan, transforms, embed=cfg.embed_images)

@@ -60,6 +60,11 @@ class ViewBuilder:
 
     def stored_view(self, key: str, view: int, row: dict[str, Any]) -> torch.Tensor:
         image = self.image(key, row.get("image_sha256"))
+        recorded = (row.get("orig_height"), row.get("orig_width"))
+        if None not in recorded and recorded != (image.height, image.width):  # the crop box is in those pixels
+            raise FdpipeError(f"source image {key!r} is {image.height} x {image.width} pixels, the store recorded "
+                              f"{recorded[0]} x {recorded[1]} for it (its crop boxes are in those pixels); the index "
+                              "was altered or the dataset changed under the store: run `fdpipe store verify --deep`")
         params = AugParams.from_dict(row)
         if self.strict:
             self.check_params(key, view, params, (image.height, image.width))
@@ -75,7 +80,8 @@ class ViewBuilder:
         return self.student_tf.pixels(image, params), self.teacher_tf.pixels(image, params)
 
 
-PARAMS = ("top", "left", "height", "width", "flip")
+PARAMS = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
+
 
 
 class StoreReplay(Dataset):

@@ -75,6 +75,8 @@ class Replay:
                 ) -> torch.Tensor | dict[str, torch.Tensor]:
         """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as the store's
         quantizer says; {teacher: targets} for several stores."""
+        for n, st in (self.stores or {None: self.store}).items():
+            refuse_zero_batch(st, batch["target"] if n is None else batch["target"][n])
         if self.stores is not None:
             scales = batch.get("scales") or {}
             return {n: st.quantizer.dequantize_tensor(
@@ -117,6 +119,15 @@ class Replay:
         # map-style: the dataset makes each batch whole (EpochDataset.batch), in the epoch's order
         return DataLoader(data, batch_size=None, sampler=BatchSampler(SequentialSampler(data), batch_size, True),
                           **common)
+
+
+def refuse_zero_batch(store: Store, values: torch.Tensor) -> None:
+    """Refuse, before the step, a batch (of 2 views or more) whose stored targets are every one zero: what verify
+    --deep refuses of a store (a constant image may give one such view, a ReLU layer's zeros whitened; no batch of
+    them). The values are still on the host: no wait for the device."""
+    if len(values) > 1 and values.device.type == "cpu" and not bool(values.any()):
+        raise FdpipeError(f"{store.url}: every target of this batch of {len(values)} views is zero; the store's values "
+                          "were overwritten: run `fdpipe store verify --deep` and replace it")
 
 
 class EpochDataset(Dataset):
@@ -194,6 +205,10 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
     Several stores (a list, named by `teacher_names` of their teachers' aliases, or {name: store}): one replay of
     their shared plan whose `targets(batch)` are {name: targets}, the same (image_idx, view) pairs for every store.
     """
+    from ..store.consistency import check_index
+
+    for st in [store] if isinstance(store, Store) else (store.values() if isinstance(store, Mapping) else store):
+        check_index(st)  # the index against the manifest, before any step (what verify checks of it)
     if not isinstance(store, Store):
         stores = dict(store) if isinstance(store, Mapping) else dict(zip(
             teacher_names([s.teacher.get("alias", "teacher") for s in store]), store))
@@ -231,11 +246,45 @@ def online_replay(source: ImageSource, plan: AugmentationPlan, transform: ViewTr
 
 
 def store_source(store: Store, spec: str | None = None) -> ImageSource:
-    """The images a store was extracted from (or `spec` instead, which must hold them all)."""
+    """The images a store was extracted from (or `spec` instead, which must hold them all), checked against the
+    store's index (`check_source`). A recorded spec is absolute; one recorded relative (by an earlier fdpipe)
+    resolves against the working directory."""
     from ..data import open_source
 
     data = store.manifest["data"]
     if not spec and not data.get("spec"):
         raise FdpipeError(f"{store.url} was merged from several image sources; pass --data with a source that "
                           "holds all of its images")
-    return open_source(spec or data["spec"], limit=None if spec else data.get("limit"))
+    source = open_source(spec or data["spec"], limit=None if spec else data.get("limit"))
+    check_source(store, source)
+    return source
+
+
+def check_source(store: Store, source: ImageSource) -> None:
+    """Refuse, before any step, a source that lacks one of the store's decodable images; and when it is the source
+    the store records (its spec, as many images), one whose images sit in another order: a store's rows pair each
+    position with its image, so rows moved from one image to another (seeds and hashes with them) would pair
+    targets with the wrong pictures. Keys only: no image is read (their sha256 is checked as each is decoded)."""
+    from ..data import absolute_spec
+    from ..store.consistency import check_index
+
+    check_index(store)  # first: a seed or a count that disagrees names the alteration more precisely
+    keys, ok = [], []
+    for shard in range(store.num_shards):
+        part = store.index_part(shard)
+        keys += part.column("key").to_pylist()[::store.views]
+        ok += [s == "ok" for s in part.column("status").to_pylist()[::store.views]]
+    recorded = store.manifest["data"].get("spec")
+    if isinstance(recorded, str) and source.spec == absolute_spec(recorded) and len(source) == len(keys):
+        moved = next((i for i, (a, b) in enumerate(zip(keys, source.keys)) if a != b), None)
+        if moved is not None:
+            raise FdpipeError(f"{store.url}: image {moved} of the store is {keys[moved]!r}, but {source.spec} has "
+                              f"{source.keys[moved]!r} there: the store's rows were moved between images, or the "
+                              "images changed since it was made; run `fdpipe store verify --deep`, or extract a new "
+                              "store")
+        return
+    have = set(source.keys)
+    missing = next((k for k, good in zip(keys, ok) if good and k not in have), None)
+    if missing is not None:
+        raise FdpipeError(f"image {missing!r} of the store is not in the source {source.spec}; pass the --data the "
+                          "store was extracted from")

@@ -7,10 +7,17 @@ the tokens sampled. Dense features give about 1/C: effnet-lite0's blocks 1-4 0.3
 79-95%. Above DEGENERATE_SHARE, `fdpipe extract` and `fdpipe store verify --deep` each print one warning line (the
 store is still valid: the exit code stays 0). Both use ShareMeter, so they measure the same thing: extract on the
 teacher's float32 targets, verify on the stored ones (int8 rounding can only merge values, raising it slightly).
+
+All-zero views are another matter: a constant image may give one (a ReLU layer's zeros, whitened), but no teacher
+gives a store of them, so `fdpipe store verify --deep` counts them (`zero_views`) and refuses a store whose every view
+is zero (an error, not a warning): its values were overwritten.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 DEGENERATE_SHARE = 0.5  # more than half of a token's channels on one value, on average
@@ -51,3 +58,8 @@ class ShareMeter:
             return None
         return (f"{share:.0%} of each token's channels sit on one value (mean over {self.count:,} sampled tokens): "
                 "a student learns little from these targets beyond their mean; distil an earlier block (--layer K)")
+
+
+def zero_views(values: np.ndarray) -> np.ndarray:
+    """Positions along the first axis of `values` [n, ...] (stored or float) whose values are all zero."""
+    return np.flatnonzero(~values.reshape(values.shape[0], math.prod(values.shape[1:])).any(1))

@@ -386,24 +386,28 @@ class StoreLocation:
         return {p[len(prefix):]: int(d.get("size") or 0) for p, d in found.items()
                 if p.startswith(prefix) and d.get("type", "file") != "directory"}
 
-    @_remote
     def sha256(self, rel: str, expect_bytes: int | None = None) -> tuple[int, str]:
-        """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed. A local file of other
-        than `expect_bytes` bytes is not read: (its size, "")."""
-        h, n = hashlib.sha256(), 0
+        """(bytes, sha256 hex) of a file as stored (never through the read cache), streamed; see `digest`."""
+        entry = self.digest(rel, expect_bytes)
+        return entry["bytes"], entry["sha256"]
+
+    @_remote
+    def digest(self, rel: str, expect_bytes: int | None = None) -> dict[str, Any]:
+        """The manifest entry (bytes, sha256, crc32c) of a file as stored (never through the read cache), streamed.
+        A local file of other than `expect_bytes` bytes is not read: its size, with empty digests."""
         if self.is_local:
             f = self._local(rel, open_regular)
             size = os.fstat(f.fileno()).st_size
             if expect_bytes is not None and size != expect_bytes:
                 f.close()
-                return size, ""
+                return {"bytes": size, "sha256": "", "crc32c": ""}
         else:
             f = self.fs.open(self.path(rel), "rb")
+        digest = Digest()
         with f:
             while chunk := f.read(CHUNK):
-                h.update(chunk)
-                n += len(chunk)
-        return n, h.hexdigest()
+                digest.update(chunk)
+        return digest.entry()
 
     def escape(self, rel: str) -> tuple[str, str] | None:
         """(the shortest part of `rel`, where it leads) when a link takes `rel` outside a local store's root; else

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
@@ -40,6 +41,8 @@ SCHEMA = pa.schema([
 COLUMNS = tuple(SCHEMA.names)
 STATUSES = ("ok", "error")
 _CROP = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
+# What every view of one image records alike: the image's own columns.
+IMAGE_COLUMNS = ("key", "source", "label", "orig_height", "orig_width", "image_sha256", "status")
 
 
 class IndexSchemaError(pa.ArrowInvalid):
@@ -96,8 +99,8 @@ def check_part(table: pa.Table, manifest: dict[str, Any], shard: int, where: str
     """The rows of shard `shard` are the ones the (checked) manifest promises; one StoreError line otherwise.
 
     Row j is view j % V of image start + j // V; every row names its shard and a known status; an image's views
-    share one key, a safe and unique one (it becomes a tar member name); a decoded image's crop boxes lie inside
-    its recorded size.
+    share one key, a safe and unique one (it becomes a tar member name), and its other IMAGE_COLUMNS; a decoded
+    image's crop boxes lie inside its recorded size.
     """
     problem = schema_problem(table.schema)
     if problem:
@@ -143,6 +146,15 @@ def check_part(table: pa.Table, manifest: dict[str, Any], shard: int, where: str
         raise fail(r, f"crop box top {top[r]} left {left[r]} height {h[r]} width {w[r]} is not inside the "
                       f"{oh[r]} x {ow[r]} image")
     _check_keys(table.column("key").to_pylist(), views, fail)
+    first = pa.array(j - j % views)  # each row's view 0
+    for name in IMAGE_COLUMNS[1:]:  # the key is checked above, with its own message
+        col = table.column(name)
+        base = col.take(first)
+        differs = pc.or_(pc.fill_null(pc.not_equal(col, base), False), pc.not_equal(col.is_null(), base.is_null()))
+        bad = np.flatnonzero(differs.to_numpy(zero_copy_only=False))
+        if bad.size:
+            r = int(bad[0])
+            raise fail(r, f"{name} is {col[r].as_py()!r}, but view 0 of the image says {base[r].as_py()!r}")
 
 
 def _check_keys(keys: list[Any], views: int, fail: Any) -> None:
@@ -160,3 +172,16 @@ def _check_keys(keys: list[Any], views: int, fail: Any) -> None:
         if key in seen:
             raise fail(r, f"key {key!r} appears twice")
         seen.add(key)
+
+
+def dataset_digest(parts: Iterable[pa.Table]) -> str:
+    """The manifest's dataset_fingerprint of a store's index parts, in order: sha256 over every image's
+    "key\timage_sha256\n" (view 0's row; "None" for an image that failed to decode)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for table in parts:
+        for key, sha, view in zip(*(table.column(c).to_pylist() for c in ("key", "image_sha256", "view"))):
+            if view == 0:
+                digest.update(f"{key}\t{sha}\n".encode())
+    return digest.hexdigest()

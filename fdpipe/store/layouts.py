@@ -433,6 +433,9 @@ def wds_iter_tar(loc: StoreLocation, rel: str, expect: dict[str, Any] | None = N
             held = list(samples)
         except tarfile.TarError as e:
             raise StoreError(f"{loc.path(rel)}: corrupt tar ({e}); run `fdpipe store verify`") from None
+        except ValueError as e:  # group_by_keys: a sample's member twice (one sample written twice in a row)
+            raise StoreError(f"{loc.path(rel)}: {' '.join(str(e.args[0]).split())}; the store is damaged (run "
+                             "`fdpipe store verify --deep`)") from None
         except Exception as e:  # noqa: BLE001 - a remote read failing mid-stream: one line when the user can fix it
             err = loc.explain(e)
             if err is None:

@@ -169,6 +169,7 @@ def check_integrity(manifest: dict[str, Any], raw: bytes, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- validation
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX8 = re.compile(r"[0-9a-f]{8}")
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 40, 40, 4, 3, 2
 
@@ -234,8 +235,9 @@ def name_problem(rel: Any) -> str | None:
     return None
 
 
-def check_files(files: Any, where: str, name: str) -> None:
-    """{relative name: {"bytes", "sha256"}} of a manifest or a commit marker."""
+def check_files(files: Any, where: str, name: str, crc: bool = False) -> None:
+    """{relative name: {"bytes", "sha256"}} of a manifest or a commit marker; with `crc` (a format-3 shard's files)
+    each also has the "crc32c" its readers check: a format-3 store without its checksums is not one."""
     if not isinstance(files, dict):
         raise _bad(where, name, f"is {_show(files)}, not an object of file names")
     for rel, meta in files.items():
@@ -249,6 +251,10 @@ def check_files(files: Any, where: str, name: str) -> None:
         sha = _get(meta, "sha256", where, f"{field}.sha256", str)
         if not _HEX64.fullmatch(sha):
             raise _bad(where, f"{field}.sha256", f"is {_show(sha)}, not 64 lowercase hex digits")
+        if crc or "crc32c" in meta:
+            value = _get(meta, "crc32c", where, f"{field}.crc32c", str)
+            if not _HEX8.fullmatch(value):
+                raise _bad(where, f"{field}.crc32c", f"is {_show(value)}, not 8 lowercase hex digits")
 
 
 def check_settings(s: Any, where: str) -> None:
@@ -332,7 +338,8 @@ def check_shard(entry: Any, settings: dict[str, Any], where: str, name: str, sha
             raise _bad(where, f"{name}.{key}", f"is {entry[key]:,}, but shard {i} holds {want:,}")
     if "failed" in entry:
         _int(entry, "failed", where, f"{name}.failed", 0, images)
-    check_files(_get(entry, "files", where, f"{name}.files"), where, f"{name}.files")
+    check_files(_get(entry, "files", where, f"{name}.files"), where, f"{name}.files",
+                crc=type(settings.get("format_version")) is int and settings["format_version"] >= 3)
     part = f"index/part-{i:05d}.parquet"
     if part not in entry["files"]:
         raise _bad(where, f"{name}.files", f"does not list {part}")

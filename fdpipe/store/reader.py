@@ -70,6 +70,11 @@ def _read_error(url: str, e: Exception) -> StoreError:
     return StoreError(f"{where}: cannot read targets ({' '.join(str(e).split())}); run `fdpipe store verify`")
 
 
+# What a wds sample's params.json must repeat of its index row (any other index column it holds must agree too).
+_PARAMS_REQUIRED = ("image_idx", "key", "view", "seed", "top", "left", "height", "width", "flip", "orig_height",
+                    "orig_width", "status")
+
+
 def open_store(url: str, storage_options: dict | None = None, cache_dir: str | None = None) -> "Store":
     """Open a complete store; one clear line for every way that can fail.
 
@@ -306,8 +311,10 @@ class Store:
     def _iter_wds_stored(self, shard: int, skip: frozenset[int] = frozenset()) -> Iterator[StoredImage]:
         if self.format_version == 1:  # one tar per shard, every view of an image in one sample
             rel = layouts.wds_shard_name(shard)
-            for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel), skip):
-                rows = [layouts.row_from_json(r) for r in json.loads(sample["params.json"])]
+            index = self.index_part(shard).to_pylist()
+            for j, sample in self._checked_samples(shard, rel, skip):
+                rows = index[j * self.views:(j + 1) * self.views]
+                self._check_params(sample, rel, rows, self._params(sample, rel))
                 values, scales = self._npy(sample, rel, (self.views,))
                 image = next(((k, v) for k, v in sample.items() if k not in layouts.WDS_DATA_MEMBERS
                               and not k.startswith("__")), None)
@@ -341,10 +348,51 @@ class Store:
                                  None if it.scales is None else it.scales[view], it.rows[view])
             return
         rel = layouts.wds_view_name(shard, view)
-        for sample in layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel), skip):
-            row = layouts.row_from_json(json.loads(sample["params.json"]))
+        index = self.index_part(shard).to_pylist()
+        for j, sample in self._checked_samples(shard, rel, skip):
+            row = index[j * self.views + view]
+            self._check_params(sample, rel, [row], [self._params(sample, rel)])
             values, scales = self._npy(sample, rel)
             yield StoredView(row["image_idx"], row["key"], values, scales, row)
+
+    def _checked_samples(self, shard: int, rel: str, skip: frozenset[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position in the shard, sample) of one tar's samples, once the tar holds exactly one sample per image of
+        the shard (those at the positions in `skip` are counted, not decoded). All of them are read first: a format-3
+        tar is held whole anyway until its crc32c matched, and none is used before its count is known right."""
+        images = min(self.shard_size, self.num_images - shard * self.shard_size)
+        positions = [j for j in range(images) if j not in skip]
+        samples = list(layouts.wds_iter_tar(self.loc, rel, self.file_meta(shard, rel), skip))
+        if len(samples) != len(positions):
+            raise StoreError(f"{self.loc.path(rel)}: holds {len(samples) + len(skip):,} samples where shard {shard} "
+                             f"has {images:,} images (a sample missing or twice); the store is damaged (run `fdpipe "
+                             "store verify --deep`)")
+        return zip(positions, samples)
+
+    def _params(self, sample: dict[str, Any], rel: str) -> Any:
+        try:
+            return json.loads(sample.get("params.json") or b"")
+        except ValueError:
+            raise StoreError(f"{self.loc.path(rel)}: {sample['__key__']}.params.json is missing or not JSON; the store "
+                             "is damaged (run `fdpipe store verify --deep`)") from None
+
+    def _check_params(self, sample: dict[str, Any], rel: str, want: list[dict[str, Any]], got: Any) -> None:
+        """A sample's params.json (one row per view it holds) must repeat its index rows: the index is what every
+        reader trusts, so a crop box that differs in the tar means the two were altered apart."""
+        where = f"{self.loc.path(rel)}: {sample['__key__']}"
+        if sample["__key__"] != want[0]["key"]:
+            raise StoreError(f"{where}: the sample of image {want[0]['image_idx']} is named {sample['__key__']!r}, "
+                             f"its index row {want[0]['key']!r} (a sample out of order or twice); the store is damaged "
+                             "(run `fdpipe store verify --deep`)")
+        if not isinstance(got, list) or len(got) != len(want) or not all(isinstance(r, dict) for r in got):
+            raise StoreError(f"{where}.params.json holds no row per view; the store is damaged")
+        for row, index_row in zip(got, want):
+            row = layouts.row_from_json(row)
+            diff = next((c for c in index_mod.COLUMNS if (c in row or c in _PARAMS_REQUIRED)
+                         and row.get(c) != index_row[c]), None)
+            if diff is not None:
+                raise StoreError(f"{where}.params.json: view {index_row['view']}'s {diff} is {row.get(diff)!r}, the "
+                                 f"index says {index_row[diff]!r}; the store is damaged (run `fdpipe store verify "
+                                 "--deep`)")
 
     def _npy(self, sample: dict[str, Any], rel: str, lead: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray | None]:
         """A wds sample's values and scales, checked against the manifest's dtype and shape before use."""

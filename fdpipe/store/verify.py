@@ -1,5 +1,7 @@
-"""`fdpipe store verify`: every file re-hashed, counts, shapes and index rows compared, and with --deep every target
-decoded.
+"""`fdpipe store verify`: every file re-hashed (sha256 and crc32c), counts, shapes and index rows compared (with the
+cross-references of store.consistency), and with --deep every crop box against the plan and every target decoded:
+finite, whitened, not all of them zero, and a failed image's all NaN; for wds every sample's params.json against its index
+row (the reader checks it).
 
 The manifest's fields and file names are checked when the store opens (manifest.check_manifest), so verify never
 hashes a file outside the store; a local file that is a link leading out of it is reported, not read.
@@ -13,8 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
-from . import index as index_mod
-from .degenerate import ShareMeter
+from .consistency import box_problems, index_problems
+from .degenerate import ShareMeter, zero_views
 from .reader import Store, open_store
 
 WHITENED_TOL = 0.05
@@ -32,21 +34,19 @@ def _check_files(store: Store) -> Iterator[str]:
         if store.loc.escape(rel):
             yield f"{where}: a link that leads outside the store; refusing to read it"
             continue
-        nbytes, sha = store.loc.sha256(rel, meta["bytes"])
-        if nbytes != meta["bytes"]:
-            yield f"{where}: {nbytes} bytes, manifest says {meta['bytes']}"
-        elif sha != meta["sha256"]:
+        got = store.loc.digest(rel, meta["bytes"])
+        if got["bytes"] != meta["bytes"]:
+            yield f"{where}: {got['bytes']} bytes, manifest says {meta['bytes']}"
+        elif got["sha256"] != meta["sha256"]:
             yield f"{where}: sha256 mismatch (the file is corrupt)"
+        elif "crc32c" in meta and got["crc32c"] != meta["crc32c"]:  # what readers check: it must agree too
+            yield f"{where}: crc32c {got['crc32c']}, manifest says {meta['crc32c']} (the manifest was altered)"
 
 
 def _check_index(store: Store) -> Iterator[str]:
-    """The index rows against the manifest: counts, order, crop boxes and keys (index.check_part)."""
-    for s in store.manifest["shards"]:
-        rel = index_mod.part_name(s["shard"])
-        try:
-            index_mod.check_part(store.index_part(s["shard"]), store.manifest, s["shard"], store.loc.path(rel))
-        except StoreError as e:
-            yield str(e)
+    """The index rows against the manifest: counts, order, crop boxes and keys (index.check_part), seeds against the
+    plan, failed images against the counts, the dataset fingerprint (consistency.index_problems)."""
+    yield from index_problems(store)
 
 
 def _check_shape(store: Store) -> Iterator[str]:
@@ -58,7 +58,8 @@ def _check_shape(store: Store) -> Iterator[str]:
 
 
 def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[str]:
-    """Every ok view's targets finite and (features) whitened; each image's tokens sampled into `meter`.
+    """Every ok view's targets finite and (features) whitened, not all of them zero, and a failed image's all NaN;
+    each image's tokens sampled into `meter`.
 
     Whitened means a token's mean within WHITENED_TOL of 0 and its variance of 1, widened for int8 by what its step s
     allows: each channel is stored within s/2 of its value (the quantizer clips only a few channels, and only when
@@ -66,12 +67,20 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
     when most of a token's channels share its minimum and the minimum sits half a step from 0, they all round the
     same way (effnet-lite0's head: mean 0.09 at s = 0.19), and no step does better without clipping the maximum.
     """
+    views = zeros = 0
     for it in store.iter_stored():
         ok = np.array([r["status"] in (None, "ok") for r in it.rows])
-        x = store.quantizer.dequantize(it.values, it.scales)[ok]
-        if not np.isfinite(x).all():
-            yield f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r}) has non-finite targets"
+        x = store.quantizer.dequantize(it.values, it.scales)
+        where = f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r})"
+        if np.isfinite(x[~ok]).any():  # a failed image's targets are the fill value, NaN
+            yield f"{where} is recorded as failed (status error) but holds targets; the index was altered"
             continue
+        x = x[ok]
+        if not np.isfinite(x).all():
+            yield f"{where} has non-finite targets"
+            continue
+        views += len(x)
+        zeros += len(zero_views(x))
         meter.add(torch.from_numpy(x))
         if whitened and x.size:
             step = 0.0 if it.scales is None else it.scales[ok].astype(np.float32)
@@ -81,6 +90,8 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
             if bad.any():
                 yield (f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r}) is not whitened "
                        f"(token mean {float(mean.flat[np.argmax(bad)]):.3f}, var {float(var.flat[np.argmax(bad)]):.3f})")
+    if views and zeros == views:  # a constant image may give one (a ReLU layer's zeros, whitened), never a whole store
+        yield f"{store.url}: all {views:,} decoded views have all-zero targets; the values were overwritten"
 
 
 def verify_store(url: str, storage_options: dict | None = None, deep: bool = False,
@@ -101,11 +112,14 @@ def verify_store(url: str, storage_options: dict | None = None, deep: bool = Fal
         if problems:
             return store, problems
     if deep:
+        problems += box_problems(store)
+        if problems:
+            return store, problems
         whitened = bool(store.manifest.get("whitening")) and store.manifest.get("target") == "features"
         meter = ShareMeter()
         problems += _check_values(store, whitened, meter)
         warning = meter.warning()
-        if warning and on_warning is not None:
+        if warning and on_warning is not None and not problems:  # a refused store: its one line says why
             on_warning(warning)
     return store, problems
 

@@ -8,7 +8,6 @@ writes manifest.json.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -114,6 +113,7 @@ class StoreWriter:
 
     def _check_same(self, existing: dict[str, Any], name: str) -> None:
         old = {k: existing.get(k) for k in self.draft}
+        old["data"] = self._same_data(old.get("data"))
         diff = first_difference(old, self.draft)
         if diff:
             fix = (f"finish it with the fdpipe that started it, or use another {self.role}"  # not a user setting
@@ -123,6 +123,21 @@ class StoreWriter:
                 f"{self.loc.url} was made with other settings: {diff} is {describe_value(old, diff)!r} there, "
                 f"{describe_value(self.draft, diff)!r} now; {fix}"
             )
+
+    def _same_data(self, old: Any) -> Any:
+        """The store's recorded data block, refused in one line naming both specs when it names other images than
+        this run's. A spec recorded relative (by an earlier fdpipe, which kept --data as typed) resolves against
+        the working directory, as it did then."""
+        from ..data import absolute_spec
+
+        new = self.draft.get("data")
+        if not (isinstance(old, dict) and isinstance(new, dict)
+                and isinstance(old.get("spec"), str) and isinstance(new.get("spec"), str)):
+            return old
+        if absolute_spec(old["spec"]) != absolute_spec(new["spec"]):
+            raise StoreError(f"{self.loc.url} was started on the images at {absolute_spec(old['spec'])}, not "
+                             f"{absolute_spec(new['spec'])}: resume with those images, or use another {self.role}")
+        return {**old, "spec": new["spec"]}
 
     def is_committed(self, shard: int) -> bool:
         """The marker exists and every file it names still has its recorded size and sha256."""
@@ -214,17 +229,15 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             f"{url}: {len(missing)} of {n_shards} shards are not committed (first: {missing[0]}); "
             "run `fdpipe extract` again to finish them"
         )
-    shards, digest, counts = [], hashlib.sha256(), {"images": 0, "rows": 0, "failed": 0}
+    shards, counts = [], {"images": 0, "rows": 0, "failed": 0}
     for i in range(n_shards):
         marker = loc.read_json(progress_name(i))
         check_shard(marker, draft, loc.path(progress_name(i)), "marker", i)
         shards.append({"shard": i, "images": marker["images"], "rows": marker["rows"], "files": marker["files"]})
         for k in counts:
             counts[k] += int(marker[k])
-        table = index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
-        for key, sha, view in zip(*(table.column(c).to_pylist() for c in ("key", "image_sha256", "view"))):
-            if view == 0:
-                digest.update(f"{key}\t{sha}\n".encode())
+    digest = index_mod.dataset_digest(index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
+                                      for i in range(n_shards))
     q = get_quantizer(draft["dtype"])
     meta = {}
     if draft["layout"] == "zarr":
@@ -233,6 +246,6 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             meta[rel] = {"bytes": nbytes, "sha256": sha}
     # every shard is committed, so a temporary file left in a shard folder is debris of a crashed attempt
     loc.remove_stale_tmp([d for d in (PROGRESS, "index", layouts.ZARR_ROOT, layouts.WDS_DIR) if loc.exists(d)])
-    manifest = make_final(draft, shards, meta, counts, digest.hexdigest())
+    manifest = make_final(draft, shards, meta, counts, digest)
     loc.put_atomic(MANIFEST, canonical(manifest))
     return manifest

@@ -10,6 +10,7 @@ refused above MAX_SHARD_NAMES; only then is it expanded.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 from fdpipe.errors import FdpipeError
 
@@ -23,24 +24,27 @@ def _range_length(lo: int, hi: int, step: str | None) -> int:
     return abs(hi - lo) // ((int(step) or 1) if step else 1) + 1
 
 
-def _count_pattern(pattern: str, cap: int) -> int:
-    """How many names `pattern` expands to (at most cap + 1: the count stops growing once past the cap)."""
-    total, start, depth, pos = 1, 0, 0, 0
-    while pos < len(pattern):
-        ch = pattern[pos]
+def _unescaped(text: str) -> Iterator[tuple[int, str, int]]:
+    """(position, character, brace depth after it) of each character of `text` that no backslash escapes."""
+    depth, pos = 0, 0
+    while pos < len(text):
+        ch = text[pos]
         if ch == "\\":
             pos += 2
             continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                total = min(cap + 1, total * _count_expression(pattern[start + 1:pos], cap))
-                start = pos + 1
-        if depth == 1 and ch == "{":
-            start = pos
+        depth += (ch == "{") - (ch == "}")
+        yield pos, ch, depth
         pos += 1
+
+
+def _count_pattern(pattern: str, cap: int) -> int:
+    """How many names `pattern` expands to (at most cap + 1: the count stops growing once past the cap)."""
+    total, start, depth = 1, 0, 0
+    for pos, ch, depth in _unescaped(pattern):
+        if ch == "{" and depth == 1:
+            start = pos
+        elif ch == "}" and depth == 0:
+            total = min(cap + 1, total * _count_expression(pattern[start + 1:pos], cap))
     if depth != 0:
         raise FdpipeError(f"shard pattern {pattern!r} has unbalanced braces; close each '{{' with a '}}'")
     return total
@@ -54,20 +58,11 @@ def _count_expression(expr: str, cap: int) -> int:
     found = _CHAR_RANGE.match(expr)
     if found:
         return _range_length(_ALPHABET.index(found.group(1)), _ALPHABET.index(found.group(2)), found.group(3))
-    items, start, depth, pos = [], 0, 0, 0
-    while pos < len(expr):
-        ch = expr[pos]
-        if ch == "\\":
-            pos += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        elif ch == "," and depth == 0:
+    items, start, depth = [], 0, 0
+    for pos, ch, depth in _unescaped(expr):
+        if ch == "," and depth == 0:
             items.append(expr[start:pos])
             start = pos + 1
-        pos += 1
     if depth != 0 or not items:
         return _count_pattern(expr, cap)
     items.append(expr[start:])

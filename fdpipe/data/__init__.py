@@ -102,6 +102,11 @@ def _is_root(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return os.path.dirname(real) == real
 
 
+def _is_glob(spec: str) -> bool:
+    """A glob of .tar shards (`shards/*.tar`), not a brace pattern or a `::` list."""
+    return any(ch in spec for ch in "*?[") and "::" not in spec and "{" not in spec
+
+
 def absolute_spec(spec: str, split: str = "train") -> str:
     """The spec `open_source(spec).spec` gives, without opening it: what a store records, so that it reopens its
     images from any working directory (and a resume elsewhere is told apart from one here)."""
@@ -109,7 +114,7 @@ def absolute_spec(spec: str, split: str = "train") -> str:
     builtin = _BUILTIN.match(spec)
     if builtin:
         return f"fashion-mnist:{builtin.group('split') or split}"
-    if _is_wds_spec(spec) and not (any(ch in spec for ch in "*?[") and "::" not in spec and "{" not in spec):
+    if _is_wds_spec(spec) and not _is_glob(spec):
         return "::".join(_absolute(p) for p in spec.split("::"))
     return _absolute(spec)
 
@@ -154,8 +159,8 @@ def open_source(
             raise FdpipeError(f"fashion-mnist has no split {chosen!r}; use train or test")
         return FashionMnistSource(chosen, _fashion_mnist_dir(chosen), limit=limit)
 
-    if any(ch in spec for ch in "*?[") and "::" not in spec and "{" not in spec:
-        full = _absolute(spec)
+    full = absolute_spec(spec)  # what the store records
+    if _is_glob(spec):
         fs, path = fsspec.core.url_to_fs(full, **so)
         matches = sorted(fs.glob(path))
         if not matches:
@@ -167,11 +172,8 @@ def open_source(
     if _is_wds_spec(spec):
         from .braces import expand_shards  # here: webdataset imports torch
 
-        pattern = "::".join(_absolute(p) for p in spec.split("::"))
-        urls = expand_shards(pattern)
-        return WdsSource(pattern, urls, limit=limit, storage_options=so)
+        return WdsSource(full, expand_shards(full), limit=limit, storage_options=so)
 
-    full = _absolute(spec)
     fs, path = fsspec.core.url_to_fs(full, **so)
     try:
         exists = fs.exists(path)

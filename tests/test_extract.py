@@ -198,7 +198,7 @@ def test_clip_b_runs_from_a_saved_state_dict(cli, tmp_path, photo_dir):
             photo_dir, "--out", out, "--views", 1, "--workers", 0, "--limit", 2, "--quiet")
     assert r.exit_code == 0, r.output
     st = open_store(str(out))
-    assert st.teacher["tokens"] == 5 and st.teacher["channels"] == 768 and st.teacher["num_prefix_tokens"] == 1
+    assert st.teacher.tokens == 5 and st.teacher.channels == 768 and st.teacher.num_prefix_tokens == 1
 
 
 def test_fashion_mnist_store_is_described_correctly(cli, tmp_path):

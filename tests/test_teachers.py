@@ -351,12 +351,12 @@ def test_clip_b_targets_match_open_clip_quickgelu_per_token_and_gelu_ones_do_not
     assert r.exit_code == 0, r.output
 
     st = open_store(str(out))
-    assert st.teacher["timm_name"] == "vit_base_patch16_clip_quickgelu_224.openai"
+    assert st.teacher.timm_name == "vit_base_patch16_clip_quickgelu_224.openai"
     rows = st.index.to_pylist()
     assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
     # The views' pixels: the store's crop boxes, fdpipe's crop-and-resize, open_clip's own OpenAI mean and std.
     tf = ViewTransform((64, 64), open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
-                       st.teacher["pretrained_cfg"]["interpolation"])
+                       st.teacher.pretrained_cfg["interpolation"])
     x = torch.stack([tf(Image.open(row["source"]).convert("RGB"), AugParams.from_dict(row)) for row in rows])
     stored = torch.from_numpy(st.targets([(row["image_idx"], row["view"]) for row in rows]))
 
@@ -436,5 +436,5 @@ def test_extract_records_the_teacher_precision_in_the_manifest(cli, tmp_path, pr
     r = cli("extract", "--teacher", "effnet-lite0", "--image-size", 64, "--data", write_photos(tmp_path / "p", n=2),
             "--out", out, "--views", 1, "--workers", 0, "--quiet", *args)
     assert r.exit_code == 0, r.output
-    assert open_store(str(out)).teacher["precision"] == precision
+    assert open_store(str(out)).teacher.precision == precision
     assert json.loads(cli("store", "info", "--json", out).output)["precision"] == precision

@@ -98,11 +98,11 @@ def _landscape_model(ck: Loaded, ld: LandscapeData) -> tuple[nn.Module | None, s
             torch.set_rng_state(ck.rng_after_init)
             for before in heads[:heads.index(head)] if head is not None and len(heads) > 1 else []:
                 nn.Linear(ck.model.num_features, int(before["channels"]))  # the heads distill drew first
-            distiller = Distiller(ck.model, int(t["channels"]), tuple(t["grid"]), int(t["num_prefix_tokens"]))
+            distiller = Distiller(ck.model, t.channels, t.grid, t.num_prefix_tokens)
         return distiller, None
     if why is not None:
         return None, why
-    distiller = Distiller(ck.model, int(t["channels"]), tuple(t["grid"]), int(t["num_prefix_tokens"]))
+    distiller = Distiller(ck.model, t.channels, t.grid, t.num_prefix_tokens)
     name = head["projector"] if head is not None else "projector.safetensors"
     proj = ck.run_dir / name if ck.run_dir is not None else None
     if proj is None or not proj.is_file():
@@ -143,7 +143,7 @@ def _head_for_store(heads: list[dict[str, Any]], store: Any) -> tuple[dict[str, 
     for h in heads:
         if h.get("store_fingerprint") and h["store_fingerprint"] == store.fingerprint:
             return h, None
-    t = store.teacher
+    t = store.teacher.to_dict()
     for h in heads:
         ht = h.get("teacher") or {}
         if ht and all(ht.get(k) == t.get(k) for k in _SAME_TEACHER):

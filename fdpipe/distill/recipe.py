@@ -76,7 +76,7 @@ def teacher_block(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.store:
         from ..store import open_store
 
-        return dict(open_store(cfg.store[0], cfg.storage_options, cache_dir=cfg.cache_dir).teacher)
+        return open_store(cfg.store[0], cfg.storage_options, cache_dir=cfg.cache_dir).teacher.to_dict()
     from ..models.teachers import resolve_teacher_name
 
     return {"timm_name": resolve_teacher_name(cfg.teacher[0])}

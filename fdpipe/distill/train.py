@@ -65,13 +65,13 @@ def _targets_from_stores(cfg: DistillConfig):
         stores.append(store)
     check_stores_agree(stores)
     source = store_source(stores[0], cfg.data)
-    names = teacher_names([s.teacher.get("alias", "teacher") for s in stores])
+    names = teacher_names([s.teacher.alias for s in stores])
     targets = []
     for url, store, name in zip(cfg.store, stores, names):
         t = store.teacher
-        desc = {"store": url, "teacher": t, "plan": store.manifest["plan"]}
-        targets.append(Targets(tuple(t["grid"]), int(t["channels"]), int(t["num_prefix_tokens"]), store.plan,
-                               store.fingerprint, desc, name, t.get("alias")))
+        desc = {"store": url, "teacher": t.to_dict(), "plan": store.manifest["plan"]}
+        targets.append(Targets(t.grid, t.channels, t.num_prefix_tokens, store.plan, store.fingerprint, desc, name,
+                               t.alias))
     return stores, source, targets
 
 

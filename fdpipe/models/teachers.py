@@ -19,6 +19,7 @@ import timm.data
 
 from fdpipe.errors import FdpipeError
 
+from ..store.contract import TeacherInfo
 from ._helpers import _json_able
 from .weights import _load_pretrained
 
@@ -85,27 +86,6 @@ def resolve_teacher_name(name: str) -> str:
 _CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes")
 
 
-@dataclass(frozen=True)
-class TeacherInfo:
-    """What a store needs to know about the teacher that made it (goes into the manifest)."""
-
-    alias: str  # the name as asked for: an alias from TEACHERS, or a timm name
-    timm_name: str
-    weights_sha256: str
-    layer: int | None  # None: forward_features (the FD default); K >= 0: output of block/stage K
-    target: str  # "features" (whitened tokens [T, C]) or "logits" ([num_classes], not whitened)
-    pretrained_cfg: dict[str, Any] = field(hash=False)  # JSON-able subset of the weights' timm pretrained_cfg
-    image_size: int  # square input size the teacher runs at
-    tokens: int  # T: prefix tokens first, then grid tokens (1 for logits)
-    channels: int  # C (num_classes for logits)
-    grid: tuple[int, int]  # (h, w) of the patch tokens; (0, 0) for logits
-    num_prefix_tokens: int
-    precision: str = "fp32"  # one of PRECISIONS: how the teacher computed the targets
-
-    def to_dict(self) -> dict[str, Any]:
-        return _json_able(dataclasses.asdict(self))
-
-
 class Teacher(nn.Module):
     """A frozen timm model plus the extraction rule: whitened tokens (or logits) of already-normalized images.
 
@@ -141,7 +121,7 @@ class Teacher(nn.Module):
         self._info = TeacherInfo(
             alias=alias, timm_name=timm_name, weights_sha256=weights_sha256, layer=layer, target=target,
             pretrained_cfg=_json_able(pcfg), image_size=image_size, tokens=int(tokens), channels=int(channels),
-            grid=grid, num_prefix_tokens=prefix, precision=precision)
+            grid=tuple(int(g) for g in grid), num_prefix_tokens=int(prefix), precision=precision)
 
     @property
     def info(self) -> TeacherInfo:

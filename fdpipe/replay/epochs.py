@@ -214,7 +214,7 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
         check_index(st)  # the index against the manifest, before any step (what verify checks of it)
     if not isinstance(store, Store):
         stores = dict(store) if isinstance(store, Mapping) else dict(zip(
-            teacher_names([s.teacher.get("alias", "teacher") for s in store]), store))
+            teacher_names([s.teacher.alias for s in store]), store))
         if not stores:
             raise FdpipeError("open_replay needs at least one store")
         listed = list(stores.values())

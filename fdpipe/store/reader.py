@@ -18,6 +18,7 @@ from ..augment import AugmentationPlan
 from ..errors import IncompleteStoreError, StoreError
 from . import index as index_mod
 from . import layouts
+from .contract import StoreSettings, TeacherInfo
 from .fs import MAX_JSON_BYTES, StoreLocation, parse_json
 from .manifest import DRAFT, MANIFEST, check_integrity, check_version
 from .quantize import get_quantizer
@@ -123,9 +124,22 @@ class Store:
     views = property(lambda self: int(self.manifest["views"]))
     shard_size = property(lambda self: int(self.manifest["shard_size"]))
     target_shape = property(lambda self: tuple(self.manifest["target_shape"]))
-    teacher = property(lambda self: self.manifest["teacher"])
     fingerprint = property(lambda self: self.manifest["fingerprint"])
     num_shards = property(lambda self: len(self.manifest["shards"]))
+
+    @cached_property
+    def settings(self) -> StoreSettings:
+        """The settings the store was made with, typed (the manifest's own objects are `manifest`)."""
+        return StoreSettings.from_dict(self.manifest, self.loc.path(MANIFEST))
+
+    @property
+    def teacher(self) -> TeacherInfo:
+        return self.settings.teacher
+
+    @property
+    def streams(self) -> bool:
+        """True when the layout is read as a stream of shard tars (wds), False for random access by (image, view)."""
+        return self.layout == "wds"
 
     @property
     def plan(self) -> AugmentationPlan:

@@ -129,12 +129,12 @@ def describe(store: Store) -> dict[str, Any]:
     m, t = store.manifest, store.teacher
     return {
         "store": store.url, "complete": True, "layout": store.layout, "fingerprint": store.fingerprint,
-        "teacher": f"{t.get('alias') or t.get('timm_name')} ({t.get('timm_name')})", "layer": t.get("layer"),
-        "precision": t.get("precision", "unrecorded"),  # the teacher's arithmetic (fp32 or bf16), since issue 24
+        "teacher": f"{t.alias or t.timm_name} ({t.timm_name})", "layer": t.layer,
+        "precision": t.precision or "unrecorded",  # the teacher's arithmetic (fp32 or bf16), since issue 24
         "target": m["target"], "plan": m["plan"], "images": store.num_images, "views": store.views,
         "failed images": m["counts"]["failed"], "shards": store.num_shards, "shard size": store.shard_size,
-        "T": t.get("tokens"), "C": t.get("channels"), "grid": t.get("grid"),
-        "prefix tokens": t.get("num_prefix_tokens"), "target shape": list(store.target_shape),
+        "T": t.tokens, "C": t.channels, "grid": list(t.grid),
+        "prefix tokens": t.num_prefix_tokens, "target shape": list(store.target_shape),
         "dtype": m["dtype"], "size on disk": store.data_bytes() + sum(
             f["bytes"] for s in m["shards"] for rel, f in s["files"].items() if rel.startswith("index/")),
         "bytes per view": round(store.bytes_per_view(), 1),

@@ -333,7 +333,7 @@ def test_student_learns_the_teachers_features_beyond_their_mean(tmp_path):
     model, spec, _ = load_model(str(run))
     st = open_store(str(held))
     t = st.teacher
-    d = Distiller(model, t["channels"], tuple(t["grid"]), t["num_prefix_tokens"])
+    d = Distiller(model, t.channels, t.grid, t.num_prefix_tokens)
     d.projector.load_state_dict(load_file(run / "heads" / "projector.safetensors"))
     src = open_source("fashion-mnist:test", limit=64)
     tf = student_transform(model, spec.image_size)

@@ -185,10 +185,10 @@ def run(ctx: common.Context) -> int:
     targets = fixtures.whitened(np.random.default_rng(0), (N, V, T, C))
     rows = [synthetic_rows(plan, i) for i in range(N)]
 
-    def settings(layout: str, dtype: str, n: int = N) -> dict[str, Any]:
+    def settings(layout: str, dtype: str, n: int = N):
         st = fixtures.synthetic_settings("synthetic", n, V, g, prefix, C, dtype, layout, S)
         if a.codec and layout == "zarr":
-            st["codec"] = a.codec
+            st = st.replace(codec=a.codec)
         return st
 
     def shard_inputs(w, shard: int):

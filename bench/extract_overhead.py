@@ -124,7 +124,7 @@ def run(ctx: common.Context) -> int:
     quant_ms = (time.perf_counter() - t0) / len(out) * 1e3
     settings = store_settings(ExtractConfig(teacher=teacher_name, data=str(photos), out="-", views=views,
                                             layout=a.layout, dtype=a.dtype, shard_size=len(out)),
-                              teacher.info.to_dict(), list(out.shape[2:]), len(out), plan, len(out))
+                              teacher.info, len(out), plan, len(out))
     w = StoreWriter(str(ctx.work / "stage-store"), settings)
     w.open()
     t0 = time.perf_counter()

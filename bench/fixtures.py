@@ -80,30 +80,26 @@ def image_rows(source, plan, i: int) -> list[dict[str, Any]]:
 
 
 def synthetic_settings(data_spec: str, n: int, views: int, grid: int, prefix: int, channels: int, dtype: str,
-                       layout: str, shard_size: int, limit: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Store settings as extract writes them, for a teacher with a grid x grid map, `prefix` tokens and C channels."""
+                       layout: str, shard_size: int, limit: int | None = None, seed: int = 0):
+    """Store settings as extract builds them, for a teacher with a grid x grid map, `prefix` tokens and C channels."""
     from fdpipe.augment import AugmentationPlan
     from fdpipe.models import WHITENING
-    from fdpipe.store.quantize import get_quantizer
+    from fdpipe.store.contract import StoreSettings, TeacherInfo
 
-    t = grid * grid + prefix
-    return dict(
-        layout=layout, dtype=dtype, quantizer=get_quantizer(dtype).to_dict(), target="features",
-        teacher={"alias": "synthetic", "timm_name": "synthetic", "weights_sha256": "0" * 64, "layer": None,
-                 "target": "features", "pretrained_cfg": {}, "image_size": grid * 16, "tokens": t,
-                 "channels": channels, "grid": [grid, grid], "num_prefix_tokens": prefix},
-        whitening=WHITENING, plan=AugmentationPlan(seed=seed, views=views).to_dict(), num_images=n, views=views,
-        shard_size=shard_size, target_shape=[t, channels], data={"spec": data_spec, "limit": limit},
-    )
+    info = TeacherInfo(alias="synthetic", timm_name="synthetic", tokens=grid * grid + prefix, channels=channels,
+                       grid=(grid, grid), num_prefix_tokens=prefix, weights_sha256="0" * 64, layer=None,
+                       target="features", pretrained_cfg={}, image_size=grid * 16)
+    return StoreSettings.create(layout=layout, dtype=dtype, teacher=info, plan=AugmentationPlan(seed=seed, views=views),
+                                num_images=n, views=views, shard_size=shard_size, whitening=WHITENING,
+                                data={"spec": data_spec, "limit": limit})
 
 
-def build_store(url: str | Path, settings: dict[str, Any], source,
+def build_store(url: str | Path, settings, source,
                 targets: Callable[[int, int], np.ndarray], rows_cache: dict[int, list] | None = None) -> None:
     """Write a complete store through fdpipe's StoreWriter: targets(a, b) gives float32 [b-a, V, T, C]."""
-    from fdpipe.augment import AugmentationPlan
     from fdpipe.store import StoreWriter, shard_range
 
-    plan = AugmentationPlan.from_dict(settings["plan"])
+    plan = settings.plan
     w = StoreWriter(str(url), settings)
     done = w.open()
     for shard in range(w.num_shards):

@@ -72,7 +72,6 @@ def image_list(work: Path, n: int, files: int = 16) -> tuple[str, list[tuple[str
 
 
 def build(work: Path, layout: str, n: int, views: int, channels: int, shard_bytes: int) -> str:
-    from fdpipe.augment import AugmentationPlan
     from fdpipe.store import StoreWriter, open_store, shard_range
 
     url = work / f"store-{layout}-{n}"
@@ -83,7 +82,7 @@ def build(work: Path, layout: str, n: int, views: int, channels: int, shard_byte
     per_image = views * t * channels * 2
     s = max(1, shard_bytes // per_image)
     settings = fixtures.synthetic_settings(spec, n, views, GRID, PREFIX, channels, "float16", layout, s)
-    plan = AugmentationPlan.from_dict(settings["plan"])
+    plan = settings.plan
     pool = fixtures.whitened(np.random.default_rng(0), (97, views, t, channels))
     w = StoreWriter(str(url), settings)
     w.open()

@@ -153,8 +153,7 @@ def run(ctx: common.Context) -> int:
             url = ctx.work / f"store-{name.replace(':', '_').replace('/', '_')}-{dtype}"
             cfg = ExtractConfig(teacher=a.teacher, data=source.spec, out=str(url), views=a.views, dtype=dtype,
                                 shard_size=len(source), limit=n)
-            w = StoreWriter(str(url), store_settings(cfg, info.to_dict(), list(x.shape[2:]), len(source), plan,
-                                                      cfg.shard_size))
+            w = StoreWriter(str(url), store_settings(cfg, info, len(source), plan, cfg.shard_size))
             w.open()
             w.write_shard(0, x, rows)
             assert w.try_finalize()

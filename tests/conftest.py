@@ -50,23 +50,19 @@ def whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def store_settings(layout: str = "zarr", dtype: str = "float16", n: int = 5, v: int = 2, t: int = 4, c: int = 8,
-                   s: int = 2, seed: int = 0, teacher: str = "synthetic") -> dict:
+                   s: int = 2, seed: int = 0, teacher: str = "synthetic"):
+    """A small store's settings, built as extract builds them (`StoreSettings.create`)."""
     from fdpipe.augment import AugmentationPlan
+    from fdpipe.models import WHITENING
+    from fdpipe.store.contract import StoreSettings, TeacherInfo
 
-    return dict(
-        layout=layout, dtype=dtype, quantizer={"name": dtype}, target="features", num_images=n, views=v,
-        shard_size=s, target_shape=[t, c], data={"spec": "synthetic"},
-        teacher={"alias": teacher, "timm_name": teacher, "tokens": t, "channels": c, "grid": [2, 2],
-                 "num_prefix_tokens": 0},
-        whitening={"name": "layernorm-noaffine", "eps": 1e-6}, plan=AugmentationPlan(seed=seed, views=v).to_dict(),
-    )
+    info = TeacherInfo(alias=teacher, timm_name=teacher, tokens=t, channels=c, grid=(2, 2), num_prefix_tokens=0)
+    return StoreSettings.create(layout=layout, dtype=dtype, teacher=info, plan=AugmentationPlan(seed=seed, views=v),
+                                num_images=n, views=v, shard_size=s, data={"spec": "synthetic"}, whitening=WHITENING)
 
 
-def shard_rows(settings: dict, shard: int) -> list[dict]:
-    from fdpipe.augment import AugmentationPlan
-
-    plan = AugmentationPlan.from_dict(settings["plan"])
-    s, n, v = settings["shard_size"], settings["num_images"], settings["views"]
+def shard_rows(settings, shard: int) -> list[dict]:
+    plan, s, n, v = settings.plan, settings.shard_size, settings.num_images, settings.views
     rows = []
     for i in range(shard * s, min((shard + 1) * s, n)):
         key = f"img/{i:04d}"
@@ -78,7 +74,7 @@ def shard_rows(settings: dict, shard: int) -> list[dict]:
     return rows
 
 
-def write_store(url: str, settings: dict, targets: np.ndarray, shards: list[int] | None = None,
+def write_store(url: str, settings, targets: np.ndarray, shards: list[int] | None = None,
                 edit_row=None) -> None:
     """The store of `targets` through fdpipe's writer; `edit_row(row) -> row` changes index rows on the way."""
     from fdpipe.store import StoreWriter, shard_range
@@ -98,7 +94,7 @@ def make_store(tmp_path):
 
     def make(layout: str = "zarr", dtype: str = "float16", name: str | None = None, **kw):
         settings = store_settings(layout, dtype, **kw)
-        n, v, (t, c) = settings["num_images"], settings["views"], settings["target_shape"]
+        n, v, (t, c) = settings.num_images, settings.views, settings.target_shape
         targets = whitened(np.random.default_rng(kw.get("seed", 0)), (n, v, t, c))
         url = str(tmp_path / (name or f"{layout}-{dtype}"))
         write_store(url, settings, targets)

@@ -884,12 +884,11 @@ def _recount(m: dict[str, Any], root: Path) -> None:
 def _zero_targets(root: Path, fix: bool) -> None:
     """The store rewritten through fdpipe's own writer (every checksum right) with all its targets zero."""
     from fdpipe.store import StoreWriter, open_store
-    from fdpipe.store.manifest import SETTING_KEYS
 
     store = open_store(str(root))
     m = store.manifest
     out = root.parent / "zeroed"
-    w = StoreWriter(str(out), {k: m[k] for k in SETTING_KEYS if k in m and k not in ("format", "format_version")})
+    w = StoreWriter(str(out), store.settings)
     w.open()
     for shard in range(store.num_shards):
         items = list(store.iter_stored([shard]))

@@ -151,7 +151,7 @@ def test_the_codec_is_recorded_and_a_compressed_store_reads_the_same(tmp_path):
     targets = whitened(np.random.default_rng(0), (5, 2, 16, 64))
     stores = {}
     for codec in ("none", "zstd-1", "lz4"):
-        settings = store_settings("zarr", "float16", n=5, v=2, t=16, c=64, s=2) | {"codec": codec}
+        settings = store_settings("zarr", "float16", n=5, v=2, t=16, c=64, s=2).replace(codec=codec)
         url = str(tmp_path / codec)
         write_store(url, settings, targets)
         stores[codec] = open_store(url)

@@ -178,7 +178,7 @@ def synthetic(tmp_path: Path, name: str, *, teacher: str = "t", seed: int = 0, l
     """A complete store through fdpipe's writer; `sha_of`: image 0 stands for another image (another dataset)."""
     settings = store_settings(layout, n=n, s=s, seed=seed, teacher=teacher)
     targets = whitened(np.random.default_rng(zlib.crc32(f"{name}/{teacher}".encode())),
-                       (n, settings["views"], *settings["target_shape"]))
+                       (n, settings.views, *settings.target_shape))
     url = str(tmp_path / name)
 
     def other_image(row: dict) -> dict:  # image 0 stands for another image (another dataset)

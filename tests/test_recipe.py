@@ -3,6 +3,7 @@ teacher's store gives, and --print-config itself (the YAML --config takes, no st
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def clip_store(path: Path, alias: str) -> str:
     geometry and the recipe are read from the manifest, so no CLIP model is run."""
     timm_name, g = CLIP[alias]
     settings = store_settings(t=1 + g * g, c=8, n=2)
-    settings["teacher"].update(alias=alias, timm_name=timm_name, grid=[g, g], num_prefix_tokens=1, image_size=224)
+    settings = settings.replace(teacher=dataclasses.replace(settings.teacher, alias=alias, timm_name=timm_name,
+                                                            grid=(g, g), num_prefix_tokens=1, image_size=224))
     write_store(str(path), settings, whitened(np.random.default_rng(0), (2, 2, 1 + g * g, 8)))
     return str(path)
 

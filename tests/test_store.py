@@ -1,5 +1,6 @@
 """The feature store: round trips, interop without fdpipe, concurrent writers, refusals and integrity checks."""
 
+import dataclasses
 import json
 import multiprocessing as mp
 import subprocess
@@ -56,7 +57,7 @@ def test_plain_zarr_pyarrow_webdataset_read_the_same_targets_and_params(make_sto
 
 
 def _write_some(url, settings, shards):
-    targets = whitened(np.random.default_rng(0), (settings["num_images"], settings["views"], *settings["target_shape"]))
+    targets = whitened(np.random.default_rng(0), (settings.num_images, settings.views, *settings.target_shape))
     write_store(url, settings, targets, shards)
 
 
@@ -100,8 +101,8 @@ def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path, field,
     settings = store_settings(n=5, s=2)
     url = str(tmp_path / "s")
     _write_some(url, settings, [0])
-    other = dict(settings)
-    other[field] = {**settings[field], **change} if isinstance(change, dict) else change
+    old = getattr(settings, field)
+    other = settings.replace(**{field: dataclasses.replace(old, **change) if isinstance(change, dict) else change})
     with pytest.raises(StoreError, match=rf"made with other settings: {named} is"):
         StoreWriter(url, other).open()
 

@@ -130,14 +130,14 @@ def test_convert_refuses_embedding_into_zarr_and_into_itself(make_store, cli):
 
 
 # -------------------------------------------------------------------------------------------------------- merge
-def _part(url: str, full: dict, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
+def _part(url: str, full, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
     """A store of images [lo, hi) of the full store's images, numbered from 0, as an extraction of that part."""
-    settings = store_settings(layout, dtype, n=hi - lo, s=shard_size, v=full["views"])
-    rows = [r for s in range(-(-full["num_images"] // full["shard_size"])) for r in shard_rows(full, s)]
+    settings = store_settings(layout, dtype, n=hi - lo, s=shard_size, v=full.views)
+    rows = [r for s in range(-(-full.num_images // full.shard_size)) for r in shard_rows(full, s)]
     rows = [{**r, "image_idx": r["image_idx"] - lo} for r in rows if lo <= r["image_idx"] < hi]
     w = StoreWriter(url, settings)
     w.open()
-    v = full["views"]
+    v = full.views
     for shard in range(w.num_shards):
         a, b = shard_range(shard, w.s, w.n)
         w.write_shard(shard, targets[lo + a:lo + b], rows[a * v:b * v])
@@ -168,8 +168,7 @@ def test_merge_of_different_datasets_records_both_sources(tmp_path, make_store):
     targets = whitened(np.random.default_rng(0), (4, 2, 4, 8))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     _part(a, full, targets, 0, 2, 2, "zarr", "float16")
-    settings_b = store_settings(n=2, s=2)
-    settings_b["data"] = {"spec": "/elsewhere"}
+    settings_b = store_settings(n=2, s=2).replace(data={"spec": "/elsewhere"})
     w = StoreWriter(b, settings_b)
     w.open()
     rows = [{**r, "image_idx": r["image_idx"] - 2} for r in shard_rows(full, 1)]

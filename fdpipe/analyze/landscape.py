@@ -53,8 +53,8 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
     from ..store import open_store
 
     store = open_store(cfg.store)
-    if store.manifest.get("target") != "features":
-        raise FdpipeError(f"{cfg.store} holds teacher {store.manifest.get('target')}; the FD-loss landscape needs a "
+    if store.settings.target != "features":
+        raise FdpipeError(f"{cfg.store} holds teacher {store.settings.target}; the FD-loss landscape needs a "
                           f"features store")
     if store.layout != "zarr":
         raise FdpipeError(f"{cfg.store} is a wds store; the landscape reads targets by index: convert it with "
@@ -68,7 +68,7 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
     # source; StoreReplay checks every image's sha256 either way
     source = open_source(images.spec) if cfg.data else None
     if source is None or not {keys[i] for i in chosen} <= set(source.keys):
-        source = open_source(store.manifest["data"]["spec"])
+        source = open_source(store.settings.data_spec)
 
     def store_inputs(ck: Loaded) -> list[tuple[torch.Tensor, torch.Tensor]]:
         replay = open_replay(store, ck.transform, source=source)

@@ -57,7 +57,7 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
     if data_spec is None:
         from ..store import open_store
 
-        data_spec = open_store(cfg.store).manifest["data"]["spec"]
+        data_spec = open_store(cfg.store).settings.data_spec
     images = load_images(data_spec, cfg.images)
     ld = landscape_data(cfg, images) if cfg.landscape else None
 

@@ -55,8 +55,8 @@ def _targets_from_stores(cfg: DistillConfig):
     stores = []
     for url in cfg.store:
         store = open_store(url, cfg.storage_options, cache_dir=cfg.cache_dir)
-        if store.manifest["target"] != "features":
-            raise FdpipeError(f"{url} holds teacher {store.manifest['target']}, not features; "
+        if store.settings.target != "features":
+            raise FdpipeError(f"{url} holds teacher {store.settings.target}, not features; "
                               "distill needs a features store (logits stores are for finetune --method deit)")
         same = next((u for u, s in zip(cfg.store, stores) if s.fingerprint == store.fingerprint), None)
         if same is not None:
@@ -69,7 +69,7 @@ def _targets_from_stores(cfg: DistillConfig):
     targets = []
     for url, store, name in zip(cfg.store, stores, names):
         t = store.teacher
-        desc = {"store": url, "teacher": t.to_dict(), "plan": store.manifest["plan"]}
+        desc = {"store": url, "teacher": t.to_dict(), "plan": store.plan.to_dict()}
         targets.append(Targets(t.grid, t.channels, t.num_prefix_tokens, store.plan, store.fingerprint, desc, name,
                                t.alias))
     return stores, source, targets

@@ -22,6 +22,7 @@ from ..data import ImageSource, open_source
 from ..errors import FdpipeError
 from ..runtime import progress, ranks_from_env, resolve_device
 from ..store import StoreWriter, shard_range, shards_of_rank
+from ..store.contract import StoreSettings, TeacherInfo
 from ..store.degenerate import ShareMeter
 from ..store.writer import default_shard_size
 from .commits import Committer
@@ -29,27 +30,17 @@ from .settings import ExtractConfig
 from .views import ImageViews, PlanViews, collate, geometries, teacher_inputs
 
 
-def store_settings(cfg: ExtractConfig, teacher_info: dict[str, Any], target_shape: list[int], n: int,
-                   plan: AugmentationPlan, shard_size: int) -> dict[str, Any]:
+def store_settings(cfg: ExtractConfig, teacher: TeacherInfo, n: int, plan: AugmentationPlan,
+                   shard_size: int) -> StoreSettings:
     """What the draft manifest pins: a resumed run must agree on every field. The data spec is absolute (as
     open_source gives it), so that a resume from another directory is told apart and the store finds its images
     from anywhere."""
     from ..data import absolute_spec
     from ..models import WHITENING
 
-    return dict(
-        layout=cfg.layout, dtype=cfg.dtype, quantizer=_quantizer(cfg.dtype), target=cfg.target, codec=cfg.codec,
-        teacher=teacher_info, whitening=WHITENING if cfg.target == "features" else None,
-        plan=plan.to_dict(), num_images=n, views=cfg.views,
-        shard_size=shard_size, target_shape=list(target_shape),
-        data={"spec": absolute_spec(cfg.data), "limit": cfg.limit},
-    )
-
-
-def _quantizer(dtype: str) -> dict[str, Any]:
-    from ..store.quantize import get_quantizer
-
-    return get_quantizer(dtype).to_dict()
+    return StoreSettings.create(layout=cfg.layout, dtype=cfg.dtype, teacher=teacher, plan=plan, num_images=n,
+                                views=cfg.views, shard_size=shard_size, codec=cfg.codec, whitening=WHITENING,
+                                data={"spec": absolute_spec(cfg.data), "limit": cfg.limit})
 
 
 class ShardBuffer:
@@ -154,9 +145,7 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
     for spec in cfg.teacher_specs():
         teacher = create_teacher(spec.alias, weights=spec.weights, image_size=spec.image_size, layer=spec.layer,
                                  target=cfg.target, device=str(device), precision=cfg.teacher_precision)
-        info = teacher.info
-        shape = [info.tokens, info.channels] if cfg.target == "features" else [info.pretrained_cfg["num_classes"]]
-        made.append((spec.alias, teacher, shape))
+        made.append((spec.alias, teacher, list(teacher.info.target_shape)))
     itemsize = 2 if cfg.dtype == "float16" else 1
     shard_size = cfg.shard_size or min(default_shard_size(cfg.views * int(np.prod(shape)) * itemsize)
                                        for _, _, shape in made)
@@ -165,8 +154,7 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
     runs = []
     for (alias, teacher, shape), transform, geometry in zip(made, transforms, which):
         out = cfg.out if len(made) == 1 else f"{cfg.out.rstrip('/')}/{re.sub(r'[^A-Za-z0-9._-]+', '-', alias)}"
-        writer = StoreWriter(out, store_settings(cfg, teacher.info.to_dict(), shape, n, plan, shard_size),
-                             cfg.storage_options)
+        writer = StoreWriter(out, store_settings(cfg, teacher.info, n, plan, shard_size), cfg.storage_options)
         done = writer.open()
         check_same_images(writer, done, source, cfg.data)
         run = TeacherStore(alias, teacher, writer, geometry, transform, shape, done)

@@ -62,14 +62,14 @@ def train_data(cfg: FinetuneConfig) -> TrainData:
     from ..store import open_store
 
     store = open_store(cfg.teacher_store, cfg.storage_options)
-    if store.manifest.get("target") != "logits":
-        raise FdpipeError(f"{cfg.teacher_store} holds teacher {store.manifest.get('target')}, not logits; make a "
+    if store.settings.target != "logits":
+        raise FdpipeError(f"{cfg.teacher_store} holds teacher {store.settings.target}, not logits; make a "
                           "logits store with fdpipe extract --target logits")
     if store.layout != "zarr":
         raise FdpipeError(f"{cfg.teacher_store} is a {store.layout} store; --teacher-store needs random access: "
                           "convert it with fdpipe store convert --format zarr")
-    data = store.manifest["data"]
-    source = open_source(cfg.data or data["spec"], limit=None if cfg.data else data.get("limit"),
+    recorded = store.settings
+    source = open_source(cfg.data or recorded.data_spec, limit=None if cfg.data else recorded.data_limit,
                          storage_options=cfg.storage_options or None)
     idx = store.index
     rows = idx.column("label").to_pylist()[:: store.views]

@@ -2,8 +2,8 @@
 (`TeacherInfo`).
 
 Settings are built in one place (`StoreSettings.create` for a new store, `from_dict` for a manifest) and read by
-attribute; `to_dict` gives the manifest's objects exactly as they are on disk, so the manifest's form does not
-change. Stdlib only: the CLI validates settings before any heavy import.
+attribute; `to_dict` gives the manifest's objects in the form this fdpipe writes them (the manifest's form does
+not change). A store of an earlier version reads with None for what it did not record.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..augment import AugmentationPlan
 from ..errors import StoreError
 
 
@@ -43,6 +44,11 @@ class TeacherInfo:
     image_size: int | None = None  # square input size the teacher runs at
     precision: str | None = None  # fdpipe.models.PRECISIONS: how the teacher computed the targets
 
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """One view's targets: [T, C] tokens for features, [num_classes] for logits."""
+        return (self.channels,) if self.target == "logits" else (self.tokens, self.channels)
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
@@ -69,7 +75,7 @@ class StoreSettings:
     target: str  # "features" or "logits"
     teacher: TeacherInfo
     whitening: dict[str, Any] | None  # the whitening rule (None for logits)
-    plan: dict[str, Any]  # fdpipe.augment.AugmentationPlan.to_dict()
+    plan: AugmentationPlan  # the views of every image
     num_images: int
     views: int
     shard_size: int
@@ -78,23 +84,23 @@ class StoreSettings:
     codec: str = "none"  # the zarr chunk compressor (fdpipe.store.manifest.CODECS)
 
     @classmethod
-    def create(cls, *, layout: str, dtype: str, teacher: TeacherInfo, plan: Any, num_images: int, views: int,
+    def create(cls, *, layout: str, dtype: str, teacher: TeacherInfo, plan: AugmentationPlan, num_images: int,
+               views: int,
                shard_size: int, data: Mapping[str, Any], codec: str = "none",
                whitening: Mapping[str, Any] | None = None) -> "StoreSettings":
-        """The settings of a new store: the quantizer's record comes from its name, the target kind and shape
-        from the teacher, the plan's record from the plan (an AugmentationPlan or its dict)."""
+        """The settings of a new store: the quantizer's record comes from the dtype, the target kind and shape
+        from the teacher."""
         from .quantize import get_quantizer
 
         target = teacher.target or "features"
-        shape = (teacher.tokens, teacher.channels) if target == "features" else (teacher.channels,)
         return cls(layout=layout, dtype=dtype, quantizer=get_quantizer(dtype).to_dict(), target=target,
                    teacher=teacher, whitening=dict(whitening) if target == "features" and whitening else None,
-                   plan=plan if isinstance(plan, dict) else plan.to_dict(), num_images=int(num_images),
-                   views=int(views), shard_size=int(shard_size), target_shape=shape, data=dict(data), codec=codec)
+                   plan=plan, num_images=int(num_images),
+                   views=int(views), shard_size=int(shard_size), target_shape=teacher.target_shape, data=dict(data), codec=codec)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["teacher"] = self.teacher.to_dict()
+        d["teacher"], d["plan"] = self.teacher.to_dict(), self.plan.to_dict()
         return _plain(d)
 
     @classmethod
@@ -103,8 +109,18 @@ class StoreSettings:
         names = [f.name for f in dataclasses.fields(cls)]
         kwargs = {k: d[k] for k in names if k in d}
         kwargs["teacher"] = TeacherInfo.from_dict(d["teacher"], where)
+        kwargs["plan"] = AugmentationPlan.from_dict(d["plan"])
         kwargs["target_shape"] = tuple(int(x) for x in d["target_shape"])
         return cls(**kwargs)
+
+    @property
+    def data_spec(self) -> str | None:
+        """The image source the store was extracted from (absolute; None for a merge of several sources)."""
+        return self.data.get("spec")
+
+    @property
+    def data_limit(self) -> int | None:
+        return self.data.get("limit")
 
     def replace(self, **changes: Any) -> "StoreSettings":
         return dataclasses.replace(self, **changes)

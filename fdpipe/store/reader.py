@@ -143,7 +143,7 @@ class Store:
 
     @property
     def plan(self) -> AugmentationPlan:
-        return AugmentationPlan.from_dict(self.manifest["plan"])
+        return self.settings.plan
 
     def data_bytes(self) -> int:
         return sum(f["bytes"] for s in self.manifest["shards"] for rel, f in s["files"].items()

@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import FdpipeError, StoreError
 from . import index as index_mod
 from .fs import StoreLocation
-from .manifest import (DRAFT, LAYOUTS, MANIFEST, MERGE_KEYS, SETTING_KEYS, check_settings, check_shard, check_version,
+from .contract import StoreSettings
+from .manifest import (DRAFT, LAYOUTS, MANIFEST, MERGE_KEYS, check_settings, check_shard, check_version,
                        describe_value, first_difference)
 from .reader import Store, StoredImage, open_store
 from .writer import PROGRESS, StoreWriter, committed_markers, num_shards, shard_range
@@ -74,14 +75,7 @@ def list_shards(url: str, storage_options: dict | None = None) -> dict[str, Any]
 
 
 # -------------------------------------------------------------------------------------------- shared by both
-def _settings(manifest: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """The settings a draft pins, taken from an existing store's manifest, with some changed."""
-    out = {k: manifest[k] for k in SETTING_KEYS if k in manifest and k not in ("format", "format_version")}
-    out.update(changes)
-    return out
-
-
-def _writer(dst: str, settings: dict[str, Any], storage_options: dict | None) -> tuple[StoreWriter, set[int]]:
+def _writer(dst: str, settings: StoreSettings, storage_options: dict | None) -> tuple[StoreWriter, set[int]]:
     """A writer on an empty DST, or on the DST of the same command: half-written (it resumes) or complete (nothing
     to do, as for a rerun extract); a DST made with other settings is refused by the writer."""
     w = StoreWriter(dst, settings, storage_options, role="DST")
@@ -221,7 +215,7 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
     dst_so = storage_options if dst_storage_options is None else dst_storage_options
     if _same_place(src.loc, StoreLocation(dst_url, dst_so or {})):
         raise FdpipeError(f"DST {dst_url} is SRC; convert into a new or empty location")
-    w, done = _writer(dst_url, _settings(src.manifest, layout=layout), dst_so)
+    w, done = _writer(dst_url, src.settings.replace(layout=layout), dst_so)
     sources = SourceImages(src, storage_options) if embed_images else None
     dropped = 0
     try:
@@ -281,7 +275,7 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
             raise FdpipeError(f"DST {dst_url} is one of the inputs; merge into a new or empty location")
     da, db = a.manifest["data"], b.manifest["data"]
     data = da if da == db else {"spec": None, "sources": _sources(da) + _sources(db)}
-    settings = _settings(a.manifest, num_images=a.num_images + b.num_images, data=data)
+    settings = a.settings.replace(num_images=a.num_images + b.num_images, data=data)
     w, done = _writer(dst_url, settings, dst_so)
     parts = [(_Images(a), 0, a.num_images), (_Images(b), a.num_images, b.num_images)]
     for shard in range(w.num_shards):

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import StoreError
 from . import index as index_mod
 from . import layouts
+from .contract import StoreSettings
 from .fs import StoreLocation
 from .manifest import (DRAFT, MANIFEST, canonical, check_settings, check_shard, describe_value, first_difference,
                        make_draft, make_final)
@@ -54,16 +55,14 @@ def default_shard_size(bytes_per_image: int, target_bytes: int = 768 << 20) -> i
 class StoreWriter:
     """Creates or resumes a store with fixed settings and commits whole shards."""
 
-    def __init__(self, url: str, settings: dict[str, Any], storage_options: dict | None = None, *,
+    def __init__(self, url: str, settings: StoreSettings, storage_options: dict | None = None, *,
                  role: str = "--out"):
         self.loc = StoreLocation(url, storage_options or {})
         self.role = role  # how the user named this location, for messages
-        self.draft = make_draft(settings)
-        self.q = get_quantizer(settings["dtype"])
-        self.n = settings["num_images"]
-        self.v = settings["views"]
-        self.s = settings["shard_size"]
-        self.layout = settings["layout"]
+        self.settings = settings
+        self.draft = make_draft(settings.to_dict())
+        self.q = get_quantizer(settings.dtype)
+        self.n, self.v, self.s, self.layout = settings.num_images, settings.views, settings.shard_size, settings.layout
         self.num_shards = num_shards(self.n, self.s)
 
     # -------------------------------------------------------------------------------------------------- opening

@@ -210,3 +210,28 @@ def test_out_pointing_at_a_foreign_directory_is_refused(tmp_path):
     (tmp_path / "x" / "notes.txt").write_text("hi")
     with pytest.raises(StoreError, match="is not an fdpipe store; choose a new or empty directory"):
         StoreWriter(str(tmp_path / "x"), store_settings()).open()
+
+
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_the_typed_settings_give_back_the_manifests_settings_as_written(make_store, layout):
+    from fdpipe.store.manifest import SETTING_KEYS
+
+    url, _, settings = make_store(layout)
+    m = open_store(url).manifest
+    on_disk = {k: m[k] for k in SETTING_KEYS if k not in ("format", "format_version")}
+    assert settings.to_dict() == on_disk
+    assert open_store(url).settings == settings and open_store(url).settings.to_dict() == on_disk
+
+
+def test_a_format_1_store_reads_as_typed_settings_with_what_it_did_not_record_as_none():
+    t = open_store(str(Path(__file__).parent / "data" / "format1" / "zarr-float16")).teacher
+    assert (t.tokens, t.channels, t.num_prefix_tokens, t.grid) == (4, 8, 0, (2, 2))
+    assert t.precision is None and t.weights_sha256 is None
+
+
+def test_a_manifest_teacher_without_a_required_field_is_one_line():
+    from fdpipe.store.contract import TeacherInfo
+
+    with pytest.raises(StoreError, match=r"^m.json: teacher.timm_name is missing; the file is corrupt$"):
+        TeacherInfo.from_dict({"alias": "a", "tokens": 1, "channels": 2, "grid": [1, 1], "num_prefix_tokens": 0},
+                              "m.json")

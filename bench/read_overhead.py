@@ -68,7 +68,7 @@ def run(ctx: common.Context) -> int:
     pick = np.random.default_rng(1).integers(0, n, 64)
     t0 = time.perf_counter()
     for i in pick:
-        stores["zarr"].target(int(i), 0)
+        stores["zarr"].targets([(int(i), 0)])
     zarr_read_ms = (time.perf_counter() - t0) / len(pick) * 1e3
     t0 = time.perf_counter()
     k = sum(1 for _ in stores["wds"].iter_images())

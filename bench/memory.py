@@ -132,7 +132,7 @@ def child(spec: dict) -> int:
         out["rss_open_store_mb"] = timing.rss_mb()
         src = open_source(st.manifest["data"]["spec"])
         out["rss_open_source_mb"] = timing.rss_mb()
-        if st.layout == "zarr":
+        if st.random_access:
             st.index
             out["rss_index_mb"] = timing.rss_mb()
             ds = StoreReplay(st, src, tf)

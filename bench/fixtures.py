@@ -119,7 +119,7 @@ def build_store(url: str | Path, settings: dict[str, Any], source,
                 if rows_cache is not None:
                     rows_cache[i] = r
                 rows += r
-        w.write_shard(shard, targets(a, b), rows)
+        w.write_stored(shard, *w.q.quantize(targets(a, b)), rows)
     if not w.try_finalize():
         raise RuntimeError(f"store {url} did not finalize")
 

@@ -96,7 +96,7 @@ def build(work: Path, layout: str, n: int, views: int, channels: int, shard_byte
             rows += [dict(image_idx=i, key=key, source=src, label=None, view=v, seed=plan.view_seed(key, v),
                           **plan.sample(key, v, (h, wd)).to_dict(), orig_height=h, orig_width=wd,
                           image_sha256=sha, status="ok") for v in range(views)]
-        w.write_shard(shard, pool[np.arange(a, b) % len(pool)], rows)
+        w.write_stored(shard, *w.q.quantize(pool[np.arange(a, b) % len(pool)]), rows)
     assert w.try_finalize()
     st = open_store(str(url))
     assert st.num_images == n

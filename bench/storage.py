@@ -156,7 +156,7 @@ def run(ctx: common.Context) -> int:
             w = StoreWriter(str(url), store_settings(cfg, info.to_dict(), list(x.shape[2:]), len(source), plan,
                                                       cfg.shard_size))
             w.open()
-            w.write_shard(0, x, rows)
+            w.write_stored(0, *w.q.quantize(x), rows)
             assert w.try_finalize()
             st = open_store(str(url))
             back = np.stack([it.targets for it in st.iter_images()])

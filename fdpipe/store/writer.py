@@ -154,22 +154,14 @@ class StoreWriter:
         return True
 
     # -------------------------------------------------------------------------------------------------- writing
-    def write_shard(self, shard: int, targets: np.ndarray, rows: list[dict[str, Any]],
-                    images: list[tuple[str, bytes] | None] | None = None) -> None:
-        """Commit one whole shard.
-
-        targets: float32 [n, V, *target_shape] (NaN for images that failed to decode).
-        rows:    n*V index rows, image-major, each with the index columns except `shard`.
-        images:  optional (extension, bytes) per image, embedded in wds shards.
-        """
-        values, scales = self.q.quantize(targets)
-        self.write_stored(shard, values, scales, rows, images)
-
     def write_stored(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
                      images: list[tuple[str, bytes] | None] | None = None) -> None:
-        """Commit one whole shard of already-quantized values (and scales), as convert and merge copy them.
+        """Commit one whole shard of values quantized by the store's quantizer (`self.q`: extraction quantizes on
+        the teacher's device), or copied as stored (convert and merge).
 
         values: [n, V, *target_shape] in the store's dtype; scales: [n, V, *target_shape[:-1]] float16 or None.
+        rows:   n*V index rows, image-major, each with the index columns except `shard`.
+        images: optional (extension, bytes) per image, embedded where the layout embeds images (wds).
         """
         start, stop = shard_range(shard, self.s, self.n)
         n = stop - start

@@ -95,7 +95,7 @@ def test_an_epoch_reads_only_the_bytes_of_the_views_it_trains_on(tmp_path, monke
     replay = open_replay(store, None, images=False, seed=3)
     store.index  # the index is read once per run, not per epoch
     if layout == "zarr":
-        assert store.targets_layout._tensorstore is not None  # a local store reads through tensorstore, opened once per process
+        assert store.targets_layout.native_readers is not None  # a local store reads through tensorstore, opened once per process
     counted = Counted(monkeypatch)
     used = 0
     for batch in replay.loader(1, 0, batch_size=2):

@@ -182,7 +182,7 @@ class ZarrLayout(Layout):
         """A local store reads the batch's chunks through tensorstore: uncompressed ones as raw chunks of its
         sharding kvstore, checked here (`chunks.RawChunks`), others as one point-indexed read of its zarr3 driver.
         A remote store reads them as one concurrent round of zarr-python chunk reads (`zarr_python_targets`)."""
-        fast = self._tensorstore
+        fast = self.native_readers
         if fast is not None:
             try:
                 return tuple(None if a is None else a.read(pairs) for a in fast)
@@ -209,7 +209,7 @@ class ZarrLayout(Layout):
         return values, scales
 
     @property
-    def _tensorstore(self) -> tuple[Any, Any] | None:
+    def native_readers(self) -> tuple[Any, Any] | None:
         """(targets, scales) readers for a local store (`chunks.RawChunks` or tensorstore arrays), opened once per
         process (tensorstore's threads do not survive a fork into DataLoader workers); None to read through
         zarr-python."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass

@@ -16,7 +16,6 @@ import zarr
 from zarr.storage import MemoryStore
 
 from ...errors import StoreError
-from ..fs import StoreLocation
 from ..manifest import CODECS
 from ..quantize import Quantizer
 from . import chunks

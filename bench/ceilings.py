@@ -34,11 +34,14 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from fdpipe.store.layouts import facts
 
 from . import common, fixtures, timing
 from .common import log
@@ -124,8 +127,8 @@ def write_stages(write: Callable[[], None]) -> dict[str, float]:
     """Wall seconds of one shard write by stage, from cProfile's cumulative times of the writer's steps (the main
     thread's view: zarr encodes on its event-loop thread, which this counts as the wait for it)."""
     # (file, function-name prefix): the writer's steps, whatever the layout's helpers are called this week
-    stages = {"quantize": ("quantize.py", "quantize"), "zarr_encode": ("layouts.py", "zarr_encode"),
-              "wds_encode": ("layouts.py", "wds_", "sample"), "wds_write": ("layouts.py", "wds_write"),
+    stages = {"quantize": ("quantize.py", "quantize"), "zarr_encode": ("layouts/zarr.py", "encode_shard"),
+              "wds_encode": ("layouts/wds.py", "view_sample"), "wds_write": ("layouts/tar.py", "write_tar"),
               "put_atomic": ("fs.py", "put_atomic"), "sha256": ("~", "<method 'update' of '_hashlib.HASH"),
               "file_write": ("~", "<method 'write' of '_io.BufferedWriter"),
               "index_encode": ("index.py", "encode")}
@@ -134,7 +137,7 @@ def write_stages(write: Callable[[], None]) -> dict[str, float]:
     total = time.perf_counter() - t0
     out = {"total": total}
     for name, (file, prefix, *inside) in stages.items():
-        # max, not sum: a helper calling another of the same stage (wds_write_shard -> wds_write_tar) counts once
+        # max, not sum: a helper calling another of the same stage counts once
         ct = max((v[3] for (f, _, fn), v in st.items() if f.endswith(file) and fn.startswith(prefix)
                   and all(x in fn for x in inside)), default=0.0)
         if ct:
@@ -156,110 +159,171 @@ def synthetic_teacher(tokens: int, channels: int, image_size: int, batch: int) -
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-def run(ctx: common.Context) -> int:
-    from fdpipe.augment import AugmentationPlan
-    from fdpipe.replay import open_replay
-    from fdpipe.store import StoreWriter, open_store, shard_range
-    from fdpipe.store.quantize import get_quantizer
+Config = tuple[str, str]  # (layout, dtype)
 
-    a, smoke = ctx.args, ctx.args.smoke
-    torch.set_num_threads(a.threads or 1)
-    T = a.tokens or (5 if smoke else 257)
-    C = a.channels or (16 if smoke else 1024)
-    V = a.views or (2 if smoke else 8)
-    N = a.images or (8 if smoke else 48)
-    S = a.shard_size or (4 if smoke else 16)
-    batch = a.batch_size or (4 if smoke else 16)
-    size = a.image_size or (32 if smoke else 224)
-    rounds = a.rounds or (1 if smoke else 3)
-    n_pairs = a.pairs or (16 if smoke else 256)
-    layouts = [x.strip() for x in a.layout.split(",") if x.strip()]
-    dtypes = [x.strip() for x in a.dtype.split(",") if x.strip()]
-    cfgs = [(lay, dt) for lay in layouts for dt in dtypes]
-    g, prefix = grid_of(T)
-    shape = {"tokens": T, "channels": C, "views": V, "images": N, "shard_size": S}
-    plan = AugmentationPlan(seed=0, views=V)
 
-    log(f"[{NAME}] targets [{N}, {V}, {T}, {C}] float32 ({N * V * T * C * 4 / 2**20:.0f} MiB), shards of {S}, "
-        f"{len(cfgs)} configurations x {rounds} rounds, {torch.get_num_threads()} torch thread(s)")
-    targets = fixtures.whitened(np.random.default_rng(0), (N, V, T, C))
-    rows = [synthetic_rows(plan, i) for i in range(N)]
+@dataclass
+class Setup:
+    """The run's sizes and configurations, and the inputs every configuration writes: float32 targets, their index
+    rows, and the values quantized beforehand, as the teacher's device hands them over."""
 
-    def settings(layout: str, dtype: str, n: int = N):
-        st = fixtures.synthetic_settings("synthetic", n, V, g, prefix, C, dtype, layout, S)
-        if a.codec and layout == "zarr":
-            st = st.replace(codec=a.codec)
+    T: int
+    C: int
+    V: int
+    N: int
+    S: int
+    batch: int
+    size: int
+    rounds: int
+    n_pairs: int
+    layouts: list[str]
+    dtypes: list[str]
+    codec: str | None
+    targets: np.ndarray = field(repr=False)
+    rows: list[list[dict[str, Any]]] = field(repr=False)
+    stored: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+
+    @property
+    def cfgs(self) -> list[Config]:
+        return [(lay, dt) for lay in self.layouts for dt in self.dtypes]
+
+    def settings(self, layout: str, dtype: str, n: int | None = None):
+        g, prefix = grid_of(self.T)
+        st = fixtures.synthetic_settings("synthetic", n or self.N, self.V, g, prefix, self.C, dtype, layout, self.S)
+        if self.codec and facts(layout).compresses_chunks:
+            st = st.replace(codec=self.codec)
         return st
 
-    def shard_inputs(w, shard: int):
+    def stored_inputs(self, w, shard: int):
+        """(values, scales, rows) of one shard of writer `w`."""
+        from fdpipe.store import shard_range
+
         i, j = shard_range(shard, w.s, w.n)
-        return targets[i:j], [r for k in range(i, j) for r in rows[k]]
+        values, scales = self.stored[w.q.dtype]
+        return values[i:j], None if scales is None else scales[i:j], [r for k in range(i, j) for r in self.rows[k]]
 
-    stored = {dt: get_quantizer(dt).quantize(targets) for dt in dtypes}  # as the teacher's device hands them over
 
-    def stored_inputs(w, shard: int):
-        i, j = shard_range(shard, w.s, w.n)
-        values, scales = stored[w.q.dtype]
-        return values[i:j], None if scales is None else scales[i:j], [r for k in range(i, j) for r in rows[k]]
+def setup(a: Any) -> Setup:
+    from fdpipe.augment import AugmentationPlan
+    from fdpipe.store.quantize import get_quantizer
 
-    quantize_core = {}  # the CPU quantizer, float32 -> stored, views per CPU-second over one shard x rounds
-    for dt in dtypes:
+    smoke = a.smoke
+    T, C = a.tokens or (5 if smoke else 257), a.channels or (16 if smoke else 1024)
+    V, N = a.views or (2 if smoke else 8), a.images or (8 if smoke else 48)
+    plan = AugmentationPlan(seed=0, views=V)
+    targets = fixtures.whitened(np.random.default_rng(0), (N, V, T, C))
+    dtypes = [x.strip() for x in a.dtype.split(",") if x.strip()]
+    layouts = [x.strip() for x in a.layout.split(",") if x.strip()]
+    return Setup(T=T, C=C, V=V, N=N, S=a.shard_size or (4 if smoke else 16), batch=a.batch_size or (4 if smoke else 16),
+                 size=a.image_size or (32 if smoke else 224), rounds=a.rounds or (1 if smoke else 3),
+                 n_pairs=a.pairs or (16 if smoke else 256), layouts=layouts, dtypes=dtypes, codec=a.codec, targets=targets, rows=[synthetic_rows(plan, i) for i in range(N)],
+                 stored={dt: get_quantizer(dt).quantize(targets) for dt in dtypes})
+
+
+def run(ctx: common.Context) -> int:
+    a = ctx.args
+    torch.set_num_threads(a.threads or 1)
+    su = setup(a)
+    log(f"[{NAME}] targets [{su.N}, {su.V}, {su.T}, {su.C}] float32 ({su.N * su.V * su.T * su.C * 4 / 2**20:.0f} MiB), "
+        f"shards of {su.S}, {len(su.cfgs)} configurations x {su.rounds} rounds, {torch.get_num_threads()} torch "
+        "thread(s)")
+    quantize_core = measure_quantize(su)
+    stages = measure_write_stages(ctx, su)
+    urls, writes = measure_writes(ctx, su)
+    stores, replays, replay_runs = measure_replays(su, urls)
+    photos = fixtures.make_photos(ctx.work / "photos", su.N, sizes=(48, 64) if a.smoke else (64, 128))
+    extraction = {f"{lay}/{dt}": blocked(ctx, photos, lay, dt, su.T, su.C, su.V, su.S, su.size, a.smoke,
+                                         su.codec if facts(lay).compresses_chunks else None) for lay, dt in su.cfgs}
+    zarr_reads = measure_zarr_reads(su, urls, stores)
+    results = [summarise(su, c, writes[c], replay_runs[c], stores[c], quantize_core, extraction, stages)
+               for c in su.cfgs]
+    result = report(su, results, extraction, zarr_reads, ctx.workers)
+    if not result["goal"]["met"]:
+        result["bottleneck"] = bottleneck(results, result["margins"], stages, replays, su.batch, a.smoke)
+    print_and_finish(ctx, su, result, results, zarr_reads)
+    return 0
+
+
+def measure_quantize(su: Setup) -> dict[str, float]:
+    """The CPU quantizer, float32 -> stored: views per CPU-second over one shard x rounds, per dtype."""
+    from fdpipe.store.quantize import get_quantizer
+
+    out = {}
+    for dt in su.dtypes:
         q, m = get_quantizer(dt), Meter()
-        q.quantize(targets[:S])
-        for _ in range(rounds):
+        q.quantize(su.targets[:su.S])
+        for _ in range(su.rounds):
             with m():
-                q.quantize(targets[:S])
-        quantize_core[dt] = rate(rounds * min(N, S) * V, m.cpu)
+                q.quantize(su.targets[:su.S])
+        out[dt] = rate(su.rounds * min(su.N, su.S) * su.V, m.cpu)
+    return out
 
-    # ------------------------------------------------------------- warm-up and write stages (one shard each)
+
+def measure_write_stages(ctx: common.Context, su: Setup) -> dict[str, dict[str, float]]:
+    """A warm-up shard per configuration (first-call costs: imports, zarr's event loop, allocations), then one
+    shard's write by stage."""
+    from fdpipe.store import StoreWriter
+
     stages: dict[str, dict[str, float]] = {}
-    for lay, dt in cfgs:
+    for lay, dt in su.cfgs:
         warm = ctx.work / f"warm-{lay}-{dt}"
-        w = StoreWriter(str(warm), settings(lay, dt, min(N, S)))
+        w = StoreWriter(str(warm), su.settings(lay, dt, min(su.N, su.S)))
         w.open()
-        w.write_stored(0, *stored_inputs(w, 0))  # first-call costs: imports, zarr's event loop, allocations
-        stages[f"{lay}/{dt}"] = write_stages(lambda: w.write_stored(0, *stored_inputs(w, 0)))
+        w.write_stored(0, *su.stored_inputs(w, 0))
+        stages[f"{lay}/{dt}"] = write_stages(lambda: w.write_stored(0, *su.stored_inputs(w, 0)))
         shutil.rmtree(warm, ignore_errors=True)
+    return stages
 
-    # ------------------------------------------------------------- write: whole stores, rounds alternating
-    urls: dict[tuple[str, str], str] = {}
-    writes: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in cfgs}
 
-    def write_side(cfg: tuple[str, str]) -> Callable[[int], dict[str, float]]:
+def measure_writes(ctx: common.Context, su: Setup) -> tuple[dict[Config, str], dict[Config, list[dict[str, float]]]]:
+    """Whole stores, rounds alternating between configurations; the latest store of each is the one replayed."""
+    from fdpipe.store import StoreWriter
+
+    urls: dict[Config, str] = {}
+    writes: dict[Config, list[dict[str, float]]] = {c: [] for c in su.cfgs}
+
+    def write_side(cfg: Config) -> Callable[[int], dict[str, float]]:
         def side(r: int) -> dict[str, float]:
             url = str(ctx.work / f"store-{cfg[0]}-{cfg[1]}-{r}")
-            w = StoreWriter(url, settings(*cfg))
+            w = StoreWriter(url, su.settings(*cfg))
             w.open()
             m = Meter()
             for shard in range(w.num_shards):
-                inputs = stored_inputs(w, shard)
+                inputs = su.stored_inputs(w, shard)
                 with m():
                     w.write_stored(shard, *inputs)
             t0 = time.perf_counter()
             assert w.try_finalize(), url
             fin = time.perf_counter() - t0
             old = urls.get(cfg)
-            urls[cfg] = url  # the latest store is the one replayed
+            urls[cfg] = url
             if old:
                 shutil.rmtree(old, ignore_errors=True)
-            out = {"views": N * V, "cpu_s": m.cpu, "wall_s": m.wall, "finalize_s": fin}
+            out = {"views": su.N * su.V, "cpu_s": m.cpu, "wall_s": m.wall, "finalize_s": fin}
             writes[cfg].append(out)
             return out
         return side
 
-    timing.alternate({c: write_side(c) for c in cfgs}, rounds)
+    timing.alternate({c: write_side(c) for c in su.cfgs}, su.rounds)
+    return urls, writes
 
-    # ------------------------------------------------------------- replay: one epoch each, rounds alternating
-    stores = {c: open_store(urls[c]) for c in cfgs}
-    replays = {c: open_replay(stores[c], None, images=False, seed=0) for c in cfgs}
-    replay_runs: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in cfgs}
 
-    def epoch(cfg: tuple[str, str], e: int) -> dict[str, float]:
+def measure_replays(su: Setup, urls: dict[Config, str]):
+    """One epoch per round and configuration, rounds alternating, after an epoch 0 that opens the stores:
+    (stores, replays, the rounds' figures)."""
+    from fdpipe.replay import open_replay
+    from fdpipe.store import open_store
+
+    stores = {c: open_store(urls[c]) for c in su.cfgs}
+    replays = {c: open_replay(stores[c], None, images=False, seed=0) for c in su.cfgs}
+    runs: dict[Config, list[dict[str, float]]] = {c: [] for c in su.cfgs}
+
+    def epoch(cfg: Config, e: int) -> dict[str, float]:
         q = stores[cfg].quantizer
         m, dq = Meter(), Meter()
         views = 0
         with m():
-            for b in replays[cfg].loader(e, 0, batch_size=batch, workers=0):
+            for b in replays[cfg].loader(e, 0, batch_size=su.batch, workers=0):
                 t = b["target"]
                 if "scales" in b:  # int8: the training process dequantizes
                     with dq():
@@ -269,55 +333,58 @@ def run(ctx: common.Context) -> int:
         return {"views": views, "cpu_s": m.cpu, "wall_s": m.wall, "rchar": m.rchar, "dequantize_cpu_s": dq.cpu,
                 "sys_cpu_s": m.sys, "disk_read_bytes": m.disk}
 
-    for c in cfgs:  # epoch 0: opens the zarr arrays, first reads
+    for c in su.cfgs:  # epoch 0: opens the zarr arrays, first reads
         epoch(c, 0)
-    timing.alternate({c: (lambda r, c=c: replay_runs[c].append(epoch(c, r + 1))) for c in cfgs}, rounds)
+    timing.alternate({c: (lambda r, c=c: runs[c].append(epoch(c, r + 1))) for c in su.cfgs}, su.rounds)
+    return stores, replays, runs
 
-    # ------------------------------------------------------------- blocked fraction: zero-cost teacher extraction
-    photos = fixtures.make_photos(ctx.work / "photos", N, sizes=(48, 64) if smoke else (64, 128))
-    extraction = {f"{lay}/{dt}": blocked(ctx, photos, lay, dt, T, C, V, S, size, smoke,
-                                         a.codec if lay == "zarr" else None) for lay, dt in cfgs}
-    fractions = [e["blocked_fraction"] for e in extraction.values() if e["blocked_fraction"] is not None]
-    blocked_fraction = max(fractions) if fractions else None
 
-    # ------------------------------------------------------------- zarr reads: fdpipe, zarrs, tensorstore
-    zarr_fp16 = ("zarr", "float16") if ("zarr", "float16") in urls else next((c for c in cfgs if c[0] == "zarr"), None)
-    zarr_reads = (read_sides(urls[zarr_fp16], stores[zarr_fp16], n_pairs, rounds)
-                  if zarr_fp16 else {"skipped": "no zarr store in --layout"})
+def measure_zarr_reads(su: Setup, urls: dict[Config, str], stores: dict) -> dict[str, Any]:
+    """The random-access readers on the float16 store of a random-access layout (the first such store else)."""
+    chosen = sorted((c for c in su.cfgs if stores[c].random_access), key=lambda c: c[1] != "float16")
+    if not chosen:
+        return {"skipped": "no zarr store in --layout"}
+    return read_sides(urls[chosen[0]], stores[chosen[0]], su.n_pairs, su.rounds)
 
-    # ------------------------------------------------------------- figures, goals, table
-    results = []
-    for lay, dt in cfgs:
-        c, key = (lay, dt), f"{lay}/{dt}"
-        wr, rr = writes[c], replay_runs[c]
-        bpv = stores[c].bytes_per_view()
-        write_core = median(rate(x["views"], x["cpu_s"]) for x in wr)
-        replay_core = median(rate(x["views"], x["cpu_s"] - x["dequantize_cpu_s"]) for x in rr)
-        replay_cpu_dequantize = median(rate(x["views"], x["cpu_s"]) for x in rr)
-        used = [x["views"] * bpv for x in rr]
-        amp = median(x["rchar"] / u for x, u in zip(rr, used) if u)
-        ex = extraction[key]
-        met = {"write": write_core >= GOALS["write"], "replay": replay_core >= GOALS["replay"],
-               "read_amplification": amp <= GOALS["read_amplification"],
-               "blocked_fraction": None if ex["blocked_fraction"] is None
-               else ex["blocked_fraction"] <= GOALS["blocked_fraction"]}
-        results.append({
-            "layout": lay, "dtype": dt, "codec": stores[c].manifest.get("codec", "zarr default (format 1)"),
-            "format_version": stores[c].manifest.get("format_version"), "bytes_per_view": bpv, "raw_float32_bytes_per_view": T * C * 4,
-            "write_views_per_s_per_core": write_core,
-            "write_views_per_s_wall": median(rate(x["views"], x["wall_s"]) for x in wr),
-            "quantize_views_per_s_per_core": quantize_core[dt],
-            "write_with_cpu_quantize_views_per_s_per_core": 1 / (1 / write_core + 1 / quantize_core[dt]),
-            "replay_views_per_s_per_core": replay_core,
-            "replay_views_per_s_wall": median(rate(x["views"], x["wall_s"]) for x in rr),
-            "replay_with_cpu_dequantize_views_per_s_per_core": replay_cpu_dequantize,
-            "read_amplification": amp, "bytes_read": [x["rchar"] for x in rr], "bytes_used": used,
-            "replay_views_per_epoch": rr[0]["views"] if rr else 0,
-            "dequantize_cpu_share": median(x["dequantize_cpu_s"] / x["cpu_s"] for x in rr if x["cpu_s"]),
-            "cores_per_gpu_write": GPU_VIEWS_PER_S / write_core, "cores_per_gpu_replay": GPU_VIEWS_PER_S / replay_core,
-            "blocked_fraction": ex["blocked_fraction"], "goals_met": met,
-            "write_rounds": wr, "replay_rounds": rr, "write_stages_s_one_shard": stages[key],
-        })
+
+def summarise(su: Setup, c: Config, wr: list[dict[str, float]], rr: list[dict[str, float]], store,
+              quantize_core: dict[str, float], extraction: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any]:
+    """One configuration's figures (medians of its rounds) beside their goals."""
+    lay, dt = c
+    key = f"{lay}/{dt}"
+    bpv = store.bytes_per_view()
+    write_core = median(rate(x["views"], x["cpu_s"]) for x in wr)
+    replay_core = median(rate(x["views"], x["cpu_s"] - x["dequantize_cpu_s"]) for x in rr)
+    used = [x["views"] * bpv for x in rr]
+    amp = median(x["rchar"] / u for x, u in zip(rr, used) if u)
+    ex = extraction[key]
+    met = {"write": write_core >= GOALS["write"], "replay": replay_core >= GOALS["replay"],
+           "read_amplification": amp <= GOALS["read_amplification"],
+           "blocked_fraction": None if ex["blocked_fraction"] is None
+           else ex["blocked_fraction"] <= GOALS["blocked_fraction"]}
+    return {
+        "layout": lay, "dtype": dt, "codec": store.manifest.get("codec", "zarr default (format 1)"),
+        "format_version": store.manifest.get("format_version"), "bytes_per_view": bpv,
+        "raw_float32_bytes_per_view": su.T * su.C * 4,
+        "write_views_per_s_per_core": write_core,
+        "write_views_per_s_wall": median(rate(x["views"], x["wall_s"]) for x in wr),
+        "quantize_views_per_s_per_core": quantize_core[dt],
+        "write_with_cpu_quantize_views_per_s_per_core": 1 / (1 / write_core + 1 / quantize_core[dt]),
+        "replay_views_per_s_per_core": replay_core,
+        "replay_views_per_s_wall": median(rate(x["views"], x["wall_s"]) for x in rr),
+        "replay_with_cpu_dequantize_views_per_s_per_core": median(rate(x["views"], x["cpu_s"]) for x in rr),
+        "read_amplification": amp, "bytes_read": [x["rchar"] for x in rr], "bytes_used": used,
+        "replay_views_per_epoch": rr[0]["views"] if rr else 0,
+        "dequantize_cpu_share": median(x["dequantize_cpu_s"] / x["cpu_s"] for x in rr if x["cpu_s"]),
+        "cores_per_gpu_write": GPU_VIEWS_PER_S / write_core, "cores_per_gpu_replay": GPU_VIEWS_PER_S / replay_core,
+        "blocked_fraction": ex["blocked_fraction"], "goals_met": met,
+        "write_rounds": wr, "replay_rounds": rr, "write_stages_s_one_shard": stages[key],
+    }
+
+
+def report(su: Setup, results: list[dict[str, Any]], extraction: dict[str, Any], zarr_reads: dict[str, Any],
+           workers: int) -> dict[str, Any]:
+    """The JSON's body: each figure's margin over its goal, the worst of them as the ratio, and the notes."""
     margins = {}
     for r in results:
         k = f"{r['layout']}/{r['dtype']}"
@@ -332,9 +399,12 @@ def run(ctx: common.Context) -> int:
     ratio = min(finite.values()) if finite else float("nan")
     g = common.goal("every ceiling at its goal: worst measured / goal >= 1 (write >= 1,000 and replay >= 1,500 "
                     "views/s per core, read amplification <= 1.05, blocked fraction <= 0.10)", ratio, 1.0)
-    result: dict[str, Any] = {
-        "ratio": ratio, "goal": g, "goals": GOALS, "margins": margins, "shape": shape, "results": results,
-        "blocked_fraction": blocked_fraction,
+    fractions = [e["blocked_fraction"] for e in extraction.values() if e["blocked_fraction"] is not None]
+    blocked_fraction = max(fractions) if fractions else None
+    return {
+        "ratio": ratio, "goal": g, "goals": GOALS, "margins": margins,
+        "shape": {"tokens": su.T, "channels": su.C, "views": su.V, "images": su.N, "shard_size": su.S},
+        "results": results, "blocked_fraction": blocked_fraction,
         "blocked_fraction_note": None if blocked_fraction is not None else SERIAL_NOTE,
         "extraction": extraction,
         "cores_per_gpu": {"views_per_s": GPU_VIEWS_PER_S,
@@ -346,12 +416,15 @@ def run(ctx: common.Context) -> int:
                               "tensorstore's included), torch intra-op threads = " + str(torch.get_num_threads()),
                   "bytes_per_view": "stored data bytes / (images x views): values + scales (+ tar headers and "
                                     "params.json for wds), without the index"},
-        "config": {"batch_size": batch, "rounds": rounds, "extract_image_size": size, "extract_workers": ctx.workers,
-                   "zarr_read_pairs": n_pairs, "layouts": layouts, "dtypes": dtypes},
+        "config": {"batch_size": su.batch, "rounds": su.rounds, "extract_image_size": su.size,
+                   "extract_workers": workers, "zarr_read_pairs": su.n_pairs, "layouts": su.layouts,
+                   "dtypes": su.dtypes},
     }
-    if not g["met"]:
-        result["bottleneck"] = bottleneck(results, margins, stages, replays, batch, smoke)
 
+
+def print_and_finish(ctx: common.Context, su: Setup, result: dict[str, Any], results: list[dict[str, Any]],
+                     zarr_reads: dict[str, Any]) -> None:
+    """The zarr readers' table, then the ceilings' table with the ratio under it; the JSON written."""
     def mark(x):
         return "-" if x is None else ("yes" if x else "NO")
 
@@ -374,12 +447,13 @@ def run(ctx: common.Context) -> int:
                              v.get("note", "")] for k, v in zr.items()],
                            f"zarr reads: {zarr_reads['pairs']} random (image, view) chunks of {zarr_reads['store']}"))
         print()
+    blocked_fraction = result["blocked_fraction"]
     bf_text = ("null: " + SERIAL_NOTE) if blocked_fraction is None else common.fmt(blocked_fraction)
-    title = (f"{NAME}: [{T}, {C}] targets, {V} views, {N} images, shards of {S}; views/s per CPU core (wall beside); "
-             f"{torch.get_num_threads()} torch thread(s)\nblocked fraction (worst, zero-cost teacher): {bf_text}; "
-             f"cores per GPU at {GPU_VIEWS_PER_S:,} views/s = {GPU_VIEWS_PER_S:,} / per-core rate\n{RCHAR_NOTE}")
+    title = (f"{NAME}: [{su.T}, {su.C}] targets, {su.V} views, {su.N} images, shards of {su.S}; views/s per CPU core "
+             f"(wall beside); {torch.get_num_threads()} torch thread(s)\nblocked fraction (worst, zero-cost "
+             f"teacher): {bf_text}; cores per GPU at {GPU_VIEWS_PER_S:,} views/s = {GPU_VIEWS_PER_S:,} / per-core "
+             f"rate\n{RCHAR_NOTE}")
     common.finish(ctx, result, headers, table_rows, title)
-    return 0
 
 
 def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, C: int, V: int, S: int, size: int,
@@ -435,7 +509,7 @@ def read_sides(url: str, store, n_pairs: int, rounds: int) -> dict[str, Any]:
     q = store.quantizer
     sides: dict[str, Callable[[], np.ndarray]] = {
         FDPIPE_READER: lambda: store.targets(pairs),
-        "zarr-python, asyncio.gather": lambda: q.dequantize(*store._zarr_python_targets(pairs))}
+        "zarr-python, asyncio.gather": lambda: q.dequantize(*store.targets_layout.zarr_python_targets(pairs))}
     notes: dict[str, str] = {}
 
     try:
@@ -444,13 +518,13 @@ def read_sides(url: str, store, n_pairs: int, rounds: int) -> dict[str, Any]:
         cfg = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
         with zarr.config.set(cfg):
             zs = open_store(url)
-            zs._zarr_python_targets(pairs[:1])  # opens the arrays under the zarrs pipeline
-        pipeline = type(zs._zarr[0].async_array.codec_pipeline).__name__
+            zs.targets_layout.zarr_python_targets(pairs[:1])  # opens the arrays under the zarrs pipeline
+        pipeline = type(zs.targets_layout.arrays[0].async_array.codec_pipeline).__name__
         assert "zarrs" in pipeline.lower(), f"zarr did not take the zarrs codec pipeline (it uses {pipeline})"
 
         def with_zarrs() -> np.ndarray:
             with zarr.config.set(cfg):
-                return q.dequantize(*zs._zarr_python_targets(pairs))
+                return q.dequantize(*zs.targets_layout.zarr_python_targets(pairs))
         sides["zarr-python + zarrs pipeline"] = with_zarrs
     except ImportError as e:
         notes["zarr-python + zarrs pipeline"] = f"skipped: zarrs does not import ({e})"
@@ -520,7 +594,7 @@ def bottleneck(results, margins, stages, replays, batch: int, smoke: bool) -> di
                f"{worst_w['write_views_per_s_per_core']:.0f} views/CPU-s ({parts} of a shard's write); slowest replay "
                f"{worst_r['layout']}/{worst_r['dtype']} {worst_r['replay_views_per_s_per_core']:.0f} views/CPU-s; "
                f"largest read amplification {amp['layout']}/{amp['dtype']} {amp['read_amplification']:.2f}")
-    if amp["layout"] == "wds" and amp["read_amplification"] > 1.5:
+    if facts(amp["layout"]).streams and amp["read_amplification"] > 1.5:
         summary += " (wds streams every view of an image and replays one)"
     top = []
     if not smoke:

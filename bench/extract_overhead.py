@@ -128,7 +128,7 @@ def run(ctx: common.Context) -> int:
     w = StoreWriter(str(ctx.work / "stage-store"), settings)
     w.open()
     t0 = time.perf_counter()
-    w.write_shard(0, out, [r for it in items[:len(out)] for r in it.rows])
+    w.write_stored(0, *w.q.quantize(out), [r for it in items[:len(out)] for r in it.rows])
     write_ms = (time.perf_counter() - t0) / len(out) * 1e3 - quant_ms
     stages = {"decode_crop_ms": decode_ms, "teacher_ms": teacher_ms, "quantize_ms": quant_ms,
               "write_ms": max(0.0, write_ms)}

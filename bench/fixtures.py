@@ -115,7 +115,7 @@ def build_store(url: str | Path, settings, source,
                 if rows_cache is not None:
                     rows_cache[i] = r
                 rows += r
-        w.write_shard(shard, targets(a, b), rows)
+        w.write_stored(shard, *w.q.quantize(targets(a, b)), rows)
     if not w.try_finalize():
         raise RuntimeError(f"store {url} did not finalize")
 
@@ -169,13 +169,12 @@ def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = N
     from fdpipe.store.reader import Store
 
     memory = MemoryTargets(None, *(load_stored(open_store(store_url)) if array is None else (array, None)))
-    original = Store.target, Store.stored_targets
-    Store.target = lambda self, image_idx, view: memory.target(image_idx, view)
+    original = Store.stored_targets
     Store.stored_targets = lambda self, pairs: memory.stored_targets(pairs)
     try:
         yield memory
     finally:
-        Store.target, Store.stored_targets = original
+        Store.stored_targets = original
 
 
 class ZeroCostTeacher(torch.nn.Module):

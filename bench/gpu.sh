@@ -44,7 +44,7 @@ fi
 PYTHONPATH="$DEPS${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.gpu --install-deps "$DEPS" "$WHEELS" || exit 1  # sees earlier installs
 export PYTHONPATH="$ROOT:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=1
-if ! "$PY" -c "import fdpipe.store.layouts, fdpipe.extract.loop, fdpipe.distill.train, webdataset, numcodecs" ; then
+if ! "$PY" -c "import fdpipe.store.layouts.zarr, fdpipe.store.layouts.wds, fdpipe.extract.loop, fdpipe.distill.train, webdataset, numcodecs" ; then
     echo "gpu.sh: fdpipe does not import with the wheels in $WHEELS; see the error above"
     exit 1
 fi

@@ -95,7 +95,7 @@ def build(work: Path, layout: str, n: int, views: int, channels: int, shard_byte
             rows += [dict(image_idx=i, key=key, source=src, label=None, view=v, seed=plan.view_seed(key, v),
                           **plan.sample(key, v, (h, wd)).to_dict(), orig_height=h, orig_width=wd,
                           image_sha256=sha, status="ok") for v in range(views)]
-        w.write_shard(shard, pool[np.arange(a, b) % len(pool)], rows)
+        w.write_stored(shard, *w.q.quantize(pool[np.arange(a, b) % len(pool)]), rows)
     assert w.try_finalize()
     st = open_store(str(url))
     assert st.num_images == n
@@ -131,7 +131,7 @@ def child(spec: dict) -> int:
         out["rss_open_store_mb"] = timing.rss_mb()
         src = open_source(st.manifest["data"]["spec"])
         out["rss_open_source_mb"] = timing.rss_mb()
-        if st.layout == "zarr":
+        if st.random_access:
             st.index
             out["rss_index_mb"] = timing.rss_mb()
             ds = StoreReplay(st, src, tf)

@@ -14,12 +14,14 @@ import time
 
 import numpy as np
 
+from fdpipe.store.layouts import LAYOUTS, facts
+
 from . import common, fixtures, stepping, timing
 from .common import log
 from .timing import median, pair_ratios, spread
 
 NAME = "read_overhead"
-MODES = ("memory", "zarr", "wds")
+MODES = ("memory", *LAYOUTS)  # memory: the zarr store's values held in RAM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +57,7 @@ def run(ctx: common.Context) -> int:
     targets = fixtures.whitened(np.random.default_rng(0), (n, a.views, t, channels))
     rows: dict = {}
     urls = {}
-    for layout in ("zarr", "wds"):
+    for layout in LAYOUTS:
         urls[layout] = str(ctx.work / f"store-{layout}")
         settings = fixtures.synthetic_settings(str(photos), n, a.views, grid, a.prefix, channels, a.dtype, layout,
                                              shard_size)
@@ -68,7 +70,7 @@ def run(ctx: common.Context) -> int:
     pick = np.random.default_rng(1).integers(0, n, 64)
     t0 = time.perf_counter()
     for i in pick:
-        stores["zarr"].target(int(i), 0)
+        stores["zarr"].targets([(int(i), 0)])
     zarr_read_ms = (time.perf_counter() - t0) / len(pick) * 1e3
     t0 = time.perf_counter()
     k = sum(1 for _ in stores["wds"].iter_images())
@@ -77,7 +79,7 @@ def run(ctx: common.Context) -> int:
     # ------------------------------------------------------------- the loaders distill builds, per mode
     image_size = matching_image_size((grid, grid), 16)
     tf = stepping.view_transform(a.student, image_size)
-    replays = {m: open_replay(stores["wds" if m == "wds" else "zarr"], tf, source=source) for m in MODES}
+    replays = {m: open_replay(stores.get(m, stores["zarr"]), tf, source=source) for m in MODES}
     replays["memory"].dataset.store = fixtures.MemoryTargets(stores["zarr"], *in_memory)
     loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, channels, (grid, grid), a.prefix, replays[m],
                                   batch, workers) for m in MODES}
@@ -90,16 +92,16 @@ def run(ctx: common.Context) -> int:
     lt = timing.interleave(sides, 1, 4 if smoke else 24)
     load_ms = {m: median(lt[m]) / batch * 1e3 for m in MODES}
     load_cpu_ms = {m: median(sides[m].cpu[-len(lt[m]):]) / batch * 1e3 for m in MODES}
-    read_cost = {m: median(pair_ratios(lt[m], lt["memory"])) for m in ("zarr", "wds")}
+    read_cost = {m: median(pair_ratios(lt[m], lt["memory"])) for m in LAYOUTS}
 
     # ------------------------------------------------------------- distill's step, the three modes interleaved
     times = timing.interleave({m: loops[m].warm_step for m in MODES}, skip, steps)
-    ratios = {m: pair_ratios(times["memory"], times[m]) for m in ("zarr", "wds")}
+    ratios = {m: pair_ratios(times["memory"], times[m]) for m in LAYOUTS}
     rate = {m: 1 / median(times[m]) for m in MODES}
     med = {m: median(ratios[m]) for m in ratios}
     ratio = min(med.values())
     cpu = {m: loops[m].cpu[-steps:] for m in MODES}  # the measured steps, not the warm-up
-    cpu_ratio = {m: sum(cpu["memory"]) / sum(cpu[m]) if sum(cpu[m]) else float("nan") for m in ("zarr", "wds")}
+    cpu_ratio = {m: sum(cpu["memory"]) / sum(cpu[m]) if sum(cpu[m]) else float("nan") for m in LAYOUTS}
     g = common.goal(">= 0.95 (store-fed within 5% of in-memory, both layouts)", ratio, 0.95)
     step_ms_per_sample = median(times["memory"]) / batch * 1e3
     result = {
@@ -144,9 +146,9 @@ def bottleneck(loops, loader_for, med, zarr_ms, wds_ms, step_ms, load_cpu_ms, pr
         loop.loader, loop.it, loop.epoch = loader_for(worst, 0), None, 0
         loop.warm_step()
         top = timing.profile_top(lambda: [loop.warm_step() for _ in range(4)], n=15)
-    read_ms = zarr_ms if worst == "zarr" else wds_ms
+    read_ms = {"zarr": zarr_ms, "wds": wds_ms}[worst]
     extra = load_cpu_ms[worst] - load_cpu_ms["memory"]
-    summary = (f"{worst}: a read costs {read_ms:.2f} ms per {'view' if worst == 'zarr' else 'image (all views)'}; "
+    summary = (f"{worst}: a read costs {read_ms:.2f} ms per {'image (all views)' if facts(worst).streams else 'view'}; "
                f"loading a sample costs {load_cpu_ms[worst]:.2f} CPU ms vs {load_cpu_ms['memory']:.2f} from memory "
                f"({extra:+.2f} ms, {extra / step_ms:+.1%} of the {step_ms:.1f} ms training step per sample): the "
                f"wall-clock gap is {'machine noise' if extra / step_ms < 0.05 else 'reading'}")

@@ -155,7 +155,7 @@ def run(ctx: common.Context) -> int:
                                 shard_size=len(source), limit=n)
             w = StoreWriter(str(url), store_settings(cfg, info, len(source), plan, cfg.shard_size))
             w.open()
-            w.write_shard(0, x, rows)
+            w.write_stored(0, *w.q.quantize(x), rows)
             assert w.try_finalize()
             st = open_store(str(url))
             back = np.stack([it.targets for it in st.iter_images()])

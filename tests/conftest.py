@@ -84,7 +84,7 @@ def write_store(url: str, settings, targets: np.ndarray, shards: list[int] | Non
     for shard in range(w.num_shards) if shards is None else shards:
         a, b = shard_range(shard, w.s, w.n)
         rows = shard_rows(settings, shard)
-        w.write_shard(shard, targets[a:b], rows if edit_row is None else [edit_row(r) for r in rows])
+        w.write_stored(shard, *w.q.quantize(targets[a:b]), rows if edit_row is None else [edit_row(r) for r in rows])
     w.try_finalize()
 
 

@@ -30,6 +30,10 @@ USAGE_ERRORS = [
      "--images must be at least 1"),
     (["distill", "--store", "{tmp}/missing", "--out", "{tmp}/r"], 1, "no store at"),
     (["store", "info", "{tmp}/missing"], 1, "no store at"),
+    (["extract", "--teacher", "clip-b", "--data", "{tmp}", "--out", "{tmp}/o", "--format", "wds", "--codec", "zstd-1"],
+     1, "--codec zstd-1 is for zarr stores"),  # a layout's facts come from the layout table, which loads no zarr
+    (["extract", "--teacher", "clip-b", "--data", "{tmp}", "--out", "{tmp}/o", "--embed-images"], 1,
+     "--embed-images needs --format wds"),
     (["distill", "--no-such-option"], 2, "No such option '--no-such-option'"),
 ]
 

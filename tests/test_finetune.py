@@ -438,7 +438,7 @@ def test_deit_from_a_logits_store(cli, tmp_path, photo_dir, distilled_run) -> No
     from fdpipe.store import open_store
 
     st = open_store(str(store))
-    assert st.manifest["target"] == "logits" and st.target_shape == (1000,) and st.target(0, 1).shape == (1000,)
+    assert st.manifest["target"] == "logits" and st.target_shape == (1000,) and st.targets([(0, 1)])[0].shape == (1000,)
     out = tmp_path / "deit-store"
     ok(cli("finetune", "--init", "scratch", "--teacher-store", store, "--val", photo_dir, "--out", out,
            "--method", "deit", "--epochs", 1, "--batch-size", 4, *TINY))

@@ -373,6 +373,9 @@ TAR_READERS = ("verify-deep", "distill", "convert")
 
 ZOO = [
     _m("layout-unknown", _set("layout", "parquet"), "unknown layout 'parquet'"),
+    _m("quantizer-unknown", _set("quantizer.name", "int4-magic"), "unknown quantizer 'int4-magic'"),
+    _m("quantizer-not-the-dtype", _set("quantizer.name", "int8-per-token-v2"),
+       "quantizer 'int8-per-token-v2' stores int8, but dtype is 'float16'"),
     _m("images-10^12", _set("num_images", 10**12), "more than the 100,000 a store may have"),
     Variant("images-10^12-in-one-shard", edit_manifest(_one_giant_shard), INDEX_READERS, "1,000,000,000,000 images"),
     _m("shard-size-0", _set("shard_size", 0), "shard_size is 0"),

@@ -95,7 +95,7 @@ def test_an_epoch_reads_only_the_bytes_of_the_views_it_trains_on(tmp_path, monke
     replay = open_replay(store, None, images=False, seed=3)
     store.index  # the index is read once per run, not per epoch
     if layout == "zarr":
-        assert store._tensorstore is not None  # a local store reads through tensorstore, opened once per process
+        assert store.targets_layout.native_readers is not None  # a local store reads through tensorstore, opened once per process
     counted = Counted(monkeypatch)
     used = 0
     for batch in replay.loader(1, 0, batch_size=2):
@@ -118,10 +118,10 @@ def test_hugging_face_datasets_streams_a_wds_store_with_fdpipe_s_targets_and_box
     seen = 0
     for ex, mine in zip(ds, ours):
         i, view = mine.image_idx, 1
-        row = ex["params.json"]
-        assert (row["image_idx"], row["view"]) == (i, view) and int(row["seed"]) == store.row(i, view)["seed"]
+        row, index_row = ex["params.json"], store.index.slice(i * store.views + view, 1).to_pylist()[0]
+        assert (row["image_idx"], row["view"]) == (i, view) and int(row["seed"]) == index_row["seed"]
         assert [row[k] for k in ("top", "left", "height", "width", "flip")] == \
-               [store.row(i, view)[k] for k in ("top", "left", "height", "width", "flip")]
+               [index_row[k] for k in ("top", "left", "height", "width", "flip")]
         assert np.array_equal(np.asarray(ex["targets.npy"], np.float16), mine.values)
         seen += 1
     assert seen == store.num_images
@@ -196,13 +196,13 @@ def test_uncompressed_shards_decode_as_zarr_python_s_own_encoding_in_every_reade
     import tensorstore as ts
     import zarr
 
-    from fdpipe.store import layouts
+    from fdpipe.store.layouts import zarr as zarr_layout
 
     targets = whitened(np.random.default_rng(2), (5, 3, 6, 32))
     targets[3] = np.nan
     settings = store_settings("zarr", dtype, n=5, v=3, t=6, c=32, s=2)
     write_store(str(tmp_path / "fdpipe"), settings, targets)
-    monkeypatch.setattr(layouts, "_shard_index", None)  # zarr-python's own pipeline
+    monkeypatch.setattr(zarr_layout, "shard_index", None)  # zarr-python's own pipeline
     write_store(str(tmp_path / "zarr"), settings, targets)
     fast = open_store(str(tmp_path / "fdpipe"))
     assert (tmp_path / "fdpipe" / "targets.zarr/targets/c/2/0/0/0").stat().st_size != 0
@@ -214,7 +214,7 @@ def test_uncompressed_shards_decode_as_zarr_python_s_own_encoding_in_every_reade
         assert np.array_equal(plain, ref, equal_nan=True) and np.array_equal(native, ref, equal_nan=True)
     pairs = [(i, v) for i in range(5) for v in range(3)]
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(fast.stored_targets(pairs),
-                                                                   fast._zarr_python_targets(pairs)) if a is not None)
+                                                                   fast.targets_layout.zarr_python_targets(pairs)) if a is not None)
 
 
 @pytest.mark.parametrize("header,message", [
@@ -229,7 +229,7 @@ def test_a_hostile_npy_header_is_refused_before_anything_is_allocated(header, me
     from numpy.lib import format as npy
 
     from fdpipe.errors import StoreError
-    from fdpipe.store.layouts import npy_load
+    from fdpipe.store.layouts.npy import load as npy_load
 
     buf = io.BytesIO()
     npy.write_array_header_1_0(buf, header)
@@ -333,15 +333,15 @@ def test_a_tar_written_with_plain_ustar_headers_has_the_bytes_of_a_pax_tar(tmp_p
     either way the tar is byte for byte the one the PAX writer makes, and webdataset reads it."""
     import webdataset as wds
 
-    from fdpipe.store import layouts
     from fdpipe.store.fs import StoreLocation
+    from fdpipe.store.layouts import npy, tar
 
     loc = StoreLocation(str(tmp_path))
-    samples = [{"__key__": f"{key}-{i}", "targets.npy": layouts.npy_bytes(np.full((3, 4), i, np.float16)),
+    samples = [{"__key__": f"{key}-{i}", "targets.npy": npy.to_bytes(np.full((3, 4), i, np.float16)),
                 "params.json": b'{"view": 0}', "cls": b"1"} for i in range(3)]
-    fast = layouts.wds_write_tar(loc, "fast.tar", samples)
-    monkeypatch.setattr(layouts, "_ustar_name", lambda name: False)
-    pax = layouts.wds_write_tar(loc, "pax.tar", samples)
+    fast = tar.write_tar(loc, "fast.tar", samples)
+    monkeypatch.setattr(tar, "ustar_name", lambda name: False)
+    pax = tar.write_tar(loc, "pax.tar", samples)
     assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "pax.tar").read_bytes() and fast == pax
     got = list(wds.WebDataset(str(tmp_path / "fast.tar"), shardshuffle=False))
     assert [g["__key__"] for g in got] == [s["__key__"] for s in samples]

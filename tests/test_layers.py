@@ -64,3 +64,43 @@ def test_there_is_one_optimizer_step_call_site_the_engines():
     sites = [f"{p.relative_to(PKG.parent)}:{i}" for p in PKG.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"optimizer\.step\(", line)]
     assert len(sites) == 1 and sites[0].startswith("fdpipe/training/loop.py"), sites
+
+
+# ------------------------------------------------------------------------------------ layouts are data, not branches
+REPO = PKG.parent
+LAYOUT_TABLE = PKG / "store" / "layouts" / "__init__.py"  # the one place that names the layouts
+_NAME = r"""["'](?:zarr|wds)["']"""
+LAYOUT_COMPARISON = re.compile(
+    rf"""\blayout\b["'\]]*\s*(?:==|!=)"""  # layout ==, .layout !=, ["layout"] ==
+    rf"""|(?:==|!=)\s*{_NAME}|{_NAME}\s*(?:==|!=)"""  # == "zarr", 'wds' !=
+    rf"""|\bin\s*[(\[{{]\s*{_NAME}""")  # in ("zarr", ...), in ["wds"]
+
+
+def layout_comparisons(roots: list[Path], skip: Path = LAYOUT_TABLE) -> list[str]:
+    """Every line of the .py files under `roots` that compares a layout by name, as path:line."""
+    hits = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if path == skip:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if LAYOUT_COMPARISON.search(line.split("#", 1)[0]):
+                    hits.append(f"{path.relative_to(root.parent)}:{n}: {line.strip()}")
+    return hits
+
+
+def test_no_code_outside_the_layout_table_compares_layout_names():
+    """A layout's behaviour lives in its class and its facts in the table (fdpipe.store.layouts), so that a new
+    layout is one class and one row, not a branch in every layer."""
+    assert layout_comparisons([PKG, REPO / "bench"]) == []
+
+
+def test_the_layout_check_catches_each_way_of_comparing_a_layout_name(tmp_path):
+    fake = tmp_path / "fdpipe"
+    fake.mkdir()
+    planted = ['if store.layout == "zarr":', "if cfg.layout != 'wds':", 'if amp["layout"] == x:',
+               'x = a if "wds" == m else b', 'if layout in ("zarr", "wds"):', "ok = kind in ['wds']"]
+    allowed = ['if layout not in LAYOUTS:', 'if not store.random_access:', 'x = {"zarr": 1}["zarr"]',
+               'if codec == "none":', 'layout="zarr",  # == "wds" in a comment']
+    (fake / "mod.py").write_text("\n".join(planted + allowed) + "\n")
+    assert [h.split(":")[1] for h in layout_comparisons([fake])] == [str(i) for i in range(1, len(planted) + 1)]

@@ -182,7 +182,7 @@ def test_a_cut_off_download_in_the_cache_is_fetched_again(s3, tmp_path):
     w.open()
     for shard in range(w.num_shards):
         a, b = shard_range(shard, w.s, w.n)
-        w.write_shard(shard, targets[a:b], shard_rows(settings, shard))
+        w.write_stored(shard, *w.q.quantize(targets[a:b]), shard_rows(settings, shard))
     assert w.try_finalize()
     cache = tmp_path / "cache"
     want = np.stack([it.targets for it in open_store(url, s3.options).iter_images()])

@@ -68,7 +68,7 @@ def test_a_resumed_wds_epoch_continues_the_same_batches_without_reading_what_it_
 
     from conftest import store_settings, whitened, write_store
     from fdpipe.replay import open_replay
-    from fdpipe.store import layouts
+    from fdpipe.store.layouts import npy
 
     settings = store_settings("wds", "float16", n=11, v=2, t=4, c=8, s=3)
     write_store(str(tmp_path / "s"), settings, whitened(np.random.default_rng(0), (11, 2, 4, 8)))
@@ -84,7 +84,7 @@ def test_a_resumed_wds_epoch_continues_the_same_batches_without_reading_what_it_
         assert batches(2 * k) == full[k:], k
     if workers == 0:  # in this process: count the members decoded
         decoded = []
-        real = layouts.npy_load
-        monkeypatch.setattr(layouts, "npy_load", lambda b, where, *a: decoded.append(where) or real(b, where, *a))
+        real = npy.load
+        monkeypatch.setattr(npy, "load", lambda b, where, *a: decoded.append(where) or real(b, where, *a))
         batches(6)
         assert len(decoded) == 11 - 6

@@ -38,10 +38,33 @@ def test_round_trip_returns_what_went_in(make_store, layout, dtype):
     for got, want in zip(rows, expected):
         assert {k: got[k] for k in want} == want
     if layout == "zarr":  # random access agrees with streaming, row included
-        t, row = st.get(3, 1)
-        assert np.array_equal(t, y[3, 1]) and row["image_idx"] == 3 and row["view"] == 1
+        assert np.array_equal(st.targets([(3, 1)])[0], y[3, 1])
         pairs = [(4, 0), (3, 1), (4, 1), (0, 0)]  # a batch read, out of order and repeating an image
         assert np.array_equal(st.targets(pairs), np.stack([y[i, v] for i, v in pairs]))
+
+
+def test_the_layout_table_gives_a_class_for_every_layout_and_format_a_manifest_may_name():
+    from fdpipe.store.layouts import LAYOUTS, layout_for
+    from fdpipe.store.layouts.base import Layout
+    from fdpipe.store.manifest import FORMAT_VERSION
+
+    for layout in LAYOUTS:
+        for version in range(1, FORMAT_VERSION + 1):  # what check_version and check_settings let through
+            assert issubclass(layout_for({"layout": layout, "format_version": version}), Layout)
+
+
+@pytest.mark.parametrize("layout", ["zarr", "wds"])
+def test_a_store_says_how_it_is_read_and_a_streamed_one_refuses_random_access_in_one_line(make_store, layout):
+    url, _, _ = make_store(layout)
+    st = open_store(url)
+    assert st.streams == (layout == "wds") and st.random_access == (layout == "zarr")
+    whole = [it for it in st.iter_stored([1])]
+    one_view = list(st.iter_view(1, 1, skip=frozenset({0})))  # either layout streams a view of a shard
+    assert [v.image_idx for v in one_view] == [it.image_idx for it in whole[1:]]
+    assert all(np.array_equal(v.values, it.values[1]) and v.row == it.rows[1] for v, it in zip(one_view, whole[1:]))
+    if st.streams:
+        with pytest.raises(StoreError, match="is a wds store: random access needs zarr; convert it with"):
+            st.targets([(0, 0)])
 
 
 @pytest.mark.parametrize("layout,dtype", LAYOUTS)

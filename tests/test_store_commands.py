@@ -140,7 +140,7 @@ def _part(url: str, full, targets: np.ndarray, lo: int, hi: int, shard_size: int
     v = full.views
     for shard in range(w.num_shards):
         a, b = shard_range(shard, w.s, w.n)
-        w.write_shard(shard, targets[lo + a:lo + b], rows[a * v:b * v])
+        w.write_stored(shard, *w.q.quantize(targets[lo + a:lo + b]), rows[a * v:b * v])
     assert w.try_finalize()
 
 
@@ -172,7 +172,7 @@ def test_merge_of_different_datasets_records_both_sources(tmp_path, make_store):
     w = StoreWriter(b, settings_b)
     w.open()
     rows = [{**r, "image_idx": r["image_idx"] - 2} for r in shard_rows(full, 1)]
-    w.write_shard(0, targets[2:], rows)
+    w.write_stored(0, *w.q.quantize(targets[2:]), rows)
     w.try_finalize()
     merge(a, b, str(tmp_path / "m"))
     m = open_store(str(tmp_path / "m"))

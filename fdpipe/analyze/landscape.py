@@ -56,7 +56,7 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
     if store.settings.target != "features":
         raise FdpipeError(f"{cfg.store} holds teacher {store.settings.target}; the FD-loss landscape needs a "
                           f"features store")
-    if store.layout != "zarr":
+    if not store.random_access:
         raise FdpipeError(f"{cfg.store} is a wds store; the landscape reads targets by index: convert it with "
                           f"`fdpipe store convert SRC DST --format zarr`")
     status = store.index.column("status").to_pylist()[:: store.views]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fdpipe.errors import FdpipeError
+from fdpipe.keys import key_problem, sanitize_key
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -60,29 +60,6 @@ def image_sha256(sample: Sample | bytes | Image.Image) -> str:
         header = f"{data.mode}:{data.width}x{data.height}:".encode()
         return hashlib.sha256(header + data.tobytes()).hexdigest()
     return hashlib.sha256(bytes(data)).hexdigest()
-
-
-def sanitize_key(key: str) -> str:
-    """A key WebDataset can round-trip and a tar can hold as a member name: '/' separators, no dots (WebDataset
-    splits a key at its first dot, and so no '..' either) and no empty parts (so no leading '/': the member name
-    stays relative)."""
-    return "/".join(part for part in key.replace("\\", "/").replace(".", "_").split("/") if part)
-
-
-_WDS_META = re.compile(r"__.*__")  # a part WebDataset skips as metadata (its skip_meta pattern)
-
-
-def key_problem(key: object) -> str | None:
-    """Why `key` cannot identify an image in a store (as a wds member prefix and an index string), or None."""
-    if not isinstance(key, str) or not key:
-        return "is empty"
-    if key != sanitize_key(key):
-        return "is not a relative '/'-separated name without dots"
-    if any(ord(ch) < 32 for ch in key):
-        return "holds a control character"
-    if any(_WDS_META.fullmatch(part) for part in key.split("/")):
-        return "has a __part__ that WebDataset skips as metadata"
-    return None
 
 
 def _short_hash(text: str) -> str:

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
+from ..store.layouts import LAYOUTS, facts
 from ..store.manifest import CODECS, DEFAULT_CODEC
 from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_scale_option, device_option, option,
                        quiet_option, seed_option, storage_options_option, views_option, workers_option)
 
-LAYOUTS = ("zarr", "wds")
 DTYPES = ("float16", "int8")
 TARGETS = ("features", "logits")
 PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
@@ -88,7 +88,7 @@ class ExtractConfig:
         if self.teacher_precision not in PRECISIONS:
             raise FdpipeError(f"--teacher-precision must be one of {', '.join(PRECISIONS)} "
                               f"(got {self.teacher_precision})")
-        if self.codec != "none" and self.layout == "wds":
+        if self.codec != "none" and not facts(self.layout).compresses_chunks:
             raise FdpipeError(f"--codec {self.codec} is for zarr stores: wds members stay plain .npy so that webdataset "
                               "reads them; drop --codec or use --format zarr")
         if not self.teacher:
@@ -101,7 +101,7 @@ class ExtractConfig:
             if n > 1 and n != len(self.teacher) or (name == "weights" and n == 1 and len(self.teacher) > 1):
                 raise FdpipeError(f"{flag} is given {n} time{'s' * (n != 1)} for {len(self.teacher)} teachers; give it once per "
                                   f"--teacher, in order" + (" or once for all" if name != "weights" else ""))
-        if self.embed_images and self.layout != "wds":
+        if self.embed_images and not facts(self.layout).embeds_images:
             raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")
 
     def teacher_specs(self) -> list["TeacherSpec"]:

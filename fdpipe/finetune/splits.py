@@ -65,7 +65,7 @@ def train_data(cfg: FinetuneConfig) -> TrainData:
     if store.settings.target != "logits":
         raise FdpipeError(f"{cfg.teacher_store} holds teacher {store.settings.target}, not logits; make a "
                           "logits store with fdpipe extract --target logits")
-    if store.layout != "zarr":
+    if not store.random_access:
         raise FdpipeError(f"{cfg.teacher_store} is a {store.layout} store; --teacher-store needs random access: "
                           "convert it with fdpipe store convert --format zarr")
     recorded = store.settings

@@ -183,7 +183,7 @@ def check_stores_agree(stores: Sequence[Store]) -> None:
     if not stores:
         return
     a = stores[0]
-    keys = AGREE + (("shard_size",) if a.layout == "wds" else ())
+    keys = AGREE + (("shard_size",) if a.streams else ())
     for b in stores[1:]:
         for key in keys:
             va, vb = a.manifest.get(key), b.manifest.get(key)
@@ -222,7 +222,7 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
         first = listed[0]
         if source is None and images:
             source = store_source(first)
-        if first.layout == "wds":
+        if first.streams:
             return Replay(source, transform, first.views, seed, rank, world, store=first, buffer=buffer,
                           strict=strict, stores=stores)
         dataset = MultiStoreReplay(stores, source, transform, strict=strict)
@@ -230,7 +230,7 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
                       valid=dataset.valid, stores=stores)
     if source is None and images:
         source = store_source(store)
-    if store.layout == "wds":
+    if store.streams:
         return Replay(source, transform, store.views, seed, rank, world, store=store, buffer=buffer, strict=strict)
     dataset = StoreReplay(store, source, transform, strict=strict)
     return Replay(source, transform, store.views, seed, rank, world, store=store, dataset=dataset,

@@ -158,7 +158,7 @@ def check_part(table: pa.Table, manifest: dict[str, Any], shard: int, where: str
 
 
 def _check_keys(keys: list[Any], views: int, fail: Any) -> None:
-    from ..data import key_problem
+    from ..keys import key_problem
 
     seen: set[str] = set()
     for r in range(0, len(keys), views):

@@ -36,7 +36,7 @@ DRAFT = "manifest.draft.json"
 CODECS = ("none", "zstd-1", "zstd-3", "lz4")
 DEFAULT_CODEC = "none"
 
-LAYOUTS = ("zarr", "wds")
+from .layouts import LAYOUTS  # noqa: E402 - the layout table, which imports nothing heavy
 TARGETS = ("features", "logits")
 # Bounds of what a store may claim: far beyond any real store, small enough that nothing sized by a manifest's counts
 # (ls's rows, a reader's arrays) can exhaust a machine.

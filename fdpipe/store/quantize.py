@@ -1,10 +1,12 @@
 """Quantizers: how float32 targets become stored arrays and back.
 
-The manifest names the quantizer (`quantizer.name`). Writers quantize with `quantize_tensor` (torch, on whatever
-device the targets are on, so only the stored dtype crosses to the host) or `quantize` (numpy; it runs
-`quantize_tensor` on CPU, so the two give the same bytes). Readers undo it with `dequantize` (numpy) or
-`dequantize_tensor` (torch, e.g. on the training GPU): values x scale for int8, the same formula for every int8
-quantizer, so stores of an older one read as before (`get_quantizer_by_name`).
+The manifest names the quantizer (`quantizer.name`) and the reader resolves that name (`quantizer_of`), refusing
+one it does not know. Writers quantize with `quantize_tensor` (torch, on whatever device the targets are on, so
+only the stored dtype crosses to the host) or `quantize` (numpy; it runs `quantize_tensor` on CPU, so the two give
+the same bytes). Readers undo it with `dequantize` (numpy) or `dequantize_tensor` (torch, e.g. on the training
+GPU): values x scale for int8, the same formula for every int8 quantizer a store may name (`READABLE`), so stores
+of the retired "int8-per-token" search and format-1 stores ("int8") read as before. Only the current ones write;
+docs/design-notes.md ("Store") keeps how the retired search chose its steps and what replacing it measured.
 
 `int8` ("int8-per-token-v2") stores round(x / s) clipped to +-127 with one float16 scale s per token (the last axis
 is the channel axis). s is one of three steps, a = the token's largest |value|, m = its minimum:
@@ -16,13 +18,7 @@ error (rounding and clipping) under each step, every other channel the uniform r
 counts are exact when C <= 64, else estimated on the first 64 channels; a step that clips the maximum pays for at
 least (seen + 1) x C / 64 channels, since the sample may miss a cluster there (ReLU6 saturation). So the choice
 needs per-token max, min and two counts, and quantizing is two passes over the data in cache-sized chunks (max/min,
-then divide/round/clamp/convert) instead of the old search's 21 full passes.
-
-The old "int8-per-token" scored 21 candidates (7 clip ratios x {plain, minimum-exact floor, ceil}) on all C values.
-On real effnet-lite0 targets (C = 40 ... 1280) it never picked a clip ratio below 1 (clipping a top value costs more
-than a finer step saves), so it chose among these same three steps, but on realised rather than expected error.
-Measured (docs/design-notes.md, "Store"): the same per-view cosine (to 1e-6), squared error +0.1% to +0.7% on ReLU
-features and +1% to +5% on block outputs; 1,400-2,100 views/s instead of 15-17 per CPU core at [257, 1024].
+then divide/round/clamp/convert).
 
 Tokens with a NaN or an infinite value (images that failed to decode arrive as all-NaN) get values 0 and a NaN
 scale (float16: NaN); all-zero tokens get scale 1.0 and values 0; scales stay within float16's finite range.
@@ -43,9 +39,6 @@ CPU_BLOCK_ROWS = 8192
 CPU_CHUNK_ROWS = 256
 # float16 scales are kept within the finite, non-zero float16 range.
 _F16_TINY, _F16_MAX = 2.0 ** -24, 65504.0
-
-# The old quantizer's candidate clip levels, as fractions of a token's largest |value| (1.0 = no clipping).
-CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
 @dataclass(frozen=True)
@@ -74,9 +67,6 @@ class Quantizer:
             x = x.float()
         if not self.has_scales:
             return x.to(torch.float16), None
-        if self.name == LEGACY_INT8:
-            v, s = _legacy_int8(x.cpu().numpy())
-            return torch.from_numpy(v).to(x.device), torch.from_numpy(s).to(x.device)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if not x2.is_contiguous():
@@ -170,45 +160,15 @@ def _int8_steps(hi: torch.Tensor, lo: torch.Tensor, seen: torch.Tensor, n: int, 
     return torch.where(zero, 1.0, s), bad
 
 
-def _legacy_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The old "int8-per-token" search: 21 candidate steps per token, each scored on all C values (slow)."""
-    amax = np.abs(x).max(axis=-1)
-    finite = np.isfinite(amax) & (amax > 0)
-    base = np.where(finite, amax, 1.0)[..., None]
-    low = np.abs(np.where(finite, np.nanmin(np.where(np.isfinite(x), x, 0.0), axis=-1), 0.0))[..., None]
-    candidates = []
-    for ratio in CLIP_RATIOS:
-        step = base * (ratio / 127.0)
-        candidates.append(step)
-        for k in (np.floor(low / step), np.ceil(low / step)):
-            candidates.append(np.where(low > 0, low / np.maximum(1.0, k), step))
-    best_err, best_scale = None, None
-    for cand in candidates:
-        scale = cand.astype(np.float16).astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            err = ((np.clip(np.rint(np.nan_to_num(x / scale)), -127, 127) * scale - x) ** 2).sum(-1)
-        if best_err is None:
-            best_err, best_scale = err, scale[..., 0]
-        else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale[..., 0], best_scale)
-    scale = np.where(finite, best_scale, np.where(np.isfinite(amax), 1.0, np.nan)).astype(np.float16)
-    s = scale.astype(np.float32)[..., None]
-    with np.errstate(invalid="ignore"):
-        q = np.clip(np.rint(np.nan_to_num(x / s, nan=0.0)), -127, 127).astype(np.int8)
-    return q, scale
-
-
-LEGACY_INT8 = "int8-per-token"
-
 # What `--dtype` writes.
 QUANTIZERS: dict[str, Quantizer] = {
     "float16": Quantizer("float16", "float16", False),
     "int8": Quantizer("int8-per-token-v2", "int8", True),
 }
-# Every quantizer a store may name, old ones included (they read with the same formula).
-BY_NAME: dict[str, Quantizer] = {q.name: q for q in (*QUANTIZERS.values(), Quantizer(LEGACY_INT8, "int8", True))}
+# Every quantizer name a store may record, with what it reads as: the writers' own, the retired int8 search
+# ("int8-per-token", format 2) and format 1's names; every int8 one dequantizes as values x scale.
+READABLE: dict[str, Quantizer] = {q.name: q for q in (*QUANTIZERS.values(), Quantizer("int8-per-token", "int8", True),
+                                                       Quantizer("int8", "int8", True))}
 
 
 def get_quantizer(dtype: str) -> Quantizer:
@@ -221,12 +181,17 @@ def get_quantizer(dtype: str) -> Quantizer:
         raise FdpipeError(f"unknown dtype {dtype!r}; choose one of {', '.join(QUANTIZERS)}") from None
 
 
-def get_quantizer_by_name(name: str) -> Quantizer:
-    """The quantizer a manifest's `quantizer.name` names, old ones included."""
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        from ..errors import StoreError
+def quantizer_of(manifest: dict, where: str) -> Quantizer:
+    """The quantizer a manifest names (`quantizer.name`), refused in one line when this fdpipe does not know it or
+    when it does not store the manifest's `dtype`."""
+    from ..errors import StoreError
 
-        raise StoreError(f"unknown quantizer {name!r} (this fdpipe knows {', '.join(BY_NAME)}); "
-                         "upgrade fdpipe to read this store") from None
+    name = manifest["quantizer"].get("name")
+    q = READABLE.get(name) if isinstance(name, str) else None
+    if q is None:
+        raise StoreError(f"{where}: unknown quantizer {name!r} (this fdpipe reads {', '.join(READABLE)}); "
+                         "upgrade fdpipe to read this store")
+    if q.dtype != manifest["dtype"]:
+        raise StoreError(f"{where}: quantizer {name!r} stores {q.dtype}, but dtype is {manifest['dtype']!r}; the "
+                         "manifest is damaged or was not written by fdpipe")
+    return q

@@ -18,6 +18,7 @@ from ..errors import FdpipeError, StoreError
 from . import index as index_mod
 from .fs import StoreLocation
 from .contract import StoreSettings
+from .layouts import facts
 from .manifest import (DRAFT, LAYOUTS, MANIFEST, MERGE_KEYS, check_settings, check_shard, check_version,
                        describe_value, first_difference)
 from .reader import Store, StoredImage, open_store
@@ -209,7 +210,7 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
     """Copy SRC into a new store at DST in another layout; shard i of DST holds exactly shard i of SRC."""
     if layout not in LAYOUTS:
         raise FdpipeError(f"--format must be one of {', '.join(LAYOUTS)} (got {layout})")
-    if embed_images and layout != "wds":
+    if embed_images and not facts(layout).embeds_images:
         raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")
     src = _checked(open_store(src_url, storage_options, cache_dir))
     dst_so = storage_options if dst_storage_options is None else dst_storage_options
@@ -224,7 +225,7 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
                 continue
             items = list(src.iter_stored([shard]))
             images = None
-            if layout == "wds":
+            if facts(layout).embeds_images:
                 images = [it.image or (sources.get(it) if sources else None) for it in items]
                 images = images if any(im is not None for im in images) else None
             else:
@@ -288,9 +289,9 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
                 rows = [{**r, "image_idx": r["image_idx"] + offset} for r in it.rows]
                 items.append(StoredImage(it.image_idx + offset, it.key, it.label, it.values, it.scales, rows, it.image))
         values, scales = _stack(items)
-        images_ = [it.image for it in items] if w.layout == "wds" else None
+        images = [it.image for it in items]  # kept where the layout embeds images (wds), else left out
         w.write_stored(shard, values, scales, [r for it in items for r in it.rows],
-                       images_ if images_ and any(im is not None for im in images_) else None)
+                       images if any(im is not None for im in images) else None)
         if on_shard:
             on_shard(shard + 1, w.num_shards)
     w.try_finalize()

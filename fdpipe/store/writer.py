@@ -15,11 +15,11 @@ import numpy as np
 
 from ..errors import StoreError
 from . import index as index_mod
-from . import layouts
 from .contract import StoreSettings
 from .fs import StoreLocation
-from .manifest import (DRAFT, MANIFEST, canonical, check_settings, check_shard, describe_value, first_difference,
-                       make_draft, make_final)
+from .layouts import layout_for
+from .manifest import (DRAFT, FILE_DIRS, MANIFEST, canonical, check_settings, check_shard, check_version,
+                       describe_value, first_difference, make_draft, make_final)
 from .quantize import get_quantizer
 
 PROGRESS = "_progress"
@@ -64,6 +64,7 @@ class StoreWriter:
         self.q = get_quantizer(settings.dtype)
         self.n, self.v, self.s, self.layout = settings.num_images, settings.views, settings.shard_size, settings.layout
         self.num_shards = num_shards(self.n, self.s)
+        self.targets_layout = layout_for(self.draft)(self.loc, self.draft, self.q)  # writes the target files
 
     # -------------------------------------------------------------------------------------------------- opening
     def open(self) -> set[int]:
@@ -82,7 +83,7 @@ class StoreWriter:
         if loc.exists(MANIFEST):
             self._check_same(loc.read_json(MANIFEST), MANIFEST)
         else:
-            for folder in (PROGRESS, "index", layouts.ZARR_ROOT, layouts.WDS_DIR):
+            for folder in (PROGRESS, *FILE_DIRS):
                 loc.inside(folder)  # a folder linked out of the store is refused before any work, not at its commit
             if loc.is_local:
                 self._lock = lock_folder(loc.root, f"{loc.url} is being written by another process (extract, "
@@ -104,10 +105,9 @@ class StoreWriter:
                 except OSError as e:
                     raise StoreError(f"cannot write to {loc.url}: {e.strerror or e}; choose a writable "
                                      f"{self.role}") from None
-        if self.layout == "zarr":
-            for rel, data in layouts.zarr_metadata(self.draft, self.q).items():
-                if not loc.exists(rel):
-                    loc.put_atomic(rel, data)
+        for rel, data in self.targets_layout.metadata().items():
+            if not loc.exists(rel):
+                loc.put_atomic(rel, data)
         return {i for i in range(self.num_shards) if self.is_committed(i)}
 
     def _check_same(self, existing: dict[str, Any], name: str) -> None:
@@ -153,22 +153,14 @@ class StoreWriter:
         return True
 
     # -------------------------------------------------------------------------------------------------- writing
-    def write_shard(self, shard: int, targets: np.ndarray, rows: list[dict[str, Any]],
-                    images: list[tuple[str, bytes] | None] | None = None) -> None:
-        """Commit one whole shard.
-
-        targets: float32 [n, V, *target_shape] (NaN for images that failed to decode).
-        rows:    n*V index rows, image-major, each with the index columns except `shard`.
-        images:  optional (extension, bytes) per image, embedded in wds shards.
-        """
-        values, scales = self.q.quantize(targets)
-        self.write_stored(shard, values, scales, rows, images)
-
     def write_stored(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
                      images: list[tuple[str, bytes] | None] | None = None) -> None:
-        """Commit one whole shard of already-quantized values (and scales), as convert and merge copy them.
+        """Commit one whole shard of values quantized by the store's quantizer (`self.q`: extraction quantizes on
+        the teacher's device), or copied as stored (convert and merge).
 
         values: [n, V, *target_shape] in the store's dtype; scales: [n, V, *target_shape[:-1]] float16 or None.
+        rows:   n*V index rows, image-major, each with the index columns except `shard`.
+        images: optional (extension, bytes) per image, embedded where the layout embeds images (wds).
         """
         start, stop = shard_range(shard, self.s, self.n)
         n = stop - start
@@ -178,23 +170,7 @@ class StoreWriter:
             raise ValueError(f"shard {shard}: values {values.dtype} / scales {scales is not None} do not match the "
                              f"quantizer {self.q.name}")
         rows = [index_mod.normalize(r, shard=shard) for r in rows]
-        files: dict[str, dict[str, Any]] = {}
-        if self.layout == "zarr":
-            for rel, pieces in layouts.zarr_encode_shard(self.draft, self.q, shard, values, scales).items():
-                files[rel] = self.loc.put_atomic(rel, pieces)
-        else:  # one tar per view, each holding that view of every image of the shard; the images once, apart
-            for view in range(self.v):
-                samples = [layouts.wds_view_sample(rows[j * self.v]["key"], values[j, view],
-                                                   None if scales is None else scales[j, view],
-                                                   rows[j * self.v + view], rows[j * self.v].get("label"))
-                           for j in range(n)]
-                rel = layouts.wds_view_name(shard, view)
-                files[rel] = layouts.wds_write_tar(self.loc, rel, samples)
-            if images and any(im is not None for im in images):
-                samples = [{"__key__": rows[j * self.v]["key"], images[j][0]: images[j][1]}
-                           for j in range(n) if images[j] is not None]
-                rel = layouts.wds_images_name(shard)
-                files[rel] = layouts.wds_write_tar(self.loc, rel, samples)
+        files = self.targets_layout.write_shard(shard, values, scales, rows, images)
         part = index_mod.encode(rows)
         files[index_mod.part_name(shard)] = self.loc.put_atomic(index_mod.part_name(shard), part)
         marker = {"shard": shard, "images": n, "rows": n * self.v,
@@ -220,6 +196,7 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     if not loc.exists(DRAFT):
         raise StoreError(f"{url} has no {DRAFT}: it is not an fdpipe store being written")
     draft = loc.read_json(DRAFT)
+    check_version(draft, loc.path(DRAFT))
     check_settings(draft, loc.path(DRAFT))
     n_shards = num_shards(draft["num_images"], draft["shard_size"])
     missing = [i for i in range(n_shards) if not loc.exists(progress_name(i))]
@@ -237,14 +214,12 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             counts[k] += int(marker[k])
     digest = index_mod.dataset_digest(index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
                                       for i in range(n_shards))
-    q = get_quantizer(draft["dtype"])
     meta = {}
-    if draft["layout"] == "zarr":
-        for rel in layouts.zarr_metadata(draft, q):
-            nbytes, sha = loc.sha256(rel)
-            meta[rel] = {"bytes": nbytes, "sha256": sha}
+    for rel in layout_for(draft)(loc, draft, get_quantizer(draft["dtype"])).metadata():
+        nbytes, sha = loc.sha256(rel)
+        meta[rel] = {"bytes": nbytes, "sha256": sha}
     # every shard is committed, so a temporary file left in a shard folder is debris of a crashed attempt
-    loc.remove_stale_tmp([d for d in (PROGRESS, "index", layouts.ZARR_ROOT, layouts.WDS_DIR) if loc.exists(d)])
+    loc.remove_stale_tmp([d for d in (PROGRESS, *FILE_DIRS) if loc.exists(d)])
     manifest = make_final(draft, shards, meta, counts, digest)
     loc.put_atomic(MANIFEST, canonical(manifest))
     return manifest

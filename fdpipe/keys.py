@@ -1,0 +1,32 @@
+"""Image keys: what names an image in a store (a wds member prefix, an index string) and how a source's names
+become one.
+
+Stdlib only, below both the image sources (fdpipe.data, which makes keys) and the store (fdpipe.store, which
+checks every key it reads), so that neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import re
+
+_WDS_META = re.compile(r"__.*__")  # a part WebDataset skips as metadata (its skip_meta pattern)
+
+
+def sanitize_key(key: str) -> str:
+    """A key WebDataset can round-trip and a tar can hold as a member name: '/' separators, no dots (WebDataset
+    splits a key at its first dot, and so no '..' either) and no empty parts (so no leading '/': the member name
+    stays relative)."""
+    return "/".join(part for part in key.replace("\\", "/").replace(".", "_").split("/") if part)
+
+
+def key_problem(key: object) -> str | None:
+    """Why `key` cannot identify an image in a store (as a wds member prefix and an index string), or None."""
+    if not isinstance(key, str) or not key:
+        return "is empty"
+    if key != sanitize_key(key):
+        return "is not a relative '/'-separated name without dots"
+    if any(ord(ch) < 32 for ch in key):
+        return "holds a control character"
+    if any(_WDS_META.fullmatch(part) for part in key.split("/")):
+        return "has a __part__ that WebDataset skips as metadata"
+    return None

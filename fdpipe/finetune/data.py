@@ -7,7 +7,6 @@ So DataLoader workers, DDP ranks and a resume all see the same samples, whatever
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any, Callable, Iterator, Sequence
 
@@ -18,14 +17,14 @@ from torch.utils.data import Dataset, Sampler
 from ..data import ImageError, ImageSource, decode_rgb, open_source
 from ..replay.order import epoch_permutation, epoch_rng
 from ..errors import FdpipeError
+from ..seeds import derive_seed
 
 RANDAUG = "rand-m9-mstd0.5-inc1"  # BEiT / FD fine-tuning's RandAugment policy
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """64-bit seed of one image's augmentation in one epoch."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}/aug".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return derive_seed(seed, epoch, index, "aug")
 
 
 def labelled(labels: Sequence[int | None], spec: str) -> np.ndarray:

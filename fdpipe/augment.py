@@ -4,7 +4,8 @@ A stored target only means something together with the exact crop it was compute
 function of (plan.seed, key, view) drawn from a private Philox stream, never from a global RNG. Parameters live in
 pixels of the original image; every consumer applies the same box and only differs in the final resize.
 
-torch and torchvision load on first use (`_tf`), so that the settings' checks (`make_plan`) answer before them.
+torch and torchvision load on first use (`_tf`), numpy on the first sample, so that the settings' checks
+(`make_plan`) and the options that import `MAX_VIEWS` answer before them.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-
 from .seeds import derive_seed
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
     from torchvision.transforms import InterpolationMode
 
 POLICY_NAME = "fd-rrc-flip"
 POLICY_VERSION = 1
+MAX_VIEWS = 1024  # the most views a plan (and so a store) may have: far beyond any real one, bounded for the readers
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class AugmentationPlan:
 
     def sample_seeded(self, seed: int, size: tuple[int, int]) -> AugParams:
         """Parameters drawn from a view's seed (`view_seed`), for a caller that records the seed too (extract)."""
+        import numpy as np
+
         rng = np.random.Generator(np.random.Philox(seed))
         top, left, h, w = sample_resized_crop(rng, size, self.scale, self.ratio)
         flip = bool(rng.random() < self.flip_p)

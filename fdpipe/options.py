@@ -246,7 +246,7 @@ def cache_dir_option(help: str) -> Any:
 
 
 def views_option() -> Any:
-    from .store.manifest import MAX_VIEWS  # what a store may hold
+    from .augment import MAX_VIEWS  # what a plan (and so a store) may hold
 
     return option(8, "Augmented views V per image.", min=1, max=MAX_VIEWS)
 

@@ -4,7 +4,7 @@ A stage's settings dataclass declares each field with `option(...)`: its default
 needs more, its flag, choices, metavar or parser. `click_options(Settings)` turns the fields into click options (in
 declaration order) plus `--config FILE`, and `settings_from_cli(Settings, ctx, **params)` builds the dataclass, whose
 `__post_init__` validates it. Options several stages take (--device, --seed, --workers, --quiet, --storage-options,
---cache-dir and the teacher plan's --views, --crop-scale, --layer, --weights) are made here by functions that return
+--cache-dir and the teacher plan's --views, --crop-scale, --weights) are made here by functions that return
 a fresh field each time. This module sits below the stages and imports none of them.
 
 A numeric field may declare its bounds (`option(..., min=, max=)`): the CLI and --config refuse a value outside them
@@ -253,10 +253,6 @@ def views_option() -> Any:
 
 def crop_scale_option() -> Any:
     return option((0.08, 1.0), "Area fraction range of the plan's RandomResizedCrop views.", metavar="MIN MAX")
-
-
-def layer_option() -> Any:
-    return option(None, "Take block K's output (forward_intermediates) instead of forward_features.")
 
 
 def weights_option(help: str = "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip CLIP "

@@ -202,7 +202,7 @@ class PendingLog:
 
     def __init__(self, log: JsonlLog, bar: Any, device: torch.device, world: int, fields: dict[str, Any]):
         self.log, self.bar, self.device, self.world, self.fields = log, bar, device, world, fields
-        self.steps: list[tuple[Position, float, dict[str, Any]]] = []
+        self.steps: list[tuple[Position, float, dict[str, Any], list[str]]] = []  # lr, host parts, device parts' names
         self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), tensor parts
         self.watched: list[tuple[Position, torch.Tensor, Step]] = []  # per micro-batch: loss and target flags
         self.samples, self.t_last = 0, time.time()

@@ -111,8 +111,8 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     click.BadParameter; show: the text of the default that parse reads back.
     path: "dir" or "file", a click.Path that must not be the other kind.
     argument: a positional argument (a tuple[str, ...] field takes one or more).
-    cli: False for a setting that is not an option (--config and write_settings still know it).
-    secret: left out of write_settings (credentials).
+    cli: False for a setting that is not an option (--config and settings_yaml still know it).
+    secret: left out of settings_yaml (credentials).
     min, max: the bounds of an int or float field (either may be None), refused in one line (see `Bounded`).
     multiple: a repeatable option on a tuple[X, ...] field (default () for none): each value is an X.
     finite: False lets the field's floats be NaN or inf (refused in one line otherwise, as a value out of bounds).
@@ -603,13 +603,6 @@ def settings_yaml(cfg: Any, head: str = "the resolved settings of this run; pass
 
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
     return head + yaml.dump(values, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
-def write_settings(cfg: Any, path: str | Path) -> Path:
-    """Write a settings dataclass as YAML that `--config` reads back to equal settings (secret fields left out)."""
-    path = Path(path)
-    path.write_text(settings_yaml(cfg))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ --print-config

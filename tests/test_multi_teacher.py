@@ -281,7 +281,7 @@ def test_the_same_store_under_two_names_is_refused(tmp_path):
 
 def test_several_stores_round_trip_through_the_settings_file(tmp_path, monkeypatch):
     from fdpipe.distill.settings import DistillConfig
-    from fdpipe.options import write_settings
+    from fdpipe.training import write_settings
 
     seen = []
     monkeypatch.setattr("fdpipe.distill.train.distill", lambda cfg: seen.append(cfg) or {})

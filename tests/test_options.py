@@ -16,7 +16,8 @@ from fdpipe.analyze.settings import AnalyzeConfig
 from fdpipe.distill.settings import DistillConfig
 from fdpipe.extract.settings import ExtractConfig
 from fdpipe.finetune.settings import FinetuneConfig
-from fdpipe.options import usable_cpus, write_settings
+from fdpipe.options import usable_cpus
+from fdpipe.training import write_settings
 
 BIN = Path(sys.executable).parent
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 from fdpipe.augment import view_seed
 from fdpipe.finetune.data import item_seed
 from fdpipe.replay.order import epoch_rng
-from fdpipe.seeds import derive_seed
+from fdpipe.seeds import derive_seed, seeded_rng
 
 
 def test_derive_seed_is_blake2b_64_of_the_parts_joined_by_slashes_as_before():
     # computed with the former inline code: int.from_bytes(blake2b("0/0/perm", digest_size=8), "little")
     assert derive_seed(0, 0, "perm") == 8045431838605004755
     assert derive_seed(3, 2, "shard-views") == 9389760561506795702
+    assert int(seeded_rng(3, 2, "shard-views").integers(0, 2**63)) == 5074822538018731085  # Philox of that seed
 
 
 def test_the_four_seeded_streams_give_the_values_of_their_former_derivations():

@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data import ImageError, ImageSource, decode_rgb, open_source
-from ..replay.order import epoch_permutation, epoch_rng
+from ..replay import epoch_permutation
 from ..errors import FdpipeError
-from ..seeds import derive_seed
+from ..seeds import derive_seed, seeded_rng
 
 RANDAUG = "rand-m9-mstd0.5-inc1"  # BEiT / FD fine-tuning's RandAugment policy
 
@@ -49,7 +49,7 @@ def select_indices(labels: np.ndarray, seed: int, per_class: int | None = None, 
     pool = np.arange(len(labels)) if candidates is None else np.asarray(candidates, dtype=np.int64)
     if per_class is None and limit is None:
         return np.sort(pool)
-    order = pool[epoch_rng(seed, 0, "labelled-subset").permutation(len(pool))]
+    order = pool[seeded_rng(seed, 0, "labelled-subset").permutation(len(pool))]
     if per_class is not None:
         k = num_classes if num_classes is not None else int(labels.max()) + 1
         counts = np.bincount(labels[pool], minlength=k)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..seeds import derive_seed
+from ..seeds import seeded_rng
 
 
 def epoch_rng(seed: int, epoch: int, stream: str) -> np.random.Generator:
     """A Philox generator for one named stream of one epoch: a pure function of its arguments."""
-    return np.random.Generator(np.random.Philox(derive_seed(seed, epoch, stream)))
+    return seeded_rng(seed, epoch, stream)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

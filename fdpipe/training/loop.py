@@ -21,7 +21,7 @@ from ..errors import FdpipeError
 from ..runtime import JsonlLog, Ranks, progress
 from .distributed import all_mean, wrap_ddp
 from .optim import cosine_lr, set_lr
-from .setup import autocast, worker_errors_one_line
+from .setup import autocast, worker_errors_one_line, write_settings
 from .state import KEEP, Position, checkpoint, load_state, position, restore
 
 
@@ -308,8 +308,6 @@ class RunFiles:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.log.path.unlink(missing_ok=True)
         if settings is not None and self.ranks.is_main:
-            from ..options import write_settings
-
             write_settings(settings, self.out / "settings.yaml")
         return pos
 

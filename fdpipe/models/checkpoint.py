@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,6 +16,7 @@ import timm
 import timm.data
 
 from fdpipe.errors import FdpipeError
+from fdpipe.files import replacing
 from fdpipe.runtime import read_torch
 
 from ._helpers import _first_line, _json_able
@@ -28,18 +28,6 @@ _DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 # what timm's loader adapts a checkpoint by (the input conv, the head to drop for another class count); a
 # local-dir: load reads only this file's pretrained_cfg, not the registry's
 _ADAPT_KEYS = ("fixed_input_size", "first_conv", "classifier")
-
-
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec: StudentSpec,
@@ -63,7 +51,8 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     weights = out / filename
-    _atomic_write_bytes(weights, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata={"format": "pt"}))
+    with replacing(weights) as tmp:
+        safetensors.torch.save_file(sd, tmp, metadata={"format": "pt"})
 
     dc = timm.data.resolve_model_data_config(model)
     gh, gw = student_grid(model) if getattr(model, "patch_embed", None) is not None else (None, None)
@@ -87,7 +76,8 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
         **extra,
     }
     text = json.dumps(_json_able(config), indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    with replacing(out / "config.json") as tmp:
+        Path(tmp).write_text(text)
     return weights
 
 
@@ -264,7 +254,8 @@ def save_projector(projector: nn.Module, out_dir: str | os.PathLike, filename: s
     path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
-    _atomic_write_bytes(path, lambda tmp: safetensors.torch.save_file(sd, tmp))
+    with replacing(path) as tmp:
+        safetensors.torch.save_file(sd, tmp)
     return path
 
 

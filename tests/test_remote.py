@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shard_rows, store_settings, whitened, write_store
+from conftest import one_line_error, shard_rows, store_settings, whitened, write_store
 from fdpipe.store import StoreWriter, open_store, shard_range
 from fdpipe.store.fs import effective_options
 
@@ -307,12 +307,6 @@ def test_merge_on_s3_and_storage_options_from_the_environment(cli, s3, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def _one_line(r):
-    assert r.exit_code == 1, r.output
-    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
-    return r.output
-
-
 @pytest.fixture
 def iam_auth():
     """Make the server check credentials (moto accepts any by default); the test's own keys are then unknown."""
@@ -331,7 +325,7 @@ def test_wrong_credentials_are_one_line(cli, s3, make_store, tmp_path, iam_auth)
     for args in (["store", "info", s3.url("s")], ["store", "ls", s3.url("s")],
                  ["store", "convert", url, s3.url("c"), "--format", "wds"],
                  ["distill", "--store", s3.url("s"), "--out", tmp_path / "run"]):
-        out = _one_line(cli(*args, "--storage-options", so))
+        out = one_line_error(cli(*args, "--storage-options", so))
         assert f"access denied to s3://{s3.bucket}/" in out and "check the credentials" in out, out
 
 
@@ -341,7 +335,7 @@ def test_a_bucket_that_does_not_exist_is_one_line(cli, s3, make_store, photo_dir
     for args in (["store", "info", "s3://no-such-bucket/s"], ["store", "verify", "s3://no-such-bucket/s"],
                  ["store", "convert", url, "s3://no-such-bucket/c", "--format", "wds"],
                  ["extract", *EXTRACT, "--data", photo_dir, "--out", "s3://no-such-bucket/s"]):
-        out = _one_line(cli(*args, *so))
+        out = one_line_error(cli(*args, *so))
         assert "bucket 'no-such-bucket' does not exist" in out and "create it or fix the URL" in out, out
 
 
@@ -355,7 +349,7 @@ def test_an_unreachable_endpoint_fails_fast_in_one_line(cli):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     so = json.dumps({"key": "x", "secret": "y", "client_kwargs": {"endpoint_url": endpoint}})  # default timeouts
     t0 = time.time()
-    out = _one_line(cli("store", "info", "s3://bucket/store", "--storage-options", so))
+    out = one_line_error(cli("store", "info", "s3://bucket/store", "--storage-options", so))
     assert time.time() - t0 < 20
     assert f"cannot reach {endpoint} for s3://bucket/store" in out and "check the endpoint URL" in out
 
@@ -369,7 +363,7 @@ def test_a_server_that_never_answers_fails_within_the_timeouts(cli):
         so = json.dumps({"key": "x", "secret": "y", "client_kwargs": {"endpoint_url": endpoint},
                          "config_kwargs": {"connect_timeout": 1, "read_timeout": 1}})
         t0 = time.time()
-        out = _one_line(cli("store", "verify", "s3://bucket/store", "--storage-options", so))
+        out = one_line_error(cli("store", "verify", "s3://bucket/store", "--storage-options", so))
         assert time.time() - t0 < 30
     assert f"cannot reach {endpoint}" in out
 

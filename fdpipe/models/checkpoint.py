@@ -19,9 +19,9 @@ from fdpipe.errors import FdpipeError
 from fdpipe.files import replacing
 from fdpipe.runtime import read_torch
 
-from ._helpers import _first_line, _json_able
+from .helpers import first_line, json_able
 from .students import STUDENTS, StudentSpec, check_model_size, student_grid
-from .weights import _drop_overlay_state_dict, _load_pretrained
+from .weights import drop_overlay_state_dict, load_pretrained
 
 _RESERVED = ("architecture", "model_args", "num_classes", "num_features", "pretrained_cfg", "name", "weights")
 _DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
@@ -75,7 +75,7 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
         "weights": filename,
         **extra,
     }
-    text = json.dumps(_json_able(config), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(json_able(config), indent=2, sort_keys=False) + "\n"
     with replacing(out / "config.json") as tmp:
         Path(tmp).write_text(text)
     return weights
@@ -181,7 +181,7 @@ def load_weights(path: Path) -> dict[str, Any]:
     try:
         return safetensors.torch.load_file(str(path))
     except safetensors.SafetensorError as e:
-        raise FdpipeError(f"{path} is not a whole safetensors file ({_first_line(e)}); re-save the checkpoint") \
+        raise FdpipeError(f"{path} is not a whole safetensors file ({first_line(e)}); re-save the checkpoint") \
             from None
 
 
@@ -200,7 +200,7 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
         try:
             config = json.loads(cfg_path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise FdpipeError(f"{cfg_path} is not a model config ({_first_line(e)}); re-save the checkpoint") from None
+            raise FdpipeError(f"{cfg_path} is not a model config ({first_line(e)}); re-save the checkpoint") from None
         check_config(config, cfg_path)
         arch, model_args = config["architecture"], dict(config.get("model_args") or {})
         weights = p if p.is_file() else p / str(config.get("weights", "student.safetensors"))
@@ -215,23 +215,23 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
                 model = timm.create_model(arch, pretrained=True,
                                           pretrained_cfg_overlay=_overlay(config, weights, args), **args)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({_first_line(e)}); "
+            raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({first_line(e)}); "
                               f"check the overrides") from None
-        _drop_overlay_state_dict(model)
+        drop_overlay_state_dict(model)
         spec = StudentSpec(name=str(config.get("name", arch)), architecture=arch, model_args=args)
         return model, spec, config
     if s.startswith(("hf-hub:", "local-dir:")):
         try:
             model = timm.create_model(s, pretrained=True, **overrides)
         except Exception as e:  # noqa: BLE001
-            raise FdpipeError(f"cannot load '{s}' ({_first_line(e)}); check the name or path") from None
+            raise FdpipeError(f"cannot load '{s}' ({first_line(e)}); check the name or path") from None
         return model, StudentSpec(name=s, architecture=s, model_args=dict(overrides)), {}
     if "/" in s or s.endswith((".safetensors", ".pth", ".pt", ".bin")):
         raise FdpipeError(f"checkpoint not found: {s}; check the path")
     arch, _ = timm.models.split_model_name_tag(s)
     if not timm.is_model(arch):
         raise FdpipeError(f"'{s}' is neither a checkpoint path nor a timm model name; check the name")
-    model, _ = _load_pretrained(s, s, None, None, what="model", **overrides)
+    model, _ = load_pretrained(s, s, None, None, what="model", **overrides)
     return model, StudentSpec(name=s, architecture=arch, model_args=dict(overrides)), {}
 
 

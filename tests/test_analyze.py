@@ -123,9 +123,9 @@ def test_checkpoint_specs(tmp_path: Path) -> None:
     ],
 )
 def test_only_distill_runs_recreate_their_own_init(config: dict, seed: int | None) -> None:
-    from fdpipe.analyze.checkpoints import _recorded_seed
+    from fdpipe.analyze.checkpoints import recorded_seed
 
-    assert _recorded_seed(config) == seed
+    assert recorded_seed(config) == seed
 
 
 def test_centre_square_and_uniform_reference() -> None:

@@ -67,7 +67,7 @@ def test_stored_targets_equal_the_teacher_recomputed_from_the_stored_crops(cli, 
     assert checked == 6 * 3
 
 
-def _extract_cmd(data, out, *extra):
+def extract_cmd(data, out, *extra):
     return [str(BIN / "fdpipe"), "extract", "--teacher", "effnet-lite0", "--data", str(data), "--out", str(out),
             "--views", "2", "--image-size", "32", "--shard-size", "2", "--workers", "0", "--quiet", *extra]
 
@@ -104,7 +104,7 @@ def uninterrupted(photo_dir, tmp_path_factory):
     def get(layout: str) -> Path:
         if layout not in made:
             made[layout] = tmp_path_factory.mktemp(f"uninterrupted-{layout}") / "store"
-            subprocess.run(_extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
+            subprocess.run(extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
         return made[layout]
 
     return get
@@ -120,7 +120,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, uninterrupt
                                                          target):
     ref = uninterrupted(layout)
     out = tmp_path / "crashed"
-    cmd = _extract_cmd(photo_dir, out, "--format", layout)
+    cmd = extract_cmd(photo_dir, out, "--format", layout)
     p = subprocess.run([sys.executable, "-c", KILLER, when, target, *cmd[1:]], capture_output=True)
     assert p.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
@@ -136,10 +136,10 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, uninterrupt
 def test_two_ranks_under_torchrun_write_the_single_process_store(photo_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default: same threads, same float sums
     single = tmp_path / "single"
-    subprocess.run(_extract_cmd(photo_dir, single), check=True)
+    subprocess.run(extract_cmd(photo_dir, single), check=True)
     multi = tmp_path / "multi"
     subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
-                    *_extract_cmd(photo_dir, multi)], check=True, capture_output=True)
+                    *extract_cmd(photo_dir, multi)], check=True, capture_output=True)
     a, ia = store_targets(str(single))
     b, ib = store_targets(str(multi))
     assert np.array_equal(a, b) and ia.equals(ib)

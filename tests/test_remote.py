@@ -217,14 +217,14 @@ def test_a_location_survives_pickling_and_forking(s3):
 @pytest.fixture(scope="module")
 def reference_stores(photo_dir, tmp_path_factory):
     """Uninterrupted local extractions (in a subprocess, like the crashed runs), one per layout, made once."""
-    from test_extract import _extract_cmd
+    from test_extract import extract_cmd
 
     made: dict[str, Path] = {}
 
     def get(layout: str) -> Path:
         if layout not in made:
             made[layout] = tmp_path_factory.mktemp("ref") / layout
-            subprocess.run(_extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
+            subprocess.run(extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
         return made[layout]
 
     return get
@@ -238,12 +238,12 @@ def reference_stores(photo_dir, tmp_path_factory):
 ])
 def test_sigkill_during_an_s3_extract_then_rerun_gives_the_uninterrupted_store(cli, s3, photo_dir, reference_stores,
                                                                                layout, when, target):
-    from test_extract import KILLER, _extract_cmd
+    from test_extract import KILLER, extract_cmd
 
     ref = reference_stores(layout)
     remote = s3.url("crashed")
     # one commit thread: shards commit in order, so the shards before the killed one are committed at the kill
-    cmd = _extract_cmd(photo_dir, remote, "--format", layout, "--storage-options", s3.options_json,
+    cmd = extract_cmd(photo_dir, remote, "--format", layout, "--storage-options", s3.options_json,
                        "--commit-workers", "1")
     p = subprocess.run([sys.executable, "-c", KILLER, when, target, *cmd[1:]], capture_output=True)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
@@ -289,14 +289,14 @@ def test_store_commands_work_on_s3(cli, s3, make_store, tmp_path):
 
 
 def test_merge_on_s3_and_storage_options_from_the_environment(cli, s3, tmp_path, monkeypatch):
-    from test_store_commands import _part
+    from test_store_commands import part_store
 
     full = store_settings("wds", "float16", n=5, s=2)
     targets = whitened(np.random.default_rng(1), (5, 2, 4, 8))
     one = str(tmp_path / "one")
     write_store(one, full, targets)
-    _part(str(tmp_path / "a"), full, targets, 0, 3, 2, "wds", "float16")
-    _part(str(tmp_path / "b"), full, targets, 3, 5, 2, "wds", "float16")
+    part_store(str(tmp_path / "a"), full, targets, 0, 3, 2, "wds", "float16")
+    part_store(str(tmp_path / "b"), full, targets, 3, 5, 2, "wds", "float16")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # s3fs reads credentials and the endpoint from the env too
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
@@ -422,11 +422,11 @@ def stoppable_s3():
 @pytest.mark.slow
 def test_a_stalled_endpoint_stops_extract_and_distill_in_one_line_and_a_rerun_resumes(cli, stoppable_s3, photo_dir,
                                                                                       reference_stores):
-    from test_extract import _extract_cmd
+    from test_extract import extract_cmd
 
     server, endpoint, so = stoppable_s3
     remote = "s3://stall/store"
-    cmd = _extract_cmd(photo_dir, remote, "--format", "wds", "--storage-options", json.dumps(so),
+    cmd = extract_cmd(photo_dir, remote, "--format", "wds", "--storage-options", json.dumps(so),
                        "--commit-workers", "1")
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", STALLER, str(server.pid), "index/part-00001", *cmd[1:]],

@@ -129,7 +129,7 @@ def test_convert_refuses_embedding_into_zarr_and_into_itself(make_store, cli):
 
 
 # -------------------------------------------------------------------------------------------------------- merge
-def _part(url: str, full: dict, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
+def part_store(url: str, full: dict, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
     """A store of images [lo, hi) of the full store's images, numbered from 0, as an extraction of that part."""
     settings = store_settings(layout, dtype, n=hi - lo, s=shard_size, v=full["views"])
     rows = [r for s in range(-(-full["num_images"] // full["shard_size"])) for r in shard_rows(full, s)]
@@ -150,8 +150,8 @@ def test_merge_of_two_halves_equals_the_store_made_in_one_go(tmp_path, cli, layo
     one = str(tmp_path / "one")
     write_store(one, full, targets)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    _part(a, full, targets, 0, 4, 3, layout, dtype)   # A: shards of 3 (the merged store's size), 4 images
-    _part(b, full, targets, 4, 7, 2, layout, dtype)   # B: another shard size; re-sharded after A's images
+    part_store(a, full, targets, 0, 4, 3, layout, dtype)   # A: shards of 3 (the merged store's size), 4 images
+    part_store(b, full, targets, 4, 7, 2, layout, dtype)   # B: another shard size; re-sharded after A's images
     merged = tmp_path / "merged"
     r = cli("store", "merge", a, b, merged)
     assert r.exit_code == 0, r.output
@@ -166,7 +166,7 @@ def test_merge_of_different_datasets_records_both_sources(tmp_path, make_store):
     full = store_settings(n=4, s=2)
     targets = whitened(np.random.default_rng(0), (4, 2, 4, 8))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    _part(a, full, targets, 0, 2, 2, "zarr", "float16")
+    part_store(a, full, targets, 0, 2, 2, "zarr", "float16")
     settings_b = store_settings(n=2, s=2)
     settings_b["data"] = {"spec": "/elsewhere"}
     w = StoreWriter(b, settings_b)

@@ -75,6 +75,17 @@ def import_cycles(root: Path = PKG) -> list[str]:
     return [line for a, b, line in edges if reaches(b, a)]
 
 
+def private_imports(root: Path = PKG) -> list[str]:
+    """Every `_name` one fdpipe module imports from another: what another module needs is a public name."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fdpipe")):
+                bad += [f"{path.relative_to(root.parent)} imports {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
 def test_no_lower_layer_imports_a_stage_and_no_stage_imports_another():
     assert layering_violations() == []
 
@@ -104,6 +115,13 @@ def test_the_cycle_check_catches_a_bottom_module_and_a_layer_importing_each_othe
     (fake / "replay" / "order.py").write_text("from fdpipe.options import views_option\n")  # no loop: not reported
     assert import_cycles(fake) == ["fdpipe/options.py imports fdpipe.store.manifest",
                                    "fdpipe/store/cli.py imports fdpipe.options"]
+
+
+def test_no_module_imports_a_private_name_of_another(tmp_path):
+    assert private_imports() == []
+    (tmp_path / "fdpipe" / "data").mkdir(parents=True)
+    (tmp_path / "fdpipe" / "data" / "wds.py").write_text("from .decode import _one_line\nfrom zarr import _x\n")
+    assert private_imports(tmp_path / "fdpipe") == ["fdpipe/data/wds.py imports _one_line"]
 
 
 def test_there_is_one_optimizer_step_call_site_the_engines():

@@ -211,17 +211,18 @@ def finish(ctx: Context, result: dict[str, Any], headers: Sequence[str], rows: S
         print(f"bottleneck: {result['bottleneck'].get('summary', '')}")
     path = Path(ctx.args.json) if getattr(ctx.args, "json", None) else Path(ctx.args.out) / f"{ctx.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    path.write_text(json.dumps(jsonable(result), indent=2) + "\n")
     print(f"wrote {path}  ({result['seconds']} s, load {ctx.machine.get('loadavg_start')} -> "
           f"{result['machine']['loadavg_end']})")
     return path
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """`x` with numpy scalars as Python ones and non-finite floats as null: what results files hold (gpu.py's too)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating, float)):

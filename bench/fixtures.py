@@ -43,9 +43,9 @@ def teacher_weights(name: str, image_size: int | None, work: Path) -> str | None
     timm_name = resolve_teacher_name(name)
     arch, tag = timm.models.split_model_name_tag(timm_name)
     if arch == "tf_efficientnet_lite0" and not tag:
-        from fdpipe.models import _lite0_package_file
+        from fdpipe.models.weights import lite0_package_file
 
-        if _lite0_package_file() is not None:
+        if lite0_package_file() is not None:
             return None
     path = work / f"random-{arch}-{image_size}.pth"
     if not path.exists():

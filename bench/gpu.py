@@ -31,7 +31,7 @@ MIN_VERSIONS = {"numpy": "2.0", "typing-extensions": "4.12", "packaging": "22.0"
 
 
 # --------------------------------------------------------------------------------------------- dependencies
-def _version_tuple(v: str) -> tuple:
+def version_tuple(v: str) -> tuple:
     """The release numbers of a version: "0.8.1.post1" -> (0, 8, 1), "2.1.0rc1" -> (2, 1, 0)."""
     import re
 
@@ -66,7 +66,7 @@ def install_deps(target: str, wheels: str, force: bool = False) -> int:
         except md.PackageNotFoundError:
             have = None
         need = MIN_VERSIONS.get(dist)
-        if force or have is None or (need and _version_tuple(have) < _version_tuple(need)):
+        if force or have is None or (need and version_tuple(have) < version_tuple(need)):
             todo.append(whl)
             print(f"gpu deps: {dist} {have or 'missing'} -> installing {version}")
         else:
@@ -183,7 +183,7 @@ def run(ctx) -> int:
     def save_partial(key: str, value) -> None:
         partial[key] = value
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{NAME}.partial.json").write_text(json.dumps(common._jsonable(partial), indent=2) + "\n")
+        (out / f"{NAME}.partial.json").write_text(json.dumps(common.jsonable(partial), indent=2) + "\n")
 
     t_start = time.time()
     log(f"[{NAME}] {n} photos x {views} views, teacher {teacher_name}, student {student}, batch {batch}, "

@@ -4,27 +4,28 @@ A stored target only means something together with the exact crop it was compute
 function of (plan.seed, key, view) drawn from a private Philox stream, never from a global RNG. Parameters live in
 pixels of the original image; every consumer applies the same box and only differs in the final resize.
 
-torch and torchvision load on first use (`_tf`), so that the settings' checks (`make_plan`) answer before them.
+torch and torchvision load on first use (`_tf`), numpy on the first sample, so that the settings' checks
+(`make_plan`) and the options that import `MAX_VIEWS` answer before them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
+from .seeds import derive_seed
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
     from torchvision.transforms import InterpolationMode
 
 POLICY_NAME = "fd-rrc-flip"
 POLICY_VERSION = 1
+MAX_VIEWS = 1024  # the most views a plan (and so a store) may have: far beyond any real one, bounded for the readers
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,10 @@ class AugParams:
     def from_dict(cls, d: dict[str, Any]) -> "AugParams":
         return cls(int(d["top"]), int(d["left"]), int(d["height"]), int(d["width"]), bool(d["flip"]))
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "AugParams":
-        return cls.from_dict(json.loads(s))
-
 
 def view_seed(plan_seed: int, key: str, view: int) -> int:
     """64-bit seed of one (key, view): stable across processes, machines and Python versions."""
-    digest = hashlib.blake2b(f"{plan_seed}/{key}/{view}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return derive_seed(plan_seed, key, view)
 
 
 def sample_resized_crop(
@@ -132,7 +125,13 @@ class AugmentationPlan:
 
     def sample(self, key: str, view: int, size: tuple[int, int]) -> AugParams:
         """Parameters of `view` of image `key` whose original (height, width) is `size`."""
-        rng = np.random.Generator(np.random.Philox(self.view_seed(key, view)))
+        return self.sample_seeded(self.view_seed(key, view), size)
+
+    def sample_seeded(self, seed: int, size: tuple[int, int]) -> AugParams:
+        """Parameters drawn from a view's seed (`view_seed`), for a caller that records the seed too (extract)."""
+        import numpy as np
+
+        rng = np.random.Generator(np.random.Philox(seed))
         top, left, h, w = sample_resized_crop(rng, size, self.scale, self.ratio)
         flip = bool(rng.random() < self.flip_p)
         return AugParams(top, left, h, w, flip)
@@ -172,13 +171,6 @@ class AugmentationPlan:
             flip_p=float(d["flip_p"]), policy=d.get("policy", POLICY_NAME),
             policy_version=int(d.get("policy_version", POLICY_VERSION)),
         )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "AugmentationPlan":
-        return cls.from_dict(json.loads(s))
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ QUICK = DemoSizes(pool=256, views=2, teacher_size=64, student_size=32, distill_e
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    """`fdpipe ARGS` as a process of the console entry point, its stderr merged into its stdout."""
-    return subprocess.Popen([sys.executable, "-c", "from fdpipe.cli import entry; entry()", *args],
+    """`fdpipe ARGS` as a process of the console entry point (`python -m fdpipe`), its stderr merged into its stdout."""
+    return subprocess.Popen([sys.executable, "-m", "fdpipe", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,8 +1,8 @@
 """The process's allocator, tuned for the store path: many buffers of 0.1-30 MiB made and freed every batch.
 
 glibc serves an allocation above 128 KiB with a fresh mmap and unmaps it on free, so every 0.5 MiB target read,
-npy member or batch is written through new pages: the page faults cost 5x the copy itself (2026-12-01, this
-project's CPU machine: 1.0 GB/s into fresh memory, 5.8 GB/s into reused memory; bench/README.md). Raising the mmap
+npy member or batch is written through new pages: the page faults cost 5x the copy itself (on this project's
+CPU machine: 1.0 GB/s into fresh memory, 5.8 GB/s into reused memory; bench/README.md). Raising the mmap
 and trim thresholds keeps freed buffers in the heap for the next batch, which is what jemalloc or tcmalloc, often
 preloaded under PyTorch data loaders, do as well.
 """

@@ -4,7 +4,7 @@ A stage's settings dataclass declares each field with `option(...)`: its default
 needs more, its flag, choices, metavar or parser. `click_options(Settings)` turns the fields into click options (in
 declaration order) plus `--config FILE`, and `settings_from_cli(Settings, ctx, **params)` builds the dataclass, whose
 `__post_init__` validates it. Options several stages take (--device, --seed, --workers, --quiet, --storage-options,
---cache-dir and the teacher plan's --views, --crop-scale, --layer, --weights) are made here by functions that return
+--cache-dir and the teacher plan's --views, --crop-scale, --weights) are made here by functions that return
 a fresh field each time. This module sits below the stages and imports none of them.
 
 A numeric field may declare its bounds (`option(..., min=, max=)`): the CLI and --config refuse a value outside them
@@ -111,8 +111,8 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     click.BadParameter; show: the text of the default that parse reads back.
     path: "dir" or "file", a click.Path that must not be the other kind.
     argument: a positional argument (a tuple[str, ...] field takes one or more).
-    cli: False for a setting that is not an option (--config and write_settings still know it).
-    secret: left out of write_settings (credentials).
+    cli: False for a setting that is not an option (--config and settings_yaml still know it).
+    secret: left out of settings_yaml (credentials).
     min, max: the bounds of an int or float field (either may be None), refused in one line (see `Bounded`).
     multiple: a repeatable option on a tuple[X, ...] field (default () for none): each value is an X.
     finite: False lets the field's floats be NaN or inf (refused in one line otherwise, as a value out of bounds).
@@ -246,17 +246,13 @@ def cache_dir_option(help: str) -> Any:
 
 
 def views_option() -> Any:
-    from .store.manifest import MAX_VIEWS  # what a store may hold
+    from .augment import MAX_VIEWS  # what a plan (and so a store) may hold
 
     return option(8, "Augmented views V per image.", min=1, max=MAX_VIEWS)
 
 
 def crop_scale_option() -> Any:
     return option((0.08, 1.0), "Area fraction range of the plan's RandomResizedCrop views.", metavar="MIN MAX")
-
-
-def layer_option() -> Any:
-    return option(None, "Take block K's output (forward_intermediates) instead of forward_features.")
 
 
 def weights_option(help: str = "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip CLIP "
@@ -607,13 +603,6 @@ def settings_yaml(cfg: Any, head: str = "the resolved settings of this run; pass
 
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
     return head + yaml.dump(values, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
-def write_settings(cfg: Any, path: str | Path) -> Path:
-    """Write a settings dataclass as YAML that `--config` reads back to equal settings (secret fields left out)."""
-    path = Path(path)
-    path.write_text(settings_yaml(cfg))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ --print-config

@@ -6,7 +6,6 @@ One code path serves one process and N processes: the rank comes from torchrun (
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import FdpipeError
+from .files import write_atomic
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -68,21 +68,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path` and os.replace it: a crash never leaves half a file, and a write the
     disk refuses (full, read-only, a file-size limit) leaves the old file as it was and no temporary file; its
     OSError names `path`, not the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if e.filename is None or e.filename == str(tmp):  # a failed write() names no file
-            e.filename = str(path)
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -114,3 +114,16 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def one_line_error(result, *says: str) -> str:
+    """The project's refusal: exit 1 with one `Error: ...` line (`error: ...` from `store verify`, which lists
+    each problem so) that says each of `says`, and no traceback. `result` is click's Result (the `cli` fixture's);
+    returns its output for further checks."""
+    out = result.output
+    lines = out.strip().splitlines()
+    assert result.exit_code == 1, out
+    assert "Traceback" not in out and len(lines) == 1 and lines[0].lower().startswith("error: "), out
+    for text in says:
+        assert text in lines[0], out
+    return out

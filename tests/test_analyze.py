@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import one_line_error
 from fdpipe.analyze.attention import uniform_grid_mean_distance
 from fdpipe.analyze.checkpoints import load_checkpoint, parse_checkpoint
 from fdpipe.analyze.diagnostics import uniform_distance
@@ -122,9 +123,9 @@ def test_checkpoint_specs(tmp_path: Path) -> None:
     ],
 )
 def test_only_distill_runs_recreate_their_own_init(config: dict, seed: int | None) -> None:
-    from fdpipe.analyze.checkpoints import _recorded_seed
+    from fdpipe.analyze.checkpoints import recorded_seed
 
-    assert _recorded_seed(config) == seed
+    assert recorded_seed(config) == seed
 
 
 def test_centre_square_and_uniform_reference() -> None:
@@ -198,8 +199,7 @@ def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str)
     imgs = _images(tmp_path / "imgs", 1)
     argv = [a.format(imgs=imgs, tmp=tmp_path) for a in args]
     r = _run("analyze", *argv, "--out", tmp_path / "o", "--image-size", 32, "--images", 1, "--quiet", ok=False)
-    assert r.exit_code == 1, r.output
-    assert message in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    one_line_error(r, message)
 
 
 # --------------------------------------------------------------------------------- a real distilled student

@@ -46,10 +46,14 @@ def test_params_stay_within_the_policy_over_10000_samples():
 
 
 def test_plan_and_params_survive_json():
-    assert AugmentationPlan.from_json(PLAN.to_json()) == PLAN
+    assert AugmentationPlan.from_dict(json.loads(json.dumps(PLAN.to_dict()))) == PLAN
     p = PLAN.sample("x", 3, (50, 60))
-    assert AugParams.from_json(p.to_json()) == p
     assert AugParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_sampling_from_a_recorded_seed_gives_the_views_params():
+    for key, view in (("a", 0), ("b", 3), ("n01440764/x.JPEG", 1023)):
+        assert PLAN.sample_seeded(PLAN.view_seed(key, view), (240, 320)) == PLAN.sample(key, view, (240, 320))
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ def test_gpu_sh_without_a_gpu_says_so_and_exits_0():
 def test_gpu_deps_installs_only_what_is_missing(tmp_path, capsys):
     from bench import gpu
 
-    assert gpu._version_tuple("0.8.1.post1") == (0, 8, 1) and gpu._version_tuple("2.4.6") > (2, 0)
+    assert gpu.version_tuple("0.8.1.post1") == (0, 8, 1) and gpu.version_tuple("2.4.6") > (2, 0)
     assert gpu.install_deps(str(tmp_path / "site"), str(tmp_path / "no-wheels")) == 0
     assert "no wheels" in capsys.readouterr().out and not (tmp_path / "site").exists()
 

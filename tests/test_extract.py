@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import write_photos
+from conftest import one_line_error, write_photos
 from fdpipe.store import open_store
 
 BIN = Path(sys.executable).parent
@@ -67,7 +67,7 @@ def test_stored_targets_equal_the_teacher_recomputed_from_the_stored_crops(cli, 
     assert checked == 6 * 3
 
 
-def _extract_cmd(data, out, *extra):
+def extract_cmd(data, out, *extra):
     return [str(BIN / "fdpipe"), "extract", "--teacher", "effnet-lite0", "--data", str(data), "--out", str(out),
             "--views", "2", "--image-size", "32", "--shard-size", "2", "--workers", "0", "--quiet", *extra]
 
@@ -104,7 +104,7 @@ def uninterrupted(photo_dir, tmp_path_factory):
     def get(layout: str) -> Path:
         if layout not in made:
             made[layout] = tmp_path_factory.mktemp(f"uninterrupted-{layout}") / "store"
-            subprocess.run(_extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
+            subprocess.run(extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
         return made[layout]
 
     return get
@@ -120,7 +120,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, uninterrupt
                                                          target):
     ref = uninterrupted(layout)
     out = tmp_path / "crashed"
-    cmd = _extract_cmd(photo_dir, out, "--format", layout)
+    cmd = extract_cmd(photo_dir, out, "--format", layout)
     p = subprocess.run([sys.executable, "-c", KILLER, when, target, *cmd[1:]], capture_output=True)
     assert p.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
@@ -136,10 +136,10 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(photo_dir, uninterrupt
 def test_two_ranks_under_torchrun_write_the_single_process_store(photo_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default: same threads, same float sums
     single = tmp_path / "single"
-    subprocess.run(_extract_cmd(photo_dir, single), check=True)
+    subprocess.run(extract_cmd(photo_dir, single), check=True)
     multi = tmp_path / "multi"
     subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
-                    *_extract_cmd(photo_dir, multi)], check=True, capture_output=True)
+                    *extract_cmd(photo_dir, multi)], check=True, capture_output=True)
     a, ia = store_targets(str(single))
     b, ib = store_targets(str(multi))
     assert np.array_equal(a, b) and ia.equals(ib)
@@ -224,7 +224,7 @@ def test_bad_arguments_are_one_line_exit_1(cli, tmp_path, photo_dir, args, messa
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
     r = cli("extract", *[x for kv in base.items() for x in kv], "--workers", 0, "--quiet")
-    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    one_line_error(r, message)
 
 
 def test_crop_scale_bounds_every_stored_crop(cli, tmp_path, photo_dir):
@@ -242,7 +242,7 @@ def test_crop_scale_bounds_every_stored_crop(cli, tmp_path, photo_dir):
 @pytest.mark.parametrize("scale", [("0.9", "0.5"), ("0", "1"), ("0.5", "1.5")])
 def test_bad_crop_scale_is_one_line_exit_1(cli, tmp_path, photo_dir, scale):
     r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "s", "--crop-scale", *scale)
-    assert r.exit_code == 1 and "need 0 < MIN <= MAX <= 1" in r.output and "Traceback" not in r.output
+    one_line_error(r, "need 0 < MIN <= MAX <= 1")
     assert not (tmp_path / "s").exists()
 
 
@@ -258,7 +258,7 @@ def test_unwritable_output_is_one_line(cli, tmp_path, photo_dir):
     (tmp_path / "a-file").write_text("not a directory")  # unwritable even for root
     r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", tmp_path / "a-file" / "s",
             "--workers", 0, "--quiet")
-    assert r.exit_code == 1 and "cannot write to" in r.output and "Traceback" not in r.output
+    one_line_error(r, "cannot write to")
 
 
 # --------------------------------------------------------------------------------------------- background commits
@@ -326,8 +326,7 @@ def test_a_failed_background_commit_is_one_line_and_a_rerun_completes_the_store(
     with monkeypatch.context() as m:
         m.setattr(StoreWriter, "write_stored", write_stored)
         r = cli(*_fast_args(photo_dir, out, "--shard-size", 2, "--format", layout))
-    assert r.exit_code == 1 and "Traceback" not in r.output
-    assert len(r.output.strip().splitlines()) == 1 and message in r.output, r.output
+    one_line_error(r, message)
     assert not (out / "manifest.json").exists() and not (out / "_progress" / "shard-00001.json").exists()
     r = cli(*_fast_args(photo_dir, out, "--shard-size", 2, "--format", layout))
     assert r.exit_code == 0 and "resumed:" in r.output, r.output

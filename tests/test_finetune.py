@@ -13,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import README, readme_block, write_photos
+from conftest import README, one_line_error, readme_block, write_photos
 
 from fdpipe.errors import FdpipeError
 from fdpipe.finetune import init as inits
@@ -32,16 +32,6 @@ def photos(folder: Path, per_class: int = 4, size=(48, 64)) -> Path:
 
 def ok(result) -> None:
     assert result.exit_code == 0, result.output
-
-
-def one_line_error(result, *needles: str) -> None:
-    """Exit 1 with a single 'Error: ...' line that names what is wrong, and no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def timm_load(run: Path) -> tuple[torch.nn.Module, dict]:

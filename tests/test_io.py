@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import store_settings, whitened, write_store
+from conftest import one_line_error, store_settings, whitened, write_store
 from fdpipe.replay import open_replay
 from fdpipe.store import open_store
 from fdpipe.store.manifest import FORMAT_VERSION
@@ -184,8 +184,7 @@ def test_an_unknown_format_version_is_one_line(tmp_path, cli):
     m["checksum"] = checksum(m)
     (copy / "manifest.json").write_bytes(canonical(m))
     r = cli("store", "info", copy)
-    assert r.exit_code == 1 and f"format_version {FORMAT_VERSION + 1}" in r.output and "upgrade fdpipe" in r.output
-    assert len(r.output.strip().splitlines()) == 1
+    one_line_error(r, f"format_version {FORMAT_VERSION + 1}", "upgrade fdpipe")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])

@@ -1,4 +1,5 @@
-"""The package's architecture, checked from its source: layers point down only, and there is one training loop."""
+"""The package's architecture, checked from its source: layers point down only, no two modules or folders import
+each other (directly or round a loop), and there is one training loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "fdpipe"
 STAGES = ("extract", "distill", "finetune", "analyze")
-LOWER = ("store", "replay", "data", "models", "training", "augment", "runtime", "errors", "options")
+LOWER = ("store", "replay", "data", "models", "training", "augment", "runtime", "errors", "options", "seeds", "files",
+         "sizes", "locks")
 
 
 def _imports(path: Path, root: Path) -> list[str]:
@@ -46,6 +48,44 @@ def layering_violations(root: Path = PKG) -> list[str]:
     return bad
 
 
+def import_cycles(root: Path = PKG) -> list[str]:
+    """Every import of one top-level module or folder by another that is part of a loop (the imported one imports,
+    maybe through others, the importer back). Imports inside functions count: they are a loop all the same."""
+    units = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    edges = []
+    for path in sorted(root.rglob("*.py")):
+        here = _area(".".join(path.relative_to(root.parent).with_suffix("").parts))
+        edges += [(here, there, f"{path.relative_to(root.parent)} imports {mod}") for mod in _imports(path, root)
+                  if (there := _area(mod)) in units and there != here]
+    graph: dict[str, set[str]] = {}
+    for a, b, _ in edges:
+        graph.setdefault(a, set()).add(b)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            unit = todo.pop()
+            if unit == goal:
+                return True
+            if unit not in seen:
+                seen.add(unit)
+                todo += graph.get(unit, ())
+        return False
+
+    return [line for a, b, line in edges if reaches(b, a)]
+
+
+def private_imports(root: Path = PKG) -> list[str]:
+    """Every `_name` one fdpipe module imports from another: what another module needs is a public name."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fdpipe")):
+                bad += [f"{path.relative_to(root.parent)} imports {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
 def test_no_lower_layer_imports_a_stage_and_no_stage_imports_another():
     assert layering_violations() == []
 
@@ -58,6 +98,30 @@ def test_the_layering_check_catches_a_lower_layer_importing_a_stage(tmp_path):
     (fake / "finetune" / "data.py").write_text("from fdpipe.distill.order import epoch_rng\n")
     assert layering_violations(fake) == ["fdpipe/finetune/data.py imports fdpipe.distill.order",
                                          "fdpipe/store/tools.py imports fdpipe.extract.views"]
+
+
+def test_no_module_or_folder_imports_another_that_imports_it_back():
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_catches_a_bottom_module_and_a_layer_importing_each_other(tmp_path):
+    fake = tmp_path / "fdpipe"
+    (fake / "store").mkdir(parents=True)
+    (fake / "replay").mkdir()
+    for init in (fake, fake / "store", fake / "replay"):
+        (init / "__init__.py").write_text("")
+    (fake / "options.py").write_text("def views_option():\n    from .store.manifest import MAX_VIEWS\n")
+    (fake / "store" / "cli.py").write_text("from ..options import views_option\n")
+    (fake / "replay" / "order.py").write_text("from fdpipe.options import views_option\n")  # no loop: not reported
+    assert import_cycles(fake) == ["fdpipe/options.py imports fdpipe.store.manifest",
+                                   "fdpipe/store/cli.py imports fdpipe.options"]
+
+
+def test_no_module_imports_a_private_name_of_another(tmp_path):
+    assert private_imports() == []
+    (tmp_path / "fdpipe" / "data").mkdir(parents=True)
+    (tmp_path / "fdpipe" / "data" / "wds.py").write_text("from .decode import _one_line\nfrom zarr import _x\n")
+    assert private_imports(tmp_path / "fdpipe") == ["fdpipe/data/wds.py imports _one_line"]
 
 
 def test_there_is_one_optimizer_step_call_site_the_engines():

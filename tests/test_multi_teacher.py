@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import store_settings, whitened, write_store
+from conftest import one_line_error, store_settings, whitened, write_store
 
 IMAGES = ["--data", "fashion-mnist", "--limit", "32", "--views", "2", "--workers", "0", "--quiet"]
 LITE0 = ["--teacher", "effnet-lite0", "--image-size", "64"]  # 2x2 x 1280: the student's grid at 32 px
@@ -32,12 +32,6 @@ def run(*args, ok: bool = True):
     if ok:
         assert r.exit_code == 0, r.output
     return r
-
-
-def one_line(r, code: int = 1) -> str:
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
-    return r.output
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -158,7 +152,7 @@ def test_stores_of_another_plan_or_other_images_are_refused_naming_the_field(sto
     run("extract", *LITE2, *IMAGES[:2], "--limit", 16, *IMAGES[4:], "--out", tmp_path / "limit16")
     for other, field in ((tmp_path / "seed1", "plan.seed"), (tmp_path / "limit16", "num_images")):
         r = run("distill", "--store", stores["lite2"], "--store", other, "--out", tmp_path / "run", *TINY, ok=False)
-        assert f"the stores differ in {field}" in one_line(r)
+        assert f"the stores differ in {field}" in one_line_error(r)
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -166,7 +160,7 @@ def test_stores_of_another_plan_or_other_images_are_refused_naming_the_field(sto
 def test_a_grid_that_differs_without_resample_grid_is_refused_naming_the_teacher(stores, tmp_path):
     r = run("distill", "--store", stores["lite0"], "--store", stores["lite2"], "--out", tmp_path / "run",
             *TINY[:-1], ok=False)
-    out = one_line(r)
+    out = one_line_error(r)
     assert "does not match the teacher grid 3x3 of effnet-lite2" in out and "--image-size 48" in out
 
 
@@ -198,7 +192,7 @@ def test_stores_that_cannot_replay_together_are_refused_before_training(tmp_path
     a = synthetic(tmp_path, "a")
     b = synthetic(tmp_path, "b", teacher="u", **kw)
     r = run("distill", "--store", a, "--store", b, "--out", tmp_path / "run", "--workers", 0, "--quiet", ok=False)
-    assert f"the stores differ in {field} " in one_line(r) and a in r.output and b in r.output
+    assert f"the stores differ in {field} " in one_line_error(r) and a in r.output and b in r.output
 
 
 def test_wds_stores_of_another_shard_size_are_refused(tmp_path):
@@ -270,18 +264,18 @@ def test_a_multi_distiller_has_a_head_per_teacher_and_a_weighted_loss():
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = run("distill", *args, "--out", tmp_path / "run", "--workers", 0, "--quiet", ok=False)
-    assert message in one_line(r)
+    assert message in one_line_error(r)
 
 
 def test_the_same_store_under_two_names_is_refused(tmp_path):
     a = synthetic(tmp_path, "a")
     r = run("distill", "--store", a, "--store", a + "/", "--out", tmp_path / "run", "--quiet", ok=False)
-    assert f"--store {a}/ is the same store as --store {a}" in one_line(r)
+    assert f"--store {a}/ is the same store as --store {a}" in one_line_error(r)
 
 
 def test_several_stores_round_trip_through_the_settings_file(tmp_path, monkeypatch):
     from fdpipe.distill.settings import DistillConfig
-    from fdpipe.options import write_settings
+    from fdpipe.training import write_settings
 
     seen = []
     monkeypatch.setattr("fdpipe.distill.train.distill", lambda cfg: seen.append(cfg) or {})

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from fdpipe.analyze.settings import AnalyzeConfig
 from fdpipe.distill.settings import DistillConfig
 from fdpipe.extract.settings import ExtractConfig
 from fdpipe.finetune.settings import FinetuneConfig
-from fdpipe.options import usable_cpus, write_settings
+from fdpipe.options import usable_cpus
+from fdpipe.training import write_settings
 
 BIN = Path(sys.executable).parent
 
@@ -52,12 +54,6 @@ def parse(cli, monkeypatch, tmp_path):
         return seen[0]
 
     return run
-
-
-def one_line_error(r, code: int = 1) -> str:
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
-    return r.output
 
 
 # ------------------------------------------------------------------------------------- flags and their defaults

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shard_rows, store_settings, whitened, write_store
+from conftest import one_line_error, shard_rows, store_settings, whitened, write_store
 from fdpipe.store import StoreWriter, open_store, shard_range
 from fdpipe.store.fs import effective_options
 
@@ -217,14 +217,14 @@ def test_a_location_survives_pickling_and_forking(s3):
 @pytest.fixture(scope="module")
 def reference_stores(photo_dir, tmp_path_factory):
     """Uninterrupted local extractions (in a subprocess, like the crashed runs), one per layout, made once."""
-    from test_extract import _extract_cmd
+    from test_extract import extract_cmd
 
     made: dict[str, Path] = {}
 
     def get(layout: str) -> Path:
         if layout not in made:
             made[layout] = tmp_path_factory.mktemp("ref") / layout
-            subprocess.run(_extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
+            subprocess.run(extract_cmd(photo_dir, made[layout], "--format", layout), check=True)
         return made[layout]
 
     return get
@@ -238,12 +238,12 @@ def reference_stores(photo_dir, tmp_path_factory):
 ])
 def test_sigkill_during_an_s3_extract_then_rerun_gives_the_uninterrupted_store(cli, s3, photo_dir, reference_stores,
                                                                                layout, when, target):
-    from test_extract import KILLER, _extract_cmd
+    from test_extract import KILLER, extract_cmd
 
     ref = reference_stores(layout)
     remote = s3.url("crashed")
     # one commit thread: shards commit in order, so the shards before the killed one are committed at the kill
-    cmd = _extract_cmd(photo_dir, remote, "--format", layout, "--storage-options", s3.options_json,
+    cmd = extract_cmd(photo_dir, remote, "--format", layout, "--storage-options", s3.options_json,
                        "--commit-workers", "1")
     p = subprocess.run([sys.executable, "-c", KILLER, when, target, *cmd[1:]], capture_output=True)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
@@ -289,14 +289,14 @@ def test_store_commands_work_on_s3(cli, s3, make_store, tmp_path):
 
 
 def test_merge_on_s3_and_storage_options_from_the_environment(cli, s3, tmp_path, monkeypatch):
-    from test_store_commands import _part
+    from test_store_commands import part_store
 
     full = store_settings("wds", "float16", n=5, s=2)
     targets = whitened(np.random.default_rng(1), (5, 2, 4, 8))
     one = str(tmp_path / "one")
     write_store(one, full, targets)
-    _part(str(tmp_path / "a"), full, targets, 0, 3, 2, "wds", "float16")
-    _part(str(tmp_path / "b"), full, targets, 3, 5, 2, "wds", "float16")
+    part_store(str(tmp_path / "a"), full, targets, 0, 3, 2, "wds", "float16")
+    part_store(str(tmp_path / "b"), full, targets, 3, 5, 2, "wds", "float16")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # s3fs reads credentials and the endpoint from the env too
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
@@ -307,12 +307,6 @@ def test_merge_on_s3_and_storage_options_from_the_environment(cli, s3, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def _one_line(r):
-    assert r.exit_code == 1, r.output
-    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
-    return r.output
-
-
 @pytest.fixture
 def iam_auth():
     """Make the server check credentials (moto accepts any by default); the test's own keys are then unknown."""
@@ -331,7 +325,7 @@ def test_wrong_credentials_are_one_line(cli, s3, make_store, tmp_path, iam_auth)
     for args in (["store", "info", s3.url("s")], ["store", "ls", s3.url("s")],
                  ["store", "convert", url, s3.url("c"), "--format", "wds"],
                  ["distill", "--store", s3.url("s"), "--out", tmp_path / "run"]):
-        out = _one_line(cli(*args, "--storage-options", so))
+        out = one_line_error(cli(*args, "--storage-options", so))
         assert f"access denied to s3://{s3.bucket}/" in out and "check the credentials" in out, out
 
 
@@ -341,7 +335,7 @@ def test_a_bucket_that_does_not_exist_is_one_line(cli, s3, make_store, photo_dir
     for args in (["store", "info", "s3://no-such-bucket/s"], ["store", "verify", "s3://no-such-bucket/s"],
                  ["store", "convert", url, "s3://no-such-bucket/c", "--format", "wds"],
                  ["extract", *EXTRACT, "--data", photo_dir, "--out", "s3://no-such-bucket/s"]):
-        out = _one_line(cli(*args, *so))
+        out = one_line_error(cli(*args, *so))
         assert "bucket 'no-such-bucket' does not exist" in out and "create it or fix the URL" in out, out
 
 
@@ -355,7 +349,7 @@ def test_an_unreachable_endpoint_fails_fast_in_one_line(cli):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     so = json.dumps({"key": "x", "secret": "y", "client_kwargs": {"endpoint_url": endpoint}})  # default timeouts
     t0 = time.time()
-    out = _one_line(cli("store", "info", "s3://bucket/store", "--storage-options", so))
+    out = one_line_error(cli("store", "info", "s3://bucket/store", "--storage-options", so))
     assert time.time() - t0 < 20
     assert f"cannot reach {endpoint} for s3://bucket/store" in out and "check the endpoint URL" in out
 
@@ -369,7 +363,7 @@ def test_a_server_that_never_answers_fails_within_the_timeouts(cli):
         so = json.dumps({"key": "x", "secret": "y", "client_kwargs": {"endpoint_url": endpoint},
                          "config_kwargs": {"connect_timeout": 1, "read_timeout": 1}})
         t0 = time.time()
-        out = _one_line(cli("store", "verify", "s3://bucket/store", "--storage-options", so))
+        out = one_line_error(cli("store", "verify", "s3://bucket/store", "--storage-options", so))
         assert time.time() - t0 < 30
     assert f"cannot reach {endpoint}" in out
 
@@ -428,11 +422,11 @@ def stoppable_s3():
 @pytest.mark.slow
 def test_a_stalled_endpoint_stops_extract_and_distill_in_one_line_and_a_rerun_resumes(cli, stoppable_s3, photo_dir,
                                                                                       reference_stores):
-    from test_extract import _extract_cmd
+    from test_extract import extract_cmd
 
     server, endpoint, so = stoppable_s3
     remote = "s3://stall/store"
-    cmd = _extract_cmd(photo_dir, remote, "--format", "wds", "--storage-options", json.dumps(so),
+    cmd = extract_cmd(photo_dir, remote, "--format", "wds", "--storage-options", json.dumps(so),
                        "--commit-workers", "1")
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", STALLER, str(server.pid), "index/part-00001", *cmd[1:]],

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shard_rows, store_settings, whitened, write_store
+from conftest import one_line_error, shard_rows, store_settings, whitened, write_store
 from fdpipe.errors import IncompleteStoreError, StoreError
 from fdpipe.store import StoreWriter, open_store
-from fdpipe.store.manifest import canonical, checksum, fingerprint
+from fdpipe.store.manifest import checksum, fingerprint
 
 LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
 
@@ -196,8 +196,7 @@ def test_fingerprint_ignores_time_but_checksum_does_not(make_store):
 # ------------------------------------------------------------------------------------------------------ bad input
 def test_nonexistent_store_is_one_line_exit_1(cli, tmp_path):
     r = cli("store", "info", tmp_path / "nope")
-    assert r.exit_code == 1 and "no store at" in r.output and "Traceback" not in r.output
-    assert len(r.output.strip().splitlines()) == 1
+    one_line_error(r, "no store at")
 
 
 def test_other_kind_of_directory_is_refused(cli, tmp_path):
@@ -207,23 +206,12 @@ def test_other_kind_of_directory_is_refused(cli, tmp_path):
     assert r.exit_code == 1 and "is not an fdpipe store" in r.output
 
 
-def test_unknown_format_version_is_refused_with_upgrade_hint(make_store, cli):
-    url, _, _ = make_store()
-    path = Path(url) / "manifest.json"
-    m = json.loads(path.read_text())
-    m["format_version"] = 99
-    m["checksum"] = checksum(m)
-    path.write_bytes(canonical(m))
-    r = cli("store", "info", url)
-    assert r.exit_code == 1 and "format_version 99" in r.output and "upgrade fdpipe" in r.output
-
-
 def test_truncated_parquet_is_named(make_store, cli):
     url, _, _ = make_store("wds", "float16")
     part = Path(url) / "index" / "part-00001.parquet"
     part.write_bytes(part.read_bytes()[:100])
     r = cli("store", "verify", url)
-    assert r.exit_code == 1 and "index/part-00001.parquet" in r.output and "Traceback" not in r.output
+    one_line_error(r, "index/part-00001.parquet")
     with pytest.raises(StoreError, match="part-00001.parquet is not a readable parquet"):
         open_store(url).index_part(1)
 

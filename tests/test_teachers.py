@@ -26,7 +26,7 @@ from fdpipe.models import (  # noqa: E402
     matching_image_size,
 )
 from fdpipe.models import teachers as teachers_module  # noqa: E402
-from fdpipe.models.weights import _create  # noqa: E402
+from fdpipe.models.weights import create_timm  # noqa: E402
 
 IN_MEAN, CLIP_MEAN, HALF = (0.485, 0.456, 0.406), (0.48145466, 0.4578275, 0.40821073), (0.5, 0.5, 0.5)
 
@@ -53,14 +53,14 @@ def _load_on_meta(name: str, timm_name: str, weights: object, image_size: int | 
                   **kwargs: object) -> tuple[nn.Module, str]:
     """The real architecture built on the meta device: shapes without weights, in a blink."""
     with torch.device("meta"):
-        return _create(timm_name, image_size, pretrained=False, **kwargs), "0" * 64
+        return create_timm(timm_name, image_size, pretrained=False, **kwargs), "0" * 64
 
 
 @pytest.fixture
 def on_meta(monkeypatch):
     """create_teacher(..., device="meta") with only the weights left out: alias resolution, the image size and the
     Teacher's probe (which sets T, C, grid and prefix count) run as they do for real weights."""
-    monkeypatch.setattr(teachers_module, "_load_pretrained", _load_on_meta)
+    monkeypatch.setattr(teachers_module, "load_pretrained", _load_on_meta)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_new_alias_offline_without_weights_names_all_three_ways(alias):
 def test_dinov2_reg_alias_with_random_518_weights_runs_at_224(tmp_path, monkeypatch):
     """Weights shaped like the released ones (37x37 position table) load into the 224 px alias, as meta shapes say."""
     with monkeypatch.context() as m:
-        m.setattr(teachers_module, "_load_pretrained", _load_on_meta)
+        m.setattr(teachers_module, "load_pretrained", _load_on_meta)
         meta = create_teacher("dinov2-b-reg", device="meta").info
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False)  # 518 px, as released
@@ -245,9 +245,9 @@ def test_effnet_lite2_at_its_default_260px_gives_9x9_grid_of_1280_channels_no_pr
 
 def test_effnet_lite2_state_dict_with_a_mismatched_shape_is_refused_in_one_line(lite2_file, tmp_path):
     """Keys differ from timm's, so tensors pair by position; one tensor of another shape refuses the file."""
-    from fdpipe.models.weights import _read_state_dict
+    from fdpipe.models.weights import read_state_dict
 
-    sd = _read_state_dict(Path(lite2_file))
+    sd = read_state_dict(Path(lite2_file))
     key = list(sd)[10]
     sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:])
     path = tmp_path / "bad-lite2.pth"
@@ -292,12 +292,12 @@ COSINE = 0.9999  # per token, fdpipe's targets against an independent implementa
 def test_clip_alias_runs_quickgelu_over_the_same_openai_weights_file(alias):
     """OpenAI trained CLIP with QuickGELU: the alias is timm's quickgelu variant, whose weights file (and Hugging Face
     cache entry) is the GELU model's."""
-    from fdpipe.models.weights import _model_activation
+    from fdpipe.models.weights import model_activation
 
     gelu_name = OPENAI_CLIP_ALIASES[alias]
     with torch.device("meta"):
-        model = _create(TEACHERS[alias], None, pretrained=False)
-    assert _model_activation(model) == "QuickGELU"
+        model = create_timm(TEACHERS[alias], None, pretrained=False)
+    assert model_activation(model) == "QuickGELU"
     cfg, gelu_cfg = (timm.models.get_pretrained_cfg(n) for n in (TEACHERS[alias], gelu_name))
     assert TEACHERS[alias].endswith(".openai") and cfg.hf_hub_id == gelu_cfg.hf_hub_id
     assert (cfg.mean, cfg.std, cfg.input_size) == (gelu_cfg.mean, gelu_cfg.std, gelu_cfg.input_size)

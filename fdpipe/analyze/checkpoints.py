@@ -78,7 +78,7 @@ def parse_checkpoint(text: str) -> CheckpointSpec:
     return CheckpointSpec(text, source, weights)
 
 
-def _labels(specs: list[CheckpointSpec]) -> list[str]:
+def checkpoint_labels(specs: list[CheckpointSpec]) -> list[str]:
     """Short unique names for plots: a path's last component (keeping '@init'), a name as written."""
     out: list[str] = []
     for s in specs:
@@ -129,7 +129,7 @@ def _read_config(spec: CheckpointSpec) -> tuple[Path, dict[str, Any]]:
     return cfg_path.parent, config
 
 
-def _recorded_seed(config: dict[str, Any]) -> int | None:
+def recorded_seed(config: dict[str, Any]) -> int | None:
     """The seed a distill run created its student from; None for other runs (a fine-tune starts from weights)."""
     fd = config.get("fdpipe")
     if not isinstance(fd, dict) or fd.get("stage") != "distill":
@@ -166,7 +166,7 @@ def _build(spec: CheckpointSpec, image_size: int | None, seed: int) -> tuple[nn.
         run_dir, config = _read_config(spec)
         info.update(run_dir=run_dir, config=config, architecture=config["architecture"])
         if spec.init:
-            s = _recorded_seed(config)
+            s = recorded_seed(config)
             info["init_seed"] = seed if s is None else s
             args = {**config.get("model_args", {}), **size}
             check_model_size(args, str(run_dir / "config.json"))

@@ -9,7 +9,7 @@ import torch
 from ..errors import FdpipeError
 from .attention import attention_distance, capture_attention, head_cosine_similarity, mean_attention_map
 from .checkpoints import Loaded
-from .images import Images, _batches
+from .images import Images, image_batches
 
 
 def uniform_distance(grid: tuple[int, int]) -> float:
@@ -25,7 +25,7 @@ def attention_stats(ck: Loaded, images: Images, batch_size: int, device: torch.d
     cos: list[float] = []
     maps: list[torch.Tensor] = []
     seen = 0
-    for x in _batches(images, ck.transform, batch_size):
+    for x in image_batches(images, ck.transform, batch_size):
         b = x.shape[0]
         try:
             attn = capture_attention(ck.model, x.to(device))

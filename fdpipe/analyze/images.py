@@ -55,7 +55,8 @@ def load_images(spec: str, n: int) -> Images:
     return Images(keys, images, labels, skipped, source.spec)
 
 
-def _batches(images: Images, transform: ViewTransform, batch_size: int):
+def image_batches(images: Images, transform: ViewTransform, batch_size: int):
+    """The images as batches of `transform`ed tensors, in order (diagnostics and the landscape read them alike)."""
     for start in range(0, len(images.images), batch_size):
         chunk = images.images[start:start + batch_size]
         yield torch.stack([transform(im, centre_square(im.height, im.width)) for im in chunk])

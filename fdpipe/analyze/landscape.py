@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import FdpipeError
 from .attention import loss_landscape
 from .checkpoints import Loaded
-from .images import Images, _batches
+from .images import Images, image_batches
 from .settings import AnalyzeConfig
 
 
@@ -42,7 +42,7 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
         y = torch.tensor(images.labels, dtype=torch.long)
 
         def ce_inputs(ck: Loaded) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            xs = list(_batches(images, ck.transform, cfg.batch_size))
+            xs = list(image_batches(images, ck.transform, cfg.batch_size))
             return [(x, y[i * cfg.batch_size:i * cfg.batch_size + len(x)]) for i, x in enumerate(xs)]
 
         return LandscapeData("ce", {"loss": "cross-entropy", "data": images.spec, "images": len(images.images)},

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..runtime import atomic_write_bytes, atomic_write_json, progress, resolve_device
-from .checkpoints import _labels, load_checkpoint, parse_checkpoint
+from .checkpoints import checkpoint_labels, load_checkpoint, parse_checkpoint
 from .diagnostics import attention_stats
 from .images import load_images
 from .landscape import landscape_data, landscape_for
@@ -52,7 +52,7 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
     t0 = time.time()
     device = resolve_device(cfg.device)
     specs = [parse_checkpoint(c) for c in cfg.checkpoints]
-    labels = _labels(specs)
+    labels = checkpoint_labels(specs)
     data_spec = cfg.data
     if data_spec is None:
         from ..store import open_store

@@ -41,13 +41,13 @@ import fsspec
 
 from fdpipe.errors import FdpipeError
 
-from .decode import (ImageDecodeError, ImageError, ImageReadError, Sample, _is_utf8, _one_line, decode_rgb,
-                     encoded_image, image_sha256, key_problem, original_size, sanitize_key)
-from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _FASHION_MNIST_SIZES, FashionMnistSource,
-                            _fashion_mnist_dir)
-from .folder import IMAGE_EXTENSIONS, FolderSource, _find_images
+from .decode import (ImageDecodeError, ImageError, ImageReadError, Sample, decode_rgb, encoded_image, image_sha256,
+                     is_utf8, key_problem, one_line, original_size, sanitize_key)
+from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_SIZES, FashionMnistSource,
+                            fashion_mnist_dir)
+from .folder import IMAGE_EXTENSIONS, FolderSource, find_images
 from .listfile import ListSource
-from .source import ImageSource, _is_local, _local_or_url
+from .source import ImageSource, is_local, local_or_url
 from .wds import WDS_IMAGE_EXTENSIONS, WdsSource
 
 __all__ = [
@@ -96,7 +96,7 @@ def _absolute(spec: str) -> str:
 
 def _is_root(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     """Whether `path` is a local file system's root (`/`, or a link to it)."""
-    if not _is_local(fs):
+    if not is_local(fs):
         return False
     real = os.path.realpath(path)
     return os.path.dirname(real) == real
@@ -148,16 +148,16 @@ def open_source(
     if limit is not None and limit < 0:
         raise FdpipeError(f"limit must be >= 0, got {limit}")
     spec = spec.strip()
-    if not _is_utf8(spec):  # a path of other bytes: the store records each image's location as UTF-8 text
+    if not is_utf8(spec):  # a path of other bytes: the store records each image's location as UTF-8 text
         raise FdpipeError(f"image source {spec!r}: the path is not valid UTF-8, which a store cannot record; rename it")
     so = dict(storage_options or {})
 
     builtin = _BUILTIN.match(spec)
     if builtin:
         chosen = builtin.group("split") or split
-        if chosen not in _FASHION_MNIST_SIZES:
+        if chosen not in FASHION_MNIST_SIZES:
             raise FdpipeError(f"fashion-mnist has no split {chosen!r}; use train or test")
-        return FashionMnistSource(chosen, _fashion_mnist_dir(chosen), limit=limit)
+        return FashionMnistSource(chosen, fashion_mnist_dir(chosen), limit=limit)
 
     full = absolute_spec(spec)  # what the store records
     if _is_glob(spec):
@@ -166,7 +166,7 @@ def open_source(
         if not matches:
             raise FdpipeError(f"no images at {spec}: the pattern matches no files; check it")
         if all(m.lower().endswith(".tar") for m in matches):
-            return WdsSource(full, [_local_or_url(fs, m) for m in matches], limit=limit, storage_options=so)
+            return WdsSource(full, [local_or_url(fs, m) for m in matches], limit=limit, storage_options=so)
         raise FdpipeError(f"{spec}: glob patterns are supported for .tar shards only; point at the folder instead")
 
     if _is_wds_spec(spec):
@@ -178,17 +178,17 @@ def open_source(
     try:
         exists = fs.exists(path)
     except Exception as e:  # noqa: BLE001 - remote filesystems raise credential and network errors here
-        raise FdpipeError(f"cannot reach {spec}: {_one_line(e)}; check the URL and storage options") from e
+        raise FdpipeError(f"cannot reach {spec}: {one_line(e)}; check the URL and storage options") from e
     if not exists:
         raise _no_path(spec)
     if fs.isdir(path):
         if _is_root(fs, path):
             raise FdpipeError(f"image source {spec}: that is the file system's root, not a folder of images (fdpipe "
                               "would walk every file of the machine); point at the folder of images")
-        if not _find_images(fs, path):
+        if not find_images(fs, path):
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(".tar"))
             if tars:
-                return WdsSource(full, [_local_or_url(fs, t) for t in tars], limit=limit, storage_options=so)
+                return WdsSource(full, [local_or_url(fs, t) for t in tars], limit=limit, storage_options=so)
         return FolderSource(full, fs, path, limit=limit)
     if path.lower().endswith((".parquet", ".csv")):
         return ListSource(full, fs, path, limit=limit, storage_options=so)

@@ -33,7 +33,8 @@ class ImageDecodeError(ImageError):
     """The bytes are there but are not a decodable image (truncated, empty, not an image)."""
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
+    """`text` with its whitespace runs (newlines too) as single spaces: an error message stays one line."""
     return " ".join(str(text).split())
 
 
@@ -66,7 +67,7 @@ def _short_hash(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
-def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
+def unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
     """Resolve key collisions deterministically. `entries` holds (sanitized key, extension, identity) per image.
 
     Colliding keys first get their extension appended (`a.jpg`, `a.png` -> `a_jpg`, `a_png`); anything still
@@ -74,7 +75,7 @@ def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
     never change, whatever their neighbours are called. An identity listed twice, or a key that cannot be stored
     (`key_problem`), is one FdpipeError line.
     """
-    not_utf8 = next((ident for _, _, ident in entries if not _is_utf8(ident)), None)
+    not_utf8 = next((ident for _, _, ident in entries if not is_utf8(ident)), None)
     if not_utf8 is not None:  # a name of other bytes (os.fsdecode's surrogates): a store records names as UTF-8
         raise FdpipeError(f"image {not_utf8!r}: its name is not valid UTF-8, which a store cannot record; rename it")
     twice = next((ident for ident, c in Counter(ident for _, _, ident in entries).items() if c > 1), None)
@@ -95,7 +96,8 @@ def _unique_keys(entries: Sequence[tuple[str, str, str]]) -> list[str]:
     raise FdpipeError("could not make the image keys unique; rename the images")  # short of a blake2b collision
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (a path of other bytes decodes to lone surrogates, which a store cannot hold)."""
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -103,7 +105,8 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _split_ext(rel: str) -> tuple[str, str]:
+def split_ext(rel: str) -> tuple[str, str]:
+    """(stem, extension without the dot) of a relative path."""
     stem, ext = posixpath.splitext(rel)
     return stem, ext[1:]
 
@@ -152,7 +155,7 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
         try:
             image.load()
         except Exception as e:  # noqa: BLE001 - a lazily opened image can still fail here
-            raise ImageDecodeError(f"cannot decode image: {_one_line(e)}; re-encode or remove the file") from e
+            raise ImageDecodeError(f"cannot decode image: {one_line(e)}; re-encode or remove the file") from e
     else:
         raw = bytes(data)
         image = None
@@ -168,7 +171,7 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
             raise
         except Image.DecompressionBombError as e:  # PIL refuses before decoding: the header's size is absurd
             raise ImageDecodeError(
-                f"cannot decode image: {_one_line(e)} ({len(raw)} bytes); a decompression bomb or a damaged "
+                f"cannot decode image: {one_line(e)} ({len(raw)} bytes); a decompression bomb or a damaged "
                 "header: re-encode it at a sane size or remove it"
             ) from e
         except UnidentifiedImageError as e:
@@ -180,7 +183,7 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
             fmt = getattr(image, "format", None) or "image"
             raise ImageDecodeError(
-                f"cannot decode {fmt}: {_one_line(e)} ({len(raw)} bytes); the file is truncated or corrupt, "
+                f"cannot decode {fmt}: {one_line(e)} ({len(raw)} bytes); the file is truncated or corrupt, "
                 "re-download or remove it"
             ) from e
     try:
@@ -188,7 +191,7 @@ def decode_rgb(data: bytes | Image.Image) -> Image.Image:
     except ImageDecodeError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ImageDecodeError(f"cannot convert {image.mode} image to RGB: {_one_line(e)}") from e
+        raise ImageDecodeError(f"cannot convert {image.mode} image to RGB: {one_line(e)}") from e
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -257,7 +260,7 @@ def original_size(image: Any) -> tuple[int, int]:
             with Image.open(io.BytesIO(bytes(image))) as im:
                 return im.height, im.width
         except Exception as e:  # noqa: BLE001
-            raise ImageDecodeError(f"cannot read the image size: {_one_line(e)}") from e
+            raise ImageDecodeError(f"cannot read the image size: {one_line(e)}") from e
     if isinstance(image, np.ndarray):
         return int(image.shape[0]), int(image.shape[1])
     shape = getattr(image, "shape", None)

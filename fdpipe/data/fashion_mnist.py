@@ -11,14 +11,14 @@ from PIL import Image
 
 from fdpipe.errors import FdpipeError
 
-from .decode import _one_line
-from .source import ImageSource, _apply_limit
+from .decode import one_line
+from .source import ImageSource, apply_limit
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
-_FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
+FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
 _FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 
 
@@ -31,14 +31,14 @@ class FashionMnistSource(ImageSource):
         self.spec, self.limit, self._split = f"fashion-mnist:{split}", limit, split
         self._images_path, labels_path = _fashion_mnist_files(directory, split)
         labels = _read_idx(labels_path, magic=2049)
-        n = _FASHION_MNIST_SIZES[split]
+        n = FASHION_MNIST_SIZES[split]
         if labels.shape != (n,):
             raise FdpipeError(f"{labels_path} holds {labels.shape[0]} labels, expected {n}; reinstall the dataset")
         self.labels = [int(v) for v in labels]
         self.classes = list(FASHION_MNIST_CLASSES)
         self.keys = [f"fashion-mnist/{split}/{i:05d}" for i in range(n)]
         self._images: np.ndarray | None = None
-        _apply_limit(limit, self.keys, self.labels)
+        apply_limit(limit, self.keys, self.labels)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None}
@@ -65,7 +65,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise FdpipeError(f"cannot read {path}: {_one_line(e)}; reinstall the dataset") from e
+        raise FdpipeError(f"cannot read {path}: {one_line(e)}; reinstall the dataset") from e
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
     if found != magic:
         raise FdpipeError(f"{path} is not an idx file (magic {found}, expected {magic}); reinstall the dataset")
@@ -93,7 +93,7 @@ def _has_fashion_mnist(directory: Path, split: str) -> bool:
     )
 
 
-def _fashion_mnist_dir(split: str) -> Path:
+def fashion_mnist_dir(split: str) -> Path:
     """$FDPIPE_DATA (itself, or its fashion-mnist/ folder), then the Debian package, then a torchvision download."""
     candidates: list[Path] = []
     env = os.environ.get("FDPIPE_DATA")
@@ -113,7 +113,7 @@ def _fashion_mnist_dir(split: str) -> Path:
     except Exception as e:  # noqa: BLE001 - offline: URLError, socket errors, ...
         raise FdpipeError(
             "fashion-mnist is not installed and could not be downloaded "
-            f"({_one_line(e)[:120]}); install the Debian package dataset-fashion-mnist or set FDPIPE_DATA "
+            f"({one_line(e)[:120]}); install the Debian package dataset-fashion-mnist or set FDPIPE_DATA "
             "to a folder holding the four *-idx?-ubyte.gz files"
         ) from e
     if not _has_fashion_mnist(cache / "FashionMNIST" / "raw", split):

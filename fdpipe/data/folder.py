@@ -8,8 +8,8 @@ import fsspec
 
 from fdpipe.errors import FdpipeError
 
-from .decode import _split_ext, _unique_keys, sanitize_key
-from .source import ImageSource, _apply_limit, _local_or_url, _read_bytes
+from .decode import split_ext, unique_keys, sanitize_key
+from .source import ImageSource, apply_limit, local_or_url, read_bytes
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -19,7 +19,7 @@ class FolderSource(ImageSource):
 
     def __init__(self, spec: str, fs: fsspec.AbstractFileSystem, root: str, limit: int | None = None):
         self.spec, self._fs, self._root, self.limit = spec, fs, root.rstrip("/") or "/", limit
-        rels = sorted(_find_images(fs, self._root))
+        rels = sorted(find_images(fs, self._root))
         if not rels:
             raise FdpipeError(
                 f"no images at {spec}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} files; "
@@ -33,22 +33,22 @@ class FolderSource(ImageSource):
         else:
             self.classes = None
             self.labels = [None] * len(rels)
-        entries = [(sanitize_key(stem), ext, rel) for stem, ext, rel in ((*_split_ext(r), r) for r in rels)]
-        self.keys = _unique_keys(entries)
+        entries = [(sanitize_key(stem), ext, rel) for stem, ext, rel in ((*split_ext(r), r) for r in rels)]
+        self.keys = unique_keys(entries)
         self._rels = rels
-        _apply_limit(limit, self.keys, self.labels, self._rels)
+        apply_limit(limit, self.keys, self.labels, self._rels)
 
     def _path(self, i: int) -> str:
         return posixpath.join(self._root, self._rels[i])
 
     def _read(self, i: int) -> bytes:
-        return _read_bytes(self._fs, self._path(i), self.location(i))
+        return read_bytes(self._fs, self._path(i), self.location(i))
 
     def location(self, i: int) -> str:
-        return _local_or_url(self._fs, self._path(i))
+        return local_or_url(self._fs, self._path(i))
 
 
-def _find_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+def find_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Relative '/'-separated paths of the image files under root, skipping hidden files and folders, and what is
     not a regular file (a FIFO named x.png blocks its reader forever; a device, a socket)."""
     rels = []
@@ -59,6 +59,6 @@ def _find_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
         if any(part.startswith(".") for part in rel.split("/")):
             continue
-        if _split_ext(rel)[1].lower() in IMAGE_EXTENSIONS:
+        if split_ext(rel)[1].lower() in IMAGE_EXTENSIONS:
             rels.append(rel)
     return rels

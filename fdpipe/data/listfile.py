@@ -8,10 +8,10 @@ import fsspec
 
 from fdpipe.errors import FdpipeError
 
-from .decode import _one_line, _split_ext, _unique_keys, sanitize_key
+from .decode import one_line, sanitize_key, split_ext, unique_keys
 from fdpipe.files import NotRegularFileError, open_regular
 
-from .source import ImageSource, _apply_limit, _encode_labels, _is_local, _local_or_url, _read_bytes
+from .source import ImageSource, apply_limit, encode_labels, is_local, local_or_url, read_bytes
 
 
 class ListSource(ImageSource):
@@ -41,7 +41,7 @@ class ListSource(ImageSource):
         if bad:  # no file system names a file so: os.stat raises ValueError
             raise FdpipeError(f"{spec} row {bad[0]}: the path holds a NUL byte, which no file name can; fix the row")
         raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
-        self.labels, self.classes = _encode_labels(raw_labels, lambda i: f"{spec} row {i}")
+        self.labels, self.classes = encode_labels(raw_labels, lambda i: f"{spec} row {i}")
         base_dir = posixpath.dirname(list_path)
         self._urls = [self._resolve(fs, base_dir, p.strip()) for p in paths]
         if "key" in table.column_names:  # keys as given, made safe: no dots, no leading '/', no empty parts
@@ -54,19 +54,19 @@ class ListSource(ImageSource):
                     raise FdpipeError(f"{spec} lists {paths[i].strip()!r} twice (rows {first[url]} and {i}); "
                                       "list each image once, or give each row its own 'key'")
             entries = [(sanitize_key(stem), ext, p) for p in paths for stem, ext in [_key_stem(p)]]
-        self.keys = _unique_keys(entries)
-        _apply_limit(limit, self.keys, self.labels, self._urls)
+        self.keys = unique_keys(entries)
+        apply_limit(limit, self.keys, self.labels, self._urls)
 
     @staticmethod
     def _resolve(fs: fsspec.AbstractFileSystem, base_dir: str, path: str) -> str:
         if "://" in path or path.startswith("/"):
             return path
-        return _local_or_url(fs, posixpath.normpath(posixpath.join(base_dir, path)))
+        return local_or_url(fs, posixpath.normpath(posixpath.join(base_dir, path)))
 
     def _read(self, i: int) -> bytes:
         url = self._urls[i]
         fs, path = fsspec.core.url_to_fs(url, **self._storage_options)
-        return _read_bytes(fs, path, url)
+        return read_bytes(fs, path, url)
 
     def location(self, i: int) -> str:
         return self._urls[i]
@@ -79,7 +79,7 @@ def _key_stem(path: str) -> tuple[str, str]:
     if "://" in path:
         path = path.split("://", 1)[1]
     path = posixpath.normpath(path).lstrip("/")
-    stem, ext = _split_ext(path)
+    stem, ext = split_ext(path)
     return stem, ext
 
 
@@ -89,7 +89,7 @@ def _read_table(fs: fsspec.AbstractFileSystem, path: str, spec: str):
     import pyarrow.parquet as pq
 
     try:
-        with open_regular(path) if _is_local(fs) else fs.open(path, "rb") as f:  # a FIFO would block forever
+        with open_regular(path) if is_local(fs) else fs.open(path, "rb") as f:  # a FIFO would block forever
             if path.lower().endswith(".parquet"):
                 return pq.read_table(pa.BufferReader(f.read()))  # see fdpipe.store.index.decode
             return pacsv.read_csv(pa.BufferReader(f.read()))
@@ -98,4 +98,4 @@ def _read_table(fs: fsspec.AbstractFileSystem, path: str, spec: str):
     except NotRegularFileError as e:
         raise FdpipeError(f"the file list {spec} {e}; point at a CSV or parquet file") from None
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid & co for malformed files
-        raise FdpipeError(f"cannot read the file list {spec}: {_one_line(e)}; fix or regenerate it") from e
+        raise FdpipeError(f"cannot read the file list {spec}: {one_line(e)}; fix or regenerate it") from e

@@ -12,10 +12,10 @@ from PIL import Image
 
 from ..errors import FdpipeError
 from ..options import MAX_CLASSES
-from .decode import ImageReadError, Sample, _one_line
+from .decode import ImageReadError, Sample, one_line
 
 
-def _encode_labels(raw: Sequence[Any], name: Callable[[int], str]) -> tuple[list[int | None], list[str] | None]:
+def encode_labels(raw: Sequence[Any], name: Callable[[int], str]) -> tuple[list[int | None], list[str] | None]:
     """Integers stay as they are; strings become sorted class names -> 0..K-1; None and '' stay None.
 
     An integer label is a class index, so it must be one a head can have (0 to MAX_CLASSES - 1): a label of 10^12
@@ -86,30 +86,33 @@ class ImageSource:
         return f"{type(self).__name__}({self.spec!r}, images={len(self)}, num_classes={self.num_classes})"
 
 
-def _apply_limit(limit: int | None, *lists: list) -> None:
+def apply_limit(limit: int | None, *lists: list) -> None:
+    """Cut each of a source's parallel lists (keys, labels, locations) to its first `limit` entries, in place."""
     if limit is None:
         return
     for lst in lists:
         del lst[limit:]
 
 
-def _read_bytes(fs: fsspec.AbstractFileSystem, path: str, where: str) -> bytes:
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, where: str) -> bytes:
     """The file's bytes; a local path that is not a regular file (a FIFO would block forever) is an ImageReadError."""
     try:
-        if _is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+        if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
             raise ImageReadError(f"cannot read image {where}: not a regular file (a FIFO, device or folder); "
                                  "remove it from the list")
         return fs.cat_file(path)
     except FileNotFoundError as e:
         raise ImageReadError(f"no image at {where}: the file is gone; restore it or reopen the source") from e
     except OSError as e:
-        raise ImageReadError(f"cannot read image {where}: {_one_line(e)}") from e
+        raise ImageReadError(f"cannot read image {where}: {one_line(e)}") from e
 
 
-def _local_or_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
+def local_or_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A found file as a source records it: the path on a local file system, the full URL on a remote one."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local file system (where FIFOs and devices can stand in for files)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

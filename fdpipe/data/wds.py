@@ -13,8 +13,8 @@ import fsspec
 
 from fdpipe.errors import FdpipeError
 
-from .decode import ImageReadError, Sample, _one_line, _unique_keys, sanitize_key
-from .source import ImageSource, _apply_limit, _encode_labels
+from .decode import ImageReadError, Sample, one_line, sanitize_key, unique_keys
+from .source import ImageSource, apply_limit, encode_labels
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 _WDS_SKIP_META = re.compile(r"__[^/]*__($|/)")  # the members webdataset itself skips
@@ -60,10 +60,10 @@ class WdsSource(ImageSource):
             )
         self._members = members
         labels_raw = [None if c is None else c.decode("utf-8", "replace").strip() for c in raw_cls]
-        self.labels, self.classes = _encode_labels(labels_raw, lambda i: f"{urls[members[i].shard]}#{raw_keys[i]}")
+        self.labels, self.classes = encode_labels(labels_raw, lambda i: f"{urls[members[i].shard]}#{raw_keys[i]}")
         entries = [(sanitize_key(k), "", f"{urls[m.shard]}#{k}") for k, m in zip(raw_keys, members)]
-        self.keys = _unique_keys(entries)
-        _apply_limit(limit, self.keys, self.labels, self._members)
+        self.keys = unique_keys(entries)
+        apply_limit(limit, self.keys, self.labels, self._members)
 
     def _fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(url, **self._storage_options)
@@ -125,7 +125,7 @@ class WdsSource(ImageSource):
         except FileNotFoundError as e:
             raise FdpipeError(f"no images at {url}: the shard does not exist; check the shard pattern") from e
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise FdpipeError(f"cannot read shard {url}: {_one_line(e)}; the tar is corrupt, rebuild it") from e
+            raise FdpipeError(f"cannot read shard {url}: {one_line(e)}; the tar is corrupt, rebuild it") from e
 
     def _read(self, i: int) -> bytes:
         m = self._members[i]
@@ -136,7 +136,7 @@ class WdsSource(ImageSource):
         except FileNotFoundError as e:
             raise ImageReadError(f"no image at {url}#{m.name}: the shard is gone; restore it") from e
         except OSError as e:
-            raise ImageReadError(f"cannot read {url}#{m.name}: {_one_line(e)}") from e
+            raise ImageReadError(f"cannot read {url}#{m.name}: {one_line(e)}") from e
         if len(data) != m.size:
             raise ImageReadError(f"{url}#{m.name} is shorter than its tar header says; the shard changed, reopen it")
         return data

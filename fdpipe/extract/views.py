@@ -53,9 +53,10 @@ class PlanViews(Dataset):
                     for v in range(self.plan.views)]
             return ImageViews(i, key, label, None, rows)
         h, w = image.height, image.width
-        params = [self.plan.sample(key, v, (h, w)) for v in range(self.plan.views)]
-        rows = [dict(base, view=v, seed=self.plan.view_seed(key, v), **p.to_dict(), orig_height=h, orig_width=w,
-                     image_sha256=sha, status="ok") for v, p in enumerate(params)]
+        seeds = [self.plan.view_seed(key, v) for v in range(self.plan.views)]
+        params = [self.plan.sample_seeded(s, (h, w)) for s in seeds]
+        rows = [dict(base, view=v, seed=s, **p.to_dict(), orig_height=h, orig_width=w, image_sha256=sha,
+                     status="ok") for v, (s, p) in enumerate(zip(seeds, params))]
         pixels = [torch.stack([tf.pixels(image, p) for p in params]) for tf in self.transforms]
         return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None)
 

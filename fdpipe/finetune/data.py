@@ -7,7 +7,6 @@ So DataLoader workers, DDP ranks and a resume all see the same samples, whatever
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any, Callable, Iterator, Sequence
 
@@ -16,16 +15,16 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data import ImageError, ImageSource, decode_rgb, open_source
-from ..replay.order import epoch_permutation, epoch_rng
+from ..replay import epoch_permutation
 from ..errors import FdpipeError
+from ..seeds import derive_seed, seeded_rng
 
 RANDAUG = "rand-m9-mstd0.5-inc1"  # BEiT / FD fine-tuning's RandAugment policy
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """64-bit seed of one image's augmentation in one epoch."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}/aug".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return derive_seed(seed, epoch, index, "aug")
 
 
 def labelled(labels: Sequence[int | None], spec: str) -> np.ndarray:
@@ -50,7 +49,7 @@ def select_indices(labels: np.ndarray, seed: int, per_class: int | None = None, 
     pool = np.arange(len(labels)) if candidates is None else np.asarray(candidates, dtype=np.int64)
     if per_class is None and limit is None:
         return np.sort(pool)
-    order = pool[epoch_rng(seed, 0, "labelled-subset").permutation(len(pool))]
+    order = pool[seeded_rng(seed, 0, "labelled-subset").permutation(len(pool))]
     if per_class is not None:
         k = num_classes if num_classes is not None else int(labels.max()) + 1
         counts = np.bincount(labels[pool], minlength=k)

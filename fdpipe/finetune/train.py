@@ -16,7 +16,6 @@ Data order and augmentation are pure functions of (seed, epoch, image); the resu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from ..errors import FdpipeError
 from ..models import save_model
 from ..replay import open_replay, student_transform
 from ..runtime import atomic_write_json
+from ..seeds import derive_seed
 from ..training import (LoopSettings, Position, RunFiles, Step, Trainer, barrier, make_schedule, plot_curves,
                         start_run)
 from . import init as inits
@@ -44,7 +44,7 @@ EVAL_CROP = 0.875  # FD's evaluation: resize to 256/224 of the size, centre crop
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{rank}/step".encode(), digest_size=8).digest(), "little")
+    return derive_seed(seed, step, rank, "step")
 
 
 def resolved_recipe(cfg: FinetuneConfig) -> tuple[str, recipes.Recipe]:

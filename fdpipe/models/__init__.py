@@ -15,7 +15,7 @@ from .distiller import Distiller, check_grid, fd_loss
 from .students import (BEIT_ARCH, STUDENTS, StudentSpec, check_model_size, create_student, matching_image_size,
                        num_prefix_tokens, student_grid)
 from .teachers import TEACHERS, WHITENING, Teacher, TeacherInfo, create_teacher, resolve_teacher_name, whiten
-from .weights import _lite0_package_file, file_sha256, state_dict_sha256  # noqa: F401 - bench asks for lite0
+from .weights import file_sha256, state_dict_sha256
 
 __all__ = [
     "TEACHERS", "STUDENTS", "WHITENING", "BEIT_ARCH", "whiten",

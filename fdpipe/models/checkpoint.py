@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,29 +16,18 @@ import timm
 import timm.data
 
 from fdpipe.errors import FdpipeError
+from fdpipe.files import replacing
 from fdpipe.runtime import read_torch
 
-from ._helpers import _first_line, _json_able
+from .helpers import first_line, json_able
 from .students import STUDENTS, StudentSpec, check_model_size, student_grid
-from .weights import _drop_overlay_state_dict, _load_pretrained
+from .weights import drop_overlay_state_dict, load_pretrained
 
 _RESERVED = ("architecture", "model_args", "num_classes", "num_features", "pretrained_cfg", "name", "weights")
 _DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 # what timm's loader adapts a checkpoint by (the input conv, the head to drop for another class count); a
 # local-dir: load reads only this file's pretrained_cfg, not the registry's
 _ADAPT_KEYS = ("fixed_input_size", "first_conv", "classifier")
-
-
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec: StudentSpec,
@@ -63,7 +51,8 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     weights = out / filename
-    _atomic_write_bytes(weights, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata={"format": "pt"}))
+    with replacing(weights) as tmp:
+        safetensors.torch.save_file(sd, tmp, metadata={"format": "pt"})
 
     dc = timm.data.resolve_model_data_config(model)
     gh, gw = student_grid(model) if getattr(model, "patch_embed", None) is not None else (None, None)
@@ -86,8 +75,9 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, filename: str, spec
         "weights": filename,
         **extra,
     }
-    text = json.dumps(_json_able(config), indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    text = json.dumps(json_able(config), indent=2, sort_keys=False) + "\n"
+    with replacing(out / "config.json") as tmp:
+        Path(tmp).write_text(text)
     return weights
 
 
@@ -191,7 +181,7 @@ def load_weights(path: Path) -> dict[str, Any]:
     try:
         return safetensors.torch.load_file(str(path))
     except safetensors.SafetensorError as e:
-        raise FdpipeError(f"{path} is not a whole safetensors file ({_first_line(e)}); re-save the checkpoint") \
+        raise FdpipeError(f"{path} is not a whole safetensors file ({first_line(e)}); re-save the checkpoint") \
             from None
 
 
@@ -210,7 +200,7 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
         try:
             config = json.loads(cfg_path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise FdpipeError(f"{cfg_path} is not a model config ({_first_line(e)}); re-save the checkpoint") from None
+            raise FdpipeError(f"{cfg_path} is not a model config ({first_line(e)}); re-save the checkpoint") from None
         check_config(config, cfg_path)
         arch, model_args = config["architecture"], dict(config.get("model_args") or {})
         weights = p if p.is_file() else p / str(config.get("weights", "student.safetensors"))
@@ -225,23 +215,23 @@ def load_model(source: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, 
                 model = timm.create_model(arch, pretrained=True,
                                           pretrained_cfg_overlay=_overlay(config, weights, args), **args)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({_first_line(e)}); "
+            raise FdpipeError(f"checkpoint {weights} does not load into {arch} ({first_line(e)}); "
                               f"check the overrides") from None
-        _drop_overlay_state_dict(model)
+        drop_overlay_state_dict(model)
         spec = StudentSpec(name=str(config.get("name", arch)), architecture=arch, model_args=args)
         return model, spec, config
     if s.startswith(("hf-hub:", "local-dir:")):
         try:
             model = timm.create_model(s, pretrained=True, **overrides)
         except Exception as e:  # noqa: BLE001
-            raise FdpipeError(f"cannot load '{s}' ({_first_line(e)}); check the name or path") from None
+            raise FdpipeError(f"cannot load '{s}' ({first_line(e)}); check the name or path") from None
         return model, StudentSpec(name=s, architecture=s, model_args=dict(overrides)), {}
     if "/" in s or s.endswith((".safetensors", ".pth", ".pt", ".bin")):
         raise FdpipeError(f"checkpoint not found: {s}; check the path")
     arch, _ = timm.models.split_model_name_tag(s)
     if not timm.is_model(arch):
         raise FdpipeError(f"'{s}' is neither a checkpoint path nor a timm model name; check the name")
-    model, _ = _load_pretrained(s, s, None, None, what="model", **overrides)
+    model, _ = load_pretrained(s, s, None, None, what="model", **overrides)
     return model, StudentSpec(name=s, architecture=arch, model_args=dict(overrides)), {}
 
 
@@ -264,7 +254,8 @@ def save_projector(projector: nn.Module, out_dir: str | os.PathLike, filename: s
     path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
-    _atomic_write_bytes(path, lambda tmp: safetensors.torch.save_file(sd, tmp))
+    with replacing(path) as tmp:
+        safetensors.torch.save_file(sd, tmp)
     return path
 
 

@@ -14,7 +14,7 @@ import timm
 
 from fdpipe.errors import FdpipeError
 
-from ._helpers import _first_line, _json_able
+from .helpers import first_line, json_able
 
 # FD students: a timm Beit with a shared relative position bias, no absolute position embedding, layer scale 0.1 and
 # q/v bias. Drop path (linear over depth) is FD's pretraining rate: 0.2 base, 0.3 large, 0.1 (DeiT's) below (distill's
@@ -94,7 +94,7 @@ class StudentSpec:
         return int(s[0] if isinstance(s, (list, tuple)) else s) if s is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_able(dataclasses.asdict(self))
+        return json_able(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StudentSpec:
@@ -139,7 +139,7 @@ def create_student(name: str, *, image_size: int, patch_size: int | None = None,
     try:
         model = timm.create_model(arch, pretrained=False, **args)
     except TypeError as e:
-        raise FdpipeError(f"'{name}' is not a timm ViT ({_first_line(e)}); students must be ViTs: use one of "
+        raise FdpipeError(f"'{name}' is not a timm ViT ({first_line(e)}); students must be ViTs: use one of "
                           f"{', '.join(STUDENTS)} or a timm ViT name") from None
     if getattr(model, "patch_embed", None) is None:
         raise FdpipeError(f"'{name}' is not a timm ViT (no patch_embed); use one of {', '.join(STUDENTS)} "

@@ -4,10 +4,8 @@ description for the store manifest."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,8 +18,8 @@ import timm.data
 from fdpipe.errors import FdpipeError
 
 from ..store.contract import TeacherInfo
-from ._helpers import _json_able
-from .weights import _load_pretrained
+from .helpers import json_able
+from .weights import load_pretrained
 
 # alias -> timm name. The input contract (size, mean/std, bicubic everywhere) is the weights' pretrained_cfg, except
 # for the size where TEACHER_IMAGE_SIZES says otherwise; each comment gives it and the targets it makes: prefix tokens
@@ -120,7 +118,7 @@ class Teacher(nn.Module):
             tokens, channels = probe.shape[1], probe.shape[2]
         self._info = TeacherInfo(
             alias=alias, timm_name=timm_name, weights_sha256=weights_sha256, layer=layer, target=target,
-            pretrained_cfg=_json_able(pcfg), image_size=image_size, tokens=int(tokens), channels=int(channels),
+            pretrained_cfg=json_able(pcfg), image_size=image_size, tokens=int(tokens), channels=int(channels),
             grid=tuple(int(g) for g in grid), num_prefix_tokens=int(prefix), precision=precision)
 
     @property
@@ -231,7 +229,7 @@ def create_teacher(name: str, *, weights: str | os.PathLike | None = None, image
     timm_name = resolve_teacher_name(name)
     if image_size is None:
         image_size = TEACHER_IMAGE_SIZES.get(name)
-    model, sha = _load_pretrained(name, timm_name, weights, image_size, what="teacher")
+    model, sha = load_pretrained(name, timm_name, weights, image_size, what="teacher")
     if target == "logits" and getattr(model, "num_classes", 0) == 0:
         raise FdpipeError(f"teacher '{name}' has no classifier head; target 'logits' needs one (e.g. deit-b)")
 

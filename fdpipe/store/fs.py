@@ -20,14 +20,14 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, Sequence, TypeVar
 
 import fsspec
 import numpy as np
 from fsspec.core import split_protocol, url_to_fs
 
 from ..errors import StoreError
-from ..files import RefusedFileError, check_regular, open_regular, read_regular, show_bytes
+from ..files import RefusedFileError, check_regular, open_regular, read_regular, show_bytes, write_pieces
 
 CHUNK = 1 << 22
 # The most a manifest, draft or commit marker may hold. A real manifest takes about 500 bytes per zarr shard and
@@ -443,11 +443,19 @@ class StoreLocation:
         tmp = self._tmp_name(rel)
         self.makedirs(rel.rpartition("/")[0])
         digest = Digest()
+
+        def hashed() -> Iterator[Any]:
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                digest.update(piece)
+                yield piece
+
         try:
-            with self.fs.open(self.inside(tmp), "wb") as f:
-                for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
-                    digest.update(piece)
-                    f.write(piece)
+            if self.is_local:  # the one local file writer; the commit below is the rename
+                write_pieces(self.inside(tmp), hashed())
+            else:
+                with self.fs.open(self.inside(tmp), "wb") as f:
+                    for piece in hashed():
+                        f.write(piece)
         except OSError as e:
             _name_the_file(e, self.path(rel))
             raise

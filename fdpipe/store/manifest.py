@@ -40,7 +40,7 @@ from .layouts import LAYOUTS  # noqa: E402 - the layout table, which imports not
 TARGETS = ("features", "logits")
 # Bounds of what a store may claim: far beyond any real store, small enough that nothing sized by a manifest's counts
 # (ls's rows, a reader's arrays) can exhaust a machine.
-MAX_VIEWS = 1024
+from ..augment import MAX_VIEWS  # noqa: E402 - the plan's bound
 MAX_SHARDS = 100_000  # 75 TB at the default 0.75 GiB; `store ls --json` of that many takes ~250 MB
 MAX_TARGET_SIZE = 1 << 24  # values per view (CLIP-L features are 257 x 1024 = 263k)
 # The folders a store's listed files live in (index parts, the zarr group, the wds tars).

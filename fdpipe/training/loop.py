@@ -21,7 +21,7 @@ from ..errors import FdpipeError
 from ..runtime import JsonlLog, Ranks, progress
 from .distributed import all_mean, wrap_ddp
 from .optim import cosine_lr, set_lr
-from .setup import autocast, worker_errors_one_line
+from .setup import autocast, worker_errors_one_line, write_settings
 from .state import KEEP, Position, checkpoint, load_state, position, restore
 
 
@@ -202,7 +202,7 @@ class PendingLog:
 
     def __init__(self, log: JsonlLog, bar: Any, device: torch.device, world: int, fields: dict[str, Any]):
         self.log, self.bar, self.device, self.world, self.fields = log, bar, device, world, fields
-        self.steps: list[tuple[Position, float, dict[str, Any]]] = []
+        self.steps: list[tuple[Position, float, dict[str, Any], list[str]]] = []  # lr, host parts, device parts' names
         self.values: list[torch.Tensor] = []  # per step: loss, grad norm (NaN without clipping), tensor parts
         self.watched: list[tuple[Position, torch.Tensor, Step]] = []  # per micro-batch: loss and target flags
         self.samples, self.t_last = 0, time.time()
@@ -308,8 +308,6 @@ class RunFiles:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.log.path.unlink(missing_ok=True)
         if settings is not None and self.ranks.is_main:
-            from ..options import write_settings
-
             write_settings(settings, self.out / "settings.yaml")
         return pos
 

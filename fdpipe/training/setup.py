@@ -58,6 +58,16 @@ def check_out(out: Path, stage: str, settings: Any, inputs: dict[str, Any]) -> N
         raise FdpipeError(f"--out {out} holds {what}, which fdpipe {stage} would overwrite; choose a new --out")
 
 
+def write_settings(cfg: Any, path: str | Path) -> Path:
+    """Write a run's settings.yaml: the settings dataclass as YAML that `--config` reads back to equal settings
+    (secret fields left out); run_of reads it back to tell whose run a directory holds."""
+    from ..options import settings_yaml
+
+    path = Path(path)
+    path.write_text(settings_yaml(cfg))
+    return path
+
+
 def run_of(out: Path, settings: Any) -> str | None:
     """The command whose run `out` holds: the stage its config.json names (written with the model); for a run that
     stopped before that, ANOTHER when its settings.yaml is not of `settings`' kind (it has fields `settings` lacks,

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The gist of an exception on one line (load_state_dict puts its detail on the second line)."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     if not lines:
@@ -15,11 +15,11 @@ def _first_line(e: BaseException) -> str:
     return s if len(s) <= 300 else s[:297] + "..."
 
 
-def _json_able(x: Any) -> Any:
+def json_able(x: Any) -> Any:
     if isinstance(x, Mapping):
-        return {str(k): _json_able(v) for k, v in x.items()}
+        return {str(k): json_able(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_able(v) for v in x]
+        return [json_able(v) for v in x]
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)

@@ -889,7 +889,6 @@ def _zero_targets(root: Path, fix: bool) -> None:
     from fdpipe.store import StoreWriter, open_store
 
     store = open_store(str(root))
-    m = store.manifest
     out = root.parent / "zeroed"
     w = StoreWriter(str(out), store.settings)
     w.open()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see fdpipe/__init__.py
@@ -127,3 +129,57 @@ def one_line_error(result, *says: str) -> str:
     for text in says:
         assert text in lines[0], out
     return out
+
+
+# ------------------------------------------------------------------------------ shared by several test modules
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+DATA = TESTS / "data"  # files the tests read: recorded numbers, stores written by earlier fdpipe versions
+BIN = Path(sys.executable).parent
+STAGES = {"extract": "fdpipe.extract.loop.extract", "distill": "fdpipe.distill.train.distill",
+          "finetune": "fdpipe.finetune.train.finetune", "analyze": "fdpipe.analyze.run.analyze"}
+
+
+def extract_cmd(data, out, *extra):
+    return [str(BIN / "fdpipe"), "extract", "--teacher", "effnet-lite0", "--data", str(data), "--out", str(out),
+            "--views", "2", "--image-size", "32", "--shard-size", "2", "--workers", "0", "--quiet", *extra]
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from fdpipe.store import fs
+    when, target = sys.argv[1], sys.argv[2]
+    orig_put, orig_commit = fs.StoreLocation.put_atomic, fs.StoreLocation.commit
+    def put_atomic(self, rel, data):
+        if when == "mid-write" and target in rel:
+            tmp = self._tmp_name(rel)
+            self.makedirs(rel.rpartition("/")[0])
+            with self.fs.open(self.path(tmp), "wb") as f:
+                whole = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
+                f.write(whole[: len(whole) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_put(self, rel, data)
+    def commit(self, tmp, rel):
+        orig_commit(self, tmp, rel)
+        if when == "after-commit" and target in rel:
+            os.kill(os.getpid(), signal.SIGKILL)
+    fs.StoreLocation.put_atomic, fs.StoreLocation.commit = put_atomic, commit
+    from fdpipe.cli import main
+    main(sys.argv[3:])
+""")
+
+
+def part_store(url: str, full, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
+    """A store of images [lo, hi) of the full store's images, numbered from 0, as an extraction of that part."""
+    from fdpipe.store import StoreWriter, shard_range
+
+    settings = store_settings(layout, dtype, n=hi - lo, s=shard_size, v=full.views)
+    rows = [r for s in range(-(-full.num_images // full.shard_size)) for r in shard_rows(full, s)]
+    rows = [{**r, "image_idx": r["image_idx"] - lo} for r in rows if lo <= r["image_idx"] < hi]
+    w = StoreWriter(url, settings)
+    w.open()
+    v = full.views
+    for shard in range(w.num_shards):
+        a, b = shard_range(shard, w.s, w.n)
+        w.write_stored(shard, *w.q.quantize(targets[lo + a:lo + b]), rows[a * v:b * v])
+    assert w.try_finalize()

@@ -168,3 +168,12 @@ def test_the_layout_check_catches_each_way_of_comparing_a_layout_name(tmp_path):
                'if codec == "none":', 'layout="zarr",  # == "wds" in a comment']
     (fake / "mod.py").write_text("\n".join(planted + allowed) + "\n")
     assert [h.split(":")[1] for h in layout_comparisons([fake])] == [str(i) for i in range(1, len(planted) + 1)]
+
+
+def test_the_tests_are_grouped_by_the_layer_or_stage_they_test():
+    """tests/<folder>/ holds the tests of fdpipe/<folder>/: a newcomer finds a module's tests by its path."""
+    tests = Path(__file__).resolve().parent
+    folders = [p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("data", "__pycache__")]
+    assert folders and all((PKG / f).is_dir() for f in folders), folders
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names))  # pytest imports test modules by their file name

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
+from conftest import STAGES, one_line_error
 from fdpipe.analyze.settings import AnalyzeConfig
 from fdpipe.distill.settings import DistillConfig
 from fdpipe.extract.settings import ExtractConfig
@@ -23,8 +23,7 @@ from fdpipe.training import write_settings
 BIN = Path(sys.executable).parent
 
 # where each command's stage function lives (the command imports it when it runs)
-STAGES = {"extract": "fdpipe.extract.loop.extract", "distill": "fdpipe.distill.train.distill",
-          "finetune": "fdpipe.finetune.train.finetune", "analyze": "fdpipe.analyze.run.analyze"}
+
 
 
 class _Stop(Exception):

@@ -39,7 +39,7 @@ class PointReads:
 def tensorstore_open(loc: StoreLocation, name: str) -> PointReads | None:
     """One array of a local store through tensorstore's zarr3 driver, read-only; None where it does not apply
     (a remote store, or no tensorstore). It reads batches of chunks in C++: 6x zarr-python's views per CPU-second
-    at CLIP-L shape (bench/README.md), with the same values (tests/test_io.py)."""
+    at CLIP-L shape (bench/README.md), with the same values (tests/store/test_io.py)."""
     if not loc.is_local:
         return None
     try:

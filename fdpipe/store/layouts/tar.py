@@ -26,7 +26,7 @@ def write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]
 
 def ustar_name(name: str) -> bool:
     """A member name that a PAX tar writes as a plain ustar header: ASCII, at most 100 bytes. For such members
-    tarfile's USTAR and PAX formats give the same bytes (tests/test_io.py), and USTAR skips the per-member checks
+    tarfile's USTAR and PAX formats give the same bytes (tests/store/test_io.py), and USTAR skips the per-member checks
     for PAX records (a sixth of a wds shard's write time at CLIP-L shape)."""
     return name.isascii() and len(name) <= tarfile.LENGTH_NAME
 

@@ -123,7 +123,7 @@ class ZarrLayout(Layout):
         Uncompressed shards skip zarr-python's chunk-by-chunk write (a fill-valued buffer and a copy per chunk,
         then one more to join them: 3x the time of hashing and writing the bytes): the chunks are the values' own
         bytes with their crc32c, in C order, and the index is zarr's `_ShardIndex` encoded by the array's sharding
-        codec. Compressed shards go through zarr's pipeline. Both decode identically (tests/test_io.py).
+        codec. Compressed shards go through zarr's pipeline. Both decode identically (tests/store/test_io.py).
         """
         d, g = _memory(self.settings, self.q)
         start = shard * self.shard_size

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import one_line_error, write_photos
+from conftest import BIN, KILLER, extract_cmd, one_line_error, write_photos
 from fdpipe.store import open_store
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def photos(folder: Path, n: int = 6, size=(48, 64)) -> Path:
-    return write_photos(folder, n, size)
 
 
 def store_targets(url):
@@ -35,7 +29,7 @@ def store_targets(url):
 
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory):
-    return photos(tmp_path_factory.mktemp("photos"))
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.mark.parametrize("dtype,min_cos", [("float16", 0.9999), ("int8", 0.999)])
@@ -65,35 +59,6 @@ def test_stored_targets_equal_the_teacher_recomputed_from_the_stored_crops(cli, 
             assert cos.min() >= min_cos, (it.key, v, cos.min())
             checked += 1
     assert checked == 6 * 3
-
-
-def extract_cmd(data, out, *extra):
-    return [str(BIN / "fdpipe"), "extract", "--teacher", "effnet-lite0", "--data", str(data), "--out", str(out),
-            "--views", "2", "--image-size", "32", "--shard-size", "2", "--workers", "0", "--quiet", *extra]
-
-
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from fdpipe.store import fs
-    when, target = sys.argv[1], sys.argv[2]
-    orig_put, orig_commit = fs.StoreLocation.put_atomic, fs.StoreLocation.commit
-    def put_atomic(self, rel, data):
-        if when == "mid-write" and target in rel:
-            tmp = self._tmp_name(rel)
-            self.makedirs(rel.rpartition("/")[0])
-            with self.fs.open(self.path(tmp), "wb") as f:
-                whole = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
-                f.write(whole[: len(whole) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig_put(self, rel, data)
-    def commit(self, tmp, rel):
-        orig_commit(self, tmp, rel)
-        if when == "after-commit" and target in rel:
-            os.kill(os.getpid(), signal.SIGKILL)
-    fs.StoreLocation.put_atomic, fs.StoreLocation.commit = put_atomic, commit
-    from fdpipe.cli import main
-    main(sys.argv[3:])
-""")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +113,7 @@ def test_two_ranks_under_torchrun_write_the_single_process_store(photo_dir, tmp_
 
 def test_bad_images_are_recorded_and_the_run_goes_on(cli, tmp_path):
     d = tmp_path / "zoo"
-    photos(d, n=2)
+    write_photos(d, n=2)
     good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     buf = io.BytesIO()
     good.save(buf, format="JPEG")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error, store_settings, whitened, write_store
+from conftest import DATA, one_line_error, store_settings, whitened, write_store
 from fdpipe.replay import open_replay
 from fdpipe.store import open_store
 from fdpipe.store.manifest import FORMAT_VERSION
 
-FORMAT1 = Path(__file__).parent / "data" / "format1"  # stores written by fdpipe 9068fcf (format_version 1)
+FORMAT1 = DATA / "format1"  # stores written by fdpipe 9068fcf (format_version 1)
 
 
 def big_store(tmp_path, layout: str, dtype: str):

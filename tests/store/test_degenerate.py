@@ -4,17 +4,16 @@ and every dtype's store of effnet-lite0's ReLU6 head, the extreme case, still pa
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import store_settings, write_photos, write_store
+from conftest import ROOT, store_settings, write_photos, write_store
 from fdpipe.store.degenerate import DEGENERATE_SHARE, ShareMeter, mode_share
 from fdpipe.store.quantize import QUANTIZERS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 WARNING = "of each token's channels sit on one value"
 
 

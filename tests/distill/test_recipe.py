@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from conftest import store_settings, whitened, write_store
-from test_options import STAGES, one_line_error
+from conftest import ROOT, STAGES, one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DOC = ROOT / "docs" / "recipe.md"
 
 # FD's CLIP teachers as a store's teacher block records them: timm name, grid, prefix tokens

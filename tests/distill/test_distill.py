@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error, readme_block
+from conftest import DATA, one_line_error, readme_block
 
 from fdpipe.store import open_store
 
@@ -82,7 +82,7 @@ def test_cached_run_matches_the_online_run_step_by_step(cli, fm_store, tmp_path)
     assert torch.nn.functional.cosine_similarity(fa, fb).min() >= 0.999
 
 
-GOLDEN_FILE = Path(__file__).parent / "data" / "distill_golden.json"
+GOLDEN_FILE = DATA / "distill_golden.json"
 GOLDEN = json.loads(GOLDEN_FILE.read_text())
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_line_error, shard_rows, store_settings, whitened, write_store
-from fdpipe.store import StoreWriter, open_store, shard_range
+from conftest import one_line_error, part_store, shard_rows, store_settings, whitened, write_store
+from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.tools import convert
 
 LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
@@ -129,18 +129,7 @@ def test_convert_refuses_embedding_into_zarr_and_into_itself(make_store, cli):
 
 
 # -------------------------------------------------------------------------------------------------------- merge
-def part_store(url: str, full, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
-    """A store of images [lo, hi) of the full store's images, numbered from 0, as an extraction of that part."""
-    settings = store_settings(layout, dtype, n=hi - lo, s=shard_size, v=full.views)
-    rows = [r for s in range(-(-full.num_images // full.shard_size)) for r in shard_rows(full, s)]
-    rows = [{**r, "image_idx": r["image_idx"] - lo} for r in rows if lo <= r["image_idx"] < hi]
-    w = StoreWriter(url, settings)
-    w.open()
-    v = full.views
-    for shard in range(w.num_shards):
-        a, b = shard_range(shard, w.s, w.n)
-        w.write_stored(shard, *w.q.quantize(targets[lo + a:lo + b]), rows[a * v:b * v])
-    assert w.try_finalize()
+
 
 
 @pytest.mark.parametrize("layout,dtype", LAYOUTS)
@@ -234,7 +223,7 @@ def test_ls_of_a_missing_store_is_one_line(cli, tmp_path):
 # ------------------------------------------------------------------------------------- with the real teacher
 @pytest.mark.slow
 def test_embed_images_from_the_index_equals_an_extraction_with_embedded_images(cli, tmp_path):
-    from test_extract import photos
+    from conftest import write_photos as photos
 
     data = photos(tmp_path / "photos", n=5)
     args = ["extract", "--teacher", "effnet-lite0", "--data", data, "--views", 2, "--image-size", 32,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_photos
+from conftest import TESTS, write_photos
 from fdpipe.store import open_store
 
 BIN = Path(sys.executable).parent
@@ -66,7 +66,7 @@ def test_two_teachers_write_the_stores_each_writes_alone_readable_without_fdpipe
         same_files(out / t, alone / t)
         assert cli("store", "verify", "--deep", out / t).exit_code == 0
         npz = tmp_path / f"{t}.npz"
-        script = Path(__file__).with_name("interop_read.py")
+        script = TESTS / "interop_read.py"
         subprocess.run([sys.executable, str(script), str(out / t), str(npz)], check=True)
         plain = np.load(npz)["targets"]
         ours = np.stack([it.targets for it in open_store(str(out / t)).iter_images()])

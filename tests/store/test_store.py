@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_line_error, shard_rows, store_settings, whitened, write_store
+from conftest import DATA, TESTS, one_line_error, shard_rows, store_settings, whitened, write_store
 from fdpipe.errors import IncompleteStoreError, StoreError
 from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.manifest import checksum, fingerprint
@@ -71,7 +71,7 @@ def test_a_store_says_how_it_is_read_and_a_streamed_one_refuses_random_access_in
 def test_plain_zarr_pyarrow_webdataset_read_the_same_targets_and_params(make_store, tmp_path, layout, dtype):
     url, _, _ = make_store(layout, dtype)
     out = tmp_path / "plain.npz"
-    script = Path(__file__).with_name("interop_read.py")
+    script = TESTS / "interop_read.py"
     subprocess.run([sys.executable, str(script), url, str(out)], check=True)
     plain = np.load(out)
     st, y, rows = read_all(url)
@@ -235,7 +235,7 @@ def test_the_typed_settings_give_back_the_manifests_settings_as_written(make_sto
 
 
 def test_a_format_1_store_reads_as_typed_settings_with_what_it_did_not_record_as_none():
-    t = open_store(str(Path(__file__).parent / "data" / "format1" / "zarr-float16")).teacher
+    t = open_store(str(DATA / "format1" / "zarr-float16")).teacher
     assert (t.tokens, t.channels, t.num_prefix_tokens, t.grid) == (4, 8, 0, (2, 2))
     assert t.precision is None and t.weights_sha256 is None
 

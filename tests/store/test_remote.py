@@ -115,7 +115,7 @@ def losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory):
-    from test_extract import photos
+    from conftest import write_photos as photos
 
     return photos(tmp_path_factory.mktemp("photos"))
 
@@ -217,7 +217,7 @@ def test_a_location_survives_pickling_and_forking(s3):
 @pytest.fixture(scope="module")
 def reference_stores(photo_dir, tmp_path_factory):
     """Uninterrupted local extractions (in a subprocess, like the crashed runs), one per layout, made once."""
-    from test_extract import extract_cmd
+    from conftest import extract_cmd
 
     made: dict[str, Path] = {}
 
@@ -238,7 +238,7 @@ def reference_stores(photo_dir, tmp_path_factory):
 ])
 def test_sigkill_during_an_s3_extract_then_rerun_gives_the_uninterrupted_store(cli, s3, photo_dir, reference_stores,
                                                                                layout, when, target):
-    from test_extract import KILLER, extract_cmd
+    from conftest import KILLER, extract_cmd
 
     ref = reference_stores(layout)
     remote = s3.url("crashed")
@@ -289,7 +289,7 @@ def test_store_commands_work_on_s3(cli, s3, make_store, tmp_path):
 
 
 def test_merge_on_s3_and_storage_options_from_the_environment(cli, s3, tmp_path, monkeypatch):
-    from test_store_commands import part_store
+    from conftest import part_store
 
     full = store_settings("wds", "float16", n=5, s=2)
     targets = whitened(np.random.default_rng(1), (5, 2, 4, 8))
@@ -422,7 +422,7 @@ def stoppable_s3():
 @pytest.mark.slow
 def test_a_stalled_endpoint_stops_extract_and_distill_in_one_line_and_a_rerun_resumes(cli, stoppable_s3, photo_dir,
                                                                                       reference_stores):
-    from test_extract import extract_cmd
+    from conftest import extract_cmd
 
     server, endpoint, so = stoppable_s3
     remote = "s3://stall/store"

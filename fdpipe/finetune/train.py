@@ -102,10 +102,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                           label_smoothing=cfg.smoothing) if cfg.method == "core" else None
     net = Finetuner(model, core).to(device)
 
-    replay = None
-    if td.store is not None:  # the stored views the teacher saw, with its logits
-        replay = open_replay(td.store, student_transform(base, image_size), source=td.source)
-        dataset = replay.dataset
+    replay = dataset = None
+    if td.store is not None:  # the stored views the teacher saw, with its logits: the selected images only
+        replay = open_replay(td.store, student_transform(base, image_size), source=td.source, seed=cfg.seed,
+                             rank=ranks.rank, world=ranks.world, select=td.valid)
     else:
         tf = train_transform(data_cfg, image_size, cfg.use_randaug, cfg.min_crop, cfg.use_reprob)
         dataset = Labelled(td.source, td.labels, tf, cfg.seed)
@@ -174,6 +174,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     def epoch_data(epoch: int, start: int):
         from torch.utils.data import DataLoader
 
+        if replay is not None:  # the replay's own epochs: the order and resume position distill's zarr replay has
+            return replay.loader(epoch, start, cfg.batch_size, cfg.workers, device.type == "cuda")
         return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True,
                           sampler=td.sampler(cfg.seed, epoch, ranks, start),
                           generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")

@@ -122,7 +122,6 @@ class StoredReplay(Replay):
         self.stores = dict(stores)
         first = next(iter(self.stores.values()))
         super().__init__(list(self.stores), single, source, transform, first.views, seed, rank, world)
-        self.store = first  # the stores share the plan and the images: the first answers for them
 
     def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as each store's
@@ -163,7 +162,7 @@ class WdsReplay(StoredReplay):
                              buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size)
 
     def read(self, pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
-        raise FdpipeError(f"{self.store.url} is streamed (wds) and cannot be read by (image, view); convert it with "
+        raise FdpipeError(f"{next(iter(self.stores.values())).url} is streamed (wds) and cannot be read by (image, view); convert it with "
                           "`fdpipe store convert SRC DST --format zarr`")
 
 

@@ -73,7 +73,8 @@ def run(ctx: common.Context) -> int:
                                        info.num_prefix_tokens, replays["cached"])
     tx = torch.randn(batch, 3, size, size, device=ctx.device)
     pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=ctx.device)
-    fixed = {"x": pixels, "target": teacher(tx)}  # a teacher's float targets pass the dequantization unchanged
+    # a teacher's float targets pass the dequantization unchanged; a batch carries {teacher: targets}
+    fixed = {"x": pixels, "target": {replays["cached"].teachers[0]: teacher(tx)}}
 
     def student_step() -> None:  # forward and backward, as the engine runs them
         trainer.micro_step(fixed, Position())

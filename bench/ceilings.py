@@ -324,10 +324,10 @@ def measure_replays(su: Setup, urls: dict[Config, str]):
         views = 0
         with m():
             for b in replays[cfg].loader(e, 0, batch_size=su.batch, workers=0):
-                t = b["target"]
+                (name, t), = b["target"].items()  # {teacher: values} of the one store
                 if "scales" in b:  # int8: the training process dequantizes
                     with dq():
-                        t = q.dequantize_tensor(t, b["scales"])
+                        t = q.dequantize_tensor(t, b["scales"][name])
                 t.reshape(-1)[::1024].sum().item()  # touch one value per 4 KiB page
                 views += int(t.shape[0])
         return {"views": views, "cpu_s": m.cpu, "wall_s": m.wall, "rchar": m.rchar, "dequantize_cpu_s": dq.cpu,
@@ -468,8 +468,7 @@ def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, 
                         image_size=size, shard_size=S, batch_size=batch, workers=ctx.workers, device="cpu", quiet=True,
                         **({"codec": codec} if codec else {}))
     c0 = time.process_time()
-    with fixtures.zero_cost_teachers({"zero-cost": teacher}):
-        s = extract(cfg)
+    s = extract(cfg, create_teacher=fixtures.zero_cost_teachers({"zero-cost": teacher}))
     cpu = time.process_time() - c0
     shutil.rmtree(out, ignore_errors=True)
     assert s["complete"], s

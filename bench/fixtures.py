@@ -3,7 +3,6 @@ held in memory in place of a store."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,20 +124,15 @@ def dir_bytes(path: Path) -> int:
 
 
 class MemoryTargets:
-    """A Store stand-in whose targets come from arrays in memory; everything else is the wrapped store's.
+    """A target reader (`fdpipe.replay.TargetReader`) whose targets come from arrays in memory, passed to
+    `open_replay(store, ..., targets=)` or `distill(cfg, targets={url: reader})` in place of the store's reads.
 
     values [N, V, *target_shape] in any dtype the store's quantizer undoes (the stored one, or float32), with int8
     scales [N, V, *target_shape[:-1]] or None: the training process dequantizes them as it does a store's.
     """
 
-    def __init__(self, store, values: np.ndarray, scales: np.ndarray | None = None):
-        self._store, self._values, self._scales = store, values, scales
-
-    def __getattr__(self, name: str):  # views, target_shape, quantizer, ...: the wrapped store's
-        return getattr(self.__dict__["_store"], name)
-
-    def target(self, image_idx: int, view: int) -> np.ndarray:
-        return self.stored_targets([(image_idx, view)])[0][0]
+    def __init__(self, values: np.ndarray, scales: np.ndarray | None = None):
+        self._values, self._scales = values, scales
 
     def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
         i, v = np.asarray(pairs).T
@@ -157,24 +151,13 @@ def load_stored(store) -> tuple[np.ndarray, np.ndarray | None]:
     return values, scales
 
 
-@contextlib.contextmanager
-def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = None):
-    """Make every Store hand out targets from memory instead of reading the store: `array` (float32
-    [N, V, T, C]) when given, else every target of `store_url` as stored, loaded up front.
-
-    The same distill loop runs unchanged (StoreReplay asks Store.stored_targets(pairs)); DataLoader workers fork
-    with the arrays already in memory.
-    """
+def targets_in_memory(store_url: str | None = None, array: np.ndarray | None = None) -> MemoryTargets:
+    """A reader handing out targets from memory instead of reading the store: `array` (float32 [N, V, T, C]) when
+    given, else every target of `store_url` as stored, loaded up front. The caller passes it in (`targets=`); the
+    same distill loop runs unchanged, and DataLoader workers fork with the arrays already in memory."""
     from fdpipe.store import open_store
-    from fdpipe.store.reader import Store
 
-    memory = MemoryTargets(None, *(load_stored(open_store(store_url)) if array is None else (array, None)))
-    original = Store.stored_targets
-    Store.stored_targets = lambda self, pairs: memory.stored_targets(pairs)
-    try:
-        yield memory
-    finally:
-        Store.stored_targets = original
+    return MemoryTargets(*(load_stored(open_store(store_url)) if array is None else (array, None)))
 
 
 class ZeroCostTeacher(torch.nn.Module):
@@ -200,17 +183,6 @@ class ZeroCostTeacher(torch.nn.Module):
         return self.out.repeat(-(-b // len(self.out)), 1, 1)[:b]
 
 
-@contextlib.contextmanager
-def zero_cost_teachers(teachers: dict[str, ZeroCostTeacher]):
-    """create_teacher(alias, ...) answers teachers[alias], wherever extract looks it up, in this process only."""
-    import importlib
-
-    modules = [importlib.import_module(m) for m in ("fdpipe.models", "fdpipe.models.teachers", "fdpipe.extract.loop")]
-    saved = [(m, m.create_teacher) for m in modules if hasattr(m, "create_teacher")]
-    for m, _ in saved:
-        m.create_teacher = lambda alias, *args, **kwargs: teachers[alias]
-    try:
-        yield
-    finally:
-        for m, fn in saved:
-            m.create_teacher = fn
+def zero_cost_teachers(teachers: dict[str, ZeroCostTeacher]) -> Callable[..., ZeroCostTeacher]:
+    """A teacher factory for `extract(cfg, create_teacher=)`: create_teacher(alias, ...) answers teachers[alias]."""
+    return lambda alias, *args, **kwargs: teachers[alias]

@@ -149,7 +149,6 @@ def random_weights(teacher: str, image_size: int | None, work: Path) -> str:
 
 
 def run(ctx) -> int:
-    import contextlib
     import json
     import shutil
     import time
@@ -210,16 +209,8 @@ def run(ctx) -> int:
         sync(dev)
         return n_batches * batch / (time.perf_counter() - t0)
 
-    @contextlib.contextmanager
-    def same_teacher():  # extract builds the teacher we already have (loading CLIP-L again costs ~20 s)
-        import fdpipe.models as models
-
-        saved = models.create_teacher
-        models.create_teacher = lambda *args_, **kw: teacher
-        try:
-            yield
-        finally:
-            models.create_teacher = saved
+    def same_teacher(*args_, **kw):  # extract builds the teacher we already have (loading CLIP-L again costs ~20 s)
+        return teacher
 
     extra = {"commit_workers": a.commit_workers} if a.commit_workers else {}
 
@@ -227,8 +218,7 @@ def run(ctx) -> int:
         cfg = ExtractConfig(teacher=teacher_name, data=str(photos), out=str(ctx.work / name), views=views,
                             layout="zarr", dtype="float16", image_size=size, weights=weights, batch_size=batch,
                             limit=limit, workers=workers, device=str(dev), quiet=True, **extra)
-        with same_teacher():
-            s = extract(cfg)
+        s = extract(cfg, create_teacher=same_teacher)
         assert s["complete"], s
         return s
 
@@ -267,11 +257,12 @@ def run(ctx) -> int:
     grid, prefix, channels = tuple(info.grid), info.num_prefix_tokens, info.channels
     image_size = matching_image_size(grid, 16)
     tf = stepping.view_transform(student, image_size)
-    replays = {m: open_replay(store, tf, source=source) for m in ("memory", "store")}
     t0 = time.time()
     # the stored values (and scales) in RAM, dequantized in the training step as the store's are
-    replays["memory"].dataset.store = fixtures.MemoryTargets(store, *fixtures.load_stored(store))
+    in_memory = fixtures.MemoryTargets(*fixtures.load_stored(store))
     load_s = time.time() - t0
+    replays = {m: open_replay(store, tf, source=source, targets=in_memory if m == "memory" else None)
+               for m in ("memory", "store")}
     loops = {m: stepping.StepLoop(dev, student, image_size, channels, grid, prefix, replays[m], batch, workers)
              for m in ("memory", "store")}
     times = timing.interleave({m: loops[m].warm_step for m in loops}, skip, steps)

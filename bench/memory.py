@@ -119,7 +119,7 @@ def child(spec: dict) -> int:
                    peak_worker_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     else:  # phases: RSS after each step of building the replay
         from fdpipe.data import open_source
-        from fdpipe.replay import EpochSampler, StoreReplay, WdsReplay
+        from fdpipe.replay import EpochSampler, StoredViews, StreamedViews
         from fdpipe.replay import student_transform
         from fdpipe.models import create_student
         from fdpipe.store import open_store
@@ -134,12 +134,12 @@ def child(spec: dict) -> int:
         if st.random_access:
             st.index
             out["rss_index_mb"] = timing.rss_mb()
-            ds = StoreReplay(st, src, tf)
+            ds = StoredViews({"teacher": st}, src, tf)
             out["rss_replay_dataset_mb"] = timing.rss_mb()
             EpochSampler(ds.valid, st.views, 0, 0)
             out["rss_sampler_mb"] = timing.rss_mb()
         else:
-            WdsReplay(st, src, tf, 0, 0)
+            StreamedViews({"teacher": st}, src, tf, 0, 0)
             out["rss_replay_dataset_mb"] = timing.rss_mb()
         out["peak_main_mb"] = timing.peak_rss_mb()
     print("RESULT " + json.dumps(out), flush=True)

@@ -79,8 +79,8 @@ def run(ctx: common.Context) -> int:
     # ------------------------------------------------------------- the loaders distill builds, per mode
     image_size = matching_image_size((grid, grid), 16)
     tf = stepping.view_transform(a.student, image_size)
-    replays = {m: open_replay(stores.get(m, stores["zarr"]), tf, source=source) for m in MODES}
-    replays["memory"].dataset.store = fixtures.MemoryTargets(stores["zarr"], *in_memory)
+    replays = {m: open_replay(stores.get(m, stores["zarr"]), tf, source=source,
+                              targets=fixtures.MemoryTargets(*in_memory) if m == "memory" else None) for m in MODES}
     loops = {m: stepping.StepLoop(ctx.device, a.student, image_size, channels, (grid, grid), a.prefix, replays[m],
                                   batch, workers) for m in MODES}
 

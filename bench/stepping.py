@@ -13,12 +13,13 @@ import torch
 from .timing import CLK_TCK, median, torch_threads
 
 
-def distill_steps(cfg, skip: int) -> dict[str, Any]:
-    """Run fdpipe's distill(cfg); per-step rates from its metrics.jsonl with the first `skip` steps dropped."""
+def distill_steps(cfg, skip: int, targets: dict | None = None) -> dict[str, Any]:
+    """Run fdpipe's distill(cfg) (targets: {store url: reader} read in the stores' place); per-step rates from its
+    metrics.jsonl with the first `skip` steps dropped."""
     from fdpipe.distill.train import distill
 
     t0 = time.time()
-    res = distill(cfg)
+    res = distill(cfg, targets=targets)
     wall = time.time() - t0
     recs = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["samples_per_s"] for r in recs[skip:]] or [r["samples_per_s"] for r in recs]
@@ -32,7 +33,8 @@ def distill_trainer(device: torch.device, student: str, image_size: int, channel
                     teacher=None, seed: int = 0, lr: float = 1e-4):
     """The engine's Trainer with distill's step, as `fdpipe distill` builds it (a fixed lr: no schedule here).
 
-    data: the `fdpipe.replay.Replay` whose batches it trains on (it normalizes views and dequantizes targets).
+    data: the `fdpipe.replay.Replay` whose batches it trains on (it normalizes views and dequantizes targets), of
+    one teacher; teacher: that teacher live (online), or None.
     """
     from fdpipe.distill.train import distill_step
     from fdpipe.models import Distiller, create_student
@@ -40,10 +42,11 @@ def distill_trainer(device: torch.device, student: str, image_size: int, channel
 
     torch.manual_seed(seed)
     s, _ = create_student(student, image_size=image_size)
-    model = Distiller(s, channels, tuple(grid), prefix).to(device)
+    name = data.teachers[0]  # distill's step takes the mapping of one teacher, keyed as the replay names it
+    model = Distiller(s, {name: (channels, tuple(grid), prefix)}).to(device)
     skip = {f"student.{n}" for n in s.no_weight_decay()} if hasattr(s, "no_weight_decay") else set()
     model.no_weight_decay = lambda: skip
-    prepare, loss = distill_step(model, data, device, teacher)
+    prepare, loss = distill_step(model, data, device, None if teacher is None else {name: teacher})
     return Trainer(model, adamw(weight_decay_groups(model, 0.05), lr), prepare, loss, device,
                    LoopSettings(epochs=1, batch_size=1, clip_grad=3.0))
 

@@ -193,8 +193,8 @@ def run(ctx: common.Context) -> int:
               workers=ctx.workers, device=dev, quiet=True, seed=0, lr=a.lr)
     losses = {}
     url0 = src["stores"]["float16"]
-    with fixtures.targets_in_memory(array=src["float32"]):
-        losses["float32"] = stepping.distill_steps(DistillConfig(out=str(ctx.work / "run-float32"), store=url0, **kw), 0)
+    losses["float32"] = stepping.distill_steps(DistillConfig(out=str(ctx.work / "run-float32"), store=url0, **kw), 0,
+                                               targets={url0: fixtures.targets_in_memory(array=src["float32"])})
     for dtype, url in src["stores"].items():
         losses[dtype] = stepping.distill_steps(DistillConfig(out=str(ctx.work / f"run-{dtype}"), store=url, **kw), 0)
     log(f"[{NAME}] distill runs done")

@@ -6,14 +6,15 @@ The library API, for a training loop of your own (see the README, "Use a store i
 - `open_replay(store, transform, seed=, rank=, world=)`: its views for a student, epoch by epoch, with the order, resume
   position and DDP split of `fdpipe distill` (`.loader(epoch, start, batch_size)`, or `.epoch(epoch)` for a Dataset);
 - `student_transform(model, image_size)`: the student's view transform from its timm data config;
-- `Distiller(student, channels, grid, prefix)`: a student plus its 1x1 projection head, shaped like the targets;
+- `Distiller(student, channels, grid, prefix)`: a student plus its 1x1 projection head, shaped like the targets
+  (the mapping of one teacher: see `fdpipe.models.distiller`);
 - `fd_loss(pred, target)`: smooth-L1 with beta 2, FD's loss;
 - `matching_image_size(grid, patch)`, `create_student(name, image_size=)`, `open_source(spec)`.
 
 Several teachers: `open_replay([store1, store2], transform)` replays their shared plan once and `replay.targets(batch)`
 is {teacher: targets} (names from `teacher_names`; the stores must agree, `check_stores_agree`);
-`MultiDistiller(student, {teacher: (channels, grid, prefix)})` has a head per teacher and returns {teacher: pred};
-`multi_fd_loss(pred, target, weights)` is the weighted sum of their FD losses, with each one.
+`Distiller(student, {teacher: TeacherInfo or (channels, grid, prefix)})` has a head per teacher and returns
+{teacher: pred}; `weighted_fd_loss(pred, target, weights)` is the weighted sum of their FD losses, with each one.
 
 Names load on first use, so `import fdpipe` (and `fdpipe --help`) stays instant.
 """
@@ -41,8 +42,7 @@ _API = {
     "open_source": "fdpipe.data",
     "teacher_names": "fdpipe.replay.epochs",
     "check_stores_agree": "fdpipe.replay.epochs",
-    "MultiDistiller": "fdpipe.models.distiller",
-    "multi_fd_loss": "fdpipe.models.distiller",
+    "weighted_fd_loss": "fdpipe.models.distiller",
 }
 __all__ = sorted(_API)
 

@@ -298,7 +298,7 @@ def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool, 
     md = f"""# fdpipe demo report
 
 {'Quick smoke-test sizes.' if quick else 'Default sizes.'} Teacher {teachers[0]} (real ImageNet weights), block
-{t.get('layer')} output, at {sizes.teacher_size} px over {sizes.pool} unlabeled Fashion-MNIST training images x
+{t.layer} output, at {sizes.teacher_size} px over {sizes.pool} unlabeled Fashion-MNIST training images x
 {sizes.views} views (targets {t.tokens} tokens x {t.channels} channels, grid {t.grid[0]}x{t.grid[1]});
 student fd-vit-tiny at {sizes.student_size} px, distilled {sizes.distill_epochs} epochs{both}; every student
 fine-tuned {sizes.finetune_epochs} epochs on {sizes.labels_per_class} labels per class with the same recipe and seed,

@@ -177,3 +177,52 @@ def test_the_tests_are_grouped_by_the_layer_or_stage_they_test():
     assert folders and all((PKG / f).is_dir() for f in folders), folders
     names = [p.name for p in tests.rglob("test_*.py")]
     assert len(names) == len(set(names))  # pytest imports test modules by their file name
+
+
+BENCH = PKG.parent / "bench"
+
+
+def _fdpipe_defs(root: Path = PKG) -> set[str]:
+    """Every module-level function fdpipe defines: what a patch of a module would replace."""
+    return {n.name for p in root.rglob("*.py") for n in ast.parse(p.read_text()).body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def patches(root: Path = BENCH, defs: set[str] | None = None) -> list[str]:
+    """Assignments in root's files that replace an fdpipe attribute: `X.attr = ...` where X was imported from fdpipe,
+    or attr is a module-level function fdpipe defines (`m.create_teacher = ...`, `Store.stored_targets = ...`); and any
+    use of pytest's monkeypatch. bench injects readers and teachers instead (`targets=`, `create_teacher=`)."""
+    defs = _fdpipe_defs() if defs is None else defs
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        bound = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names if a.name.split(".")[0] == "fdpipe"}
+        bound |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                  and (n.module or "").split(".")[0] == "fdpipe" for a in n.names}
+        for n in ast.walk(tree):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AugAssign) else []
+            for t in targets:
+                for node in ast.walk(t):
+                    if not isinstance(node, ast.Attribute):
+                        continue
+                    root_node = node
+                    while isinstance(root_node, (ast.Attribute, ast.Subscript)):
+                        root_node = root_node.value
+                    name = root_node.id if isinstance(root_node, ast.Name) else None
+                    if name != "self" and (name in bound or node.attr in defs):
+                        out.append(f"{path.name}:{n.lineno}: {ast.unparse(t)} =")
+        out += [f"{path.name}:{i}: monkeypatch" for i, line in enumerate(text.splitlines(), 1) if "monkeypatch" in line]
+    return out
+
+
+def test_bench_injects_readers_and_teachers_instead_of_patching_fdpipe():
+    assert patches() == []
+
+
+def test_the_patch_check_catches_a_replaced_fdpipe_function(tmp_path):
+    (tmp_path / "b.py").write_text("import importlib\nfrom fdpipe.store.reader import Store\n\n\ndef f(m):\n"
+                                   "    Store.stored_targets = lambda self, pairs: None\n"
+                                   "    m.create_teacher = lambda *a: None\n")
+    assert patches(tmp_path) == ["b.py:6: Store.stored_targets =", "b.py:7: m.create_teacher ="]

@@ -65,14 +65,14 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
         raise FdpipeError(f"{cfg.store} has no decodable images to compute the loss on")
     keys = store.index.column("key").to_pylist()[:: store.views]
     # the views are replayed from --data when it holds the store's images (a moved copy), else from the store's own
-    # source; StoreReplay checks every image's sha256 either way
+    # source; the replay checks every image's sha256 either way
     source = open_source(images.spec) if cfg.data else None
     if source is None or not {keys[i] for i in chosen} <= set(source.keys):
         source = open_source(store.settings.data_spec)
 
     def store_inputs(ck: Loaded) -> list[tuple[torch.Tensor, torch.Tensor]]:
         replay = open_replay(store, ck.transform, source=source)
-        batches = [replay.dataset.batch([(i, 0) for i in chosen[s:s + n]])
+        batches = [replay.read([(i, 0) for i in chosen[s:s + n]])
                    for s, n in ((s, cfg.batch_size) for s in range(0, len(chosen), cfg.batch_size))]
         return [(replay.inputs(b), replay.targets(b)) for b in batches]
 

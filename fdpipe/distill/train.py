@@ -5,14 +5,20 @@ step. Training state is saved atomically at step boundaries; a resume continues 
 
 Several teachers (--store S1 --store S2, or --teacher A --teacher B online): the stores must agree on the plan and
 the images (checked before anything is built), the student gets one projection head per teacher, and the loss is the
---teacher-weights sum of their FD losses, each logged as loss/<teacher>. One teacher runs exactly as before.
+--teacher-weights sum of their FD losses, each logged as loss/<teacher>. One teacher is a mapping of one: it runs the
+same code (a weight of 1.0 leaves its loss bit for bit fd_loss's); only the run's files keep their single-teacher
+form (`save_run`).
+
+What a caller passes in instead of patching: `create_teacher` (the factory of live teachers) and `targets`
+({store url: TargetReader}, read in place of that zarr store's targets), both parameters of `distill`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,13 +26,14 @@ import torch
 from ..augment import AugmentationPlan, ViewTransform, make_plan
 from ..data import open_source
 from ..errors import FdpipeError
-from ..models import Distiller, check_grid, create_student, fd_loss, save_model
+from ..models import Distiller, check_grid, create_student, save_model
 from ..models.checkpoint import projector_filename, save_projector
-from ..models.distiller import MultiDistiller, TeacherShape, multi_fd_loss
-from ..replay import Replay, online_replay, open_replay, store_source, student_transform
+from ..models.distiller import weighted_fd_loss
+from ..replay import Replay, TargetReader, online_replay, open_replay, store_source, student_transform
 from ..replay.epochs import check_stores_agree, teacher_names
 from ..runtime import JsonlLog
-from ..store import open_store
+from ..store import Store, open_store
+from ..store.contract import TeacherInfo
 from ..training import (LoopSettings, Position, RunFiles, Step, Trainer, adamw, barrier, make_schedule, plot_curves,
                         fd_no_weight_decay, seed_everything, start_run, weight_decay_groups)
 from .recipe import resolve
@@ -36,22 +43,42 @@ STATE = "train_state.pt"
 
 
 @dataclass
-class Targets:
-    """What the student is trained towards, from a store or a live teacher."""
+class Teachers:
+    """What the student is trained towards, by teacher name: each one's TeacherInfo, and its store (cached) or live
+    model (online); beside them the plan and the images they share."""
 
-    grid: tuple[int, int]
-    channels: int
-    prefix: int
+    info: dict[str, TeacherInfo]
     plan: AugmentationPlan
-    fingerprint: str | None
-    description: dict[str, Any]
-    name: str | None = None  # the teacher's name among several (its head, log field and projector file)
-    alias: str | None = None
+    source: Any
+    stores: dict[str, Store] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.info)
+
+    def description(self, name: str) -> dict[str, Any]:
+        """What config.json records of a teacher's targets."""
+        if name in self.stores:
+            return {"store": self.urls[name], "teacher": self.info[name].to_dict(),
+                    "plan": self.stores[name].manifest["plan"]}
+        return {"online": True, "teacher": self.info[name].to_dict(), "plan": self.plan.to_dict()}
+
+    def fingerprint(self, name: str) -> str | None:
+        return self.stores[name].fingerprint if name in self.stores else None
+
+    def run_fingerprint(self) -> str | None:
+        """The one value a resume compares: a store's fingerprint, the hash of the stores' fingerprints in order for
+        several, None online."""
+        fps = [s.fingerprint for s in self.stores.values()]
+        if len(fps) < 2:
+            return fps[0] if fps else None
+        return hashlib.sha256("\n".join(fps).encode()).hexdigest()
 
 
-def _targets_from_stores(cfg: DistillConfig):
-    """The stores (opened and checked to agree before anything is built), the source of their views, their
-    targets' shapes."""
+def teachers_from_stores(cfg: DistillConfig) -> Teachers:
+    """The stores, opened and checked to agree before anything is built, and the source of their views."""
     stores = []
     for url in cfg.store:
         store = open_store(url, cfg.storage_options, cache_dir=cfg.cache_dir)
@@ -66,108 +93,86 @@ def _targets_from_stores(cfg: DistillConfig):
     check_stores_agree(stores)
     source = store_source(stores[0], cfg.data)
     names = teacher_names([s.teacher.alias for s in stores])
-    targets = []
-    for url, store, name in zip(cfg.store, stores, names):
-        t = store.teacher
-        desc = {"store": url, "teacher": t.to_dict(), "plan": store.plan.to_dict()}
-        targets.append(Targets(t.grid, t.channels, t.num_prefix_tokens, store.plan, store.fingerprint, desc, name,
-                               t.alias))
-    return stores, source, targets
+    return Teachers({n: s.teacher for n, s in zip(names, stores)}, stores[0].plan, source,
+                    stores=dict(zip(names, stores)), urls=dict(zip(names, cfg.store)))
 
 
-def _targets_online(cfg: DistillConfig, device: torch.device):
-    from ..models import create_teacher
-
-    teachers = []
-    for name, weights, size, layer in zip(cfg.teacher, cfg.per_teacher("weights"),
-                                          cfg.per_teacher("teacher_image_size"), cfg.per_teacher("layer")):
-        teachers.append(create_teacher(name, weights=weights, image_size=size, layer=layer, device=str(device)))
+def teachers_online(cfg: DistillConfig, device: torch.device, create_teacher: Callable[..., Any]) -> Teachers:
+    live = {}
+    for name, alias, weights, size, layer in zip(teacher_names(cfg.teacher), cfg.teacher, cfg.per_teacher("weights"),
+                                                 cfg.per_teacher("teacher_image_size"), cfg.per_teacher("layer")):
+        live[name] = create_teacher(alias, weights=weights, image_size=size, layer=layer, device=str(device))
     source = open_source(cfg.data, limit=cfg.limit)
     plan = make_plan(cfg.plan_seed, cfg.views, cfg.crop_scale)
-    targets = []
-    for teacher, name in zip(teachers, teacher_names(cfg.teacher)):
-        i = teacher.info
-        desc = {"online": True, "teacher": i.to_dict(), "plan": plan.to_dict()}
-        targets.append(Targets(tuple(i.grid), i.channels, i.num_prefix_tokens, plan, None, desc, name, i.alias))
-    return teachers, source, targets
+    return Teachers({n: t.info for n, t in live.items()}, plan, source, live=live)
 
 
-def distill_step(model: Distiller | MultiDistiller, data: Replay, device: torch.device, teacher: Any = None,
-                 seen: JsonlLog | None = None, weights: dict[str, float] | None = None):
+def distill_step(model: Distiller, data: Replay, device: torch.device, teacher: Mapping[str, Any] | None = None,
+                 seen: JsonlLog | None = None, weights: Mapping[str, float] | None = None):
     """distill's (prepare, loss) for the training loop: views are normalized and targets dequantized on the device;
-    the target comes from the store or from the live teacher.
+    the target comes from the stores or from `teacher` ({teacher: live model}).
 
-    A MultiDistiller takes {teacher: targets} (from several stores, or from `teacher`, a dict of live teachers) and
-    its loss is the `weights` sum of the teachers' FD losses, each one logged as loss/<teacher>.
+    model is the mapping form of Distiller, keyed like `data.teachers`; the loss is the `weights` sum of the teachers'
+    FD losses (1 each by default), each one logged as loss/<teacher>.
     """
-    multi = isinstance(model, MultiDistiller)
 
     def prepare(batch: dict[str, Any], pos: Position) -> Step:
         x = data.inputs(batch, device)
-        if teacher is not None and multi:
-            inputs = data.teacher_inputs(batch, device)
+        if teacher is not None:
+            inputs = data.named_teacher_inputs(batch, device)
             target = {n: teacher[n](inputs[n]) for n in model.names}
-        elif teacher is not None:
-            target = teacher(data.teacher_inputs(batch, device))
         else:
-            target = data.targets(batch, device)
+            target = data.named_targets(batch, device)
         if seen is not None:
             seen.write(step=pos.step, epoch=pos.epoch, image_idx=batch["image_idx"].tolist(),
                        view=batch["view"].tolist())
         names = ([f"image {i} view {v}" for i, v in zip(batch["image_idx"].tolist(), batch["view"].tolist())]
                  if "image_idx" in batch else None)  # a batch made by hand (benchmarks) has no ids
-        if multi:
-            finite = torch.stack([torch.isfinite(target[n]).flatten(1).all(1) for n in model.names]).all(0)
-        else:
-            finite = torch.isfinite(target).flatten(1).all(1)
+        finite = torch.stack([torch.isfinite(target[n]).flatten(1).all(1) for n in model.names]).all(0)
         return Step((x,), model.align_target(target), x.shape[0], finite=finite, names=names)
 
-    def loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        if multi:
-            total, parts = multi_fd_loss(pred, target, weights)
-            return total, {f"loss/{n}": v.detach() for n, v in parts.items()}
-        return fd_loss(pred, target), {}
+    def loss(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, parts = weighted_fd_loss(pred, target, weights)
+        return total, {f"loss/{n}": v.detach() for n, v in parts.items()}
 
     return prepare, loss
 
 
-def distill(cfg: DistillConfig) -> dict[str, Any]:
+def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = None,
+            targets: Mapping[str, TargetReader] | None = None) -> dict[str, Any]:
+    """Train cfg's student; create_teacher builds the live teachers (fdpipe.models.create_teacher by default) and
+    targets ({store url: TargetReader}) reads a store's targets in its place (benchmarks: targets in memory)."""
     device, ranks, out, state_path = start_run(cfg.device, cfg.out, cfg.seed, cfg.resume, STATE, stage="distill",
                                                settings=cfg)
-
-    stores, teachers = [], []
     if cfg.store:
-        stores, source, tgs = _targets_from_stores(cfg)
+        tgs = teachers_from_stores(cfg)
     else:
-        teachers, source, tgs = _targets_online(cfg, device)
-    multi, tg = len(tgs) > 1, tgs[0]
-    names = [t.name for t in tgs]
-    cfg = resolve(cfg, ranks.world, tg.description["teacher"])  # FD's recipe for what is unset: settings.yaml says it
+        if create_teacher is None:
+            from ..models import create_teacher
+        tgs = teachers_online(cfg, device, create_teacher)
+    names = tgs.names
+    first = tgs.info[names[0]]
+    cfg = resolve(cfg, ranks.world, first.to_dict())  # FD's recipe for what is unset: settings.yaml says it
     image_size = cfg.image_size
     seed_everything(cfg.seed)  # the student's init must not depend on whether a teacher was built first
     student, spec = create_student(cfg.student, image_size=image_size, patch_size=cfg.patch_size,
                                    drop_path=cfg.drop_path)
-    for t in tgs:
-        check_grid(student, t.grid, cfg.resample_grid, spec.model_args.get("patch_size", cfg.patch_size),
-                   t.name if multi else None)
-    if multi:  # the heads are drawn from the RNG in the teachers' order
-        model = MultiDistiller(student, {t.name: TeacherShape(t.channels, t.grid, t.prefix) for t in tgs}).to(device)
-    else:
-        model = Distiller(student, tg.channels, tg.grid, tg.prefix).to(device)
+    for n, info in tgs.info.items():
+        check_grid(student, info.grid, cfg.resample_grid, spec.model_args.get("patch_size", cfg.patch_size),
+                   n if len(names) > 1 else None)
+    model = Distiller(student, tgs.info).to(device)  # the heads are drawn from the RNG in the teachers' order
     tf = student_transform(student, image_size)
-    if stores:
-        data: Replay = open_replay(dict(zip(names, stores)) if multi else stores[0], tf, source=source,
-                                   seed=cfg.seed, rank=ranks.rank, world=ranks.world, strict=cfg.strict,
-                                   buffer=cfg.buffer)
+    if tgs.stores:
+        readers = {n: targets[u] for n, u in tgs.urls.items() if u in (targets or {})}
+        data: Replay = open_replay(tgs.stores, tf, source=tgs.source, seed=cfg.seed, rank=ranks.rank,
+                                   world=ranks.world, strict=cfg.strict, buffer=cfg.buffer, targets=readers or None)
     else:
-        teacher_tf = {n: ViewTransform.from_data_config(t.data_config) for n, t in zip(names, teachers)}
-        data = online_replay(source, tg.plan, tf, teacher_tf if multi else teacher_tf[names[0]],
-                             seed=cfg.seed, rank=ranks.rank, world=ranks.world, fresh_views=cfg.fresh_views)
-    teacher = None if not teachers else dict(zip(names, teachers)) if multi else teachers[0]
+        teacher_tf = {n: ViewTransform.from_data_config(t.data_config) for n, t in tgs.live.items()}
+        data = online_replay(tgs.source, tgs.plan, tf, teacher_tf, seed=cfg.seed, rank=ranks.rank,
+                             world=ranks.world, fresh_views=cfg.fresh_views)
     weights = dict(zip(names, cfg.loss_weights()))
-    fingerprint = tg.fingerprint
-    if multi and stores:  # one value the resume check compares: the stores' fingerprints, in order
-        fingerprint = hashlib.sha256("\n".join(t.fingerprint for t in tgs).encode()).hexdigest()
+    fingerprint = tgs.run_fingerprint()
 
     loop = LoopSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                         clip_grad=cfg.clip_grad, warmup_epochs=cfg.warmup_epochs,
@@ -183,13 +188,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     def check(state: dict[str, Any]) -> None:
         if state["fingerprint"] != fingerprint:
-            what = "stores" if multi else "store"
+            what = "stores" if len(tgs.stores) > 1 else "store"
             raise FdpipeError(f"--resume: {out} was trained from {what} {str(state['fingerprint'])[:16]}, not "
                               f"{str(fingerprint)[:16]}; resume with the original {what} or use a new --out")
 
     run = RunFiles(out, state_path, ranks, {"fingerprint": fingerprint}, check)
     seen = JsonlLog(out / f"samples.rank{ranks.rank}.jsonl", enabled=cfg.log_samples)
-    prepare, loss = distill_step(model, data, device, teacher, seen, weights if multi else None)
+    prepare, loss = distill_step(model, data, device, tgs.live or None, seen, weights)
     trainer = Trainer(model, optimizer, prepare, loss, device, loop, ranks)
     pos = run.begin(trainer, cfg.resume, cfg, schedule=schedule)
     pin = device.type == "cuda"
@@ -198,27 +203,43 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     result = {"out": str(out), "steps": pos.step, "epochs": pos.epoch, "image_size": image_size}
     if ranks.is_main:
-        heads = [{"name": t.name, "alias": t.alias, "projector": projector_filename(t.name if multi else None),
-                  "weight": weights[t.name], "channels": t.channels, "grid": list(t.grid), "num_prefix_tokens": t.prefix,
-                  "store": t.description.get("store"), "store_fingerprint": t.fingerprint,
-                  "teacher": t.description["teacher"]} for t in tgs]
-        extra = {"fdpipe": {"stage": "distill", "store_fingerprint": fingerprint,
-                            "targets": {t.name: t.description for t in tgs} if multi else tg.description,
-                            "teachers": heads, "image_size": image_size,
-                            "grid": {t.name: list(t.grid) for t in tgs} if multi else list(tg.grid), "config": {
-                                k: v for k, v in dataclasses.asdict(cfg).items() if k != "storage_options"}}}
-        save_model(student, out, "student.safetensors", spec, extra)
-        for t, head in zip(tgs, heads):
-            save_projector(model.projectors[t.name] if multi else model.projector, out, head["projector"])
-        records = run.log.read()
-        if records:
-            steps = [r["step"] for r in records]
-            series = {"weighted total" if multi else "train loss": (steps, [r["loss"] for r in records])}
-            if multi:
-                series |= {n: (steps, [r[f"loss/{n}"] for r in records]) for n in names}
-                result["final_losses"] = {n: records[-1][f"loss/{n}"] for n in names}
-            plot_curves(out / "loss.png", series, "step", "smooth-L1 loss (beta 2)",
-                        "distillation" + (f" from {len(names)} teachers" if multi else ""))
-            result["final_loss"] = records[-1]["loss"]
+        result |= save_run(cfg, out, student, spec, model, tgs, weights, fingerprint, image_size, run.log.read())
     barrier()
+    return result
+
+
+def save_run(cfg: DistillConfig, out: Any, student: Any, spec: Any, model: Distiller, tgs: Teachers,
+             weights: dict[str, float], fingerprint: str | None, image_size: int, records: list[dict]
+             ) -> dict[str, Any]:
+    """The run's files: the student, a head per teacher, config.json's record of them, the loss curve. One
+    teacher's files keep the single-teacher form (config.json's targets and grid as values, heads/projector
+    .safetensors, one "train loss" curve), which analyze and users read; several teachers' are keyed by name."""
+    names = tgs.names
+    one = len(names) == 1
+
+    def form(named: dict[str, Any]) -> Any:
+        return named[names[0]] if one else named
+
+    heads = [{"name": n, "alias": info.alias, "projector": projector_filename(None if one else n),
+              "weight": weights[n], "channels": info.channels, "grid": list(info.grid),
+              "num_prefix_tokens": info.num_prefix_tokens, "store": tgs.urls.get(n),
+              "store_fingerprint": tgs.fingerprint(n), "teacher": info.to_dict()} for n, info in tgs.info.items()]
+    extra = {"fdpipe": {"stage": "distill", "store_fingerprint": fingerprint,
+                        "targets": form({n: tgs.description(n) for n in names}),
+                        "teachers": heads, "image_size": image_size,
+                        "grid": form({n: list(i.grid) for n, i in tgs.info.items()}), "config": {
+                            k: v for k, v in dataclasses.asdict(cfg).items() if k != "storage_options"}}}
+    save_model(student, out, "student.safetensors", spec, extra)
+    for n, head in zip(names, heads):
+        save_projector(model.projectors[n], out, head["projector"])
+    result: dict[str, Any] = {}
+    if records:
+        steps = [r["step"] for r in records]
+        series = {"train loss" if one else "weighted total": (steps, [r["loss"] for r in records])}
+        if not one:
+            series |= {n: (steps, [r[f"loss/{n}"] for r in records]) for n in names}
+            result["final_losses"] = {n: records[-1][f"loss/{n}"] for n in names}
+        plot_curves(out / "loss.png", series, "step", "smooth-L1 loss (beta 2)",
+                    "distillation" + ("" if one else f" from {len(names)} teachers"))
+        result["final_loss"] = records[-1]["loss"]
     return result

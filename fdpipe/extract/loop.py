@@ -130,14 +130,17 @@ def check_same_images(writer: StoreWriter, done: set[int], source: ImageSource, 
 
 
 def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPlan, device: torch.device,
-                  ranks: Any) -> tuple[list[TeacherStore], list[ViewTransform]]:
+                  ranks: Any, create_teacher: Callable[..., Any] | None = None
+                  ) -> tuple[list[TeacherStore], list[ViewTransform]]:
     """Build every teacher and open (or resume) its store: --out itself for one teacher, --out/<alias>/ for several.
 
     Several teachers share one shard size (--shard-size, or the smallest of their defaults), so that their stores
     cut the images at the same places and every batch feeds each teacher's shard whole. A resumed store's committed
-    shards must hold `source`'s images (check_same_images).
+    shards must hold `source`'s images (check_same_images). create_teacher: the teacher factory
+    (fdpipe.models.create_teacher by default; a benchmark passes stand-ins).
     """
-    from ..models import create_teacher
+    if create_teacher is None:
+        from ..models import create_teacher
 
     n = len(source)
 
@@ -163,8 +166,9 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
     return runs, shared
 
 
-def extract(cfg: ExtractConfig) -> dict[str, Any]:
-    """Fill (or resume) the store(s) at cfg.out with this rank's shards; returns a summary.
+def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Fill (or resume) the store(s) at cfg.out with this rank's shards; returns a summary. create_teacher builds
+    each teacher (fdpipe.models.create_teacher's signature; that function by default).
 
     With several teachers each image is decoded and each view's crop box sampled once; each teacher then sees the
     views through its own transform, and the teachers run one after another on each batch (the peak GPU memory is
@@ -176,7 +180,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if len(source) == 0:
         raise FdpipeError(f"no images in {cfg.data}; check the --data path")
     plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale)
-    runs, transforms = open_teachers(cfg, source, plan, device, ranks)
+    runs, transforms = open_teachers(cfg, source, plan, device, ranks, create_teacher)
     first = runs[0].writer
     todo = sorted(set().union(*(r.mine for r in runs)))
     dataset = PlanViews(source, plan, transforms, embed=cfg.embed_images)

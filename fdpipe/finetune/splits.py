@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from ..data import open_source
 from ..errors import FdpipeError
-from ..replay import EpochSampler
 from ..runtime import Ranks
 from .data import EpochOrder, Labelled, check_val_classes, labelled, open_val, select_indices
 from .settings import FinetuneConfig
@@ -31,12 +30,11 @@ class TrainData:
     classes: list[str] | None
     spec: str
     store: Any = None
-    valid: np.ndarray | None = None  # store mode: mask of images to replay
+    valid: np.ndarray | None = None  # store mode: mask of images to replay (`open_replay(select=)`)
 
-    def sampler(self, seed: int, epoch: int, ranks: Ranks, start: int):
-        if self.store is None:
-            return EpochOrder(self.selected, seed, epoch, ranks.rank, ranks.world, start)
-        return EpochSampler(self.valid, self.store.views, seed, epoch, ranks.rank, ranks.world, start=start)
+    def sampler(self, seed: int, epoch: int, ranks: Ranks, start: int) -> EpochOrder:
+        """A labelled source's order of the selected images (a store's is its replay's: `Replay.loader`)."""
+        return EpochOrder(self.selected, seed, epoch, ranks.rank, ranks.world, start)
 
 
 def _num_classes(cfg: FinetuneConfig, labels: np.ndarray, source: Any) -> int:

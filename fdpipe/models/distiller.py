@@ -10,14 +10,20 @@ past the student's prefix count stay in the store but are never trained against 
 teacher's get no target and learn only through attention. A teacher without prefix tokens (CNNs, SigLIP) leaves the
 student's CLS out of the loss.
 
-Several teachers (`MultiDistiller`): one student forward, then each teacher's own prefix match, grid resample and
-1x1 projection; the loss is the weighted sum of the teachers' FD losses (`multi_fd_loss`).
+One teacher is a mapping of one. `Distiller(student, {teacher: info})` (anything with `channels`, `grid` and
+`num_prefix_tokens`, such as a `TeacherInfo`, or a (channels, grid, prefix) tuple) makes one head per teacher in the
+mapping's order (the order they are drawn from the RNG), runs one student forward, then each teacher's own prefix
+match, grid resample and 1x1 projection, and returns {teacher: predictions}; `weighted_fd_loss` is the weighted sum
+of the teachers' FD losses. `Distiller(student, channels, grid, prefix)` is that mapping of one, unwrapped at the
+edge: `.projector`, `.keep_prefix`, `.teacher_grid`, `forward` and `align_target` take and give the one teacher's
+value instead of {teacher: value}. Both forms run the same code; with weight 1.0 the one teacher's loss is fd_loss's
+bit for bit (x * 1.0 is exact).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,83 +69,87 @@ def _layout(y: torch.Tensor, student_prefix: int, keep_prefix: int, grid: tuple[
     return torch.cat([prefix[:, :keep_prefix], patches], dim=1)
 
 
+ONE = "teacher"  # the key of the one teacher of `Distiller(student, channels, grid, prefix)`
+
+
+def head_shape(teacher: Any) -> tuple[int, tuple[int, int], int]:
+    """(channels, grid, prefix tokens) of a teacher: a TeacherInfo-like object or a (channels, grid, prefix) tuple."""
+    if hasattr(teacher, "channels"):
+        return int(teacher.channels), tuple(int(g) for g in teacher.grid), int(teacher.num_prefix_tokens)
+    channels, grid, prefix = teacher
+    return int(channels), tuple(int(g) for g in grid), int(prefix)
+
+
 class Distiller(nn.Module):
-    """student tokens -> (prefix match, grid resample) -> Linear(C_s, C_t): predictions shaped like the targets."""
+    """student tokens -> per teacher (prefix match, grid resample, Linear(C_s, C_t)) -> predictions shaped like its
+    targets: {teacher: predictions}, or the one teacher's for the 4-argument form.
 
-    def __init__(self, student: nn.Module, teacher_channels: int, teacher_grid: tuple[int, int],
-                 teacher_prefix: int):
-        super().__init__()
-        self.student = student
-        self.projector = nn.Linear(student.num_features, teacher_channels)
-        self.grid = student_grid(student)
-        self.teacher_grid = tuple(int(g) for g in teacher_grid)
-        self.student_prefix = num_prefix_tokens(student)
-        self.teacher_prefix = int(teacher_prefix)
-        self.keep_prefix = min(self.student_prefix, self.teacher_prefix)
-
-    def align_target(self, target: torch.Tensor) -> torch.Tensor:
-        """The teacher tokens the student is trained against: its first keep_prefix prefix tokens, then the grid."""
-        return _align_target(target, self.keep_prefix, self.teacher_prefix)
-
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Student tokens after its final norm, laid out like the teacher's: prefix first, then the teacher grid."""
-        return _layout(self.student.forward_features(x), self.student_prefix, self.keep_prefix, self.grid,
-                       self.teacher_grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.tokens(x))
-
-
-@dataclass(frozen=True)
-class TeacherShape:
-    """What a teacher's targets look like: channels, patch grid and prefix-token count."""
-
-    channels: int
-    grid: tuple[int, int]
-    prefix: int
-
-
-class MultiDistiller(nn.Module):
-    """One student, a projection head per teacher: student tokens -> per teacher (prefix match, grid resample,
-    Linear(C_s, C_t)) -> {teacher: predictions shaped like its targets}.
-
-    `projectors[name]` is each teacher's Linear, as `Distiller.projector` is the one teacher's; the heads are made
-    (and drawn from the RNG) in the teachers' order.
+    `projectors[name]` is each teacher's Linear (`projector` the one teacher's); the heads are made (and drawn from
+    the RNG) in the teachers' order.
     """
 
-    def __init__(self, student: nn.Module, teachers: Mapping[str, TeacherShape | Sequence]):
+    def __init__(self, student: nn.Module, teachers: int | Mapping[str, Any], teacher_grid: Sequence[int] | None = None,
+                 teacher_prefix: int | None = None):
         super().__init__()
+        self.single = not isinstance(teachers, Mapping)
+        named = {ONE: (teachers, teacher_grid, teacher_prefix)} if self.single else teachers
+        if not named:
+            raise ValueError("Distiller needs at least one teacher")
         self.student = student
         self.grid = student_grid(student)
         self.student_prefix = num_prefix_tokens(student)
-        self.teachers = {n: t if isinstance(t, TeacherShape) else TeacherShape(int(t[0]), tuple(t[1]), int(t[2]))
-                         for n, t in teachers.items()}
-        if not self.teachers:
-            raise ValueError("MultiDistiller needs at least one teacher")
-        self.projectors = nn.ModuleDict({n: nn.Linear(student.num_features, t.channels)
-                                         for n, t in self.teachers.items()})
-        self.names = list(self.teachers)
-        self.teacher_grid = {n: tuple(int(g) for g in t.grid) for n, t in self.teachers.items()}
-        self.keep_prefix = {n: min(self.student_prefix, int(t.prefix)) for n, t in self.teachers.items()}
+        self.shapes = {n: head_shape(t) for n, t in named.items()}
+        self.names = list(self.shapes)
+        self.projectors = nn.ModuleDict({n: nn.Linear(student.num_features, c) for n, (c, _, _) in self.shapes.items()})
+        self.teacher_grids = {n: g for n, (_, g, _) in self.shapes.items()}
+        self.teacher_prefixes = {n: p for n, (_, _, p) in self.shapes.items()}
+        self.keep_prefixes = {n: min(self.student_prefix, p) for n, p in self.teacher_prefixes.items()}
 
-    def align_target(self, target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each teacher's tokens the student is trained against (see `Distiller.align_target`)."""
-        return {n: _align_target(target[n], self.keep_prefix[n], int(self.teachers[n].prefix)) for n in self.names}
+    def edge(self, named: dict[str, Any]) -> Any:
+        """{teacher: value} as the caller made the Distiller: the value itself for the 4-argument form."""
+        return named[ONE] if self.single else named
 
-    def tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Student tokens after its final norm, laid out like each teacher's (one student forward for all)."""
+    @property
+    def projector(self) -> Any:
+        return self.edge(dict(self.projectors))
+
+    @property
+    def keep_prefix(self) -> Any:
+        return self.edge(self.keep_prefixes)
+
+    @property
+    def teacher_grid(self) -> Any:
+        return self.edge(self.teacher_grids)
+
+    @property
+    def teacher_prefix(self) -> Any:
+        return self.edge(self.teacher_prefixes)
+
+    def align_target(self, target: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:
+        """The teacher tokens the student is trained against: each teacher's first keep_prefix prefix tokens, then
+        its grid."""
+        named = {ONE: target} if self.single else target
+        return self.edge({n: _align_target(named[n], self.keep_prefixes[n], self.teacher_prefixes[n])
+                          for n in self.names})
+
+    def tokens(self, x: torch.Tensor) -> Any:
+        """Student tokens after its final norm, laid out like each teacher's: prefix first, then the teacher grid
+        (one student forward for all)."""
         y = self.student.forward_features(x)
-        return {n: _layout(y, self.student_prefix, self.keep_prefix[n], self.grid, self.teacher_grid[n])
-                for n in self.names}
+        return self.edge({n: _layout(y, self.student_prefix, self.keep_prefixes[n], self.grid, self.teacher_grids[n])
+                          for n in self.names})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: self.projectors[n](t) for n, t in self.tokens(x).items()}
+    def forward(self, x: torch.Tensor) -> Any:
+        tokens = self.tokens(x)
+        named = {ONE: tokens} if self.single else tokens
+        return self.edge({n: self.projectors[n](t) for n, t in named.items()})
 
 
-def multi_fd_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-                  weights: Mapping[str, float] | None = None, beta: float = 2.0
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted sum of the teachers' FD losses (weights 1 by default) and each teacher's own loss."""
+def weighted_fd_loss(pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                     weights: Mapping[str, float] | None = None, beta: float = 2.0
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum of the teachers' FD losses (weights 1 by default) and each teacher's own loss; for one
+    teacher of weight 1.0 the total is its fd_loss bit for bit."""
     parts = {n: fd_loss(pred[n], target[n], beta) for n in pred}
     total = None
     for n, loss in parts.items():

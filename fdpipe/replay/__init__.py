@@ -1,14 +1,16 @@
-"""Replaying a plan's views: the data order (pure functions), the replay datasets and the student's transform.
+"""Replaying a plan's views: the data order (pure functions), the replay sources and the student's transform.
 
-distill, finetune and analyze all read stores through this layer; it never imports a stage.
+distill, finetune and analyze all read stores through this layer (`open_replay`, `online_replay`: a `Replay`); it
+never imports a stage.
 """
 
-from .datasets import EpochSampler, OnlineReplay, StoreReplay, WdsReplay, samples_per_epoch
-from .epochs import Replay, online_replay, open_replay, store_source
+from .datasets import EpochSampler, LiveViews, StoredViews, StreamedViews, TargetReader, samples_per_epoch
+from .epochs import OnlineReplay, Replay, WdsReplay, ZarrReplay, online_replay, open_replay, store_source
 from .order import (buffer_shuffle, epoch_permutation, epoch_rng, epoch_samples, epoch_views, shard_order,
                     shard_views)
 from .transform import student_transform
 
-__all__ = ["Replay", "online_replay", "open_replay", "store_source", "EpochSampler", "OnlineReplay", "StoreReplay", "WdsReplay", "samples_per_epoch", "student_transform",
-           "buffer_shuffle", "epoch_permutation", "epoch_rng", "epoch_samples", "epoch_views", "shard_order",
-           "shard_views"]
+__all__ = ["Replay", "ZarrReplay", "WdsReplay", "OnlineReplay", "online_replay", "open_replay", "store_source",
+           "TargetReader", "EpochSampler", "StoredViews", "StreamedViews", "LiveViews", "samples_per_epoch",
+           "student_transform", "buffer_shuffle", "epoch_permutation", "epoch_rng", "epoch_samples", "epoch_views",
+           "shard_order", "shard_views"]

@@ -4,15 +4,17 @@ The stored AugParams are authoritative: the student sees the same crop box the t
 its own way. `strict` re-derives the parameters from the plan's seed and refuses any mismatch; a source image whose
 sha256 differs from the index means the dataset changed under the store, and is refused naming the key.
 
-Several teachers' stores share the plan and the images, so one view serves them all: `MultiStoreReplay` (zarr) reads
-every store's targets for the same (image_idx, view) pairs, `ZippedWdsReplay` (wds) streams the stores side by side
-and checks each sample's (image_idx, view) agree; their items carry {teacher: target}. Online, `OnlineReplay` crops
-each teacher's input from the same view.
+One teacher is a mapping of one: every dataset here takes {teacher: store} (or {teacher: transform} online) and its
+items carry {teacher: target} (or {teacher: input}). Several teachers' stores share the plan and the images, so one
+view serves them all: `StoredViews` (zarr, random access) reads every store's targets for the same (image_idx, view)
+pairs, `StreamedViews` (wds) streams the stores side by side and checks each sample's (image_idx, view) agree, and
+`LiveViews` (online) crops each teacher's input from the same view.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Mapping
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ class ViewBuilder:
     """What both replay datasets share: find the source image, check it, crop it for the student (and teacher)."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
-                 teacher_tf: ViewTransform | None = None, strict: bool = False, check_sha: bool = True):
+                 teacher_tf: Mapping[str, ViewTransform] | None = None, strict: bool = False, check_sha: bool = True):
         self.source, self.plan, self.student_tf, self.teacher_tf = source, plan, student_tf, teacher_tf
         self.strict, self.check_sha = strict, check_sha
         self.lookup = source_lookup(source)
@@ -70,35 +72,30 @@ class ViewBuilder:
             self.check_params(key, view, params, (image.height, image.width))
         return self.student_tf.pixels(image, params)
 
-    def live_views(self, key: str, view: int) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
-        """The student's and the teacher's pixels of one view ({teacher: pixels} for a dict of teacher transforms)."""
+    def live_views(self, key: str, view: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's pixels of one view and {teacher: pixels} of the same crop, one per teacher transform."""
         image = self.image(key, None)
         params = self.plan.sample(key, view, (image.height, image.width))
-        if isinstance(self.teacher_tf, dict):
-            return self.student_tf.pixels(image, params), {n: tf.pixels(image, params)
-                                                           for n, tf in self.teacher_tf.items()}
-        return self.student_tf.pixels(image, params), self.teacher_tf.pixels(image, params)
+        return self.student_tf.pixels(image, params), {n: tf.pixels(image, params) for n, tf in self.teacher_tf.items()}
 
 
 PARAMS = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
 
 
+class TargetReader(Protocol):
+    """What replay reads a batch of targets from: a `Store`, or anything a caller passes in its place (targets held
+    in memory by a benchmark): values [B, *target_shape] as stored, and int8 scales or None."""
 
-class StoreReplay(Dataset):
-    """Map-style replay by (image_idx, view) from a zarr store: x uint8 [3,H,W] and the target as stored.
+    def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]: ...
 
-    target is [*target_shape] in the store's dtype, with "scales" [*target_shape[:-1]] for int8: the training
-    process dequantizes it (`Replay.targets`), so no float32 target crosses the DataLoader.
 
-    Without a source (targets only: benchmarks, or a loop that crops the images itself) items carry no x.
-    """
+class IndexRows:
+    """The index columns replay needs of a store, per image (keys, hashes, status) and per view (crop boxes), read
+    one index part at a time: memory grows by ~100 bytes per view."""
 
-    def __init__(self, store: Store, source: ImageSource | None, student_tf: ViewTransform | None,
-                 strict: bool = False):
-        self.store = store
-        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict) if source is not None else None
+    def __init__(self, store: Store):
         self.keys, self.shas, valid, params = [], [], [], {c: [] for c in PARAMS}
-        for shard in range(store.num_shards):  # one index part at a time: memory grows by ~100 bytes per view
+        for shard in range(store.num_shards):
             part = store.index_part(shard)
             first = part.take(np.arange(0, part.num_rows, store.views))  # the image's own columns, on view 0
             self.keys += first.column("key").to_pylist()
@@ -110,13 +107,46 @@ class StoreReplay(Dataset):
         self.params = {c: np.concatenate(v) for c, v in params.items()}
         self.valid = np.concatenate(valid)
 
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, IndexRows) and other.keys == self.keys and other.shas == self.shas
+                and np.array_equal(other.valid, self.valid)
+                and all(np.array_equal(other.params[c], self.params[c]) for c in PARAMS))
+
+
+class StoredViews(Dataset):
+    """Map-style replay by (image_idx, view) from zarr stores of one plan and one image set: x uint8 [3,H,W] once,
+    and {teacher: target} as stored.
+
+    Each target is [*target_shape] in its store's dtype, with {teacher: scales} [*target_shape[:-1]] for int8: the
+    training process dequantizes them (`Replay.targets`), so no float32 target crosses the DataLoader. `readers`
+    ({teacher: TargetReader}) read a teacher's targets instead of its store. The first store's index gives the
+    crops; the stores' index rows (keys, image hashes, status, crop boxes) must agree, else one line names the store.
+
+    Without a source (targets only: benchmarks, or a loop that crops the images itself) items carry no x.
+    """
+
+    def __init__(self, stores: Mapping[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
+                 strict: bool = False, readers: Mapping[str, TargetReader] | None = None):
+        self.stores = dict(stores)
+        self.names = list(self.stores)
+        first = self.stores[self.names[0]]
+        self.readers = {n: (readers or {}).get(n, st) for n, st in self.stores.items()}
+        self.rows = IndexRows(first)
+        for n in self.names[1:]:
+            if IndexRows(self.stores[n]) != self.rows:
+                raise FdpipeError(f"{self.stores[n].url}: its index rows (keys, image hashes, status or crop boxes) "
+                                  f"differ from {first.url}'s; the stores of several teachers must come from one "
+                                  "plan over the same images")
+        self.views, self.num_images, self.valid = first.views, first.num_images, self.rows.valid
+        self.builder = ViewBuilder(source, first.plan, student_tf, strict=strict) if source is not None else None
+
     def __len__(self) -> int:
-        return self.store.num_images
+        return self.num_images
 
     def view(self, i: int, v: int) -> torch.Tensor:
-        r = i * self.store.views + v
-        row = {c: a[r].item() for c, a in self.params.items()} | {"image_sha256": self.shas[i]}
-        return self.builder.stored_view(self.keys[i], v, row)
+        r = i * self.views + v
+        row = {c: a[r].item() for c, a in self.rows.params.items()} | {"image_sha256": self.rows.shas[i]}
+        return self.builder.stored_view(self.rows.keys[i], v, row)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         return self.__getitems__([item])[0]
@@ -125,15 +155,20 @@ class StoreReplay(Dataset):
         return unbatch(self.batch(items), len(items))
 
     def batch(self, pairs: list[tuple[int, int]]) -> dict[str, Any]:
-        """A whole batch, collated: its targets are one read of the store into one array, which is handed over as
-        it is (no per-sample tensors for the DataLoader to stack again: at CLIP-L shape that copy was a tenth of
-        the replay's CPU time)."""
+        """A whole batch, collated: each teacher's targets are one read of its store into one array, which is handed
+        over as it is (no per-sample tensors for the DataLoader to stack again: at CLIP-L shape that copy was a tenth
+        of the replay's CPU time)."""
         pairs = [(int(i), int(v)) for i, v in pairs]
-        values, scales = self.store.stored_targets(pairs)
-        out = {"target": torch.from_numpy(values), "image_idx": torch.tensor([i for i, _ in pairs]),
-               "view": torch.tensor([v for _, v in pairs])}
-        if scales is not None:
-            out["scales"] = torch.from_numpy(scales)
+        out: dict[str, Any] = {"target": {}, "image_idx": torch.tensor([i for i, _ in pairs]),
+                               "view": torch.tensor([v for _, v in pairs])}
+        scales = {}
+        for n, reader in self.readers.items():
+            values, s = reader.stored_targets(pairs)
+            out["target"][n] = torch.from_numpy(values)
+            if s is not None:
+                scales[n] = torch.from_numpy(s)
+        if scales:
+            out["scales"] = scales
         if self.builder is not None:
             out["x"] = torch.stack([self.view(i, v) for i, v in pairs])
         return out
@@ -147,103 +182,12 @@ def unbatch(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     return [{k: int(v[j]) if k in ("image_idx", "view") else item(v, j) for k, v in batch.items()} for j in range(n)]
 
 
-class MultiStoreReplay(Dataset):
-    """Map-style replay from several zarr stores of one plan and one image set: x once, {teacher: target} per item.
-
-    Each store's targets are read for the same (image_idx, view) pairs; the first store's index gives the crops.
-    The stores' index rows (keys, image hashes, status, crop boxes) must agree, else one line names the store.
-    """
-
-    def __init__(self, stores: dict[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
-                 strict: bool = False):
-        names = list(stores)
-        self.parts = {n: StoreReplay(stores[n], source if i == 0 else None, student_tf, strict=strict)
-                      for i, n in enumerate(names)}
-        first = self.parts[names[0]]
-        for n in names[1:]:
-            other = self.parts[n]
-            same = (other.keys == first.keys and other.shas == first.shas
-                    and np.array_equal(other.valid, first.valid)
-                    and all(np.array_equal(other.params[c], first.params[c]) for c in PARAMS))
-            if not same:
-                raise FdpipeError(f"{stores[n].url}: its index rows (keys, image hashes, status or crop boxes) differ "
-                                  f"from {stores[names[0]].url}'s; the stores of several teachers must come from one "
-                                  "plan over the same images")
-        self.names, self.first = names, first
-        self.valid = first.valid
-
-    def __len__(self) -> int:
-        return len(self.first)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        return self.__getitems__([item])[0]
-
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        return unbatch(self.batch(items), len(items))
-
-    def batch(self, pairs: list[tuple[int, int]]) -> dict[str, Any]:
-        """A whole batch, collated, as StoreReplay.batch makes it; target (and int8 scales) {teacher: ...}."""
-        got = {n: part.batch(pairs) for n, part in self.parts.items()}
-        out = got[self.names[0]]
-        out["target"] = {n: got[n]["target"] for n in self.names}
-        scales = {n: got[n]["scales"] for n in self.names if "scales" in got[n]}
-        if scales:
-            out["scales"] = scales
-        else:
-            out.pop("scales", None)
-        return out
-
-
-class ZippedWdsReplay(IterableDataset):
-    """Several wds stores of one plan, one image set and one shard size, streamed side by side.
-
-    Their `WdsReplay` streams are the same (image_idx, view) sequence: the same shard order, the same view per
-    shard, the same buffer order (a function of the sample count). Each sample's pair is checked to agree; the first
-    store's stream crops the student's view. Items carry {teacher: target}.
-    """
-
-    def __init__(self, parts: dict[str, WdsReplay]):
-        self.parts = parts
-        self.names = list(parts)
-
-    def __len__(self) -> int:
-        return len(self.parts[self.names[0]])
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        streams = {n: iter(p) for n, p in self.parts.items()}
-        first = self.names[0]
-        for item in streams[first]:
-            target, scales = {first: item["target"]}, {}
-            if "scales" in item:
-                scales[first] = item.pop("scales")
-            for n in self.names[1:]:
-                other = next(streams[n], None)
-                if other is None or (other["image_idx"], other["view"]) != (item["image_idx"], item["view"]):
-                    got = "nothing" if other is None else f"image {other['image_idx']} view {other['view']}"
-                    raise FdpipeError(f"{self.parts[n].store.url} streams {got} where {self.parts[first].store.url} "
-                                      f"streams image {item['image_idx']} view {item['view']}; the wds stores of "
-                                      "several teachers must share the plan, the images and the shard size")
-                target[n] = other["target"]
-                if "scales" in other:
-                    scales[n] = other["scales"]
-            item["target"] = target
-            if scales:
-                item["scales"] = scales
-            yield item
-        for n in self.names[1:]:
-            if next(streams[n], None) is not None:
-                raise FdpipeError(f"{self.parts[n].store.url} streams more samples than {self.parts[first].store.url}; "
-                                  "the wds stores of several teachers must share the plan, the images and the shard "
-                                  "size")
-
-
-class OnlineReplay(Dataset):
-    """Map-style replay for online mode: the same views, with the teacher's input instead of a stored target
-    ({teacher: input} for a dict of teacher transforms)."""
+class LiveViews(Dataset):
+    """Map-style replay for online mode: the same views, with {teacher: input} instead of stored targets."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
-                 teacher_tf: ViewTransform | dict[str, ViewTransform]):
-        self.builder = ViewBuilder(source, plan, student_tf, teacher_tf)
+                 teacher_tf: Mapping[str, ViewTransform]):
+        self.builder = ViewBuilder(source, plan, student_tf, dict(teacher_tf))
         self.keys = source.keys
         self.valid = np.ones(len(source), dtype=bool)
 
@@ -278,9 +222,11 @@ def samples_per_epoch(valid: np.ndarray, world: int = 1) -> int:
     return (n - n % world) // world if world > 1 else n
 
 
-class WdsReplay(IterableDataset):
-    """Streaming replay from a wds store: shard shuffle, then a seeded sample buffer; one view per image, the same
-    view for every image of a shard in an epoch (`shard_views`), so an epoch reads one view's tar per shard.
+
+class StreamedViews(IterableDataset):
+    """Streaming replay from wds stores of one plan, one image set and one shard size: shard shuffle, then a seeded
+    sample buffer; one view per image, the same view for every image of a shard in an epoch (`shard_views`), so an
+    epoch reads one view's tar per shard. Items carry {teacher: target}.
 
     Rank r takes every world-th shard of the epoch's shard order, each DataLoader worker every num_workers-th of
     those. Everything is a pure function of (seed, epoch, rank, worker), so a resume replays the same stream.
@@ -289,17 +235,21 @@ class WdsReplay(IterableDataset):
     depends only on how many samples a worker streams, and the loader interleaves its workers' batches round-robin,
     so which samples those were is known from the index: they are neither read nor decoded, and worker k takes up
     the stream of the worker whose turn came next (`round_robin_resume`), so the batches continue as they were.
+
+    Every store streams the same (image_idx, view) sequence (the same shard order, view per shard and buffer order,
+    a function of the sample count); each sample's pair is checked to agree, and the first store's crops the
+    student's view.
     """
 
-    def __init__(self, store: Store, source: ImageSource | None, student_tf: ViewTransform | None, seed: int,
-                 epoch: int, rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False,
+    def __init__(self, stores: Mapping[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
+                 seed: int, epoch: int, rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False,
                  start: int = 0, batch_size: int = 1):
-        self.store, self.seed, self.epoch, self.rank, self.world, self.buffer = store, seed, epoch, rank, world, buffer
+        self.stores = dict(stores)
+        self.names = list(self.stores)
+        self.store = self.stores[self.names[0]]
+        self.seed, self.epoch, self.rank, self.world, self.buffer = seed, epoch, rank, world, buffer
         self.start, self.batch_size = start, batch_size
-        self.builder = ViewBuilder(source, store.plan, student_tf, strict=strict) if source is not None else None
-
-    def rank_shards(self) -> list[int]:
-        return [int(s) for s in shard_order(self.seed, self.epoch, self.store.num_shards)[self.rank:: self.world]]
+        self.builder = ViewBuilder(source, self.store.plan, student_tf, strict=strict) if source is not None else None
 
     def __len__(self) -> int:
         """Samples every rank yields in this epoch: the smallest rank's count of decodable images.
@@ -311,20 +261,20 @@ class WdsReplay(IterableDataset):
         order = shard_order(self.seed, self.epoch, self.store.num_shards)
         return min(int(sum(ok[int(s)] for s in order[r:: self.world])) for r in range(self.world))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        rank_shards, ok = self.rank_shards(), self.store.decodable
+    def stream(self, store: Store, wid: int, nw: int) -> Iterator[StoredView]:
+        """One store's views for loader worker `wid` of `nw`, in training order, from `start` on."""
+        rank_shards = [int(s) for s in shard_order(self.seed, self.epoch, store.num_shards)[self.rank:: self.world]]
+        ok = store.decodable
         counts = [int(sum(ok[s].sum() for s in rank_shards[w::nw])) for w in range(nw)]
         delivered, turn = round_robin_resume([c // self.batch_size for c in counts], self.start // self.batch_size)
         worker = (turn + wid) % nw  # the stream this loader worker continues
         shards = rank_shards[worker::nw]
-        chosen = shard_views(self.seed, self.epoch, self.store.num_shards, self.store.views)
+        chosen = shard_views(self.seed, self.epoch, store.num_shards, store.views)
         order = buffer_order(counts[worker], self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{worker}")
         done = delivered[worker] * self.batch_size
         trained = set(order[:done])
 
-        def stream():  # (position in this worker's stream, view) of every decodable image still to train on
+        def views():  # (position in this worker's stream, view) of every decodable image still to train on
             pos = 0
             for shard in shards:
                 decodable = np.flatnonzero(ok[shard])
@@ -332,27 +282,47 @@ class WdsReplay(IterableDataset):
                 skip = frozenset(int(j) for j, p in zip(decodable, positions) if p in trained)
                 skip |= frozenset(int(j) for j in np.flatnonzero(~ok[shard]))  # failed images: never replayed
                 kept = (p for p in positions if p not in trained)
-                for it in self.store.iter_view(shard, int(chosen[shard]), skip):
+                for it in store.iter_view(shard, int(chosen[shard]), skip):
                     if it.row["status"] == "ok":
                         yield next(kept), it
                 pos += len(decodable)
 
         arrived: dict[int, StoredView] = {}
-        items = stream()
+        items = views()
         for p in order[done:]:
             while p not in arrived:
                 got = next(items, None)
                 if got is None:
-                    raise FdpipeError(f"{self.store.url}: the shards {shards} hold fewer decodable samples than the "
+                    raise FdpipeError(f"{store.url}: the shards {shards} hold fewer decodable samples than the "
                                       "index says; the store is damaged (run `fdpipe store verify --deep`)")
                 arrived[got[0]] = got[1]
-            yield self._item(arrived.pop(p))
+            yield arrived.pop(p)
 
-    def _item(self, it) -> dict[str, Any]:
-        v = int(it.row["view"])
-        item = {"target": torch.from_numpy(np.ascontiguousarray(it.values)), "image_idx": it.image_idx, "view": v}
-        if it.scales is not None:
-            item["scales"] = torch.from_numpy(np.ascontiguousarray(it.scales))
-        if self.builder is not None:
-            item["x"] = self.builder.stored_view(it.key, v, it.row)
-        return item
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        streams = {n: self.stream(st, wid, nw) for n, st in self.stores.items()}
+        first = self.names[0]
+        for it in streams[first]:
+            v = int(it.row["view"])
+            item: dict[str, Any] = {"target": {}, "image_idx": it.image_idx, "view": v}
+            scales = {}
+            for n in self.names:
+                got = it if n == first else next(streams[n], None)
+                if got is None or (got.image_idx, int(got.row["view"])) != (it.image_idx, v):
+                    what = "nothing" if got is None else f"image {got.image_idx} view {int(got.row['view'])}"
+                    raise FdpipeError(f"{self.stores[n].url} streams {what} where {self.store.url} streams image "
+                                      f"{it.image_idx} view {v}; the wds stores of several teachers must share the "
+                                      "plan, the images and the shard size")
+                item["target"][n] = torch.from_numpy(np.ascontiguousarray(got.values))
+                if got.scales is not None:
+                    scales[n] = torch.from_numpy(np.ascontiguousarray(got.scales))
+            if scales:
+                item["scales"] = scales
+            if self.builder is not None:
+                item["x"] = self.builder.stored_view(it.key, v, it.row)
+            yield item
+        for n in self.names[1:]:
+            if next(streams[n], None) is not None:
+                raise FdpipeError(f"{self.stores[n].url} streams more samples than {self.store.url}; the wds stores "
+                                  "of several teachers must share the plan, the images and the shard size")

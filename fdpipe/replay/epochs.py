@@ -1,18 +1,28 @@
-"""The samples a student trains on, epoch by epoch: the one place that builds distill's data loaders.
+"""The samples a student trains on, epoch by epoch: the one place that builds distill's and finetune's data loaders.
 
 `Replay.loader(epoch, start)` gives this rank's batches of (student view, target) for an epoch from sample `start`
 on, with the same order, resume position and DDP split as `fdpipe distill`, because distill calls it too.
 
-Several teachers: `open_replay([store1, store2], ...)` (or {name: store}) replays their shared plan once, and
-`Replay.targets(batch)` gives {teacher: targets}. The stores must agree on the layout, the plan, the images and (wds)
-the shard size (`check_stores_agree`); the data order is then the one a single store gives.
+A `Replay` is one of three sources, each a class with the same few methods (`samples_per_epoch`, `epoch`, `loader`,
+`inputs`, `targets` or `teacher_inputs`, and `read` where the source has random access): `ZarrReplay` (zarr stores,
+random access), `WdsReplay` (wds stores, streamed) and `OnlineReplay` (live teachers). `open_replay` picks the
+store's by `Store.streams`; `online_replay` makes the live one.
+
+One teacher is a mapping of one: every replay carries {teacher: store} (or {teacher: transform}) and its batches
+{teacher: target}. Opened from one `Store` (or one teacher transform), `targets(batch)` (or `teacher_inputs`) gives
+that teacher's tensor, unwrapped at this edge; from a list or dict of stores, {teacher: targets}. Several stores
+must agree on the layout, the plan, the images and (wds) the shard size (`check_stores_agree`); the data order is
+then the one a single store gives.
+
+What a caller passes in instead of patching: `targets=` (a `TargetReader`, or {teacher: reader}) reads a zarr
+replay's targets in place of its store; `select=` (a mask over the store's images) replays only those images, in
+the order the epoch gives them (finetune's label-scarce selection).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -24,93 +34,76 @@ from ..augment import AugmentationPlan, ViewTransform
 from ..data import ImageSource
 from ..errors import FdpipeError
 from ..store import Store
-from .datasets import (EpochSampler, MultiStoreReplay, OnlineReplay, StoreReplay, WdsReplay, ZippedWdsReplay,
-                       samples_per_epoch)
+from .datasets import EpochSampler, LiveViews, StoredViews, StreamedViews, TargetReader, samples_per_epoch
 
 
-@dataclass
 class Replay:
-    """Epochs of replayed views: from a zarr store (random access), a wds store (streamed) or a live teacher.
+    """Epochs of replayed views: what every source shares (the student's side, the DataLoader, the edge where one
+    teacher's {teacher: value} is unwrapped). A subclass holds `dataset` (map-style, over (image_idx, view)) and
+    `valid` (the images an epoch replays), or overrides `samples_per_epoch` and `epoch` (a streamed source)."""
 
-    For a wds store `dataset` is None: each epoch streams a fresh `WdsReplay`.
-    """
-
-    source: ImageSource | None
-    transform: ViewTransform | None
-    views: int
-    seed: int = 0
-    rank: int = 0
-    world: int = 1
-    store: Store | None = None
     dataset: Dataset | None = None
     valid: np.ndarray | None = None
-    buffer: int = 256
-    strict: bool = False
-    teacher_transform: ViewTransform | dict[str, ViewTransform] | None = None  # online: how live teachers see it
-    stores: dict[str, Store] | None = None  # several teachers: {teacher: store}; `store` is the first of them
-    fresh_views: bool = False  # online mode: epoch e takes view e of every image (`order.fresh_views`)
+    fresh_views: bool = False
+
+    def __init__(self, names: Sequence[str], single: bool, source: ImageSource | None,
+                 transform: ViewTransform | None, views: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.names, self.single = list(names), single
+        self.source, self.transform, self.views = source, transform, views
+        self.seed, self.rank, self.world = seed, rank, world
 
     @property
-    def teachers(self) -> list[str] | None:
-        """The teachers' names, in order, when targets come as {teacher: targets}; None for one teacher."""
-        if self.stores is not None:
-            return list(self.stores)
-        return list(self.teacher_transform) if isinstance(self.teacher_transform, dict) else None
+    def teachers(self) -> list[str]:
+        """The teachers' names, in order: the keys of {teacher: targets}."""
+        return list(self.names)
+
+    def edge(self, named: dict[str, Any]) -> Any:
+        """{teacher: value} as the caller opened it: the value itself for one Store (or one teacher transform)."""
+        return named[self.names[0]] if self.single else named
 
     # ----------------------------------------------------------------- what the training process does with a batch
     def inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
         """The student's views, float32 and normalized on `device` (they cross the DataLoader as uint8)."""
         return self.transform.normalize(batch["x"].to(device, non_blocking=True))
 
-    def teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu"
-                       ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Online mode: the live teacher's views of the same crops, normalized its own way on `device` ({teacher:
-        views} for several teachers)."""
-        if isinstance(self.teacher_transform, dict):
-            return {n: self.teacher_transform[n].normalize(x.to(device, non_blocking=True))
-                    for n, x in batch["teacher_x"].items()}
-        return self.teacher_transform.normalize(batch["teacher_x"].to(device, non_blocking=True))
+    def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """{teacher: float32 targets} on `device` (a store's replay)."""
+        raise FdpipeError(f"{type(self).__name__} has no stored targets; its batches carry the teachers' inputs")
 
-    def targets(self, batch: dict[str, Any], device: torch.device | str = "cpu"
-                ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as the store's
-        quantizer says; {teacher: targets} for several stores."""
-        for n, st in (self.stores or {None: self.store}).items():
-            refuse_zero_batch(st, batch["target"] if n is None else batch["target"][n])
-        if self.stores is not None:
-            scales = batch.get("scales") or {}
-            return {n: st.quantizer.dequantize_tensor(
-                batch["target"][n].to(device, non_blocking=True),
-                scales[n].to(device, non_blocking=True) if n in scales else None) for n, st in self.stores.items()}
-        values = batch["target"].to(device, non_blocking=True)
-        scales = batch.get("scales")
-        return self.store.quantizer.dequantize_tensor(
-            values, None if scales is None else scales.to(device, non_blocking=True))
+    def named_teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu"
+                             ) -> dict[str, torch.Tensor]:
+        """{teacher: its normalized views} on `device` (a live teacher's replay)."""
+        raise FdpipeError(f"{type(self).__name__} replays stored targets; it has no live teacher's inputs")
 
+    def targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> Any:
+        """`named_targets`, as the caller opened the replay: one Store's tensor, or {teacher: targets}."""
+        return self.edge(self.named_targets(batch, device))
+
+    def teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> Any:
+        """`named_teacher_inputs`, as the caller opened the replay: one transform's tensor, or {teacher: views}."""
+        return self.edge(self.named_teacher_inputs(batch, device))
+
+    # ----------------------------------------------------------------------------------------------- the epochs
     def samples_per_epoch(self, epoch: int = 0) -> int:
         """This rank's samples in `epoch` (the same on every rank; for wds it changes from epoch to epoch)."""
-        if self.dataset is None:
-            return len(WdsReplay(self.store, self.source, self.transform, self.seed, epoch, self.rank, self.world))
         return samples_per_epoch(self.valid, self.world)
 
     def epoch(self, epoch: int, start: int = 0, batch_size: int = 1) -> Dataset | IterableDataset:
         """This rank's samples of `epoch` from sample `start` on, in training order: a map-style Dataset (zarr,
         online) or an IterableDataset (wds: `start` and `batch_size` say which samples its DataLoader's batches
         already delivered, and those are not read)."""
-        if self.dataset is None and self.stores is not None:
-            return ZippedWdsReplay({n: WdsReplay(st, self.source if i == 0 else None, self.transform, self.seed,
-                                                 epoch, self.rank, self.world, buffer=self.buffer, strict=self.strict,
-                                                 start=start, batch_size=batch_size)
-                                    for i, (n, st) in enumerate(self.stores.items())})
-        if self.dataset is None:
-            return WdsReplay(self.store, self.source, self.transform, self.seed, epoch, self.rank, self.world,
-                             buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size)
         return EpochDataset(self.dataset, EpochSampler(self.valid, self.views, self.seed, epoch, self.rank,
                                                        self.world, start=start, fresh=self.fresh_views).pairs)
 
+    def read(self, pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """The collated batch of the given (image_idx, view) pairs, in that order (random access: analyze's
+        landscape reads view 0 of chosen images)."""
+        return EpochDataset(self.dataset, [(int(i), int(v)) for i, v in pairs]).batch(list(range(len(pairs))))
+
     def loader(self, epoch: int, start: int = 0, batch_size: int = 64, workers: int = 0,
                pin_memory: bool = False) -> Iterable[dict[str, Any]]:
-        """This rank's batches of `epoch` from sample `start` on (a multiple of batch_size): what distill trains on."""
+        """This rank's batches of `epoch` from sample `start` on (a multiple of batch_size): what distill and
+        finetune train on."""
         data = self.epoch(epoch, start, batch_size)
         common = dict(num_workers=workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
@@ -119,6 +112,76 @@ class Replay:
         # map-style: the dataset makes each batch whole (EpochDataset.batch), in the epoch's order
         return DataLoader(data, batch_size=None, sampler=BatchSampler(SequentialSampler(data), batch_size, True),
                           **common)
+
+
+class StoredReplay(Replay):
+    """Targets from stores ({teacher: store}): dequantized in the training process, as each store's quantizer says."""
+
+    def __init__(self, stores: Mapping[str, Store], single: bool, source: ImageSource | None,
+                 transform: ViewTransform | None, seed: int = 0, rank: int = 0, world: int = 1):
+        self.stores = dict(stores)
+        first = next(iter(self.stores.values()))
+        super().__init__(list(self.stores), single, source, transform, first.views, seed, rank, world)
+
+    def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as each store's
+        quantizer says."""
+        for n, st in self.stores.items():
+            refuse_zero_batch(st, batch["target"][n])
+        scales = batch.get("scales") or {}
+        return ({n: st.quantizer.dequantize_tensor(
+            batch["target"][n].to(device, non_blocking=True),
+            scales[n].to(device, non_blocking=True) if n in scales else None) for n, st in self.stores.items()})
+
+
+class ZarrReplay(StoredReplay):
+    """zarr stores, read by (image_idx, view): an epoch is `EpochSampler`'s pairs of the valid images, batched."""
+
+    def __init__(self, stores: Mapping[str, Store], single: bool, source: ImageSource | None,
+                 transform: ViewTransform | None, seed: int = 0, rank: int = 0, world: int = 1, strict: bool = False,
+                 readers: Mapping[str, TargetReader] | None = None, select: np.ndarray | None = None):
+        super().__init__(stores, single, source, transform, seed, rank, world)
+        self.dataset = StoredViews(self.stores, source, transform, strict=strict, readers=readers)
+        self.valid = self.dataset.valid if select is None else self.dataset.valid & np.asarray(select, dtype=bool)
+
+
+class WdsReplay(StoredReplay):
+    """wds stores, streamed: each epoch is a fresh `StreamedViews` (shard order, buffer, resume position)."""
+
+    def __init__(self, stores: Mapping[str, Store], single: bool, source: ImageSource | None,
+                 transform: ViewTransform | None, seed: int = 0, rank: int = 0, world: int = 1, strict: bool = False,
+                 buffer: int = 256):
+        super().__init__(stores, single, source, transform, seed, rank, world)
+        self.strict, self.buffer = strict, buffer
+
+    def samples_per_epoch(self, epoch: int = 0) -> int:
+        return len(StreamedViews(self.stores, None, None, self.seed, epoch, self.rank, self.world))
+
+    def epoch(self, epoch: int, start: int = 0, batch_size: int = 1) -> IterableDataset:
+        return StreamedViews(self.stores, self.source, self.transform, self.seed, epoch, self.rank, self.world,
+                             buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size)
+
+    def read(self, pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        raise FdpipeError(f"{next(iter(self.stores.values())).url} is streamed (wds) and cannot be read by (image, view); convert it with "
+                          "`fdpipe store convert SRC DST --format zarr`")
+
+
+class OnlineReplay(Replay):
+    """Live teachers: batches carry {teacher: input} (`teacher_x`), each teacher's crop of the same view."""
+
+    def __init__(self, source: ImageSource, plan: AugmentationPlan, transform: ViewTransform,
+                 teacher_transforms: Mapping[str, ViewTransform], single: bool, seed: int = 0, rank: int = 0,
+                 world: int = 1, fresh_views: bool = False):
+        super().__init__(list(teacher_transforms), single, source, transform, plan.views, seed, rank, world)
+        self.teacher_transforms = dict(teacher_transforms)
+        self.dataset = LiveViews(source, plan, transform, self.teacher_transforms)
+        self.valid, self.fresh_views = self.dataset.valid, fresh_views
+
+    def named_teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu"
+                             ) -> dict[str, torch.Tensor]:
+        """The live teachers' views of the same crops, each normalized its own way on `device`."""
+        return ({n: tf.normalize(batch["teacher_x"][n].to(device, non_blocking=True))
+                          for n, tf in self.teacher_transforms.items()})
 
 
 def refuse_zero_batch(store: Store, values: torch.Tensor) -> None:
@@ -200,52 +263,59 @@ def check_stores_agree(stores: Sequence[Store]) -> None:
 
 def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform: ViewTransform | None, *,
                 source: ImageSource | None = None, seed: int = 0, rank: int = 0, world: int = 1,
-                strict: bool = False, buffer: int = 256, images: bool = True) -> Replay:
+                strict: bool = False, buffer: int = 256, images: bool = True,
+                targets: TargetReader | Mapping[str, TargetReader] | None = None,
+                select: np.ndarray | None = None) -> Replay:
     """A store's views for a student, as `fdpipe distill` replays them; `source` defaults to the store's images.
 
     images=False: targets only (batches without "x"), in the same order; no source is opened.
 
     Several stores (a list, named by `teacher_names` of their teachers' aliases, or {name: store}): one replay of
     their shared plan whose `targets(batch)` are {name: targets}, the same (image_idx, view) pairs for every store.
+
+    targets: what reads the targets instead of the store (zarr): a `TargetReader` for one Store, {name: reader}
+    for several. select: a bool mask over the store's images; only those are replayed (zarr).
     """
     from ..store.consistency import check_index
 
-    for st in [store] if isinstance(store, Store) else (store.values() if isinstance(store, Mapping) else store):
+    single = isinstance(store, Store)
+    if single:
+        stores = {teacher_names([store.teacher.alias])[0]: store}
+    elif isinstance(store, Mapping):
+        stores = dict(store)
+    else:
+        stores = dict(zip(teacher_names([s.teacher.alias for s in store]), store))
+    if not stores:
+        raise FdpipeError("open_replay needs at least one store")
+    for st in stores.values():
         check_index(st)  # the index against the manifest, before any step (what verify checks of it)
-    if not isinstance(store, Store):
-        stores = dict(store) if isinstance(store, Mapping) else dict(zip(
-            teacher_names([s.teacher.alias for s in store]), store))
-        if not stores:
-            raise FdpipeError("open_replay needs at least one store")
-        listed = list(stores.values())
-        check_stores_agree(listed)
-        first = listed[0]
-        if source is None and images:
-            source = store_source(first)
-        if first.streams:
-            return Replay(source, transform, first.views, seed, rank, world, store=first, buffer=buffer,
-                          strict=strict, stores=stores)
-        dataset = MultiStoreReplay(stores, source, transform, strict=strict)
-        return Replay(source, transform, first.views, seed, rank, world, store=first, dataset=dataset,
-                      valid=dataset.valid, stores=stores)
+    listed = list(stores.values())
+    check_stores_agree(listed)
+    first = listed[0]
+    readers = {next(iter(stores)): targets} if single and targets is not None else dict(targets or {})
+    if set(readers) - set(stores):
+        raise ValueError(f"targets= names {sorted(set(readers) - set(stores))}, not among the stores {list(stores)}")
     if source is None and images:
-        source = store_source(store)
-    if store.streams:
-        return Replay(source, transform, store.views, seed, rank, world, store=store, buffer=buffer, strict=strict)
-    dataset = StoreReplay(store, source, transform, strict=strict)
-    return Replay(source, transform, store.views, seed, rank, world, store=store, dataset=dataset,
-                  valid=dataset.valid)
+        source = store_source(first)
+    if first.streams:
+        if readers or select is not None:
+            raise FdpipeError(f"{first.url} is streamed (wds): targets= and select= need random access; convert it "
+                              "with `fdpipe store convert SRC DST --format zarr`")
+        return WdsReplay(stores, single, source, transform, seed, rank, world, strict=strict, buffer=buffer)
+    return ZarrReplay(stores, single, source, transform, seed, rank, world, strict=strict, readers=readers,
+                      select=select)
 
 
 def online_replay(source: ImageSource, plan: AugmentationPlan, transform: ViewTransform,
-                  teacher_transform: ViewTransform | dict[str, ViewTransform], *, seed: int = 0, rank: int = 0,
+                  teacher_transform: ViewTransform | Mapping[str, ViewTransform], *, seed: int = 0, rank: int = 0,
                   world: int = 1, fresh_views: bool = False) -> Replay:
-    """The plan's views of `source` for a live teacher: batches carry `teacher_x` instead of `target` ({teacher:
-    input} for a dict of teacher transforms, one per live teacher). fresh_views: epoch e takes view e of every
-    image instead of one of the plan's V, so every epoch sees new crops."""
-    dataset = OnlineReplay(source, plan, transform, teacher_transform)
-    return Replay(source, transform, plan.views, seed, rank, world, dataset=dataset, valid=dataset.valid,
-                  teacher_transform=teacher_transform, fresh_views=fresh_views)
+    """The plan's views of `source` for live teachers: batches carry `teacher_x` instead of `target` ({teacher:
+    input} for a dict of teacher transforms, one per live teacher; one transform's replay gives its tensor).
+    fresh_views: epoch e takes view e of every image instead of one of the plan's V, so every epoch sees new crops."""
+    single = not isinstance(teacher_transform, Mapping)
+    transforms = {"teacher": teacher_transform} if single else dict(teacher_transform)
+    return OnlineReplay(source, plan, transform, transforms, single, seed=seed, rank=rank, world=world,
+                        fresh_views=fresh_views)
 
 
 def store_source(store: Store, spec: str | None = None) -> ImageSource:

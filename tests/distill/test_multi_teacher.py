@@ -234,10 +234,11 @@ def test_a_replay_of_two_stores_gives_each_stores_own_targets_for_the_same_pairs
 
 
 def test_a_multi_distiller_has_a_head_per_teacher_and_a_weighted_loss():
-    from fdpipe import MultiDistiller, create_student, multi_fd_loss
+    from fdpipe import Distiller, create_student
+    from fdpipe import weighted_fd_loss as multi_fd_loss
 
     student, _ = create_student("fd-vit-tiny", image_size=32)
-    model = MultiDistiller(student, {"a": (8, (2, 2), 0), "b": (5, (3, 3), 1)})
+    model = Distiller(student, {"a": (8, (2, 2), 0), "b": (5, (3, 3), 1)})
     out = model(torch.randn(2, 3, 32, 32))
     assert out["a"].shape == (2, 4, 8) and out["b"].shape == (2, 1 + 9, 5)  # b keeps the student's CLS for its own
     target = model.align_target({"a": torch.randn(2, 4, 8), "b": torch.randn(2, 1 + 9, 5)})

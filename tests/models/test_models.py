@@ -455,3 +455,23 @@ def test_teacher_info_round_trips_through_json(lite0_file):
     d = json.loads(json.dumps(info.to_dict()))
     assert d["grid"] == [1, 1] and d["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
     assert np.isclose(d["pretrained_cfg"]["crop_pct"], 0.875) and d["image_size"] == 32
+
+
+def test_the_four_argument_distiller_is_the_mapping_of_one_teacher_bit_for_bit():
+    """Distiller(student, C, grid, prefix) is {teacher: (C, grid, prefix)} unwrapped: the same head drawn from the
+    RNG, the same predictions, and with weight 1.0 the weighted loss is fd_loss's bit for bit."""
+    from fdpipe.models import Distiller, create_student, fd_loss
+    from fdpipe.models.distiller import weighted_fd_loss
+
+    student, _ = create_student("fd-vit-tiny", image_size=32)
+    torch.manual_seed(0)
+    one = Distiller(student, 8, (2, 2), 1)
+    torch.manual_seed(0)
+    named = Distiller(student, {"t": (8, (2, 2), 1)})
+    x, target = torch.randn(2, 3, 32, 32), torch.randn(2, 1 + 4, 8)
+    student.eval()  # no drop path: the two forwards are the same computation
+    assert torch.equal(one.projector.weight, named.projectors["t"].weight) and one.keep_prefix == 1
+    pred = one(x)
+    assert torch.equal(pred, named(x)["t"])
+    total, parts = weighted_fd_loss({"t": pred}, named.align_target({"t": target}), {"t": 1.0})
+    assert torch.equal(total, fd_loss(pred, one.align_target(target))) and torch.equal(total, parts["t"])

@@ -43,7 +43,8 @@ def test_a_fresh_view_batch_holds_the_crops_the_plan_gives_for_view_e():
                 image = decode_rgb(source[i].data)
                 params = plan.sample(source.keys[i], epoch, (image.height, image.width))
                 assert torch.equal(batch["x"][j], tf.pixels(image, params))
-                assert torch.equal(batch["teacher_x"][j], teacher_tf.pixels(image, params))
+                teacher_x, = batch["teacher_x"].values()  # {teacher: pixels}: the one teacher's
+                assert torch.equal(teacher_x[j], teacher_tf.pixels(image, params))
             assert all(0 <= v < plan.views for v in same["view"].tolist())  # V views replayed as before
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import write_photos
@@ -88,3 +89,60 @@ def test_a_resumed_wds_epoch_continues_the_same_batches_without_reading_what_it_
         monkeypatch.setattr(npy, "load", lambda b, where, *a: decoded.append(where) or real(b, where, *a))
         batches(6)
         assert len(decoded) == 11 - 6
+
+
+def _synthetic(tmp_path: Path, layout: str = "zarr", n: int = 6) -> tuple[str, np.ndarray]:
+    from conftest import store_settings, whitened, write_store
+
+    settings = store_settings(layout, n=n)
+    targets = whitened(np.random.default_rng(0), (n, settings["views"], *settings["target_shape"]))
+    url = str(tmp_path / f"store-{layout}")
+    write_store(url, settings, targets)
+    return url, targets
+
+
+class Doubled:
+    """A target reader a caller passes in: twice the values it was given, in the store's dtype."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = (2 * values).astype(np.float16)
+
+    def stored_targets(self, pairs):
+        i, v = np.asarray(pairs).T
+        return self.values[i, v], None
+
+
+def test_a_replay_reads_its_targets_from_the_reader_passed_in_and_in_the_stores_order(tmp_path):
+    import torch
+
+    from fdpipe import open_replay
+
+    url, targets = _synthetic(tmp_path)
+    store = open_store(url)
+    plain, injected = (open_replay(store, None, images=False, seed=2, targets=t) for t in (None, Doubled(targets)))
+    for got, want in zip(injected.loader(1, 0, batch_size=2), plain.loader(1, 0, batch_size=2)):
+        assert torch.equal(got["image_idx"], want["image_idx"]) and torch.equal(got["view"], want["view"])
+        i, v = got["image_idx"].numpy(), got["view"].numpy()
+        assert torch.equal(injected.targets(got), torch.from_numpy(Doubled(targets).values[i, v]).float())
+
+
+def test_select_replays_only_the_masked_images_each_epoch(tmp_path):
+    from fdpipe import open_replay
+
+    url, _ = _synthetic(tmp_path, n=8)
+    select = np.zeros(8, dtype=bool)
+    select[[1, 4, 6, 7]] = True
+    replay = open_replay(open_store(url), None, images=False, seed=1, select=select)
+    assert replay.samples_per_epoch(0) == 4
+    for epoch in (0, 1):
+        seen = [int(i) for b in replay.loader(epoch, 0, batch_size=1) for i in b["image_idx"]]
+        assert sorted(seen) == [1, 4, 6, 7]
+
+
+def test_a_streamed_store_refuses_a_reader_in_one_line(tmp_path):
+    from fdpipe import open_replay
+    from fdpipe.errors import FdpipeError
+
+    url, targets = _synthetic(tmp_path, "wds")
+    with pytest.raises(FdpipeError, match="streamed .*random access"):
+        open_replay(open_store(url), None, images=False, targets=Doubled(targets))

@@ -98,10 +98,9 @@ def test_an_epoch_reads_only_the_bytes_of_the_views_it_trains_on(tmp_path, monke
         assert store.targets_layout.native_readers is not None  # a local store reads through tensorstore, opened once per process
     counted = Counted(monkeypatch)
     used = 0
-    for batch in replay.loader(1, 0, batch_size=2):
-        used += batch["target"].numel() * batch["target"].element_size()
-        if "scales" in batch:
-            used += batch["scales"].numel() * batch["scales"].element_size()
+    for batch in replay.loader(1, 0, batch_size=2):  # {teacher: values}, {teacher: scales}: one teacher here
+        for t in [*batch["target"].values(), *batch.get("scales", {}).values()]:
+            used += t.numel() * t.element_size()
     assert used == 8 * (128 * 1024 * (2 if dtype == "float16" else 1) + (128 * 2 if dtype == "int8" else 0))
     assert used <= counted.bytes <= 1.05 * used, counted.bytes / used
 

@@ -95,7 +95,7 @@ def _synthetic(tmp_path: Path, layout: str = "zarr", n: int = 6) -> tuple[str, n
     from conftest import store_settings, whitened, write_store
 
     settings = store_settings(layout, n=n)
-    targets = whitened(np.random.default_rng(0), (n, settings["views"], *settings["target_shape"]))
+    targets = whitened(np.random.default_rng(0), (n, settings.views, *settings.target_shape))
     url = str(tmp_path / f"store-{layout}")
     write_store(url, settings, targets)
     return url, targets

@@ -104,6 +104,14 @@ class Distiller(nn.Module):
         self.teacher_grids = {n: g for n, (_, g, _) in self.shapes.items()}
         self.teacher_prefixes = {n: p for n, (_, _, p) in self.shapes.items()}
         self.keep_prefixes = {n: min(self.student_prefix, p) for n, p in self.teacher_prefixes.items()}
+        self._register_load_state_dict_pre_hook(self._one_head_as_saved_before)
+
+    def _one_head_as_saved_before(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A one-teacher state saved before the heads were a mapping names its head `projector.*`: it loads into
+        the one head (a run resumed across the change continues)."""
+        if len(self.names) == 1:
+            for key in [k for k in state if k.startswith(f"{prefix}projector.")]:
+                state[f"{prefix}projectors.{self.names[0]}.{key[len(prefix) + len('projector.'):]}"] = state.pop(key)
 
     def edge(self, named: dict[str, Any]) -> Any:
         """{teacher: value} as the caller made the Distiller: the value itself for the 4-argument form."""

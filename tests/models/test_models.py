@@ -475,3 +475,17 @@ def test_the_four_argument_distiller_is_the_mapping_of_one_teacher_bit_for_bit()
     assert torch.equal(pred, named(x)["t"])
     total, parts = weighted_fd_loss({"t": pred}, named.align_target({"t": target}), {"t": 1.0})
     assert torch.equal(total, fd_loss(pred, one.align_target(target))) and torch.equal(total, parts["t"])
+
+
+def test_a_one_head_state_saved_as_projector_loads_into_the_one_head():
+    """train_state.pt of a one-teacher run from before the heads were a mapping holds `projector.weight`: a resume
+    loads it into the one head instead of failing on the key."""
+    from fdpipe.models import Distiller, create_student
+
+    student, _ = create_student("fd-vit-tiny", image_size=32)
+    saved = Distiller(student, 8, (2, 2), 1).state_dict()
+    old = {("projector." + k.split(".", 2)[2]) if k.startswith("projectors.") else k: v for k, v in saved.items()}
+    assert "projector.weight" in old and not any(k.startswith("projectors.") for k in old)
+    named = Distiller(student, {"effnet-lite0": (8, (2, 2), 1)})
+    named.load_state_dict(old)
+    assert torch.equal(named.projectors["effnet-lite0"].weight, old["projector.weight"])

@@ -183,3 +183,15 @@ def part_store(url: str, full, targets: np.ndarray, lo: int, hi: int, shard_size
         a, b = shard_range(shard, w.s, w.n)
         w.write_stored(shard, *w.q.quantize(targets[lo + a:lo + b]), rows[a * v:b * v])
     assert w.try_finalize()
+
+
+def randomized_zero_init(model, std: float):
+    """The model in eval mode with its zero-initialised relative position tables and q/v biases drawn from
+    N(0, std): tests of attention maths need them to matter."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias")):
+                p.normal_(0, std)
+    return model.eval()

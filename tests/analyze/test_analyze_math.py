@@ -9,6 +9,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from conftest import randomized_zero_init
+
 from fdpipe.analyze.attention import (
     attention_distance,
     capture_attention,
@@ -38,11 +40,7 @@ def _beit(depth: int = 1, shared: bool = True) -> torch.nn.Module:
         qkv_bias=True,
         num_classes=0,
     )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias")):
-                p.normal_(0, 1.0)
-    return model.eval()
+    return randomized_zero_init(model, 1.0)
 
 
 def test_identity_attention_has_zero_distance() -> None:

@@ -10,6 +10,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from conftest import randomized_zero_init
+
 from fdpipe.finetune.core import (
     CoreTuningLoss,
     focal_supcon_loss,
@@ -44,11 +46,7 @@ def _beit(shared: bool, num_classes: int = 0, seed: int = 0, **overrides) -> tor
         num_classes=num_classes,
         **args,
     )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias")):
-                p.normal_(0, 0.5)
-    return model.eval()
+    return randomized_zero_init(model, 0.5)
 
 
 # --- Core-tuning -----------------------------------------------------------------------------------------------

@@ -86,16 +86,22 @@ def private_imports(root: Path = PKG) -> list[str]:
     return bad
 
 
+def planted(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A fake fdpipe tree of these files (path relative to the package: source), for a check to catch."""
+    fake = tmp_path / "fdpipe"
+    for rel, text in files.items():
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text(text)
+    return fake
+
+
 def test_no_lower_layer_imports_a_stage_and_no_stage_imports_another():
     assert layering_violations() == []
 
 
 def test_the_layering_check_catches_a_lower_layer_importing_a_stage(tmp_path):
-    fake = tmp_path / "fdpipe"
-    (fake / "store").mkdir(parents=True)
-    (fake / "finetune").mkdir()
-    (fake / "store" / "tools.py").write_text("from ..extract.views import encoded_image\n")
-    (fake / "finetune" / "data.py").write_text("from fdpipe.distill.order import epoch_rng\n")
+    fake = planted(tmp_path, {"store/tools.py": "from ..extract.views import encoded_image\n",
+                              "finetune/data.py": "from fdpipe.distill.order import epoch_rng\n"})
     assert layering_violations(fake) == ["fdpipe/finetune/data.py imports fdpipe.distill.order",
                                          "fdpipe/store/tools.py imports fdpipe.extract.views"]
 
@@ -105,23 +111,18 @@ def test_no_module_or_folder_imports_another_that_imports_it_back():
 
 
 def test_the_cycle_check_catches_a_bottom_module_and_a_layer_importing_each_other(tmp_path):
-    fake = tmp_path / "fdpipe"
-    (fake / "store").mkdir(parents=True)
-    (fake / "replay").mkdir()
-    for init in (fake, fake / "store", fake / "replay"):
-        (init / "__init__.py").write_text("")
-    (fake / "options.py").write_text("def views_option():\n    from .store.manifest import MAX_VIEWS\n")
-    (fake / "store" / "cli.py").write_text("from ..options import views_option\n")
-    (fake / "replay" / "order.py").write_text("from fdpipe.options import views_option\n")  # no loop: not reported
+    fake = planted(tmp_path, {"__init__.py": "", "store/__init__.py": "", "replay/__init__.py": "",
+                              "options.py": "def views_option():\n    from .store.manifest import MAX_VIEWS\n",
+                              "store/cli.py": "from ..options import views_option\n",
+                              "replay/order.py": "from fdpipe.options import views_option\n"})  # no loop: not reported
     assert import_cycles(fake) == ["fdpipe/options.py imports fdpipe.store.manifest",
                                    "fdpipe/store/cli.py imports fdpipe.options"]
 
 
 def test_no_module_imports_a_private_name_of_another(tmp_path):
     assert private_imports() == []
-    (tmp_path / "fdpipe" / "data").mkdir(parents=True)
-    (tmp_path / "fdpipe" / "data" / "wds.py").write_text("from .decode import _one_line\nfrom zarr import _x\n")
-    assert private_imports(tmp_path / "fdpipe") == ["fdpipe/data/wds.py imports _one_line"]
+    fake = planted(tmp_path, {"data/wds.py": "from .decode import _one_line\nfrom zarr import _x\n"})
+    assert private_imports(fake) == ["fdpipe/data/wds.py imports _one_line"]
 
 
 def test_there_is_one_optimizer_step_call_site_the_engines():
@@ -162,12 +163,12 @@ def test_no_code_outside_the_layout_table_compares_layout_names():
 def test_the_layout_check_catches_each_way_of_comparing_a_layout_name(tmp_path):
     fake = tmp_path / "fdpipe"
     fake.mkdir()
-    planted = ['if store.layout == "zarr":', "if cfg.layout != 'wds':", 'if amp["layout"] == x:',
+    comparisons = ['if store.layout == "zarr":', "if cfg.layout != 'wds':", 'if amp["layout"] == x:',
                'x = a if "wds" == m else b', 'if layout in ("zarr", "wds"):', "ok = kind in ['wds']"]
     allowed = ['if layout not in LAYOUTS:', 'if not store.random_access:', 'x = {"zarr": 1}["zarr"]',
                'if codec == "none":', 'layout="zarr",  # == "wds" in a comment']
-    (fake / "mod.py").write_text("\n".join(planted + allowed) + "\n")
-    assert [h.split(":")[1] for h in layout_comparisons([fake])] == [str(i) for i in range(1, len(planted) + 1)]
+    (fake / "mod.py").write_text("\n".join(comparisons + allowed) + "\n")
+    assert [h.split(":")[1] for h in layout_comparisons([fake])] == [str(i) for i in range(1, len(comparisons) + 1)]
 
 
 def test_the_tests_are_grouped_by_the_layer_or_stage_they_test():

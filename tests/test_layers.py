@@ -227,3 +227,14 @@ def test_the_patch_check_catches_a_replaced_fdpipe_function(tmp_path):
                                    "    Store.stored_targets = lambda self, pairs: None\n"
                                    "    m.create_teacher = lambda *a: None\n")
     assert patches(tmp_path) == ["b.py:6: Store.stored_targets =", "b.py:7: m.create_teacher ="]
+
+
+def test_one_teacher_and_several_run_one_code_no_multi_twins_and_no_multi_flag_in_distill():
+    """One teacher is a mapping of one: no `Multi*`/`Zipped*` twin classes anywhere, and distill has no `multi` flag
+    to branch on."""
+    twins = [f"{p.relative_to(PKG.parent)}:{n.lineno}: {n.name}" for p in PKG.rglob("*.py")
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)
+             and n.name.startswith(("Multi", "Zipped"))]
+    flags = [f"{p.relative_to(PKG.parent)}:{n.lineno}" for p in (PKG / "distill").rglob("*.py")
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Name) and n.id == "multi"]
+    assert twins == [] and flags == []

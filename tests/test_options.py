@@ -239,6 +239,21 @@ def test_written_settings_rerun_to_equal_settings(parse, tmp_path, command, cfg)
     assert again == dataclasses.replace(cfg, **({"storage_options": {}} if hasattr(cfg, "storage_options") else {}))
 
 
+def test_a_crash_while_writing_settings_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    import fdpipe.files
+
+    path = write_settings(ROUND_TRIPS[0][1], tmp_path / "settings.yaml")
+    before = path.read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fdpipe.files, "write_pieces", crash)
+    with pytest.raises(OSError):
+        write_settings(ROUND_TRIPS[1][1], path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["settings.yaml"]
+
+
 # -------------------------------------------------------------------------------------------------- layering
 
 

@@ -60,11 +60,13 @@ def check_out(out: Path, stage: str, settings: Any, inputs: dict[str, Any]) -> N
 
 def write_settings(cfg: Any, path: str | Path) -> Path:
     """Write a run's settings.yaml: the settings dataclass as YAML that `--config` reads back to equal settings
-    (secret fields left out); run_of reads it back to tell whose run a directory holds."""
+    (secret fields left out); run_of reads it back to tell whose run a directory holds, so it is written whole or
+    not at all (a crash leaves the previous one)."""
+    from ..files import write_atomic
     from ..options import settings_yaml
 
     path = Path(path)
-    path.write_text(settings_yaml(cfg))
+    write_atomic(path, settings_yaml(cfg).encode())
     return path
 
 

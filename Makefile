@@ -41,7 +41,7 @@ demo: setup
 
 # One pytest worker per core (pytest-xdist), each test file on one worker so that its module fixtures are built once.
 # Many tests wait on subprocesses and servers: two workers on 2 cores run the suite in about 6 minutes on the 2-core
-# Intel Xeon (6:37 in a fresh-clone CI run of 2026-12-03, 8:01 with the set-up and a warm pip cache; 13:46 of an
+# Intel Xeon (6:41 in a fresh-clone CI run of 2026-12-03, 7:56 with the set-up and a warm pip cache; 13:46 of an
 # older, smaller suite on the AMD EPYC machines); one worker took twice as long (24 minutes to 12.4, earlier).
 test: setup
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests

@@ -19,7 +19,8 @@ from fdpipe.errors import FdpipeError
 from fdpipe.files import replacing
 from fdpipe.runtime import read_torch
 
-from .helpers import first_line, json_able
+from ..jsonable import json_able
+from .helpers import first_line
 from .students import STUDENTS, StudentSpec, check_model_size, student_grid
 from .weights import drop_overlay_state_dict, load_pretrained
 

@@ -14,7 +14,8 @@ import timm
 
 from fdpipe.errors import FdpipeError
 
-from .helpers import first_line, json_able
+from ..jsonable import json_able
+from .helpers import first_line
 
 # FD students: a timm Beit with a shared relative position bias, no absolute position embedding, layer scale 0.1 and
 # q/v bias. Drop path (linear over depth) is FD's pretraining rate: 0.2 base, 0.3 large, 0.1 (DeiT's) below (distill's

@@ -18,7 +18,7 @@ import timm.data
 from fdpipe.errors import FdpipeError
 
 from ..store.contract import TeacherInfo
-from .helpers import json_able
+from ..jsonable import json_able
 from .weights import load_pretrained
 
 # alias -> timm name. The input contract (size, mean/std, bicubic everywhere) is the weights' pretrained_cfg, except

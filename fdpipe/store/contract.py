@@ -14,15 +14,7 @@ from typing import Any, Mapping
 
 from ..augment import AugmentationPlan
 from ..errors import StoreError
-
-
-def _plain(x: Any) -> Any:
-    """JSON's shapes: tuples become lists, mappings dicts with str keys."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+from ..jsonable import json_able
 
 
 @dataclass(frozen=True)
@@ -50,7 +42,7 @@ class TeacherInfo:
         return (self.channels,) if self.target == "logits" else (self.tokens, self.channels)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return json_able(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "the manifest") -> "TeacherInfo":
@@ -101,7 +93,7 @@ class StoreSettings:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["teacher"], d["plan"] = self.teacher.to_dict(), self.plan.to_dict()
-        return _plain(d)
+        return json_able(d)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "the manifest") -> "StoreSettings":
@@ -124,7 +116,3 @@ class StoreSettings:
 
     def replace(self, **changes: Any) -> "StoreSettings":
         return dataclasses.replace(self, **changes)
-
-    @property
-    def num_shards(self) -> int:
-        return max(1, -(-self.num_images // self.shard_size))

@@ -41,7 +41,7 @@ def views(teacher, images: list[Image.Image], v: int, seed: int = 0) -> torch.Te
     """FD's random-resized-crop views (fdpipe's plan), normalized as the teacher's extraction normalizes them."""
     plan = make_plan(seed, v, (0.08, 1.0))
     tf = ViewTransform.from_data_config(teacher.data_config)
-    px = [tf.pixels(im, plan.sample(f"img{i}", j, (im.height, im.width))) for i, im in enumerate(images)
+    px = [tf.pixels(plan.prepare(im), plan.sample(f"img{i}", j, (im.height, im.width))) for i, im in enumerate(images)
           for j in range(v)]
     return tf.normalize(torch.stack(px))
 

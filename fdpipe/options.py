@@ -255,6 +255,13 @@ def crop_scale_option() -> Any:
     return option((0.08, 1.0), "Area fraction range of the plan's RandomResizedCrop views.", metavar="MIN MAX")
 
 
+def crop_policy_option() -> Any:
+    # 2 is augment.POLICY_VERSION (not imported here: `fdpipe --help` must not load torch)
+    return option(2, "Crop policy version of a new plan: 2 resizes the crops with torchvision's uint8 kernels "
+                     "(2.5x PIL's speed), 1 with PIL. A store's plan keeps the version it was made with.",
+                  min=1, max=2)
+
+
 def weights_option(help: str = "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip CLIP "
                                "checkpoint.") -> Any:
     return option(None, help, path="file")

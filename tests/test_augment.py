@@ -85,3 +85,38 @@ def test_apply_on_uint8_tensor_matches_the_pil_path_box(photo):
 def test_views_must_be_positive():
     with pytest.raises(ValueError):
         AugmentationPlan(views=0)
+
+
+def test_policy_2_resizes_the_images_tensor_and_stays_within_a_tenth_of_a_level_of_policy_1():
+    """Policy 2 cuts every view from the image's uint8 tensor (torchvision's kernels, not PIL's): a plan that
+    recorded 2 but resized with PIL would give policy 1's pixels exactly, and a wrong box would differ by far more."""
+    from skimage import data
+
+    from fdpipe.augment import ViewTransform
+
+    image = Image.fromarray(data.chelsea())  # 300 x 451: a real photo, downscaled as ImageNet's are
+    tf = ViewTransform((224, 224), (0.5,) * 3, (0.5,) * 3)
+    old, new = AugmentationPlan(seed=3, views=8, policy_version=1), AugmentationPlan(seed=3, views=8, policy_version=2)
+    assert isinstance(old.prepare(image), Image.Image) and isinstance(new.prepare(image), torch.Tensor)
+    diffs = []
+    for v in range(8):
+        p = new.sample("chelsea", v, (image.height, image.width))
+        assert p == old.sample("chelsea", v, (image.height, image.width))  # the version changes pixels, not boxes
+        a, b = tf.pixels(old.prepare(image), p), tf.pixels(new.prepare(image), p)
+        assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape == (3, 224, 224)
+        diffs.append((a.float() - b.float()).abs().mean().item())
+    assert 0 < np.mean(diffs) <= 0.1, diffs
+
+
+def test_a_plan_keeps_its_policy_version_and_refuses_one_it_does_not_know():
+    from fdpipe.augment import POLICY_VERSION, make_plan
+    from fdpipe.errors import FdpipeError
+
+    assert make_plan(1, 2).policy_version == POLICY_VERSION == 2  # new plans: the faster policy
+    d = AugmentationPlan(seed=1, views=2, policy_version=1).to_dict()
+    assert AugmentationPlan.from_dict(d).policy_version == 1  # a v1 store replays the v1 way
+    assert AugmentationPlan.from_dict({k: v for k, v in d.items() if k != "policy_version"}).policy_version == 1
+    with pytest.raises(FdpipeError, match="upgrade|policy"):
+        AugmentationPlan.from_dict({**d, "policy_version": 3})
+    with pytest.raises(FdpipeError, match="--crop-policy 3: choose one of 1, 2"):
+        make_plan(1, 2, policy_version=3)

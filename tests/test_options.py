@@ -59,6 +59,7 @@ def parse(cli, monkeypatch, tmp_path):
 
 DEFAULTS = [
     ("extract", "--device", "auto"), ("extract", "--views", 8), ("extract", "--crop-scale", (0.08, 1.0)),
+    ("extract", "--crop-policy", 2), ("distill", "--crop-policy", 2),
     ("extract", "--format", "zarr"), ("extract", "--dtype", "float16"), ("extract", "--target", "features"),
     ("extract", "--batch-size", 64), ("extract", "--workers", min(4, usable_cpus())), ("extract", "--seed", 0),
     ("extract", "--layer", None), ("extract", "--image-size", None), ("extract", "--embed-images", False),
@@ -115,6 +116,13 @@ def test_required_options_stay_required(command, flag, required):
 def test_choices_stay_usage_errors(cli):
     r = cli("extract", "--teacher", "t", "--data", "d", "--out", "o", "--format", "zip")
     assert r.exit_code == 2 and "'zip' is not one of 'zarr', 'wds'" in r.output
+
+
+@pytest.mark.parametrize("command", ["extract", "distill"])
+def test_a_crop_policy_fdpipe_does_not_have_is_one_line_before_anything_runs(cli, command, tmp_path):
+    r = cli(command, "--teacher", "t", "--data", "d", "--out", str(tmp_path / "o"), "--crop-policy", "3")
+    assert r.exit_code == 1 and r.output.strip() == "Error: --crop-policy must be at most 2 (got 3)", r.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command", ["extract", "distill", "finetune", "analyze", "demo"])

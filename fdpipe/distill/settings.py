@@ -15,8 +15,8 @@ from typing import Any
 
 from ..errors import FdpipeError
 from ..options import (MAX_IMAGE_SIZE, MAX_PATCH_SIZE, MIN_IMAGE_SIZE, cache_dir_option, check_bounds,
-                       crop_scale_option, device_option, option, parse_floats, quiet_option, seed_option, show_floats,
-                       storage_options_option, views_option, workers_option)
+                       crop_policy_option, crop_scale_option, device_option, option, parse_floats, quiet_option,
+                       seed_option, show_floats, storage_options_option, views_option, workers_option)
 from .recipe import DROP_PATH_DEFAULT
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +69,7 @@ class DistillConfig:
                                           "for several teachers.", multiple=True)
     views: int = views_option()
     crop_scale: tuple[float, float] = crop_scale_option()
+    crop_policy: int = crop_policy_option()
     layer: tuple[int, ...] = option((), "Online mode: take block K's output (forward_intermediates) instead of "
                                         "forward_features; once for all teachers or once per --teacher.",
                                     multiple=True)
@@ -101,7 +102,7 @@ class DistillConfig:
                 raise FdpipeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
 
-        make_plan(self.plan_seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
+        make_plan(self.plan_seed, self.views, self.crop_scale, self.crop_policy)  # one line for a bad --views or --crop-*
         if bool(self.store) == bool(self.teacher):
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
         if self.teacher and self.data is None:

@@ -103,7 +103,7 @@ def teachers_online(cfg: DistillConfig, device: torch.device, create_teacher: Ca
                                                  cfg.per_teacher("teacher_image_size"), cfg.per_teacher("layer")):
         live[name] = create_teacher(alias, weights=weights, image_size=size, layer=layer, device=str(device))
     source = open_source(cfg.data, limit=cfg.limit)
-    plan = make_plan(cfg.plan_seed, cfg.views, cfg.crop_scale)
+    plan = make_plan(cfg.plan_seed, cfg.views, cfg.crop_scale, cfg.crop_policy)
     return Teachers({n: t.info for n, t in live.items()}, plan, source, live=live)
 
 

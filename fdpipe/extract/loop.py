@@ -179,7 +179,7 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
     source = open_source(cfg.data, limit=cfg.limit, storage_options=cfg.storage_options or None)
     if len(source) == 0:
         raise FdpipeError(f"no images in {cfg.data}; check the --data path")
-    plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale)
+    plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale, cfg.crop_policy)
     runs, transforms = open_teachers(cfg, source, plan, device, ranks, create_teacher)
     first = runs[0].writer
     todo = sorted(set().union(*(r.mine for r in runs)))

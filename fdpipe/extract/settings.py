@@ -11,8 +11,8 @@ from typing import Any
 from ..errors import FdpipeError
 from ..store.layouts import LAYOUTS, facts
 from ..store.manifest import CODECS, DEFAULT_CODEC
-from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_scale_option, device_option, option,
-                       quiet_option, seed_option, storage_options_option, views_option, workers_option)
+from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy_option, crop_scale_option,
+                       device_option, option, quiet_option, seed_option, storage_options_option, views_option, workers_option)
 
 DTYPES = ("float16", "int8")
 TARGETS = ("features", "logits")
@@ -30,6 +30,7 @@ class ExtractConfig:
                            "stores. Rerun the same command to resume.")
     views: int = views_option()
     crop_scale: tuple[float, float] = crop_scale_option()
+    crop_policy: int = crop_policy_option()
     layer: tuple[int, ...] = option((), "Take block K's output (forward_intermediates) instead of forward_features; "
                                         "once for every teacher or once per --teacher, in order.", multiple=True)
     weights: tuple[str, ...] = option((), "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip "
@@ -74,7 +75,7 @@ class ExtractConfig:
             else:
                 object.__setattr__(self, name, tuple(value))
         check_bounds(self)  # the bounds the fields declare, for settings built in Python (the CLI checks on parsing)
-        make_plan(self.seed, self.views, self.crop_scale)  # one line for a bad --views or --crop-scale
+        make_plan(self.seed, self.views, self.crop_scale, self.crop_policy)  # one line for a bad --views or --crop-*
         if self.batch_size < 1:
             raise FdpipeError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.commit_workers < 1:

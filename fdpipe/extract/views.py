@@ -57,7 +57,8 @@ class PlanViews(Dataset):
         params = [self.plan.sample_seeded(s, (h, w)) for s in seeds]
         rows = [dict(base, view=v, seed=s, **p.to_dict(), orig_height=h, orig_width=w, image_sha256=sha,
                      status="ok") for v, (s, p) in enumerate(zip(seeds, params))]
-        pixels = [torch.stack([tf.pixels(image, p) for p in params]) for tf in self.transforms]
+        cut = self.plan.prepare(image)  # once per image: every view and every teacher's transform cuts from it
+        pixels = [torch.stack([tf.pixels(cut, p) for p in params]) for tf in self.transforms]
         return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None)
 
 

@@ -14,7 +14,7 @@ pairs, `StreamedViews` (wds) streams the stores side by side and checks each sam
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ..errors import FdpipeError
 from ..store import Store
 from ..store.reader import StoredView
 from .order import buffer_order, epoch_samples, epoch_views, fresh_views, round_robin_resume, shard_order, shard_views
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def source_lookup(source: ImageSource) -> dict[str, int]:
@@ -50,7 +53,7 @@ class ViewBuilder:
             raise FdpipeError(f"source image {key!r} differs from the one the store was made from (sha256 mismatch); "
                               "the dataset changed under the store: restore it or extract a new store")
         try:
-            return decode_rgb(sample.data)
+            return self.plan.prepare(decode_rgb(sample.data))
         except ImageError as e:
             raise FdpipeError(f"image {key!r}: {e}") from None
 
@@ -63,20 +66,26 @@ class ViewBuilder:
     def stored_view(self, key: str, view: int, row: dict[str, Any]) -> torch.Tensor:
         image = self.image(key, row.get("image_sha256"))
         recorded = (row.get("orig_height"), row.get("orig_width"))
-        if None not in recorded and recorded != (image.height, image.width):  # the crop box is in those pixels
-            raise FdpipeError(f"source image {key!r} is {image.height} x {image.width} pixels, the store recorded "
+        height, width = image_size(image)
+        if None not in recorded and recorded != (height, width):  # the crop box is in those pixels
+            raise FdpipeError(f"source image {key!r} is {height} x {width} pixels, the store recorded "
                               f"{recorded[0]} x {recorded[1]} for it (its crop boxes are in those pixels); the index "
                               "was altered or the dataset changed under the store: run `fdpipe store verify --deep`")
         params = AugParams.from_dict(row)
         if self.strict:
-            self.check_params(key, view, params, (image.height, image.width))
+            self.check_params(key, view, params, (height, width))
         return self.student_tf.pixels(image, params)
 
     def live_views(self, key: str, view: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The student's pixels of one view and {teacher: pixels} of the same crop, one per teacher transform."""
         image = self.image(key, None)
-        params = self.plan.sample(key, view, (image.height, image.width))
+        params = self.plan.sample(key, view, image_size(image))
         return self.student_tf.pixels(image, params), {n: tf.pixels(image, params) for n, tf in self.teacher_tf.items()}
+
+
+def image_size(image: "Image.Image | torch.Tensor") -> tuple[int, int]:
+    """(height, width) of what `plan.prepare` gave: a PIL image or a uint8 [3, H, W] tensor."""
+    return (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
 
 
 PARAMS = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")

@@ -109,11 +109,12 @@ def recording() -> dict | None:
 @pytest.fixture(scope="module")
 def pinned_stores(tmp_path_factory):
     """fm_store and fm_wds_store again, extracted in a subprocess with the pinned kernels (the teacher's numbers
-    depend on them too)."""
+    depend on them too) and the crop policy of the recording (1: PIL's resize)."""
     out = tmp_path_factory.mktemp("pinned")
     for layout in ("zarr", "wds"):
         p = subprocess.run([str(BIN / "fdpipe"), "extract", "--data", "fashion-mnist", "--limit", "64", "--out",
-                            str(out / layout), "--format", layout, *EXTRACT], capture_output=True, text=True,
+                            str(out / layout), "--format", layout, *EXTRACT, "--crop-policy", "1"],
+                           capture_output=True, text=True,
                            env=pinned_env())
         assert p.returncode == 0, p.stderr[-3000:]
     return out

@@ -32,25 +32,42 @@ def photo_dir(tmp_path_factory):
     return write_photos(tmp_path_factory.mktemp("photos"))
 
 
-@pytest.mark.parametrize("dtype,min_cos", [("float16", 0.9999), ("int8", 0.999)])
-def test_stored_targets_equal_the_teacher_recomputed_from_the_stored_crops(cli, photo_dir, tmp_path, dtype, min_cos):
+def recrop(image: Image.Image, row: dict, size: int, interpolation: str, policy: int) -> torch.Tensor:
+    """The view's uint8 pixels, cut by hand from the stored box: policy 1 with PIL, policy 2 with torchvision's
+    uint8 kernels on the image's tensor."""
+    box = (row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"])
+    if policy == 1:
+        crop = image.crop(box).resize((size, size), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation])
+        px = TF.pil_to_tensor(crop)
+    else:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F2
+
+        t = TF.pil_to_tensor(image)[:, box[1]:box[3], box[0]:box[2]]
+        px = F2.resize(t, [size, size], interpolation=InterpolationMode(interpolation), antialias=True)
+    return px.flip(-1) if row["flip"] else px
+
+
+@pytest.mark.parametrize("dtype,policy,min_cos", [("float16", 1, 0.9999), ("float16", 2, 0.9999), ("int8", 2, 0.999)])
+def test_stored_targets_equal_the_teacher_recomputed_from_the_stored_crops(cli, photo_dir, tmp_path, dtype, policy,
+                                                                            min_cos):
     out = tmp_path / "s"
     r = cli("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--out", out, "--views", 3,
-            "--image-size", 64, "--dtype", dtype, "--workers", 0, "--shard-size", 4, "--quiet")
+            "--image-size", 64, "--dtype", dtype, "--workers", 0, "--shard-size", 4, "--quiet",
+            "--crop-policy", policy)
     assert r.exit_code == 0, r.output
     from fdpipe.models import create_teacher
 
     teacher = create_teacher("effnet-lite0", image_size=64)
     cfg = teacher.data_config
     st = open_store(str(out))
+    assert st.manifest["plan"]["policy_version"] == policy
     checked = 0
     for it in st.iter_images():
         image = Image.open(photo_dir / f"{it.key}.png").convert("RGB")
         for v, row in enumerate(it.rows):
-            crop = image.crop((row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"]))
-            crop = crop.resize((64, 64), {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[cfg["interpolation"]])
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if row["flip"] else crop
-            x = TF.normalize(TF.pil_to_tensor(crop).float() / 255, list(cfg["mean"]), list(cfg["std"]))[None]
+            px = recrop(image, row, 64, cfg["interpolation"], st.manifest["plan"]["policy_version"])
+            x = TF.normalize(px.float() / 255, list(cfg["mean"]), list(cfg["std"]))[None]
             with torch.no_grad():
                 fmap = teacher.model.forward_features(x)
             want = F.layer_norm(fmap.flatten(2).transpose(1, 2), (fmap.shape[1],), eps=1e-6)[0].numpy()

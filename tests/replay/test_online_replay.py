@@ -40,8 +40,8 @@ def test_a_fresh_view_batch_holds_the_crops_the_plan_gives_for_view_e():
             assert batch["image_idx"].tolist() == same["image_idx"].tolist()  # the same image order
             assert batch["view"].tolist() == [epoch] * 3
             for j, i in enumerate(batch["image_idx"].tolist()):
-                image = decode_rgb(source[i].data)
-                params = plan.sample(source.keys[i], epoch, (image.height, image.width))
+                image = plan.prepare(decode_rgb(source[i].data))
+                params = plan.sample(source.keys[i], epoch, tuple(image.shape[-2:]))
                 assert torch.equal(batch["x"][j], tf.pixels(image, params))
                 teacher_x, = batch["teacher_x"].values()  # {teacher: pixels}: the one teacher's
                 assert torch.equal(teacher_x[j], teacher_tf.pixels(image, params))

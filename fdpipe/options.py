@@ -262,6 +262,11 @@ def crop_policy_option() -> Any:
                   min=1, max=2)
 
 
+def view_codec_option(default: str | None, help: str) -> Any:
+    return option(default, "jpeg:Q (quality 1-100), png (lossless) or raw (uint8 .npy): " + help,
+                  metavar="jpeg:Q|png|raw")
+
+
 def weights_option(help: str = "Teacher weights: safetensors, a timm state dict, or an OpenAI/open_clip CLIP "
                                "checkpoint.") -> Any:
     return option(None, help, path="file")

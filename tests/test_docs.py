@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import shard_rows, store_settings, whitened
@@ -33,6 +34,8 @@ if "target" in dir():
     _json.dump(row, open(_sys.argv[1] + ".json", "w"))
     if "crop" in dir():
         _np.save(_sys.argv[1] + ".crop.npy", _np.asarray(crop))
+    if "student_view" in dir():
+        _np.save(_sys.argv[1] + ".view.npy", _np.asarray(student_view))
 """
 
 
@@ -58,7 +61,10 @@ def run(block: str, store: Path, out: Path) -> subprocess.CompletedProcess:
 
 def make_store_with_images(root: Path, layout: str, dtype: str) -> Path:
     """A small store whose index points at real image files (of the sizes the rows record)."""
-    settings = store_settings(layout, dtype, n=5, s=2)
+    from fdpipe.viewcodec import StudentViews
+
+    views = StudentViews.parse(32)  # format 4's student views: the snippets read one
+    settings = store_settings(layout, dtype, n=5, s=2).replace(student_views=views)
     targets = whitened(np.random.default_rng(7), (5, 2, 4, 8))
     images = root / "images"
     url = root / f"{layout}-{dtype}"
@@ -74,7 +80,9 @@ def make_store_with_images(root: Path, layout: str, dtype: str) -> Path:
                 Image.fromarray(rng.integers(0, 255, (r["orig_height"], r["orig_width"], 3), dtype=np.uint8)).save(path)
             r["source"] = str(path)
         a, b = shard_range(shard, w.s, w.n)
-        w.write_stored(shard, *w.q.quantize(targets[a:b]), rows)
+        pixels = [[views.encode(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)) for _ in range(2)]
+                  for _ in range(b - a)]
+        w.write_stored(shard, *w.q.quantize(targets[a:b]), rows, student_views=pixels)
     assert w.try_finalize()
     return url
 
@@ -114,6 +122,9 @@ def test_doc_snippets_run_as_written(stores, tmp_path, which, layout, dtype):
         image = decode_rgb(Path(row["source"]).read_bytes())
         ours = AugmentationPlan.apply(image, AugParams.from_dict(row), (224, 224), "bicubic")
         assert np.array_equal(np.load(str(out) + ".crop.npy"), np.asarray(ours))
+    view = np.load(str(out) + ".view.npy")  # the stored student view, as fdpipe decodes it
+    ours = st.student_views.decode(next(it for it in st.iter_stored() if it.image_idx == 2).student_views[1])
+    assert np.array_equal(view, ours.permute(1, 2, 0).numpy())
 
 
 def test_snippets_refuse_an_unknown_format_version(stores, tmp_path):

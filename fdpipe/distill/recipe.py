@@ -13,11 +13,10 @@ run agree. This module imports no torch.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..sizes import size_of
+from ..sizes import DEFAULT_PATCH, size_of, teacher_patch
 
 if TYPE_CHECKING:
     from .settings import DistillConfig
@@ -25,8 +24,6 @@ if TYPE_CHECKING:
 FD_LR, FD_MIN_LR, FD_BATCH = 3e-4, 5e-6, 512  # TRAIN.BASE_LR and TRAIN.MIN_LR per 512 images, scaled linearly
 WARMUP_FRACTION = 1 / 30  # TRAIN.WARMUP_EPOCHS 10 of TRAIN.EPOCHS 300, scaled with the run's length
 DROP_PATH = {"tiny": 0.1, "small": 0.1, "base": 0.2, "large": 0.3}  # MODEL.DROP_PATH_RATE by student size
-DEFAULT_PATCH = 16  # a teacher whose timm name names no patch size (a CNN's feature map)
-_PATCH = re.compile(r"patch(\d+)")
 DROP_PATH_DEFAULT = "by size, FD's: " + ", ".join(f"{v:g} {k}" for k, v in DROP_PATH.items())
 
 
@@ -34,11 +31,6 @@ def scaled(base: float, global_batch: int, reference: int = FD_BATCH) -> float:
     """The linear scaling rule, rounded to 12 significant digits so that 3e-4 x 2048/512 prints as 0.0012."""
     return float(f"{base * global_batch / reference:.12g}")
 
-
-def teacher_patch(teacher: Mapping[str, Any] | None) -> int | None:
-    """The patch size a teacher's timm name declares (vit_large_patch14_clip_224 -> 14), else None."""
-    m = _PATCH.search(str((teacher or {}).get("timm_name") or ""))
-    return int(m.group(1)) if m else None
 
 
 def student_patch(cfg: DistillConfig, teacher: Mapping[str, Any] | None) -> int:

@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import FdpipeError
 from ..options import (MAX_IMAGE_SIZE, MAX_PATCH_SIZE, MIN_IMAGE_SIZE, cache_dir_option, check_bounds,
                        crop_policy_option, crop_scale_option, device_option, option, parse_floats, quiet_option,
-                       seed_option, show_floats, storage_options_option, views_option, workers_option)
+                       seed_option, show_floats, storage_options_option, view_codec_option, views_option,
+                       workers_option)
 from .recipe import DROP_PATH_DEFAULT
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,14 @@ class DistillConfig:
                                       "trained on.")
     buffer: int = option(256, "wds stores: samples held in the seeded shuffle buffer.", cli=False)
     # online mode: the plan and teacher settings a store would carry
-    data: str | None = option(None, "Image source [default: the one the store was extracted from]; required online.")
+    data: str | None = option(None, "Image source [default: the store's own student views when it holds them at the "
+                                    "student's size, else the images it was extracted from]; required online.")
+    view_source: str = option("auto", "Where the student's pixels come from: auto (the store's own views when they "
+                                      "match the student and no --data is given, else the source images), store "
+                                      "or data.", choices=("auto", "store", "data"))
+    view_codec: str | None = view_codec_option(None, "online mode: pass the student's views through this codec, as "
+                                                     "a store made with `extract --student-views` holds them, so "
+                                                     "that online and cached runs train on the same pixels.")
     teacher: tuple[str, ...] = option((), "Online mode: run this teacher live instead of reading a store; repeat it "
                                           "for several teachers.", multiple=True)
     views: int = views_option()
@@ -107,6 +115,13 @@ class DistillConfig:
             raise FdpipeError("give either --store STORE (cached targets) or --teacher NAME --data SRC (online)")
         if self.teacher and self.data is None:
             raise FdpipeError("online mode needs --data SRC beside --teacher")
+        if self.view_codec is not None:
+            if self.store:
+                raise FdpipeError("--view-codec is for online mode: a store's views are encoded as it records "
+                                  "(`fdpipe store ls`); drop --view-codec")
+            self.student_codec(224)  # one line for a bad codec, before any work
+        if self.view_source == "store" and not self.store:
+            raise FdpipeError("--view-source store reads a store's own student views: give --store")
         if self.fresh_views and self.store:
             raise FdpipeError("--fresh-views runs the teacher live on new crops each epoch: give --teacher and --data "
                               "instead of --store (a store holds only its V views)")
@@ -129,6 +144,13 @@ class DistillConfig:
                 raise FdpipeError(f"--{name.replace('_', '-')} is given {len(given)} times for {len(self.teacher)} "
                                   f"teacher{'s' * (len(self.teacher) != 1)}; give it once for all, or once per "
                                   "--teacher in order")
+
+    def student_codec(self, image_size: int, interpolation: str = "bicubic") -> Any:
+        """The StudentViews that online mode passes the student's views through (--view-codec), or None."""
+        from ..viewcodec import StudentViews
+
+        return None if self.view_codec is None else StudentViews.parse(int(image_size), self.view_codec,
+                                                                       interpolation)
 
     def per_teacher(self, name: str) -> list[Any]:
         """An online teacher setting for each --teacher, in order: None for all, the one value for all, or its own."""

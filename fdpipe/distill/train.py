@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from ..errors import FdpipeError
 from ..models import Distiller, check_grid, create_student, save_model
 from ..models.checkpoint import projector_filename, save_projector
 from ..models.distiller import weighted_fd_loss
-from ..replay import Replay, TargetReader, online_replay, open_replay, store_source, student_transform
+from ..replay import Replay, TargetReader, online_replay, open_replay, pixel_source, store_source, student_transform
 from ..replay.epochs import check_stores_agree, teacher_names
 from ..runtime import JsonlLog
 from ..store import Store, open_store
@@ -91,7 +92,8 @@ def teachers_from_stores(cfg: DistillConfig) -> Teachers:
                               f"{store.fingerprint[:16]}); name each store once")
         stores.append(store)
     check_stores_agree(stores)
-    source = store_source(stores[0], cfg.data)
+    # a store of student views may need no source: which one is known once the student's size is (`view_source`)
+    source = store_source(stores[0], cfg.data) if cfg.data or stores[0].student_views is None else None
     names = teacher_names([s.teacher.alias for s in stores])
     return Teachers({n: s.teacher for n, s in zip(names, stores)}, stores[0].plan, source,
                     stores=dict(zip(names, stores)), urls=dict(zip(names, cfg.store)))
@@ -165,12 +167,22 @@ def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = N
     tf = student_transform(student, image_size)
     if tgs.stores:
         readers = {n: targets[u] for n, u in tgs.urls.items() if u in (targets or {})}
-        data: Replay = open_replay(tgs.stores, tf, source=tgs.source, seed=cfg.seed, rank=ranks.rank,
-                                   world=ranks.world, strict=cfg.strict, buffer=cfg.buffer, targets=readers or None)
+        first_store = tgs.stores[names[0]]
+        stored, where = pixel_source(first_store, tf, cfg.view_source, cfg.data is not None)
+        if ranks.rank == 0 and not cfg.quiet:
+            print(where, file=sys.stderr)
+        try:
+            source = None if stored else tgs.source or store_source(first_store, cfg.data)
+        except FdpipeError as e:  # the source was needed only because the stored views do not fit: say both
+            raise FdpipeError(f"{where}; but {e}" if first_store.student_views is not None else str(e)) from None
+        data: Replay = open_replay(tgs.stores, tf, source=source, seed=cfg.seed, rank=ranks.rank,
+                                   world=ranks.world, strict=cfg.strict, buffer=cfg.buffer, targets=readers or None,
+                                   view_source="store" if stored else "data")
     else:
         teacher_tf = {n: ViewTransform.from_data_config(t.data_config) for n, t in tgs.live.items()}
         data = online_replay(tgs.source, tgs.plan, tf, teacher_tf, seed=cfg.seed, rank=ranks.rank,
-                             world=ranks.world, fresh_views=cfg.fresh_views)
+                             world=ranks.world, fresh_views=cfg.fresh_views,
+                             view_codec=cfg.student_codec(image_size, tf.interpolation))
     weights = dict(zip(names, cfg.loss_weights()))
     fingerprint = tgs.run_fingerprint()
 

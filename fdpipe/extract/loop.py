@@ -25,13 +25,14 @@ from ..store import StoreWriter, shard_range, shards_of_rank
 from ..store.contract import StoreSettings, TeacherInfo
 from ..store.degenerate import ShareMeter
 from ..store.writer import default_shard_size
+from ..sizes import DEFAULT_PATCH, teacher_patch
 from .commits import Committer
 from .settings import ExtractConfig
 from .views import ImageViews, PlanViews, collate, geometries, teacher_inputs
 
 
 def store_settings(cfg: ExtractConfig, teacher: TeacherInfo, n: int, plan: AugmentationPlan,
-                   shard_size: int) -> StoreSettings:
+                   shard_size: int, student_views: Any = None) -> StoreSettings:
     """What the draft manifest pins: a resumed run must agree on every field. The data spec is absolute (as
     open_source gives it), so that a resume from another directory is told apart and the store finds its images
     from anywhere."""
@@ -40,7 +41,8 @@ def store_settings(cfg: ExtractConfig, teacher: TeacherInfo, n: int, plan: Augme
 
     return StoreSettings.create(layout=cfg.layout, dtype=cfg.dtype, teacher=teacher, plan=plan, num_images=n,
                                 views=cfg.views, shard_size=shard_size, codec=cfg.codec, whitening=WHITENING,
-                                data={"spec": absolute_spec(cfg.data), "limit": cfg.limit})
+                                data={"spec": absolute_spec(cfg.data), "limit": cfg.limit},
+                                student_views=student_views)
 
 
 class ShardBuffer:
@@ -55,6 +57,7 @@ class ShardBuffer:
         self.scales: torch.Tensor | None = None
         self.rows: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
         self.images: list[tuple[str, bytes] | None] = [None] * self.n
+        self.student_views: list[list[bytes] | None] = [None] * self.n
         self.filled = 0
 
     def _host(self, like: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,7 @@ class ShardBuffer:
         if scales is not None:
             self.scales[lo:lo + len(items)].copy_(scales, non_blocking=cuda)
         for j, it in enumerate(items):
-            self.rows[lo + j], self.images[lo + j] = it.rows, it.embed
+            self.rows[lo + j], self.images[lo + j], self.student_views[lo + j] = it.rows, it.embed, it.student_views
         self.filled += len(items)
 
     @property
@@ -86,11 +89,13 @@ class ShardBuffer:
         shard, values, scales = self.shard, self.values, self.scales
         rows = [r for image_rows in self.rows for r in image_rows]
         images = self.images if embed else None
+        views = None if writer.settings.student_views is None else self.student_views
 
         def run() -> None:
             if done is not None:
                 done.synchronize()
-            writer.write_stored(shard, values.numpy(), None if scales is None else scales.numpy(), rows, images)
+            writer.write_stored(shard, values.numpy(), None if scales is None else scales.numpy(), rows, images,
+                                views)
 
         return run
 
@@ -131,7 +136,7 @@ def check_same_images(writer: StoreWriter, done: set[int], source: ImageSource, 
 
 def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPlan, device: torch.device,
                   ranks: Any, create_teacher: Callable[..., Any] | None = None
-                  ) -> tuple[list[TeacherStore], list[ViewTransform]]:
+                  ) -> tuple[list[TeacherStore], list[ViewTransform], Any]:
     """Build every teacher and open (or resume) its store: --out itself for one teacher, --out/<alias>/ for several.
 
     Several teachers share one shard size (--shard-size, or the smallest of their defaults), so that their stores
@@ -152,18 +157,21 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
     itemsize = 2 if cfg.dtype == "float16" else 1
     shard_size = cfg.shard_size or min(default_shard_size(cfg.views * int(np.prod(shape)) * itemsize)
                                        for _, _, shape in made)
+    info = made[0][1].info  # --student-views auto: the first teacher's grid at the student's default patch size
+    student_views = cfg.views_setting(tuple(info.grid), teacher_patch(info.to_dict()) or DEFAULT_PATCH)
     transforms = [ViewTransform.from_data_config(teacher.data_config) for _, teacher, _ in made]
     shared, which = geometries(transforms)  # teachers that see views alike share their pixels
     runs = []
     for (alias, teacher, shape), transform, geometry in zip(made, transforms, which):
         out = cfg.out if len(made) == 1 else f"{cfg.out.rstrip('/')}/{re.sub(r'[^A-Za-z0-9._-]+', '-', alias)}"
-        writer = StoreWriter(out, store_settings(cfg, teacher.info, n, plan, shard_size), cfg.storage_options)
+        writer = StoreWriter(out, store_settings(cfg, teacher.info, n, plan, shard_size, student_views),
+                             cfg.storage_options)
         done = writer.open()
         check_same_images(writer, done, source, cfg.data)
         run = TeacherStore(alias, teacher, writer, geometry, transform, shape, done)
         run.mine = {s for s in shards_of_rank(writer.num_shards, ranks.rank, ranks.world) if s not in done}
         runs.append(run)
-    return runs, shared
+    return runs, shared, student_views
 
 
 def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = None) -> dict[str, Any]:
@@ -180,10 +188,10 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
     if len(source) == 0:
         raise FdpipeError(f"no images in {cfg.data}; check the --data path")
     plan = make_plan(cfg.seed, cfg.views, cfg.crop_scale, cfg.crop_policy)
-    runs, transforms = open_teachers(cfg, source, plan, device, ranks, create_teacher)
+    runs, transforms, student_views = open_teachers(cfg, source, plan, device, ranks, create_teacher)
     first = runs[0].writer
     todo = sorted(set().union(*(r.mine for r in runs)))
-    dataset = PlanViews(source, plan, transforms, embed=cfg.embed_images)
+    dataset = PlanViews(source, plan, transforms, embed=cfg.embed_images, student=student_views)
     per_batch = max(1, cfg.batch_size // cfg.views)
     batches = [list(range(a, min(a + per_batch, b))) for s in todo
                for a, b in [shard_range(s, first.s, first.n)] for a in range(a, b, per_batch)]

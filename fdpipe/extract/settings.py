@@ -12,7 +12,8 @@ from ..errors import FdpipeError
 from ..store.layouts import LAYOUTS, facts
 from ..store.manifest import CODECS, DEFAULT_CODEC
 from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy_option, crop_scale_option,
-                       device_option, option, quiet_option, seed_option, storage_options_option, views_option, workers_option)
+                       device_option, option, quiet_option, seed_option, storage_options_option, view_codec_option, views_option,
+                       workers_option)
 
 DTYPES = ("float16", "int8")
 TARGETS = ("features", "logits")
@@ -61,7 +62,14 @@ class ExtractConfig:
                                   "in host memory).")
     device: str = device_option()
     limit: int | None = option(None, "Use only the first N images of --data.")
-    embed_images: bool = option(False, "wds only: put each image's bytes in its sample (a self-contained store).")
+    embed_images: bool = option(False, "wds only: put each image's bytes in its sample (a self-contained store that "
+                                       "replays at any student size, at the source's decode cost).")
+    student_views: str | None = option(None, "Store each view's student pixels beside its targets, SIZE pixels "
+                                             "square (auto: the size whose grid matches the teacher's at the "
+                                             "student's default patch size), so that distill reads one small "
+                                             "image per view and needs no --data.", metavar="SIZE|auto")
+    view_codec: str = view_codec_option("jpeg:90", "how --student-views are encoded (jpeg:90 keeps them within "
+                                                   "2/255 of the crop at 2.5% of a CLIP-L float16 view's bytes).")
     storage_options: dict[str, Any] = storage_options_option()
     quiet: bool = quiet_option()
 
@@ -102,8 +110,30 @@ class ExtractConfig:
             if n > 1 and n != len(self.teacher) or (name == "weights" and n == 1 and len(self.teacher) > 1):
                 raise FdpipeError(f"{flag} is given {n} time{'s' * (n != 1)} for {len(self.teacher)} teachers; give it once per "
                                   f"--teacher, in order" + (" or once for all" if name != "weights" else ""))
+        self.views_setting(grid=None)  # one line for a bad --student-views or --view-codec, before any work
         if self.embed_images and not facts(self.layout).embeds_images:
             raise FdpipeError("--embed-images needs --format wds (zarr stores hold targets only)")
+
+    def views_setting(self, grid: tuple[int, int] | None, patch: int = 16) -> Any:
+        """The StudentViews of --student-views and --view-codec (None without them); `auto` takes the size whose
+        grid at `patch` matches the teacher's `grid` (grid None: only checked, with a stand-in size)."""
+        from ..viewcodec import MAX_SIZE, StudentViews
+
+        if self.student_views is None:
+            return None
+        spec = str(self.student_views).strip().lower()
+        if spec == "auto":
+            if grid is not None and (len(grid) != 2 or grid[0] != grid[1] or grid[0] < 1):
+                raise FdpipeError(f"--student-views auto needs a teacher with a square token grid (this one has "
+                                  f"{list(grid)}); give the size in pixels")
+            size = 224 if grid is None else int(grid[0]) * int(patch)
+        elif spec.isdigit():
+            size = int(spec)
+        else:
+            size = -1
+        if not 0 < size <= MAX_SIZE:
+            raise FdpipeError(f"--student-views {self.student_views}: give a size of 1 to {MAX_SIZE} pixels, or auto")
+        return StudentViews.parse(size, self.view_codec)
 
     def teacher_specs(self) -> list["TeacherSpec"]:
         """Each --teacher with its own --weights, --image-size and --layer (one value serves every teacher)."""

@@ -1,6 +1,7 @@
 """Decoding and cropping in DataLoader workers: one item is one image with all of its V views.
 
-Workers do the CPU work (decode, RGB conversion, parameter sampling, crop, resize) so the main process only batches,
+Workers do the CPU work (decode, RGB conversion, parameter sampling, crop, resize, and with --student-views the
+student's crops and their encoding) so the main process only batches,
 normalizes on the teacher's device and runs the teacher. Views cross as uint8, a quarter of float32's bytes, as
 timm's PrefetchLoader has them. An image that fails to decode comes back with its error instead of views, and its
 rows stay in the index.
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ..augment import AugmentationPlan, ViewTransform
 from ..data import ImageError, ImageSource, decode_rgb, encoded_image, image_sha256
+from ..viewcodec import StudentViews
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ImageViews:
     pixels: list[torch.Tensor] | None  # per view geometry, the V views uint8 [V, 3, H, W]; None when it failed
     rows: list[dict[str, Any]]  # V index rows (without `shard`)
     embed: tuple[str, bytes] | None = None
+    student_views: list[bytes] | None = None  # the V encoded student views (b"" each for a failed image)
 
 
 class PlanViews(Dataset):
@@ -35,8 +38,13 @@ class PlanViews(Dataset):
     (`ViewTransform.normalize`, on its device)."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, transforms: list[ViewTransform],
-                 embed: bool = False):
+                 embed: bool = False, student: StudentViews | None = None):
         self.source, self.plan, self.transforms, self.embed = source, plan, list(transforms), embed
+        self.student = student  # encode each view's student pixels too (--student-views)
+        self.student_tf = None if student is None else student.transform()
+        # a teacher geometry that is the student's: its pixels are the student view, resized once
+        self.student_geometry = None if student is None else next(
+            (g for g, tf in enumerate(self.transforms) if student.matches(tf.size, tf.interpolation)), None)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -51,7 +59,8 @@ class PlanViews(Dataset):
         except ImageError as e:
             rows = [dict(base, view=v, seed=self.plan.view_seed(key, v), status="error", error=str(e))
                     for v in range(self.plan.views)]
-            return ImageViews(i, key, label, None, rows)
+            return ImageViews(i, key, label, None, rows,
+                              student_views=None if self.student is None else [b""] * self.plan.views)
         h, w = image.height, image.width
         seeds = [self.plan.view_seed(key, v) for v in range(self.plan.views)]
         params = [self.plan.sample_seeded(s, (h, w)) for s in seeds]
@@ -59,7 +68,18 @@ class PlanViews(Dataset):
                      status="ok") for v, (s, p) in enumerate(zip(seeds, params))]
         cut = self.plan.prepare(image)  # once per image: every view and every teacher's transform cuts from it
         pixels = [torch.stack([tf.pixels(cut, p) for p in params]) for tf in self.transforms]
-        return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None)
+        return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None,
+                          self.student_views(cut, params, pixels))
+
+    def student_views(self, cut: Any, params: list[Any], pixels: list[torch.Tensor]) -> list[bytes] | None:
+        """The V encoded student views: crop, resize to the student's size, flip, encode (in this worker)."""
+        if self.student is None:
+            return None
+        if self.student_geometry is not None:
+            views = pixels[self.student_geometry]
+        else:
+            views = [self.student_tf.pixels(cut, p) for p in params]
+        return [self.student.encode(v) for v in views]
 
 
 def collate(items: list[ImageViews]) -> list[ImageViews]:

@@ -88,6 +88,26 @@ def image_size(image: "Image.Image | torch.Tensor") -> tuple[int, int]:
     return (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
 
 
+class StoredPixels:
+    """The student's pixels from a store's own views (`fdpipe extract --student-views`): no source is opened.
+
+    Each view's bytes were checked against their crc32c as they were read; a view that still does not decode (or
+    decodes to another size) is one line naming the image and the view, before any step uses its batch."""
+
+    def __init__(self, store: Store):
+        self.url, self.views = store.url, store.student_views
+
+    def decode(self, data: bytes | None, image_idx: int, view: int, key: str) -> torch.Tensor:
+        try:
+            if data is None:
+                raise ValueError("is missing")
+            return self.views.decode(data)
+        except ValueError as e:
+            raise FdpipeError(f"{self.url}: the stored student view of image {image_idx} ({key!r}) view {view} {e}; "
+                              "nothing was trained on it: run `fdpipe store verify --deep` and extract that store "
+                              "again") from None
+
+
 PARAMS = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
 
 
@@ -131,11 +151,13 @@ class StoredViews(Dataset):
     ({teacher: TargetReader}) read a teacher's targets instead of its store. The first store's index gives the
     crops; the stores' index rows (keys, image hashes, status, crop boxes) must agree, else one line names the store.
 
-    Without a source (targets only: benchmarks, or a loop that crops the images itself) items carry no x.
+    Without a source (targets only: benchmarks, or a loop that crops the images itself) items carry no x, unless
+    `stored_pixels`: then x is the first store's own student view, decoded in this (worker) process.
     """
 
     def __init__(self, stores: Mapping[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
-                 strict: bool = False, readers: Mapping[str, TargetReader] | None = None):
+                 strict: bool = False, readers: Mapping[str, TargetReader] | None = None,
+                 stored_pixels: bool = False):
         self.stores = dict(stores)
         self.names = list(self.stores)
         first = self.stores[self.names[0]]
@@ -148,6 +170,7 @@ class StoredViews(Dataset):
                                   "plan over the same images")
         self.views, self.num_images, self.valid = first.views, first.num_images, self.rows.valid
         self.builder = ViewBuilder(source, first.plan, student_tf, strict=strict) if source is not None else None
+        self.pixels = StoredPixels(first) if stored_pixels else None
 
     def __len__(self) -> int:
         return self.num_images
@@ -178,7 +201,11 @@ class StoredViews(Dataset):
                 scales[n] = torch.from_numpy(s)
         if scales:
             out["scales"] = scales
-        if self.builder is not None:
+        if self.pixels is not None:
+            first = self.stores[self.names[0]]
+            out["x"] = torch.stack([self.pixels.decode(data, i, v, self.rows.keys[i])
+                                    for (i, v), data in zip(pairs, first.stored_student_views(pairs))])
+        elif self.builder is not None:
             out["x"] = torch.stack([self.view(i, v) for i, v in pairs])
         return out
 
@@ -195,8 +222,9 @@ class LiveViews(Dataset):
     """Map-style replay for online mode: the same views, with {teacher: input} instead of stored targets."""
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, student_tf: ViewTransform,
-                 teacher_tf: Mapping[str, ViewTransform]):
+                 teacher_tf: Mapping[str, ViewTransform], view_codec: Any = None):
         self.builder = ViewBuilder(source, plan, student_tf, dict(teacher_tf))
+        self.codec = view_codec  # StudentViews: the student's pixels as a store of them would give them
         self.keys = source.keys
         self.valid = np.ones(len(source), dtype=bool)
 
@@ -206,7 +234,7 @@ class LiveViews(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         i, v = int(item[0]), int(item[1])
         x, tx = self.builder.live_views(self.keys[i], v)
-        return {"x": x, "teacher_x": tx, "image_idx": i, "view": v}
+        return {"x": x if self.codec is None else self.codec.roundtrip(x), "teacher_x": tx, "image_idx": i, "view": v}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -252,13 +280,14 @@ class StreamedViews(IterableDataset):
 
     def __init__(self, stores: Mapping[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
                  seed: int, epoch: int, rank: int = 0, world: int = 1, buffer: int = 256, strict: bool = False,
-                 start: int = 0, batch_size: int = 1):
+                 start: int = 0, batch_size: int = 1, stored_pixels: bool = False):
         self.stores = dict(stores)
         self.names = list(self.stores)
         self.store = self.stores[self.names[0]]
         self.seed, self.epoch, self.rank, self.world, self.buffer = seed, epoch, rank, world, buffer
         self.start, self.batch_size = start, batch_size
         self.builder = ViewBuilder(source, self.store.plan, student_tf, strict=strict) if source is not None else None
+        self.pixels = StoredPixels(self.store) if stored_pixels else None
 
     def __len__(self) -> int:
         """Samples every rank yields in this epoch: the smallest rank's count of decodable images.
@@ -328,7 +357,9 @@ class StreamedViews(IterableDataset):
                     scales[n] = torch.from_numpy(np.ascontiguousarray(got.scales))
             if scales:
                 item["scales"] = scales
-            if self.builder is not None:
+            if self.pixels is not None:
+                item["x"] = self.pixels.decode(it.student_view, it.image_idx, v, it.key)
+            elif self.builder is not None:
                 item["x"] = self.builder.stored_view(it.key, v, it.row)
             yield item
         for n in self.names[1:]:

@@ -139,9 +139,11 @@ class ZarrReplay(StoredReplay):
 
     def __init__(self, stores: Mapping[str, Store], single: bool, source: ImageSource | None,
                  transform: ViewTransform | None, seed: int = 0, rank: int = 0, world: int = 1, strict: bool = False,
-                 readers: Mapping[str, TargetReader] | None = None, select: np.ndarray | None = None):
+                 readers: Mapping[str, TargetReader] | None = None, select: np.ndarray | None = None,
+                 stored_pixels: bool = False):
         super().__init__(stores, single, source, transform, seed, rank, world)
-        self.dataset = StoredViews(self.stores, source, transform, strict=strict, readers=readers)
+        self.dataset = StoredViews(self.stores, source, transform, strict=strict, readers=readers,
+                                   stored_pixels=stored_pixels)
         self.valid = self.dataset.valid if select is None else self.dataset.valid & np.asarray(select, dtype=bool)
 
 
@@ -150,16 +152,17 @@ class WdsReplay(StoredReplay):
 
     def __init__(self, stores: Mapping[str, Store], single: bool, source: ImageSource | None,
                  transform: ViewTransform | None, seed: int = 0, rank: int = 0, world: int = 1, strict: bool = False,
-                 buffer: int = 256):
+                 buffer: int = 256, stored_pixels: bool = False):
         super().__init__(stores, single, source, transform, seed, rank, world)
-        self.strict, self.buffer = strict, buffer
+        self.strict, self.buffer, self.stored_pixels = strict, buffer, stored_pixels
 
     def samples_per_epoch(self, epoch: int = 0) -> int:
         return len(StreamedViews(self.stores, None, None, self.seed, epoch, self.rank, self.world))
 
     def epoch(self, epoch: int, start: int = 0, batch_size: int = 1) -> IterableDataset:
         return StreamedViews(self.stores, self.source, self.transform, self.seed, epoch, self.rank, self.world,
-                             buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size)
+                             buffer=self.buffer, strict=self.strict, start=start, batch_size=batch_size,
+                             stored_pixels=self.stored_pixels)
 
     def read(self, pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
         raise FdpipeError(f"{next(iter(self.stores.values())).url} is streamed (wds) and cannot be read by (image, view); convert it with "
@@ -171,10 +174,10 @@ class OnlineReplay(Replay):
 
     def __init__(self, source: ImageSource, plan: AugmentationPlan, transform: ViewTransform,
                  teacher_transforms: Mapping[str, ViewTransform], single: bool, seed: int = 0, rank: int = 0,
-                 world: int = 1, fresh_views: bool = False):
+                 world: int = 1, fresh_views: bool = False, view_codec: Any = None):
         super().__init__(list(teacher_transforms), single, source, transform, plan.views, seed, rank, world)
         self.teacher_transforms = dict(teacher_transforms)
-        self.dataset = LiveViews(source, plan, transform, self.teacher_transforms)
+        self.dataset = LiveViews(source, plan, transform, self.teacher_transforms, view_codec)
         self.valid, self.fresh_views = self.dataset.valid, fresh_views
 
     def named_teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu"
@@ -265,10 +268,14 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
                 source: ImageSource | None = None, seed: int = 0, rank: int = 0, world: int = 1,
                 strict: bool = False, buffer: int = 256, images: bool = True,
                 targets: TargetReader | Mapping[str, TargetReader] | None = None,
-                select: np.ndarray | None = None) -> Replay:
+                select: np.ndarray | None = None, view_source: str = "auto") -> Replay:
     """A store's views for a student, as `fdpipe distill` replays them; `source` defaults to the store's images.
 
     images=False: targets only (batches without "x"), in the same order; no source is opened.
+
+    view_source (see `pixel_source`): "auto" takes the store's own student views when it holds them at the
+    transform's size and interpolation and no `source` is given, else crops the source images; "store" insists
+    on the stored views, "data" on the source.
 
     Several stores (a list, named by `teacher_names` of their teachers' aliases, or {name: store}): one replay of
     their shared plan whose `targets(batch)` are {name: targets}, the same (image_idx, view) pairs for every store.
@@ -295,27 +302,65 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
     readers = {next(iter(stores)): targets} if single and targets is not None else dict(targets or {})
     if set(readers) - set(stores):
         raise ValueError(f"targets= names {sorted(set(readers) - set(stores))}, not among the stores {list(stores)}")
-    if source is None and images:
+    stored = images and pixel_source(first, transform, view_source, source is not None)[0]
+    if source is None and images and not stored:
         source = store_source(first)
     if first.streams:
         if readers or select is not None:
             raise FdpipeError(f"{first.url} is streamed (wds): targets= and select= need random access; convert it "
                               "with `fdpipe store convert SRC DST --format zarr`")
-        return WdsReplay(stores, single, source, transform, seed, rank, world, strict=strict, buffer=buffer)
+        return WdsReplay(stores, single, source, transform, seed, rank, world, strict=strict, buffer=buffer,
+                         stored_pixels=stored)
     return ZarrReplay(stores, single, source, transform, seed, rank, world, strict=strict, readers=readers,
-                      select=select)
+                      select=select, stored_pixels=stored)
+
+
+VIEW_SOURCES = ("auto", "store", "data")
+
+
+def pixel_source(store: Store, transform: ViewTransform | None, choice: str = "auto",
+                 data_given: bool = False) -> tuple[bool, str]:
+    """(whether the student's pixels come from the store's own views, the one line that says where they come
+    from and how to choose). Never both: a run takes every view from the store or every view from the source.
+
+    auto: the stored views when the store holds them at the transform's size and interpolation and no --data is
+    given; store: those views or a one-line refusal; data: the source images (--data, or the recorded source)."""
+    if choice not in VIEW_SOURCES:
+        raise FdpipeError(f"--view-source {choice}: choose one of {', '.join(VIEW_SOURCES)}")
+    views = store.student_views
+    if transform is None:
+        return False, ""
+    size = "x".join(map(str, transform.size))
+    if views is None:
+        if choice == "store":
+            raise FdpipeError(f"{store.url} holds no student views (extract it with --student-views SIZE); drop "
+                              "--view-source store to crop the source images")
+        return False, f"student views: cropped from the source images ({size} px {transform.interpolation})"
+    fits = views.matches(transform.size, transform.interpolation)
+    if choice == "store" and not fits:
+        raise FdpipeError(f"{store.url} holds {views.label} student views; this student takes {size} px "
+                          f"{transform.interpolation}: pass --image-size {views.size} to use them, or --view-source "
+                          "data to crop the source images")
+    if choice == "store" or (choice == "auto" and fits and not data_given):
+        return True, f"student views: the store's own ({views.label}); no source is opened"
+    why = ("--view-source data" if choice == "data" else "--data was given" if fits else
+           f"the store's are {views.label}, this student takes {size} px {transform.interpolation} (--image-size "
+           f"{views.size} would use them)")
+    return False, f"student views: cropped from the source images, not the store's ({why})"
 
 
 def online_replay(source: ImageSource, plan: AugmentationPlan, transform: ViewTransform,
                   teacher_transform: ViewTransform | Mapping[str, ViewTransform], *, seed: int = 0, rank: int = 0,
-                  world: int = 1, fresh_views: bool = False) -> Replay:
+                  world: int = 1, fresh_views: bool = False, view_codec: Any = None) -> Replay:
     """The plan's views of `source` for live teachers: batches carry `teacher_x` instead of `target` ({teacher:
     input} for a dict of teacher transforms, one per live teacher; one transform's replay gives its tensor).
-    fresh_views: epoch e takes view e of every image instead of one of the plan's V, so every epoch sees new crops."""
+    fresh_views: epoch e takes view e of every image instead of one of the plan's V, so every epoch sees new crops.
+    view_codec (fdpipe.viewcodec.StudentViews): the student's views pass through its encode and decode, as a store
+    of student views gives them, so that online equals cached."""
     single = not isinstance(teacher_transform, Mapping)
     transforms = {"teacher": teacher_transform} if single else dict(teacher_transform)
     return OnlineReplay(source, plan, transform, transforms, single, seed=seed, rank=rank, world=world,
-                        fresh_views=fresh_views)
+                        fresh_views=fresh_views, view_codec=view_codec)
 
 
 def store_source(store: Store, spec: str | None = None) -> ImageSource:

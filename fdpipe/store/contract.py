@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..augment import AugmentationPlan
+from ..viewcodec import StudentViews
 from ..errors import StoreError
 from ..jsonable import json_able
 
@@ -74,12 +75,14 @@ class StoreSettings:
     target_shape: tuple[int, ...]  # [T, C] for features, [num_classes] for logits
     data: dict[str, Any]  # {"spec": the source (absolute), "limit": ...}
     codec: str = "none"  # the zarr chunk compressor (fdpipe.store.manifest.CODECS)
+    student_views: StudentViews | None = None  # the student pixels stored beside each view's targets (format 4)
 
     @classmethod
     def create(cls, *, layout: str, dtype: str, teacher: TeacherInfo, plan: AugmentationPlan, num_images: int,
                views: int,
                shard_size: int, data: Mapping[str, Any], codec: str = "none",
-               whitening: Mapping[str, Any] | None = None) -> "StoreSettings":
+               whitening: Mapping[str, Any] | None = None,
+               student_views: StudentViews | None = None) -> "StoreSettings":
         """The settings of a new store: the quantizer's record comes from the dtype, the target kind and shape
         from the teacher."""
         from .quantize import get_quantizer
@@ -88,11 +91,13 @@ class StoreSettings:
         return cls(layout=layout, dtype=dtype, quantizer=get_quantizer(dtype).to_dict(), target=target,
                    teacher=teacher, whitening=dict(whitening) if target == "features" and whitening else None,
                    plan=plan, num_images=int(num_images),
-                   views=int(views), shard_size=int(shard_size), target_shape=teacher.target_shape, data=dict(data), codec=codec)
+                   views=int(views), shard_size=int(shard_size), target_shape=teacher.target_shape, data=dict(data), codec=codec,
+                   student_views=student_views)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["teacher"], d["plan"] = self.teacher.to_dict(), self.plan.to_dict()
+        d["student_views"] = None if self.student_views is None else self.student_views.to_dict()
         return json_able(d)
 
     @classmethod
@@ -102,6 +107,7 @@ class StoreSettings:
         kwargs = {k: d[k] for k in names if k in d}
         kwargs["teacher"] = TeacherInfo.from_dict(d["teacher"], where)
         kwargs["plan"] = AugmentationPlan.from_dict(d["plan"])
+        kwargs["student_views"] = StudentViews.from_dict(d.get("student_views"))
         kwargs["target_shape"] = tuple(int(x) for x in d["target_shape"])
         return cls(**kwargs)
 

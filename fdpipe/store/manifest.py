@@ -26,9 +26,10 @@ from typing import Any
 from ..errors import StoreError
 
 FORMAT = "fdpipe-store"
-FORMAT_VERSION = 3  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
+FORMAT_VERSION = 4  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
 # end in a crc32c (the codec zarr and tensorstore check on every read), and every file entry carries a crc32c that
-# readers check as a wds tar streams
+# readers check as a wds tar streams. 4: `student_views` (null, or the student pixels of every view, stored encoded
+# beside its targets: fdpipe.viewcodec)
 MANIFEST = "manifest.json"
 DRAFT = "manifest.draft.json"
 
@@ -49,11 +50,11 @@ FILE_DIRS = ("index", "targets.zarr", "wds")
 # Settings that must agree for a resumed run (and for a merge, minus the dataset).
 SETTING_KEYS = (
     "format", "format_version", "layout", "teacher", "whitening", "plan", "target", "dtype", "quantizer",
-    "num_images", "views", "shard_size", "target_shape", "data", "codec",
+    "num_images", "views", "shard_size", "target_shape", "data", "codec", "student_views",
 )
 # What stores must share to be merged: same targets for any image, whatever the image set.
 MERGE_KEYS = ("format_version", "layout", "teacher", "whitening", "plan", "target", "dtype", "quantizer",
-              "target_shape")
+              "target_shape", "student_views")
 
 
 def canonical(obj: Any) -> bytes:
@@ -89,7 +90,7 @@ def creator() -> dict[str, Any]:
 
 
 def make_draft(settings: dict[str, Any]) -> dict[str, Any]:
-    settings = {"codec": DEFAULT_CODEC, **settings}
+    settings = {"codec": DEFAULT_CODEC, "student_views": None, **settings}
     missing = [k for k in SETTING_KEYS if k not in settings and k not in ("format", "format_version")]
     if missing:
         raise ValueError(f"store settings lack {missing}")
@@ -287,6 +288,7 @@ def check_settings(s: Any, where: str) -> None:
         _get(s, key, where, key, dict)
     _get(s, "whitening", where, "whitening", (dict, type(None)))
     _check_plan(s["plan"], views, where)
+    _check_student_views(s.get("student_views"), where)
     data = s["data"]
     if data.get("spec") is not None:
         _get(data, "spec", where, "data.spec", str)
@@ -321,6 +323,25 @@ def _check_plan(plan: dict[str, Any], views: int, where: str) -> None:
             raise _bad(where, f"plan.{key}", f"is {_show(pair)}, not 0 < MIN <= MAX{' <= 1' if hi == 1 else ''}")
     if not 0 <= _finite(_get(plan, "flip_p", where, "plan.flip_p"), where, "plan.flip_p") <= 1:
         raise _bad(where, "plan.flip_p", f"is {_show(plan['flip_p'])}, not a probability")
+
+
+def _check_student_views(d: Any, where: str) -> None:
+    """`student_views`: null (absent before format 4), or what fdpipe.viewcodec.StudentViews reads."""
+    if d is None:
+        return
+    from ..viewcodec import CODECS as VIEW_CODECS, INTERPOLATIONS, MAX_SIZE, StudentViews
+
+    if not isinstance(d, dict):
+        raise _bad(where, "student_views", f"is {_show(d)}, not an object or null")
+    _int(d, "size", where, "student_views.size", 1, MAX_SIZE)
+    _choice(d, "codec", VIEW_CODECS, where, "view codec")
+    _choice(d, "interpolation", INTERPOLATIONS, where, "view interpolation")
+    if d.get("quality") is not None:
+        _int(d, "quality", where, "student_views.quality", 1, 100)
+    try:
+        StudentViews.from_dict(d)
+    except (ValueError, KeyError) as e:
+        raise _bad(where, "student_views", str(e)) from None
 
 
 def check_shard(entry: Any, settings: dict[str, Any], where: str, name: str, shard: int | None = None) -> int:

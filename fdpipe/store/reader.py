@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..augment import AugmentationPlan
+from ..viewcodec import StudentViews
 from ..errors import IncompleteStoreError, StoreError
 from . import index as index_mod
 from .contract import StoreSettings, TeacherInfo
@@ -113,6 +114,15 @@ class Store:
     @property
     def plan(self) -> AugmentationPlan:
         return self.settings.plan
+
+    @property
+    def student_views(self) -> StudentViews | None:
+        """How the store keeps each view's student pixels (format 4), or None when it holds targets only."""
+        return self.settings.student_views
+
+    def stored_student_views(self, pairs: list[tuple[int, int]]) -> list[bytes]:
+        """The encoded student views of many (image_idx, view) pairs (random-access layouts only)."""
+        return self.targets_layout.stored_student_views(pairs)
 
     def data_bytes(self) -> int:
         return sum(f["bytes"] for s in self.manifest["shards"] for rel, f in s["files"].items()

@@ -231,7 +231,8 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
             else:
                 dropped += sum(it.image is not None for it in items)
             values, scales = _stack(items)
-            w.write_stored(shard, values, scales, [r for it in items for r in it.rows], images)
+            w.write_stored(shard, values, scales, [r for it in items for r in it.rows], images,
+                           _student_views(w, items))
             if on_shard:
                 on_shard(shard + 1, w.num_shards)
     finally:
@@ -240,6 +241,11 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
     w.try_finalize()
     return {"src": src_url, "dst": dst_url, "layout": layout, "shards": w.num_shards, "resumed": len(done),
             "images": w.n, "dropped_images": dropped}
+
+
+def _student_views(w: StoreWriter, items: list[StoredImage]) -> list[list[bytes]] | None:
+    """The items' encoded student views, copied as stored, where the new store keeps them (its settings do)."""
+    return None if w.settings.student_views is None else [it.student_views for it in items]
 
 
 def _same_place(a: StoreLocation, b: StoreLocation) -> bool:
@@ -287,11 +293,12 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
         for images, offset, count in parts:
             for it in images.range(max(lo - offset, 0), min(hi - offset, count)):
                 rows = [{**r, "image_idx": r["image_idx"] + offset} for r in it.rows]
-                items.append(StoredImage(it.image_idx + offset, it.key, it.label, it.values, it.scales, rows, it.image))
+                items.append(StoredImage(it.image_idx + offset, it.key, it.label, it.values, it.scales, rows, it.image,
+                                         it.student_views))
         values, scales = _stack(items)
         images = [it.image for it in items]  # kept where the layout embeds images (wds), else left out
         w.write_stored(shard, values, scales, [r for it in items for r in it.rows],
-                       images if any(im is not None for im in images) else None)
+                       images if any(im is not None for im in images) else None, _student_views(w, items))
         if on_shard:
             on_shard(shard + 1, w.num_shards)
     w.try_finalize()

@@ -56,7 +56,7 @@ def _check_shape(store: Store) -> Iterator[str]:
 
 def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[str]:
     """Every ok view's targets finite and (features) whitened, not all of them zero, and a failed image's all NaN;
-    each image's tokens sampled into `meter`.
+    each image's tokens sampled into `meter`; every ok view's stored student view (format 4) decodes to its size.
 
     Whitened means a token's mean within WHITENED_TOL of 0 and its variance of 1, widened for int8 by what its step s
     allows: each channel is stored within s/2 of its value (the quantizer clips only a few channels, and only when
@@ -69,6 +69,12 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
         ok = np.array([r["status"] in (None, "ok") for r in it.rows])
         x = store.quantizer.dequantize(it.values, it.scales)
         where = f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r})"
+        for v, data in enumerate(it.student_views or []):
+            try:
+                if ok[v]:
+                    store.student_views.decode(data)
+            except ValueError as e:
+                yield f"{where} view {v}: its stored student view {e}"
         if np.isfinite(x[~ok]).any():  # a failed image's targets are the fill value, NaN
             yield f"{where} is recorded as failed (status error) but holds targets; the index was altered"
             continue

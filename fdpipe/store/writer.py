@@ -154,13 +154,16 @@ class StoreWriter:
 
     # -------------------------------------------------------------------------------------------------- writing
     def write_stored(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
-                     images: list[tuple[str, bytes] | None] | None = None) -> None:
+                     images: list[tuple[str, bytes] | None] | None = None,
+                     student_views: list[list[bytes]] | None = None) -> None:
         """Commit one whole shard of values quantized by the store's quantizer (`self.q`: extraction quantizes on
         the teacher's device), or copied as stored (convert and merge).
 
         values: [n, V, *target_shape] in the store's dtype; scales: [n, V, *target_shape[:-1]] float16 or None.
         rows:   n*V index rows, image-major, each with the index columns except `shard`.
         images: optional (extension, bytes) per image, embedded where the layout embeds images (wds).
+        student_views: the V encoded student views of each image (b"" for a failed one), exactly when the store's
+                       settings have student views.
         """
         start, stop = shard_range(shard, self.s, self.n)
         n = stop - start
@@ -169,8 +172,12 @@ class StoreWriter:
         if values.dtype != np.dtype(self.q.dtype) or (scales is None) == self.q.has_scales:
             raise ValueError(f"shard {shard}: values {values.dtype} / scales {scales is not None} do not match the "
                              f"quantizer {self.q.name}")
+        if (student_views is None) != (self.settings.student_views is None) or (
+                student_views is not None and [len(v) for v in student_views] != [self.v] * n):
+            raise ValueError(f"shard {shard}: student views do not match the store's settings "
+                             f"({self.settings.student_views})")
         rows = [index_mod.normalize(r, shard=shard) for r in rows]
-        files = self.targets_layout.write_shard(shard, values, scales, rows, images)
+        files = self.targets_layout.write_shard(shard, values, scales, rows, images, student_views)
         part = index_mod.encode(rows)
         files[index_mod.part_name(shard)] = self.loc.put_atomic(index_mod.part_name(shard), part)
         marker = {"shard": shard, "images": n, "rows": n * self.v,

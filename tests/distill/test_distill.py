@@ -340,7 +340,7 @@ def test_student_learns_the_teachers_features_beyond_their_mean(tmp_path):
     tf = student_transform(model, spec.image_size)
     xs, ys = [], []
     for it in st.iter_images():
-        xs.append(tf(decode_rgb(src[it.image_idx].data), AugParams.from_dict(it.rows[0])))
+        xs.append(tf(st.plan.prepare(decode_rgb(src[it.image_idx].data)), AugParams.from_dict(it.rows[0])))
         ys.append(torch.from_numpy(it.targets[0]))
     x, y = torch.stack(xs), torch.stack(ys)
     mean = torch.from_numpy(np.stack([it.targets[0] for it in open_store(str(train)).iter_images()]).mean(0))

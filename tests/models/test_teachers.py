@@ -357,7 +357,8 @@ def test_clip_b_targets_match_open_clip_quickgelu_per_token_and_gelu_ones_do_not
     # The views' pixels: the store's crop boxes, fdpipe's crop-and-resize, open_clip's own OpenAI mean and std.
     tf = ViewTransform((64, 64), open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
                        st.teacher.pretrained_cfg["interpolation"])
-    x = torch.stack([tf(Image.open(row["source"]).convert("RGB"), AugParams.from_dict(row)) for row in rows])
+    x = torch.stack([tf(st.plan.prepare(Image.open(row["source"]).convert("RGB")), AugParams.from_dict(row))
+                     for row in rows])
     stored = torch.from_numpy(st.targets([(row["image_idx"], row["view"]) for row in rows]))
 
     reference = _open_clip_targets(visual, x)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ...errors import StoreError
 from ..fs import StoreLocation
+from ...viewcodec import StudentViews
 from ..quantize import Quantizer
 
 
@@ -27,6 +28,7 @@ class StoredImage:
     scales: np.ndarray | None
     rows: list[dict[str, Any]]
     image: tuple[str, bytes] | None = None
+    student_views: list[bytes] | None = None  # the V encoded student views (format 4 stores that hold them)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class StoredView:
     values: np.ndarray
     scales: np.ndarray | None
     row: dict[str, Any]
+    student_view: bytes | None = None  # the encoded student view (format 4 stores that hold them)
 
 
 class Layout:
@@ -54,6 +57,7 @@ class Layout:
         self.shard_size = int(settings["shard_size"])
         self.target_shape = tuple(settings["target_shape"])
         self.format_version = int(settings["format_version"])
+        self.student_views = StudentViews.from_dict(settings.get("student_views"))
 
     # -------------------------------------------------------------------------------------------------- writing
     def metadata(self) -> dict[str, bytes]:
@@ -61,14 +65,20 @@ class Layout:
         return {}
 
     def write_shard(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
-                    images: list[tuple[str, bytes] | None] | None) -> dict[str, dict[str, Any]]:
-        """Write one shard's target files (values [n, V, ...] in the stored dtype, checked by the writer); returns
-        their manifest entries by relative path."""
+                    images: list[tuple[str, bytes] | None] | None,
+                    student_views: list[list[bytes]] | None = None) -> dict[str, dict[str, Any]]:
+        """Write one shard's target files (values [n, V, ...] in the stored dtype, checked by the writer, and the
+        n x V encoded student views where the store holds them); returns their manifest entries by relative path."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------------------- reading
     def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
         """Values (and scales) of many (image_idx, view) pairs, as stored: layouts read by streaming refuse."""
+        raise StoreError(f"{self.loc.url} is a {self.settings['layout']} store: random access needs zarr; "
+                         "convert it with `fdpipe store convert SRC DST --format zarr`")
+
+    def stored_student_views(self, pairs: list[tuple[int, int]]) -> list[bytes]:
+        """The encoded student views of many (image_idx, view) pairs: layouts read by streaming refuse."""
         raise StoreError(f"{self.loc.url} is a {self.settings['layout']} store: random access needs zarr; "
                          "convert it with `fdpipe store convert SRC DST --format zarr`")
 
@@ -81,7 +91,8 @@ class Layout:
         for j, it in enumerate(self.iter_stored(shard)):
             if j not in skip:
                 yield StoredView(it.image_idx, it.key, it.values[view],
-                                 None if it.scales is None else it.scales[view], it.rows[view])
+                                 None if it.scales is None else it.scales[view], it.rows[view],
+                                 None if it.student_views is None else it.student_views[view])
 
     def problems(self) -> Iterator[str]:
         """What `fdpipe store verify` finds wrong with the layout's own files beyond their checksums."""

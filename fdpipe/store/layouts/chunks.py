@@ -68,16 +68,20 @@ class RawChunks:
         self.path, self.sharding = path, sharding
         self.shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.chunk = tuple(sharding["chunk_shape"])
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.fill = np.array(meta["fill_value"] if meta["fill_value"] != "NaN" else np.nan).astype(self.dtype)
+        self.vlen = meta["data_type"] == "variable_length_bytes"  # one bytes object per cell (zarr's vlen-bytes)
+        if not self.vlen:
+            self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+            self.fill = np.array(meta["fill_value"] if meta["fill_value"] != "NaN" else np.nan).astype(self.dtype)
+            self.nbytes = int(np.prod(self.chunk)) * self.dtype.itemsize
         self.sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-        self.nbytes = int(np.prod(self.chunk)) * self.dtype.itemsize
+        self.what = path.rstrip("/").rsplit("/", 1)[-1]  # "targets", "scales" or "views", for messages
         self._kv: dict[tuple[int, ...], Any] = {}
 
     @classmethod
     def open(cls, loc: StoreLocation, name: str) -> "RawChunks | None":
-        """The reader of a local array whose chunks are [bytes little-endian, crc32c] in one sharding codec, one
-        (image, view) cell each; None otherwise (then tensorstore's zarr3 driver reads it)."""
+        """The reader of a local array whose chunks are [bytes little-endian, crc32c] (or [vlen-bytes, crc32c]: the
+        student views) in one sharding codec, one (image, view) cell each; None otherwise (then tensorstore's zarr3
+        driver reads it)."""
         if not loc.is_local:
             return None
         path = loc.path(f"{ROOT}/{name}")
@@ -90,8 +94,8 @@ class RawChunks:
             codecs = meta["codecs"]
             inner = codecs[0]["configuration"]["codecs"]
             plain = (len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
-                     and [c["name"] for c in inner] == ["bytes", "crc32c"]
-                     and inner[0].get("configuration", {}).get("endian", "little") == "little"
+                     and [c["name"] for c in inner] in (["bytes", "crc32c"], ["vlen-bytes", "crc32c"])
+                     and (inner[0].get("configuration") or {}).get("endian", "little") == "little"
                      and meta["chunk_key_encoding"]["name"] == "default"
                      and list(codecs[0]["configuration"]["chunk_shape"][:2]) == [1, 1])
         except (ImportError, OSError, ValueError, KeyError, TypeError, IndexError):
@@ -110,35 +114,67 @@ class RawChunks:
                 "index_location": self.sharding.get("index_location", "end")}).result()
         return kv
 
-    def read(self, pairs: list[tuple[int, int]]) -> np.ndarray:
-        """[B, *chunk cell] of the (image, view) pairs; a chunk that is not stored reads as the fill value."""
+    def chunks(self, pairs: list[tuple[int, int]]) -> list[np.ndarray | None]:
+        """Each pair's chunk bytes with their crc32c checked and removed, None where none is stored; a damaged
+        chunk is one line naming the file, the image and the view."""
         import google_crc32c
 
         rest = (0,) * (len(self.chunk) - 2)
         futures = []
         for i, v in pairs:
-            cell = (i // self.shard[0], v // self.shard[1], *rest)
+            cell = self._cell(i, v)
             key = np.array([i % self.shard[0], v % self.shard[1], *rest], ">u4").tobytes()
             futures.append((cell, self._store(cell).read(key)))
-        out = np.empty((len(pairs), *self.chunk[2:]), self.dtype)
-        for j, (cell, future) in enumerate(futures):
+        out: list[np.ndarray | None] = []
+        for (i, v), (cell, future) in zip(pairs, futures):
             try:
                 got = future.result()
             except ValueError as e:  # a damaged shard index, an unreadable file: tensorstore names it
-                raise StoreError(f"{self._file(cell)}: cannot read targets ({' '.join(str(e).split())}); run "
+                raise StoreError(f"{self._file(cell)}: cannot read {self.what} ({' '.join(str(e).split())}); run "
                                  "`fdpipe store verify`") from None
             if got.state != "value":
-                out[j] = self.fill
+                out.append(None)
                 continue
             raw = np.frombuffer(got.value, np.uint8)
-            if len(raw) != self.nbytes + 4:
-                raise StoreError(f"{self._file(cell)}: a chunk holds {len(raw)} bytes where {self.nbytes + 4} "
-                                 "belong; the file is corrupt: run `fdpipe store verify` and replace the store")
-            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
-                raise StoreError(f"{self._file(cell)}: a chunk's bytes do not match its crc32c (the file is corrupt); "
-                                 "nothing of it was used: run `fdpipe store verify` and replace the store")
-            out[j] = raw[:-4].view(self.dtype).reshape(self.chunk[2:])
+            if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
+                raise StoreError(f"{self._file(cell)}: the {self.what} of image {i} view {v}: a chunk's bytes do not "
+                                 "match its crc32c (the file is corrupt); nothing of it was used: run `fdpipe store "
+                                 "verify` and replace the store")
+            out.append(raw[:-4])
         return out
+
+    def read(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """[B, *chunk cell] of the (image, view) pairs; a chunk that is not stored reads as the fill value."""
+        out = np.empty((len(pairs), *self.chunk[2:]), self.dtype)
+        for j, ((i, v), raw) in enumerate(zip(pairs, self.chunks(pairs))):
+            if raw is None:
+                out[j] = self.fill
+                continue
+            if len(raw) != self.nbytes:
+                raise StoreError(f"{self._file(self._cell(i, v))}: a chunk holds {len(raw) + 4} bytes where "
+                                 f"{self.nbytes + 4} belong; the file is corrupt: run `fdpipe store verify` and "
+                                 "replace the store")
+            out[j] = raw.view(self.dtype).reshape(self.chunk[2:])
+        return out
+
+    def read_bytes(self, pairs: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes object of each (image, view) cell of a vlen-bytes array (b"" where none is stored): each
+        chunk is zarr's vlen-bytes encoding of one item, [count 1, length, the bytes], all little-endian uint32."""
+        out = []
+        for (i, v), raw in zip(pairs, self.chunks(pairs)):
+            if raw is None:
+                out.append(b"")
+                continue
+            head = raw[:8].view("<u4") if len(raw) >= 8 else None
+            if head is None or int(head[0]) != 1 or int(head[1]) != len(raw) - 8:
+                raise StoreError(f"{self._file(self._cell(i, v))}: the {self.what} of image {i} view {v} are not "
+                                 "one vlen-bytes item; the file is corrupt: run `fdpipe store verify` and replace "
+                                 "the store")
+            out.append(raw[8:].tobytes())
+        return out
+
+    def _cell(self, i: int, v: int) -> tuple[int, ...]:
+        return (i // self.shard[0], v // self.shard[1], *(0,) * (len(self.chunk) - 2))
 
     def _file(self, cell: tuple[int, ...]) -> str:
         """The shard file of a chunk-grid cell (its zarr key under the array)."""

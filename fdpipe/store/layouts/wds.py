@@ -51,14 +51,17 @@ def row_from_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def view_sample(key: str, values: np.ndarray, scales: np.ndarray | None, row: dict[str, Any],
-                label: int | None) -> dict[str, bytes | str]:
-    """format 2: one view of one image (targets [T, C], scales [T] for int8, its index row, the label)."""
+                label: int | None, student_view: tuple[str, bytes] | None = None) -> dict[str, bytes | str]:
+    """format 2: one view of one image (targets [T, C], scales [T] for int8, its index row, the label, and in
+    format 4 the encoded student view as (extension, bytes): `<key>.jpg` is what webdataset decodes as an image)."""
     sample: dict[str, bytes | str] = {"__key__": key, "targets.npy": npy.to_bytes(values),
                                       "params.json": json.dumps(json_row(row), sort_keys=True).encode()}
     if scales is not None:
         sample["scales.npy"] = npy.to_bytes(scales)
     if label is not None:
         sample["cls"] = str(int(label)).encode()
+    if student_view is not None and student_view[1]:  # a failed image has none
+        sample[student_view[0]] = student_view[1]
     return sample
 
 
@@ -67,12 +70,16 @@ class WdsLayout(Layout):
 
     # -------------------------------------------------------------------------------------------------- writing
     def write_shard(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
-                    images: list[tuple[str, bytes] | None] | None) -> dict[str, dict[str, Any]]:
-        """One tar per view, each holding that view of every image of the shard; the images once, apart."""
+                    images: list[tuple[str, bytes] | None] | None,
+                    student_views: list[list[bytes]] | None = None) -> dict[str, dict[str, Any]]:
+        """One tar per view, each holding that view of every image of the shard (and its student view); the
+        images once, apart."""
         v, n, files = self.views, len(values), {}
+        ext = None if self.student_views is None else self.student_views.extension
         for view in range(v):
             samples = [view_sample(rows[j * v]["key"], values[j, view], None if scales is None else scales[j, view],
-                                   rows[j * v + view], rows[j * v].get("label")) for j in range(n)]
+                                   rows[j * v + view], rows[j * v].get("label"),
+                                   None if ext is None else (ext, student_views[j][view])) for j in range(n)]
             rel = view_name(shard, view)
             files[rel] = tar.write_tar(self.loc, rel, samples)
         if images and any(im is not None for im in images):
@@ -89,9 +96,10 @@ class WdsLayout(Layout):
         for per_view in zip(*views):
             first = per_view[0]
             scales = None if first.scales is None else np.stack([it.scales for it in per_view])
+            student = None if self.student_views is None else [it.student_view or b"" for it in per_view]
             yield StoredImage(first.image_idx, first.key, first.row.get("label"),
                               np.stack([it.values for it in per_view]), scales, [it.row for it in per_view],
-                              images.get(first.key))
+                              images.get(first.key), student)
 
     def _images(self, shard: int) -> dict[str, tuple[str, bytes]]:
         """The embedded images of a shard by key ({} when the store has none)."""
@@ -112,7 +120,7 @@ class WdsLayout(Layout):
             row = index[j]
             self.check_params(sample, rel, [row], [self.params(sample, rel)])
             values, scales = self.arrays_of(sample, rel)
-            yield StoredView(row["image_idx"], row["key"], values, scales, row)
+            yield StoredView(row["image_idx"], row["key"], values, scales, row, self.student_view_of(sample, rel, row))
 
     # ------------------------------------------------------------------------------------------ sample checks
     def checked_samples(self, shard: int, rel: str, skip: frozenset[int]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -153,6 +161,17 @@ class WdsLayout(Layout):
                 raise StoreError(f"{where}.params.json: view {index_row['view']}'s {diff} is {row.get(diff)!r}, the "
                                  f"index says {index_row[diff]!r}; the store is damaged (run `fdpipe store verify "
                                  "--deep`)")
+
+    def student_view_of(self, sample: dict[str, Any], rel: str, row: dict[str, Any]) -> bytes | None:
+        """A format-4 sample's encoded student view (None for a store without them, or for a failed image)."""
+        if self.student_views is None or row.get("status") != "ok":
+            return None
+        data = sample.get(self.student_views.extension)
+        if not data:
+            raise StoreError(f"{self.loc.path(rel)}: image {row['image_idx']} ({row['key']!r}) view {row['view']} has "
+                             f"no {self.student_views.extension} member where the store holds student views; the "
+                             "store is damaged (run `fdpipe store verify --deep`)")
+        return data
 
     def arrays_of(self, sample: dict[str, Any], rel: str, lead: tuple[int, ...] = ()
                   ) -> tuple[np.ndarray, np.ndarray | None]:

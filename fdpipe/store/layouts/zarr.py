@@ -1,5 +1,7 @@
-"""The zarr layout: one zarr v3 group `targets.zarr/` of two sharded arrays, targets [N, V, ...] and (int8)
-scales, one zarr shard file per store shard and one chunk per (image, view), so any pair is one chunk read.
+"""The zarr layout: one zarr v3 group `targets.zarr/` of sharded arrays, targets [N, V, ...], (int8) scales and
+(format 4, when the store holds them) views [N, V] of the encoded student views as zarr's variable-length bytes;
+one zarr shard file per store shard and one chunk per (image, view), so any pair is one chunk read per array, and
+an epoch reads only the bytes it uses.
 
 Written one whole shard at a time, encoded in memory and moved into place; read back with plain zarr (or
 tensorstore) so that other teams need nothing of fdpipe.
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
+import warnings
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -53,7 +58,8 @@ def crc32c_problem(array: zarr.Array) -> str | None:
     return None
 
 
-def _arrays(group: zarr.Group, n: int, v: int, shape: list[int], s: int, q: Quantizer, codec: str) -> None:
+def _arrays(group: zarr.Group, n: int, v: int, shape: list[int], s: int, q: Quantizer, codec: str,
+            student_views: Any = None) -> None:
     # every chunk is written, a failed image's fill values too: checking each chunk for them cost more than the write
     config = {"write_empty_chunks": True}
     group.create_array(
@@ -67,6 +73,21 @@ def _arrays(group: zarr.Group, n: int, v: int, shape: list[int], s: int, q: Quan
             "scales", shape=(n, v, *shape[:-1]), chunks=(1, 1, *shape[:-1]), shards=(s, v, *shape[:-1]),
             dtype="float16", fill_value=np.float16(np.nan), compressors=compressors(codec), config=config,
         )
+    if student_views:  # already compressed (JPEG, PNG): crc32c only, whatever the targets' codec
+        from zarr.codecs import Crc32cCodec
+
+        with quiet_vlen():
+            group.create_array("views", shape=(n, v), chunks=(1, 1), shards=(s, v), dtype="bytes", fill_value=b"",
+                               compressors=[Crc32cCodec()], config=config, dimension_names=("image", "view"))
+
+
+@contextmanager
+def quiet_vlen() -> Iterator[None]:
+    """zarr-python warns that its variable-length bytes type has no zarr v3 specification yet; its encoding
+    (numcodecs' vlen-bytes) is what docs/store-format.md documents, so the warning says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*VariableLengthBytes.*")
+        yield
 
 
 def _memory(settings: dict[str, Any], q: Quantizer) -> tuple[dict, zarr.Group]:
@@ -74,7 +95,7 @@ def _memory(settings: dict[str, Any], q: Quantizer) -> tuple[dict, zarr.Group]:
     d: dict = {}
     g = zarr.open_group(MemoryStore(store_dict=d), mode="w")
     _arrays(g, settings["num_images"], settings["views"], settings["target_shape"], settings["shard_size"], q,
-            settings["codec"])
+            settings["codec"], settings.get("student_views"))
     return d, g
 
 
@@ -103,6 +124,25 @@ def _raw_shard(array: zarr.Array, values: np.ndarray) -> list:
     return pieces + [sync(codec._encode_shard_index(index)).as_numpy_array()]
 
 
+def _vlen_shard(array: zarr.Array, views: list[list[bytes]]) -> list:
+    """One shard of the views array: each (image, view) chunk is zarr's vlen-bytes encoding of its one item
+    ([count 1, length, the bytes], little-endian uint32) and its crc32c, in C order, then the shard index, as
+    zarr-python writes it (tests/store/test_student_views.py) without its per-chunk pipeline."""
+    import google_crc32c
+    from zarr.core.sync import sync
+
+    codec = array.metadata.codecs[0]
+    index = shard_index.create_empty(tuple(s // c for s, c in zip(array.shards, array.chunks)))
+    flat = index.offsets_and_lengths.reshape(-1, 2)
+    pieces, offset = [], 0
+    for j, data in enumerate(b for per_image in views for b in per_image):
+        chunk = struct.pack("<II", 1, len(data)) + data
+        pieces += [chunk, struct.pack("<I", google_crc32c.value(chunk))]
+        flat[j] = offset, len(chunk) + 4
+        offset += len(chunk) + 4
+    return pieces + [sync(codec._encode_shard_index(index)).as_numpy_array()]
+
+
 class ZarrLayout(Layout):
     """Random access by (image, view): every format version (1: zarr's default zstd; 2: no checksum; 3: every
     chunk and shard index ends in crc32c, checked on every read)."""
@@ -113,12 +153,15 @@ class ZarrLayout(Layout):
         return {f"{ROOT}/{k}": v.to_bytes() for k, v in d.items() if k.endswith("zarr.json")}
 
     def write_shard(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
-                    images: list[tuple[str, bytes] | None] | None) -> dict[str, dict[str, Any]]:
-        return {rel: self.loc.put_atomic(rel, pieces)
-                for rel, pieces in self.encode_shard(shard, values, scales).items()}
+                    images: list[tuple[str, bytes] | None] | None,
+                    student_views: list[list[bytes]] | None = None) -> dict[str, dict[str, Any]]:
+        files = self.encode_shard(shard, values, scales, student_views)
+        return {rel: self.loc.put_atomic(rel, pieces) for rel, pieces in files.items()}
 
-    def encode_shard(self, shard: int, values: np.ndarray, scales: np.ndarray | None) -> dict[str, list]:
-        """Encode one shard's arrays; returns {relative path: the file's bytes as a list of buffers}.
+    def encode_shard(self, shard: int, values: np.ndarray, scales: np.ndarray | None,
+                     student_views: list[list[bytes]] | None = None) -> dict[str, list]:
+        """Encode one shard's arrays; returns {relative path: the file's bytes as a list of buffers}. The views
+        (format 4) are always written by hand (`_vlen_shard`).
 
         Uncompressed shards skip zarr-python's chunk-by-chunk write (a fill-valued buffer and a copy per chunk,
         then one more to join them: 3x the time of hashing and writing the bytes): the chunks are the values' own
@@ -128,12 +171,15 @@ class ZarrLayout(Layout):
         d, g = _memory(self.settings, self.q)
         start = shard * self.shard_size
         arrays = {"targets": values} if scales is None else {"targets": values, "scales": scales}
+        views = {} if self.student_views is None else {f"{ROOT}/views/c/{shard}/0": _vlen_shard(g["views"],
+                                                                                                student_views)}
         if self.settings["codec"] == "none" and shard_index is not None:
-            return {f"{ROOT}/{name}/c/{shard}/" + "/".join(["0"] * (a.ndim - 1)): _raw_shard(g[name], a)
-                    for name, a in arrays.items()}
+            return {**{f"{ROOT}/{name}/c/{shard}/" + "/".join(["0"] * (a.ndim - 1)): _raw_shard(g[name], a)
+                       for name, a in arrays.items()}, **views}
         for name, a in arrays.items():
             g[name][start:start + len(a)] = a
-        return {f"{ROOT}/{k}": [v.as_numpy_array()] for k, v in d.items() if not k.endswith("zarr.json")}
+        return {**{f"{ROOT}/{k}": [v.as_numpy_array()] for k, v in d.items() if not k.endswith("zarr.json")},
+                **views}
 
     # -------------------------------------------------------------------------------------------------- reading
     @property
@@ -157,9 +203,12 @@ class ZarrLayout(Layout):
         arrays = {"targets": (shape, self.q.dtype)}
         if self.q.has_scales:
             arrays["scales"] = (shape[:-1], "float16")
+        if self.student_views is not None:
+            arrays["views"] = ((), "object")
         for name, (view_shape, dtype) in arrays.items():  # zarr.json against the manifest, before any read
             try:
-                a = g[name]
+                with quiet_vlen():
+                    a = g[name]
                 got = {"shape": tuple(a.shape), "chunks": tuple(a.chunks), "dtype": str(a.dtype)}
             except Exception as e:  # noqa: BLE001 - a missing or unreadable array: one line
                 raise StoreError(f"{loc.path(f'{ROOT}/{name}')}: cannot open the array "
@@ -175,7 +224,34 @@ class ZarrLayout(Layout):
             if problem:  # read as they are, chunks of another codec chain fail deep in zarr (a reshape error)
                 raise StoreError(f"{loc.path(f'{ROOT}/{name}/zarr.json')}: {problem}, which "
                                  "every format-3 store has; the store is damaged (run `fdpipe store verify`)")
+            if name == "views" and type(a.metadata.data_type).__name__ != "VariableLengthBytes":
+                raise StoreError(f"{loc.path(f'{ROOT}/views/zarr.json')}: its data type is not variable-length "
+                                 "bytes; the store is damaged (run `fdpipe store verify`)")
+            self.__dict__[f"_{name}"] = a
         return g["targets"], (g["scales"] if self.q.has_scales else None)
+
+    def stored_student_views(self, pairs: list[tuple[int, int]]) -> list[bytes]:
+        """The encoded student views of the pairs: a local store reads them as raw chunks of tensorstore's sharding
+        kvstore (crc32c checked here), a remote one through zarr-python (which checks it)."""
+        if self.student_views is None:
+            raise StoreError(f"{self.loc.url} holds no student views; extract with --student-views SIZE")
+        self.arrays  # noqa: B018 - the checks against the manifest and their one-line refusals
+        cached = self.__dict__.get("_views_raw")
+        if cached is None or cached[0] != os.getpid():
+            cached = self.__dict__["_views_raw"] = (os.getpid(), chunks.RawChunks.open(self.loc, "views"))
+        if cached[1] is not None:
+            return cached[1].read_bytes(pairs)
+        from zarr.core.sync import sync
+
+        a = self.__dict__["_views"].async_array
+
+        async def read():
+            return await asyncio.gather(*(a.getitem((slice(i, i + 1), slice(v, v + 1))) for i, v in pairs))
+
+        try:
+            return [bytes(x[0, 0]) for x in sync(read())]
+        except Exception as e:  # noqa: BLE001 - zarr's remote reads: one line when the user can fix it
+            raise self.loc.explain(e) or StoreError(f"{self.loc.url}: cannot read student views ({e})") from None
 
     def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
         """A local store reads the batch's chunks through tensorstore: uncompressed ones as raw chunks of its
@@ -225,7 +301,7 @@ class ZarrLayout(Layout):
         return cached[1]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_ts"}  # reopened where it is unpickled
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ts", "_views_raw")}  # reopened where unpickled
 
     def iter_stored(self, shard: int) -> Iterator[StoredImage]:
         t, s = self.arrays
@@ -233,16 +309,22 @@ class ZarrLayout(Layout):
         stop = start + self.images_in(shard)
         try:
             values, scales = t[start:stop], None if s is None else s[start:stop]
+            with quiet_vlen():
+                views = None if self.student_views is None else self.__dict__["_views"][start:stop]
         except Exception as e:  # noqa: BLE001 - zarr's remote reads: one line when the user can fix it
             raise self.loc.explain(e) or e from None
         rows = self.rows_of(shard)
         v = self.views
         for j in range(stop - start):
             r = rows[j * v:(j + 1) * v]
-            yield StoredImage(start + j, r[0]["key"], r[0]["label"], values[j], None if scales is None else scales[j], r)
+            yield StoredImage(start + j, r[0]["key"], r[0]["label"], values[j], None if scales is None else scales[j],
+                              r, student_views=None if views is None else [bytes(b) for b in views[j]])
 
     def problems(self) -> Iterator[str]:
         t, _ = self.arrays
         want = (self.num_images, self.views, *self.target_shape)
         if tuple(t.shape) != want:
             yield f"targets.zarr/targets: shape {tuple(t.shape)}, expected {want}"
+        views = self.__dict__.get("_views")
+        if views is not None and tuple(views.shape) != want[:2]:
+            yield f"targets.zarr/views: shape {tuple(views.shape)}, expected {want[:2]}"

@@ -23,6 +23,10 @@ Beside them, batched random reads of whole zarr chunks (256 (image, view) pairs 
 stores), zarr-python with the `zarrs` codec pipeline and tensorstore with a future per view, each when its package
 imports, checked equal to fdpipe's.
 
+Then the image side (bench/image_side.py): replay and the distill data path from ImageNet-size JPEGs and from stored
+student views, extraction with and without them, and the bytes views add (`image_side` in the JSON; its margins are
+reported beside, not folded into the ratio).
+
 Rounds alternate the configurations ABBA; each figure is the median of its rounds. The JSON's "ratio" is the worst
 figure / goal over everything measured (>= 1: every goal met).
 """
@@ -43,7 +47,7 @@ import torch
 
 from fdpipe.store.layouts import facts
 
-from . import common, fixtures, timing
+from . import common, fixtures, image_side, timing
 from .common import log
 from .timing import median
 
@@ -235,9 +239,18 @@ def run(ctx: common.Context) -> int:
     extraction = {f"{lay}/{dt}": blocked(ctx, photos, lay, dt, su.T, su.C, su.V, su.S, su.size, a.smoke,
                                          su.codec if facts(lay).compresses_chunks else None) for lay, dt in su.cfgs}
     zarr_reads = measure_zarr_reads(su, urls, stores)
+    image = image_side.measure(ctx.work, a.smoke, su.rounds, su.T, su.C, su.V)
+    photos = image_side.photos_of(ctx.work, a.smoke)
+    image["extraction"] = {
+        name: blocked(ctx, photos, "zarr", "float16", su.T, su.C, su.V, su.S, su.size, a.smoke,
+                      student_views=image["student_size"] if name == "with student views" else None, workers=0)
+        for name in ("without student views", "with student views")}
+    image["margins"]["extraction data path with student views"] = (
+        image["extraction"]["with student views"]["views_per_s_per_core"] / image_side.GOALS["extract_with_views"])
     results = [summarise(su, c, writes[c], replay_runs[c], stores[c], quantize_core, extraction, stages)
                for c in su.cfgs]
     result = report(su, results, extraction, zarr_reads, ctx.workers)
+    result["image_side"] = image
     if not result["goal"]["met"]:
         result["bottleneck"] = bottleneck(results, result["margins"], stages, replays, su.batch, a.smoke)
     print_and_finish(ctx, su, result, results, zarr_reads)
@@ -453,19 +466,33 @@ def print_and_finish(ctx: common.Context, su: Setup, result: dict[str, Any], res
              f"(wall beside); {torch.get_num_threads()} torch thread(s)\nblocked fraction (worst, zero-cost "
              f"teacher): {bf_text}; cores per GPU at {GPU_VIEWS_PER_S:,} views/s = {GPU_VIEWS_PER_S:,} / per-core "
              f"rate\n{RCHAR_NOTE}")
+    image = result["image_side"]
+    rows = [[k, v["views_per_s_per_core"], v["views_per_s_wall"]] for k, v in image["rates"].items()]
+    rows += [[f"extraction data path, {k} (zero-cost teacher, commit included)", v["views_per_s_per_core"],
+              v["views_per_s"]] for k, v in image["extraction"].items()]
+    print(common.table(["image side", "views/CPU-s", "views/s wall"], rows,
+                       f"image side: {image['photos']}; student views {image['views_codec']}: "
+                       f"{image['view_bytes_per_view'] / 1024:.1f} KiB a view, "
+                       f"{100 * image['view_bytes_fraction']:.1f}% of the targets' {image['target_bytes_per_view'] / 1024:.0f} "
+                       f"KiB; margins over the goals: " + ", ".join(f"{k} {v:.2f}" for k, v in image["margins"].items())))
+    print()
     common.finish(ctx, result, headers, table_rows, title)
 
 
 def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, C: int, V: int, S: int, size: int,
-            smoke: bool, codec: str | None = None) -> dict[str, Any]:
-    """One extraction with the zero-cost teacher: its summary's seconds, blocked_s and drain_s."""
+            smoke: bool, codec: str | None = None, student_views: int | None = None,
+            workers: int | None = None) -> dict[str, Any]:
+    """One extraction with the zero-cost teacher: its summary's seconds, blocked_s and drain_s, and (workers=0:
+    everything in this process) its views per CPU-second; `student_views` px jpeg:90 views stored beside."""
     from fdpipe.extract import ExtractConfig, extract
 
     batch = max(V, 4 if smoke else 64)  # views per teacher forward: extract's default
     teacher = synthetic_teacher(T, C, size, max(1, batch // V) * V)
     out = ctx.work / f"extract-{layout}-{dtype}"
+    workers = ctx.workers if workers is None else workers
     cfg = ExtractConfig(teacher="zero-cost", data=str(photos), out=str(out), views=V, layout=layout, dtype=dtype,
-                        image_size=size, shard_size=S, batch_size=batch, workers=ctx.workers, device="cpu", quiet=True,
+                        image_size=size, shard_size=S, batch_size=batch, workers=workers, device="cpu", quiet=True,
+                        student_views=None if student_views is None else str(student_views),
                         **({"codec": codec} if codec else {}))
     c0 = time.process_time()
     s = extract(cfg, create_teacher=fixtures.zero_cost_teachers({"zero-cost": teacher}))
@@ -474,8 +501,10 @@ def blocked(ctx: common.Context, photos: Path, layout: str, dtype: str, T: int, 
     assert s["complete"], s
     seconds = float(s["seconds"])
     res: dict[str, Any] = {"seconds": seconds, "images": s["images"], "views_per_s": s["images"] * V / seconds,
-                           "main_process_cpu_s": cpu, "workers": ctx.workers, "batch_views": batch,
+                           "main_process_cpu_s": cpu, "workers": workers, "batch_views": batch,
                            "summary_keys": sorted(s)}
+    if workers == 0:
+        res["views_per_s_per_core"] = s["images"] * V / cpu
     if "blocked_s" in s and "drain_s" in s:
         b, d = float(s["blocked_s"]), float(s["drain_s"])
         res.update(blocked_s=b, drain_s=d, blocked_fraction=(b + d) / seconds if seconds > 0 else None,

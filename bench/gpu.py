@@ -276,12 +276,18 @@ def run(ctx) -> int:
           "load_into_ram_s": load_s}
     save_partial("distill", di)
 
+    # ---------------------------------------------------------------- (c) decoding a batch of stored views
+    vd = view_decode(dev, photos, 32 if smoke else 224, batch, rounds, timing)
+    save_partial("view_decode", vd)
+    log(f"[{NAME}] stored views: {vd['device_views_per_s']:.0f} views/s decoded on {dev} in batches of {batch} "
+        f"vs {vd['cpu_views_per_core']:.0f} per CPU core")
+
     # ---------------------------------------------------------------- result
     margins = {"extraction / teacher alone": ex["ratio"] / 0.90, "store-fed / RAM-fed distill": di["ratio"] / 0.95}
     ratio = min(margins.values())
     g = common.goal("extraction >= 0.90 x teacher alone and store-fed distill >= 0.95 x RAM-fed (worst share of "
                     "goal >= 1)", ratio, 1.0)
-    result = {"ratio": ratio, "goal": g, "margins": margins, "extraction": ex, "distill": di,
+    result = {"ratio": ratio, "goal": g, "margins": margins, "extraction": ex, "distill": di, "view_decode": vd,
               "config": {"device": str(dev), "smoke": smoke, "total_s": time.time() - t_start}}
     if not g["met"]:
         worst = min(margins, key=margins.get)
@@ -297,13 +303,54 @@ def run(ctx) -> int:
              ">= 0.90"],
             ["extraction (end to end)", ex["extract_views_per_s_end_to_end"], "views/s", "", "", ""],
             [f"distill {student}, RAM-fed", rate["memory"], "samples/s", "", "", ""],
-            [f"distill {student}, store-fed", rate["store"], "samples/s", "RAM-fed", di["ratio"], ">= 0.95"]]
+            [f"distill {student}, store-fed", rate["store"], "samples/s", "RAM-fed", di["ratio"], ">= 0.95"],
+            [f"stored views decoded on {dev} ({vd['codec']}, batches of {batch})", vd["device_views_per_s"],
+             "views/s", "one CPU core", vd["device_views_per_s"] / vd["cpu_views_per_core"], ""]]
     title = (f"{NAME}: {info.timm_name}@{size} ({flops_per_view / 1e9:.1f} GFLOP/view, {ex['teacher_tflops']:.3g} "
              f"TFLOP/s alone), {views} views, {n} images; {student}@{image_size} batch {batch}; {workers} workers; "
              f"{ctx.machine.get('gpu', dev)}")
     common.finish(ctx, result, headers, rows, title)
     (out / f"{NAME}.partial.json").unlink(missing_ok=True)
     return 0
+
+
+def view_decode(dev, photos: Path, size: int, batch: int, rounds: int, timing) -> dict:
+    """A batch of stored student views (jpeg:90 of the plan's crops of `photos`) decoded on `dev` in one call
+    (`StudentViews.decode_batch`: nvJPEG on CUDA), against one CPU core decoding them one by one."""
+    import time
+
+    import torch
+    from PIL import Image
+
+    from fdpipe.augment import make_plan
+    from fdpipe.viewcodec import StudentViews
+
+    views, plan = StudentViews.parse(size), make_plan(0, 8)
+    tf, data = views.transform(), []
+    for k, p in enumerate(sorted(photos.rglob("*.jpg"))):
+        image = Image.open(p).convert("RGB")
+        cut = plan.prepare(image)
+        data += [torch.frombuffer(bytearray(views.encode(tf.pixels(cut, plan.sample(str(k), v, (image.height,
+                                                                                              image.width))))),
+                                  dtype=torch.uint8) for v in range(plan.views)]
+        if len(data) >= batch:
+            break
+    data = (data * (batch // max(1, len(data)) + 1))[:batch]
+    views.decode_batch(data, dev)  # warm-up: the decoder's handle, the allocator
+    dev_rates, cpu_rates = [], []
+    for _ in range(rounds):
+        timing.sync(dev)
+        t0 = time.perf_counter()
+        views.decode_batch(data, dev)
+        timing.sync(dev)
+        dev_rates.append(batch / (time.perf_counter() - t0))
+        c0 = time.process_time()
+        for d in data:
+            views.decode(d.numpy().tobytes())
+        cpu_rates.append(batch / (time.process_time() - c0))
+    return {"codec": views.label, "batch": batch, "device_views_per_s": timing.median(dev_rates),
+            "cpu_views_per_core": timing.median(cpu_rates),
+            "bytes_per_view": sum(len(d) for d in data) / len(data)}
 
 
 if __name__ == "__main__":

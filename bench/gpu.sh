@@ -3,7 +3,8 @@
 # "On a GPU machine". Here: `make gpu-wheels` (needs a package registry). There: `bash bench/gpu.sh`.
 #
 #   (a) CLIP-L/14 extraction with random weights, views/s against the teacher's forward alone;
-#   (b) fd-vit-base distilled from the CLIP-L-shaped store it wrote, against the same student fed from RAM.
+#   (b) fd-vit-base distilled from the CLIP-L-shaped store it wrote, against the same student fed from RAM;
+#   (c) a batch of 224 px jpeg:90 stored student views decoded on the device (nvJPEG) against one CPU core.
 #
 # Numbers go to $OUT/gpu.json when $OUT is set (else bench/results/gpu.json) and are printed.
 # No GPU: it says so and exits 0. FDPIPE_GPU_REHEARSE=1 runs the same steps on the CPU at tiny size.

@@ -138,6 +138,29 @@ class StudentViews:
             raise ValueError(f"decodes to {list(pixels.shape)}, not [3, {self.size}, {self.size}]")
         return pixels
 
+    def decode_batch(self, data: "list[torch.Tensor]", device: "torch.device | str" = "cpu") -> "torch.Tensor":
+        """Encoded views (1-D uint8 tensors) -> uint8 [B, 3, S, S] on `device`: JPEGs in one batched
+        torchvision.io.decode_jpeg there (nvJPEG on CUDA), the other codecs one by one. ValueError naming the
+        position of the first view that does not decode, or decodes to another size."""
+        import torch
+
+        if self.codec == "jpeg":
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            try:
+                out = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+            except (RuntimeError, ValueError):
+                out = None  # one of them is damaged: find which, one by one, and say so
+            if out is not None and all(tuple(x.shape) == (3, self.size, self.size) for x in out):
+                return torch.stack(out)
+        views = []
+        for j, d in enumerate(data):
+            try:
+                views.append(self.decode(d.numpy().tobytes()))
+            except ValueError as e:
+                raise ValueError(f"{j}: {e}") from None
+        return torch.stack(views).to(device)
+
     def roundtrip(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """What a store gives the student for these pixels: online mode passes its views through this, so that
         cached and online replay train on the same pixels."""

@@ -308,3 +308,29 @@ def test_convert_keeps_the_views_byte_for_byte(cli, view_stores, tmp_path):
     a, b = open_store(str(src)), open_store(str(tmp_path / "w"))
     assert b.student_views == a.student_views
     assert [it.student_views for it in a.iter_stored()] == [it.student_views for it in b.iter_stored()]
+
+
+def test_views_decoded_on_the_device_equal_those_decoded_in_the_workers(view_stores, tmp_path):
+    """decode_on_device (what distill sets on CUDA, nvJPEG there): the loader hands over the bytes and
+    `inputs` decodes the batch on the device; here the CPU stands in for it, and a damaged view still names
+    (image, view)."""
+    from fdpipe.models import create_student
+    from fdpipe.replay import open_replay, student_transform
+
+    store = open_store(str(view_stores("zarr")))
+    student, _ = create_student("fd-vit-tiny", image_size=32)
+    tf = student_transform(student, 32)
+    pairs = [(i, i % 2) for i in range(8)]
+    workers = open_replay(store, tf).read(pairs)
+    device = open_replay(store, tf, decode_on_device=True).read(pairs)
+    assert "x" not in device and all(t.dtype == torch.uint8 and t.dim() == 1 for t in device["x_encoded"])
+    r = open_replay(store, tf, decode_on_device=True)
+    assert torch.equal(r.inputs(device, "cpu"), r.inputs(workers, "cpu"))
+
+    bad = dict(device, x_encoded=list(device["x_encoded"]))
+    bad["x_encoded"][3] = bad["x_encoded"][3][:40]  # truncated in flight: image 3, view 1
+    from fdpipe.errors import FdpipeError
+
+    with pytest.raises(FdpipeError) as e:
+        r.inputs(bad, "cpu")
+    assert "image 3" in str(e.value) and "view 1" in str(e.value) and "\n" not in str(e.value)

@@ -177,7 +177,8 @@ def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = N
             raise FdpipeError(f"{where}; but {e}" if first_store.student_views is not None else str(e)) from None
         data: Replay = open_replay(tgs.stores, tf, source=source, seed=cfg.seed, rank=ranks.rank,
                                    world=ranks.world, strict=cfg.strict, buffer=cfg.buffer, targets=readers or None,
-                                   view_source="store" if stored else "data")
+                                   view_source="store" if stored else "data",
+                                   decode_on_device=device.type == "cuda")
     else:
         teacher_tf = {n: ViewTransform.from_data_config(t.data_config) for n, t in tgs.live.items()}
         data = online_replay(tgs.source, tgs.plan, tf, teacher_tf, seed=cfg.seed, rank=ranks.rank,

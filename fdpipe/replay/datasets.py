@@ -94,8 +94,9 @@ class StoredPixels:
     Each view's bytes were checked against their crc32c as they were read; a view that still does not decode (or
     decodes to another size) is one line naming the image and the view, before any step uses its batch."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, encoded: bool = False):
         self.url, self.views = store.url, store.student_views
+        self.encoded = encoded  # hand the bytes over: the training process decodes the batch on its device
 
     def decode(self, data: bytes | None, image_idx: int, view: int, key: str) -> torch.Tensor:
         try:
@@ -103,9 +104,31 @@ class StoredPixels:
                 raise ValueError("is missing")
             return self.views.decode(data)
         except ValueError as e:
-            raise FdpipeError(f"{self.url}: the stored student view of image {image_idx} ({key!r}) view {view} {e}; "
-                              "nothing was trained on it: run `fdpipe store verify --deep` and extract that store "
-                              "again") from None
+            raise self.error(image_idx, view, key, str(e)) from None
+
+    def error(self, image_idx: int, view: int, key: str, why: str) -> FdpipeError:
+        return FdpipeError(f"{self.url}: the stored student view of image {image_idx} ({key!r}) view {view} {why}; "
+                           "nothing was trained on it: run `fdpipe store verify --deep` and extract that store again")
+
+    def encoded_batch(self, data: list[bytes], pairs: list[tuple[int, int]], keys: list[str]) -> list[torch.Tensor]:
+        """The views as 1-D uint8 tensors for the loader to hand over (an empty or oversized one refused here)."""
+        out = []
+        for (i, v), d in zip(pairs, data):
+            if not d or len(d) > self.views.max_bytes():
+                raise self.error(i, v, keys[i], "is empty" if not d else f"is {len(d):,} bytes, more than a "
+                                 f"{self.views.label} view can be")
+            out.append(torch.frombuffer(bytearray(d), dtype=torch.uint8))
+        return out
+
+    def decode_batch(self, data: list[torch.Tensor], image_idx: list[int], view: list[int], keys: list[str],
+                     device: torch.device | str) -> torch.Tensor:
+        """A batch's encoded views decoded on `device` (nvJPEG on CUDA), or one line naming the one that fails."""
+        try:
+            return self.views.decode_batch(data, device)
+        except ValueError as e:
+            j, _, why = str(e).partition(": ")
+            j = int(j)
+            raise self.error(image_idx[j], view[j], keys[image_idx[j]], why) from None
 
 
 PARAMS = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
@@ -157,7 +180,7 @@ class StoredViews(Dataset):
 
     def __init__(self, stores: Mapping[str, Store], source: ImageSource | None, student_tf: ViewTransform | None,
                  strict: bool = False, readers: Mapping[str, TargetReader] | None = None,
-                 stored_pixels: bool = False):
+                 stored_pixels: bool = False, encoded: bool = False):
         self.stores = dict(stores)
         self.names = list(self.stores)
         first = self.stores[self.names[0]]
@@ -170,7 +193,7 @@ class StoredViews(Dataset):
                                   "plan over the same images")
         self.views, self.num_images, self.valid = first.views, first.num_images, self.rows.valid
         self.builder = ViewBuilder(source, first.plan, student_tf, strict=strict) if source is not None else None
-        self.pixels = StoredPixels(first) if stored_pixels else None
+        self.pixels = StoredPixels(first, encoded) if stored_pixels else None
 
     def __len__(self) -> int:
         return self.num_images
@@ -202,9 +225,12 @@ class StoredViews(Dataset):
         if scales:
             out["scales"] = scales
         if self.pixels is not None:
-            first = self.stores[self.names[0]]
-            out["x"] = torch.stack([self.pixels.decode(data, i, v, self.rows.keys[i])
-                                    for (i, v), data in zip(pairs, first.stored_student_views(pairs))])
+            data = self.stores[self.names[0]].stored_student_views(pairs)
+            if self.pixels.encoded:  # bytes cross the loader; `Replay.inputs` decodes them on the device
+                out["x_encoded"] = self.pixels.encoded_batch(data, pairs, self.rows.keys)
+            else:
+                out["x"] = torch.stack([self.pixels.decode(d, i, v, self.rows.keys[i])
+                                        for (i, v), d in zip(pairs, data)])
         elif self.builder is not None:
             out["x"] = torch.stack([self.view(i, v) for i, v in pairs])
         return out

@@ -63,7 +63,13 @@ class Replay:
 
     # ----------------------------------------------------------------- what the training process does with a batch
     def inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
-        """The student's views, float32 and normalized on `device` (they cross the DataLoader as uint8)."""
+        """The student's views, float32 and normalized on `device` (they cross the DataLoader as uint8, or as the
+        store's encoded views, decoded here in one batch on the device)."""
+        if "x_encoded" in batch:
+            pixels = self.dataset.pixels
+            x = pixels.decode_batch(batch["x_encoded"], batch["image_idx"].tolist(), batch["view"].tolist(),
+                                    self.dataset.rows.keys, device)
+            return self.transform.normalize(x)
         return self.transform.normalize(batch["x"].to(device, non_blocking=True))
 
     def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -140,10 +146,10 @@ class ZarrReplay(StoredReplay):
     def __init__(self, stores: Mapping[str, Store], single: bool, source: ImageSource | None,
                  transform: ViewTransform | None, seed: int = 0, rank: int = 0, world: int = 1, strict: bool = False,
                  readers: Mapping[str, TargetReader] | None = None, select: np.ndarray | None = None,
-                 stored_pixels: bool = False):
+                 stored_pixels: bool = False, encoded: bool = False):
         super().__init__(stores, single, source, transform, seed, rank, world)
         self.dataset = StoredViews(self.stores, source, transform, strict=strict, readers=readers,
-                                   stored_pixels=stored_pixels)
+                                   stored_pixels=stored_pixels, encoded=encoded)
         self.valid = self.dataset.valid if select is None else self.dataset.valid & np.asarray(select, dtype=bool)
 
 
@@ -268,14 +274,17 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
                 source: ImageSource | None = None, seed: int = 0, rank: int = 0, world: int = 1,
                 strict: bool = False, buffer: int = 256, images: bool = True,
                 targets: TargetReader | Mapping[str, TargetReader] | None = None,
-                select: np.ndarray | None = None, view_source: str = "auto") -> Replay:
+                select: np.ndarray | None = None, view_source: str = "auto",
+                decode_on_device: bool = False) -> Replay:
     """A store's views for a student, as `fdpipe distill` replays them; `source` defaults to the store's images.
 
     images=False: targets only (batches without "x"), in the same order; no source is opened.
 
     view_source (see `pixel_source`): "auto" takes the store's own student views when it holds them at the
     transform's size and interpolation and no `source` is given, else crops the source images; "store" insists
-    on the stored views, "data" on the source.
+    on the stored views, "data" on the source. decode_on_device (zarr, JPEG views): the loader hands over the
+    views' bytes and `inputs(batch, device)` decodes each batch there at once (nvJPEG on CUDA: distill sets it on
+    CUDA), instead of decoding them in the loader's workers.
 
     Several stores (a list, named by `teacher_names` of their teachers' aliases, or {name: store}): one replay of
     their shared plan whose `targets(batch)` are {name: targets}, the same (image_idx, view) pairs for every store.
@@ -311,8 +320,9 @@ def open_replay(store: Store | Sequence[Store] | Mapping[str, Store], transform:
                               "with `fdpipe store convert SRC DST --format zarr`")
         return WdsReplay(stores, single, source, transform, seed, rank, world, strict=strict, buffer=buffer,
                          stored_pixels=stored)
+    encoded = bool(stored and decode_on_device and first.student_views.codec == "jpeg")
     return ZarrReplay(stores, single, source, transform, seed, rank, world, strict=strict, readers=readers,
-                      select=select, stored_pixels=stored)
+                      select=select, stored_pixels=stored, encoded=encoded)
 
 
 VIEW_SOURCES = ("auto", "store", "data")

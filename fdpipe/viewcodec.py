@@ -108,6 +108,19 @@ class StudentViews:
         np.save(buf, pixels.numpy(), allow_pickle=False)
         return buf.getvalue()
 
+    def framing_problem(self, data: bytes) -> str | None:
+        """Why `data` cannot be a whole view of this codec, from its first and last bytes alone (no decoding:
+        what convert and merge check of every view they copy), or None. A truncated JPEG lacks its end marker."""
+        if not data:
+            return "is empty"
+        if len(data) > self.max_bytes():
+            return f"is {len(data):,} bytes, more than a {self.label} view can be"
+        head, tail = {"jpeg": (b"\xff\xd8", b"\xff\xd9"), "png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"),
+                      "raw": (b"\x93NUMPY", b"")}[self.codec]
+        if not data.startswith(head) or not data.endswith(tail):
+            return f"is not a whole {self.codec} file (truncated or overwritten)"
+        return None
+
     def decode(self, data: bytes) -> "torch.Tensor":
         """The stored bytes -> uint8 [3, S, S]; ValueError (saying why) for bytes that are not such a view.
 
@@ -115,10 +128,9 @@ class StudentViews:
         import numpy as np
         import torch
 
-        if not data:
-            raise ValueError("the view is empty")
-        if len(data) > self.max_bytes():
-            raise ValueError(f"the view is {len(data):,} bytes, more than a {self.label} view can be")
+        problem = self.framing_problem(data)
+        if problem:
+            raise ValueError(problem)
         try:
             if self.codec == "raw":
                 array = np.load(io.BytesIO(data), allow_pickle=False)

@@ -40,7 +40,8 @@ from fdpipe.store.manifest import canonical, checksum, fingerprint
 
 TIMEOUT_S = 60
 MAX_RSS_MB = 2048
-EXTRACT = ["--teacher", "effnet-lite0", "--views", "2", "--image-size", "32", "--workers", "0", "--quiet"]
+EXTRACT = ["--teacher", "effnet-lite0", "--views", "2", "--image-size", "32", "--workers", "0", "--quiet",
+           "--student-views", "auto"]  # format 4 with student views: the zoo covers their fields and files too
 DISTILL = ["--epochs", "1", "--batch-size", "2", "--workers", "0", "--quiet"]
 COMMANDS = ("verify", "verify-deep", "info", "ls", "distill", "convert")
 
@@ -275,16 +276,18 @@ def replace_row(table: pa.Table, name: str, row: int, value: Any) -> pa.Table:
     return set_column(table, name, values)
 
 
-def edit_tar(change: Callable[[tarfile.TarInfo, bytes], tuple[tarfile.TarInfo, bytes]]):
-    """Rewrite wds/view-00/shard-000000.tar with its first member changed."""
+def edit_tar(change: Callable[[tarfile.TarInfo, bytes], tuple[tarfile.TarInfo, bytes]], suffix: str | None = None):
+    """Rewrite wds/view-00/shard-000000.tar with its first member (or its first member named *suffix) changed."""
     rel = "wds/view-00/shard-000000.tar"
 
     def build(root: Path, fix: bool) -> None:
         buf = io.BytesIO()
         with tarfile.open(root / rel) as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
-            for i, info in enumerate(src.getmembers()):
+            members = src.getmembers()
+            first = next(i for i, m in enumerate(members) if suffix is None or m.name.endswith(suffix))
+            for i, info in enumerate(members):
                 data = src.extractfile(info).read()
-                if i == 0:
+                if i == first:
                     info, data = change(info, data)
                 dst.addfile(info, io.BytesIO(data) if info.isreg() else None)
         put_file(root, rel, buf.getvalue(), fix)
@@ -301,6 +304,11 @@ def _symlink(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes
 def _absolute(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     info.name = "/" + info.name
     return info, data
+
+
+def _truncated(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info.size = len(data) // 2
+    return info, data[: len(data) // 2]
 
 
 def _secret(root: Path) -> Path:
@@ -351,6 +359,8 @@ class Variant:
     layouts: tuple[str, ...] = ("zarr", "wds")
     file: bool = False  # a store file is changed (else the manifest): verify's hashes catch it when not fixed up
     stale: str = "shard 0: "  # what verify's hash check names when the change is not fixed up
+    stale_readers: tuple[str, ...] = ()  # commands that read the changed file without using the changed part: they
+    # refuse it by its crc32c only when the change is not fixed up
 
 
 def _m(name: str, change: Callable[[dict[str, Any], Path], None], message: str) -> Variant:
@@ -420,6 +430,15 @@ ZOO = [
     Variant("tar-symlink-member", edit_tar(_symlink), TAR_READERS, "shard-000000.tar", ("wds",), file=True),
     Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
             file=True),
+    _m("student-views-size-0", _set("student_views.size", 0), "student_views.size is 0"),
+    _m("student-views-size-10^9", _set("student_views.size", 10**9), "student_views.size is 1000000000"),
+    _m("student-views-codec-unknown", _set("student_views.codec", "webp"), "unknown view codec 'webp'"),
+    _m("student-views-a-list", _set("student_views", [224]), "student_views is [224]"),
+    # a view truncated by its writer (its checksums match it): deep verify decodes every view, convert checks the
+    # framing of every view it copies; distill here crops the source (--data)
+    Variant("student-view-truncated", edit_tar(_truncated, ".jpg"), ("verify-deep", "convert"),
+            "view 0: its stored student view is not a whole jpeg file", ("wds",), file=True,
+            stale_readers=("distill", "convert")),
 ]
 CASES = [pytest.param(v, layout, id=f"{v.name}-{layout}") for v in ZOO for layout in v.layouts]
 
@@ -429,8 +448,9 @@ def expected_refusals(variant: Variant, fix: bool) -> dict[str, str | None]:
     if not fix and not variant.file:
         return {name: "checksum mismatch" for name in COMMANDS}
     refusals = {name: variant.message for name in variant.reads}
-    if not fix:  # a file changed under the manifest: verify's hashes name it
+    if not fix:  # a file changed under the manifest: verify's hashes name it, its readers' crc32c
         refusals |= {"verify": variant.stale, "verify-deep": variant.stale}
+        refusals |= {name: "crc32c" for name in variant.stale_readers}
     return refusals
 
 
@@ -896,7 +916,8 @@ def _zero_targets(root: Path, fix: bool) -> None:
         items = list(store.iter_stored([shard]))
         scales = None if items[0].scales is None else np.stack([it.scales for it in items])
         w.write_stored(shard, np.zeros_like(np.stack([it.values for it in items])), scales,
-                       [r for it in items for r in it.rows])
+                       [r for it in items for r in it.rows],
+                       student_views=None if store.student_views is None else [it.student_views for it in items])
     assert w.try_finalize()
     shutil.rmtree(root)
     out.rename(root)
@@ -1277,7 +1298,8 @@ def test_a_stores_recorded_source_is_held_to_the_same_bounds(server, bases, tmp_
     store = tmp_path / "store"
     shutil.copytree(bases["zarr"], store)
     edit_manifest(_set("data.spec", spec))(store, True)
-    o = server.run("distill", "--store", store, "--out", tmp_path / "run", *DISTILL, label="braces")
+    o = server.run("distill", "--store", store, "--out", tmp_path / "run", "--view-source", "data", *DISTILL,
+                   label="braces")  # the store's own views would need no source at all
     assert o.refusal_problem(message) is None
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 

@@ -80,7 +80,8 @@ def test_lossless_codecs_give_back_the_exact_pixels(codec):
     assert torch.equal(views.roundtrip(px), px)
 
 
-@pytest.mark.parametrize("data,says", [(b"", "empty"), (b"\xff\xd8\xff\xe0not a jpeg", "does not decode"),
+@pytest.mark.parametrize("data,says", [(b"", "empty"), (b"\xff\xd8\xff\xe0not a jpeg", "not a whole jpeg"),
+                                       (b"\xff\xd8\xff\xe0not a jpeg\xff\xd9", "does not decode"),
                                        (None, "decodes to")])
 def test_a_view_that_is_not_one_is_refused_saying_why(data, says):
     from fdpipe.viewcodec import StudentViews
@@ -268,7 +269,8 @@ def test_an_undecodable_view_with_valid_checksums_is_one_line_naming_the_image_a
     assert "image 1 ('img/0001') view 0" not in r.output, r.output
     r = cli("distill", "--store", tmp_path / "store", "--out", tmp_path / "run", "--student", "fd-vit-tiny",
             "--image-size", 32, "--epochs", 1, "--batch-size", 4, "--workers", 0, "--quiet")
-    out = one_line_error(r, "the stored student view of image", "does not decode as jpeg", "verify --deep")
+    out = one_line_error(r, "the stored student view of image", "verify --deep")
+    assert "does not decode as jpeg" in out or "not a whole jpeg file" in out
     assert ".cpp" not in out
     assert not (tmp_path / "run" / "student.safetensors").exists()
 

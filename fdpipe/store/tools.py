@@ -244,8 +244,18 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
 
 
 def _student_views(w: StoreWriter, items: list[StoredImage]) -> list[list[bytes]] | None:
-    """The items' encoded student views, copied as stored, where the new store keeps them (its settings do)."""
-    return None if w.settings.student_views is None else [it.student_views for it in items]
+    """The items' encoded student views, copied as stored, where the new store keeps them (its settings do); a
+    view that is not a whole file of its codec (`framing_problem`) is refused naming it, not copied on."""
+    views = w.settings.student_views
+    if views is None:
+        return None
+    for it in items:
+        for v, (data, row) in enumerate(zip(it.student_views, it.rows)):
+            problem = row.get("status") == "ok" and views.framing_problem(data)
+            if problem:
+                raise StoreError(f"image {it.image_idx} ({it.key!r}) view {v}: its stored student view {problem}; "
+                                 "the source store is damaged (run `fdpipe store verify --deep`)")
+    return [it.student_views for it in items]
 
 
 def _same_place(a: StoreLocation, b: StoreLocation) -> bool:

@@ -111,12 +111,13 @@ class StoredPixels:
                            "nothing was trained on it: run `fdpipe store verify --deep` and extract that store again")
 
     def encoded_batch(self, data: list[bytes], pairs: list[tuple[int, int]], keys: list[str]) -> list[torch.Tensor]:
-        """The views as 1-D uint8 tensors for the loader to hand over (an empty or oversized one refused here)."""
+        """The views as 1-D uint8 tensors for the loader to hand over (one that is not a whole file of its codec
+        refused here, as `decode` refuses it)."""
         out = []
         for (i, v), d in zip(pairs, data):
-            if not d or len(d) > self.views.max_bytes():
-                raise self.error(i, v, keys[i], "is empty" if not d else f"is {len(d):,} bytes, more than a "
-                                 f"{self.views.label} view can be")
+            problem = self.views.framing_problem(d)
+            if problem:
+                raise self.error(i, v, keys[i], problem)
             out.append(torch.frombuffer(bytearray(d), dtype=torch.uint8))
         return out
 

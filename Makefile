@@ -53,7 +53,7 @@ bench: setup
 # safetensors and tensorstore but no registry: fdpipe's other dependencies and their own (Requires-Dist) that such a
 # machine lacks, at the versions of constraints.txt. numpy, typing_extensions and packaging are installed there only
 # when the machine's own are older than zarr needs. About 26 MB; carry .whl/ to the machine with the checkout.
-GPU_WHEELS := zarr numcodecs webdataset donfig braceexpand google-crc32c numpy typing_extensions packaging
+GPU_WHEELS := zarr numcodecs webdataset donfig braceexpand google-crc32c simplejpeg numpy typing_extensions packaging
 
 gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

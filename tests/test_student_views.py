@@ -69,6 +69,30 @@ def test_the_default_codec_keeps_224_px_views_within_2_levels_at_under_5_percent
     assert np.mean(size) <= 0.05 * CLIP_L_VIEW_BYTES, np.mean(size)
 
 
+def test_the_cpu_decoder_gives_torchvisions_pixels_in_one_channels_last_batch():
+    """simplejpeg decodes each view straight into the batch (its exact DCT and upsampling): the pixels must be
+    torchvision.io.decode_jpeg's, or a store read on the CPU and one read by another tool would train on others."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from fdpipe.augment import make_plan
+    from fdpipe.viewcodec import StudentViews
+
+    views = StudentViews.parse(224)
+    plan, tf = make_plan(0, 2), views.transform()
+    data = []
+    for k, image in enumerate(imagenet_size_photos(4)):
+        cut = plan.prepare(image)
+        data += [views.encode(tf.pixels(cut, plan.sample(str(k), v, (image.height, image.width))))
+                 for v in range(plan.views)]
+    batch = views.decode_batch(data)
+    want = torch.stack([decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                        for d in data])
+    assert batch.shape == (8, 3, 224, 224) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, want)
+    assert torch.equal(views.decode(data[5]), want[5])
+
+
 @pytest.mark.parametrize("codec", ["png", "raw"])
 def test_lossless_codecs_give_back_the_exact_pixels(codec):
     from fdpipe.viewcodec import StudentViews

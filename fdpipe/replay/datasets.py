@@ -99,12 +99,8 @@ class StoredPixels:
         self.encoded = encoded  # hand the bytes over: the training process decodes the batch on its device
 
     def decode(self, data: bytes | None, image_idx: int, view: int, key: str) -> torch.Tensor:
-        try:
-            if data is None:
-                raise ValueError("is missing")
-            return self.views.decode(data)
-        except ValueError as e:
-            raise self.error(image_idx, view, key, str(e)) from None
+        """One view, uint8 [3, S, S]."""
+        return self.decode_batch([data], [image_idx], [view], {image_idx: key}, "cpu")[0]
 
     def error(self, image_idx: int, view: int, key: str, why: str) -> FdpipeError:
         return FdpipeError(f"{self.url}: the stored student view of image {image_idx} ({key!r}) view {view} {why}; "
@@ -121,10 +117,14 @@ class StoredPixels:
             out.append(torch.frombuffer(bytearray(d), dtype=torch.uint8))
         return out
 
-    def decode_batch(self, data: list[torch.Tensor], image_idx: list[int], view: list[int], keys: list[str],
-                     device: torch.device | str) -> torch.Tensor:
-        """A batch's encoded views decoded on `device` (nvJPEG on CUDA), or one line naming the one that fails."""
+    def decode_batch(self, data: list[bytes | torch.Tensor | None], image_idx: list[int], view: list[int],
+                     keys: Any, device: torch.device | str) -> torch.Tensor:
+        """A batch's views decoded on `device` (nvJPEG on CUDA; on the CPU into one channels_last batch), or one
+        line naming the (image, view) that is missing or fails. `keys[image_idx]` names an image."""
+        missing = [j for j, d in enumerate(data) if d is None]
         try:
+            if missing:
+                raise ValueError(f"{missing[0]}: is missing")
             return self.views.decode_batch(data, device)
         except ValueError as e:
             j, _, why = str(e).partition(": ")
@@ -230,8 +230,8 @@ class StoredViews(Dataset):
             if self.pixels.encoded:  # bytes cross the loader; `Replay.inputs` decodes them on the device
                 out["x_encoded"] = self.pixels.encoded_batch(data, pairs, self.rows.keys)
             else:
-                out["x"] = torch.stack([self.pixels.decode(d, i, v, self.rows.keys[i])
-                                        for (i, v), d in zip(pairs, data)])
+                out["x"] = self.pixels.decode_batch(data, [i for i, _ in pairs], [v for _, v in pairs],
+                                                    self.rows.keys, "cpu")
         elif self.builder is not None:
             out["x"] = torch.stack([self.view(i, v) for i, v in pairs])
         return out

@@ -181,17 +181,18 @@ class StudentViews:
         import numpy as np
         import torch
 
-        blobs = [d if isinstance(d, (bytes, bytearray)) else d.numpy().tobytes() for d in data]
         if self.codec == "jpeg" and torch.device(device).type == "cuda":
             from torchvision.io import ImageReadMode, decode_jpeg
 
             try:
-                got = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs],
-                                  mode=ImageReadMode.RGB, device=device)
+                tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8)
+                           for d in data]
+                got = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
             except (RuntimeError, ValueError):
                 got = None  # one of them is damaged: find which, one by one on the CPU, and say so
             if got is not None and all(tuple(x.shape) == (3, self.size, self.size) for x in got):
                 return torch.stack(got)
+        blobs = [d if isinstance(d, (bytes, bytearray)) else d.numpy().tobytes() for d in data]
         out = np.empty((len(blobs), self.size, self.size, 3), np.uint8)
         for j, b in enumerate(blobs):
             try:

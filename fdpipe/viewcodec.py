@@ -97,12 +97,21 @@ class StudentViews:
 
     # ------------------------------------------------------------------------------------------------- coding
     def encode(self, pixels: "torch.Tensor") -> bytes:
-        """uint8 [3, S, S] -> the stored bytes."""
+        """uint8 [3, S, S] -> the stored bytes.
+
+        JPEGs are encoded by simplejpeg (libjpeg-turbo, exact DCT, 4:2:0 chroma like torchvision's encode_jpeg) from
+        the view's [S, S, 3] memory, which `AugmentationPlan.apply` leaves it in: 0.18 ms a 224 px view, where
+        torchvision's encoder reorders it from [3, S, S] first (0.52 ms). 1.87/255 from the crop and 12.7 KiB a view
+        at quality 90 (torchvision's 1.84/255, 12.7 KiB)."""
         import numpy as np
-        from torchvision.io import encode_jpeg, encode_png
+        from torchvision.io import encode_png
 
         if self.codec == "jpeg":
-            return encode_jpeg(pixels.contiguous(), quality=self.quality).numpy().tobytes()
+            import simplejpeg
+
+            hwc = np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())  # no copy when already [S, S, 3] in memory
+            return simplejpeg.encode_jpeg(hwc, quality=self.quality, colorspace="RGB", colorsubsampling="420",
+                                          fastdct=False)
         if self.codec == "png":
             return encode_png(pixels.contiguous(), compression_level=6).numpy().tobytes()
         buf = io.BytesIO()

@@ -82,6 +82,27 @@ def test_apply_on_uint8_tensor_matches_the_pil_path_box(photo):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_a_policy_2_view_has_torchvisions_values_in_the_hwc_memory_a_jpeg_encoder_reads(photo, interpolation):
+    """The crop is resized in [h, w, 3] memory (2x faster, no reorder for the encoder); a value that changed would be
+    a new crop policy, so every box, size and flip is compared with torchvision's resized_crop of the plain tensor."""
+    from skimage import data
+
+    plan = AugmentationPlan(seed=3, views=1, scale=(0.001, 1.0), policy_version=2)
+    shapes = set()
+    for pic in (np.array(photo), data.chelsea()):
+        image = plan.prepare(Image.fromarray(pic))
+        for k in range(12):
+            p = plan.sample(f"k{k}", 0, tuple(pic.shape[:2]))
+            for size in ((224, 224), (16, 24), (p.height, p.width)):
+                out = plan.apply(image, p, size, interpolation)
+                ref = TF.resized_crop(image.contiguous(), p.top, p.left, p.height, p.width, list(size),
+                                      interpolation=InterpolationMode(interpolation), antialias=True)
+                assert torch.equal(out, TF.horizontal_flip(ref) if p.flip else ref), (p, size)
+                shapes.add(out.permute(1, 2, 0).is_contiguous())
+    assert True in shapes  # the views the encoder gets are [H, W, 3] in memory, not reordered
+
+
 def test_views_must_be_positive():
     with pytest.raises(ValueError):
         AugmentationPlan(views=0)

@@ -67,19 +67,20 @@ class PlanViews(Dataset):
         rows = [dict(base, view=v, seed=s, **p.to_dict(), orig_height=h, orig_width=w, image_sha256=sha,
                      status="ok") for v, (s, p) in enumerate(zip(seeds, params))]
         cut = self.plan.prepare(image)  # once per image: every view and every teacher's transform cuts from it
-        pixels = [torch.stack([tf.pixels(cut, p) for p in params]) for tf in self.transforms]
-        return ImageViews(i, key, label, pixels, rows, encoded_image(sample.data) if self.embed else None,
-                          self.student_views(cut, params, pixels))
+        views = [[tf.pixels(cut, p) for p in params] for tf in self.transforms]
+        return ImageViews(i, key, label, [torch.stack(v) for v in views], rows,
+                          encoded_image(sample.data) if self.embed else None, self.student_views(cut, params, views))
 
-    def student_views(self, cut: Any, params: list[Any], pixels: list[torch.Tensor]) -> list[bytes] | None:
-        """The V encoded student views: crop, resize to the student's size, flip, encode (in this worker)."""
+    def student_views(self, cut: Any, params: list[Any], views: list[list[torch.Tensor]]) -> list[bytes] | None:
+        """The V encoded student views: crop, resize to the student's size, flip, encode (in this worker). Each is
+        encoded as `pixels` cut it, in [H, W, 3] memory, before a stack reorders the teacher's batch."""
         if self.student is None:
             return None
         if self.student_geometry is not None:
-            views = pixels[self.student_geometry]
+            own = views[self.student_geometry]
         else:
-            views = [self.student_tf.pixels(cut, p) for p in params]
-        return [self.student.encode(v) for v in views]
+            own = [self.student_tf.pixels(cut, p) for p in params]
+        return [self.student.encode(v) for v in own]
 
 
 def collate(items: list[ImageViews]) -> list[ImageViews]:

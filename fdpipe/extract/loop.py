@@ -28,7 +28,7 @@ from ..store.writer import default_shard_size
 from ..sizes import DEFAULT_PATCH, teacher_patch
 from .commits import Committer
 from .settings import ExtractConfig
-from .views import ImageViews, PlanViews, collate, geometries, teacher_inputs
+from .views import ImageViews, PlanViews, collate, geometries, host_views, on_teacher
 
 
 def store_settings(cfg: ExtractConfig, teacher: TeacherInfo, n: int, plan: AugmentationPlan,
@@ -200,16 +200,24 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
                         prefetch_factor=4 if cfg.workers else None)
     total = sum(len(b) for b in batches)
     t0, failed, seen = time.time(), [], 0
+    device_cpu_s = 0.0  # this thread's CPU seconds in the teacher's device steps (see targets)
     bar = progress(total=total, desc=f"extract [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else "extract",
                    unit="img", disable=cfg.quiet)
 
     @torch.inference_mode()
     def targets(run: TeacherStore, items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch's stored targets (and scales) on the device; NaN targets for failed images, quantized alike."""
+        """A batch's stored targets (and scales) on the device; NaN targets for failed images, quantized alike.
+
+        Everything after the host's batch of uint8 views is the teacher's device work (on a GPU this thread only
+        launches it); its CPU seconds are counted apart (`device_cpu_s`), so that a CPU-only run can tell the data
+        path's cost from the teacher's."""
+        nonlocal device_cpu_s
         ok = [j for j, it in enumerate(items) if it.pixels is not None]
+        host = host_views([items[j] for j in ok], run.geometry) if ok else None
+        c0 = time.thread_time()
         y = None
         if ok:
-            x = teacher_inputs([items[j] for j in ok], run.geometry, run.transform, device)
+            x = on_teacher(host, run.transform, device)
             y = run.teacher(x).float().reshape(len(ok), cfg.views, *run.target_shape)
             run.shares.add(y)
         if len(ok) < len(items):
@@ -217,7 +225,9 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
             if ok:
                 full[ok] = y
             y = full
-        return run.writer.q.quantize_tensor(y)
+        stored = run.writer.q.quantize_tensor(y)
+        device_cpu_s += time.thread_time() - c0
+        return stored
 
     with Committer(cfg.commit_workers, cfg.commit_queue) as committer:
         for items in loader:
@@ -249,6 +259,7 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
         "skipped_teachers": [r.alias for r in runs if not r.mine and r.done],
         "warnings": {r.alias: w for r in runs if (w := r.shares.warning())},
         "seconds": elapsed, "blocked_s": committer.blocked_s, "drain_s": committer.drain_s,
+        "device_cpu_s": device_cpu_s,
         "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "complete": all(complete),
         "settings": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},
     }

@@ -102,8 +102,18 @@ def geometries(transforms: list[ViewTransform]) -> tuple[list[ViewTransform], li
     return first, which
 
 
+
+def host_views(items: list[ImageViews], geometry: int) -> torch.Tensor:
+    """uint8 [sum of V, 3, H, W] on the host: the items' views of one geometry, as one batch."""
+    return torch.cat([it.pixels[geometry] for it in items])
+
+
+def on_teacher(views: torch.Tensor, transform: ViewTransform, device: torch.device | str) -> torch.Tensor:
+    """A host batch of uint8 views as the teacher's float32 input on `device`, normalized there."""
+    return transform.normalize(views.to(device, non_blocking=True))
+
+
 def teacher_inputs(items: list[ImageViews], geometry: int, transform: ViewTransform,
                    device: torch.device | str) -> torch.Tensor:
     """float32 [sum of V, 3, H, W] on `device`: the items' uint8 views of one geometry, normalized there."""
-    x = torch.cat([it.pixels[geometry] for it in items]).to(device, non_blocking=True)
-    return transform.normalize(x)
+    return on_teacher(host_views(items, geometry), transform, device)

@@ -398,3 +398,37 @@ def test_committer_raises_the_first_failure_and_drops_the_queued_commits():
             go.set()
             c.finish()
     assert ran == [] and c.drain_s >= 0
+
+
+def test_the_summary_counts_the_teachers_device_work_apart_from_the_data_path(photo_dir, tmp_path):
+    """device_cpu_s is the loop thread's CPU in normalize, forward, degenerate check and quantize: a teacher that
+    burns 30 ms of CPU a batch shows at least that much there, and the rest of the run stays outside it."""
+    import time
+
+    from fdpipe.extract.loop import extract
+    from fdpipe.extract.settings import ExtractConfig
+    from fdpipe.models import create_teacher
+
+    burn, calls = 0.03, []
+
+    def busy_teacher(*a, **kw):
+        teacher = create_teacher(*a, **kw)
+        forward = teacher.forward
+
+        def burning(x):
+            calls.append(len(x))
+            c0 = time.thread_time()
+            while time.thread_time() - c0 < burn:
+                pass
+            return forward(x)
+
+        teacher.forward = burning
+        return teacher
+
+    cfg = ExtractConfig(teacher="effnet-lite0", data=str(photo_dir), views=2, image_size=32, workers=0, shard_size=2,
+                        batch_size=4, quiet=True, out=str(tmp_path / "s"))
+    c0 = time.process_time()
+    s = extract(cfg, create_teacher=busy_teacher)
+    cpu = time.process_time() - c0
+    assert s["complete"] and len(calls) >= 2
+    assert burn * len(calls) <= s["device_cpu_s"] < cpu - 0.01  # decoding and committing are not device work

@@ -142,3 +142,36 @@ def test_demo_teachers_must_be_known_and_named_once(cli, tmp_path, value, messag
     r = cli("demo", "--quick", "--teachers", value, "--out", tmp_path / "out")
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_quick_demo_store_holds_the_students_views_and_distill_reads_them(demo_run):
+    from fdpipe.store import open_store
+
+    out, _ = demo_run
+    views = open_store(str(out / "store")).student_views
+    assert views is not None and views.size == 32  # --student-views auto: the quick student's size
+    cfg = json.loads((out / "distill" / "config.json").read_text())
+    assert cfg["fdpipe"]["pixels"].startswith("student views: the store's own")
+
+
+def test_compare_sources_adds_a_student_from_the_source_images_and_reports_the_gap(demo_run):
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+    from fdpipe.demo import QUICK, stage_commands
+
+    out, _ = demo_run
+    plain, compared = stage_commands(out, QUICK), stage_commands(out, QUICK, compare_sources=True)
+    assert {k: v for k, v in compared.items() if k in plain} == plain  # the demo's own stages are reused as they are
+    source = compared["distill_source"]
+    assert source[source.index("--view-source") + 1] == "data"
+    assert [a for a in source if a not in ("--view-source", "data")][:-1] == plain["distill"][:-1]
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "0", "--compare-sources"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert f"already done, reusing it: {out / 'distill'}" in r.output and "$ fdpipe distill" in r.output
+    report = (out / "report.md").read_text()
+    assert "| FD, views cut from the source images" in report
+    cfg = json.loads((out / "distill-source" / "config.json").read_text())
+    assert cfg["fdpipe"]["pixels"].startswith("student views: cropped from the source images")
+    assert "stored views - views cut from the source images:" in r.output

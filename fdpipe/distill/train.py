@@ -168,18 +168,19 @@ def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = N
     if tgs.stores:
         readers = {n: targets[u] for n, u in tgs.urls.items() if u in (targets or {})}
         first_store = tgs.stores[names[0]]
-        stored, where = pixel_source(first_store, tf, cfg.view_source, cfg.data is not None)
+        stored, pixels = pixel_source(first_store, tf, cfg.view_source, cfg.data is not None)
         if ranks.rank == 0 and not cfg.quiet:
-            print(where, file=sys.stderr)
+            print(pixels, file=sys.stderr)
         try:
             source = None if stored else tgs.source or store_source(first_store, cfg.data)
         except FdpipeError as e:  # the source was needed only because the stored views do not fit: say both
-            raise FdpipeError(f"{where}; but {e}" if first_store.student_views is not None else str(e)) from None
+            raise FdpipeError(f"{pixels}; but {e}" if first_store.student_views is not None else str(e)) from None
         data: Replay = open_replay(tgs.stores, tf, source=source, seed=cfg.seed, rank=ranks.rank,
                                    world=ranks.world, strict=cfg.strict, buffer=cfg.buffer, targets=readers or None,
                                    view_source="store" if stored else "data",
                                    decode_on_device=device.type == "cuda")
     else:
+        pixels = "student views: cropped from the source images, beside the live teacher's"
         teacher_tf = {n: ViewTransform.from_data_config(t.data_config) for n, t in tgs.live.items()}
         data = online_replay(tgs.source, tgs.plan, tf, teacher_tf, seed=cfg.seed, rank=ranks.rank,
                              world=ranks.world, fresh_views=cfg.fresh_views,
@@ -216,14 +217,15 @@ def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = N
 
     result = {"out": str(out), "steps": pos.step, "epochs": pos.epoch, "image_size": image_size}
     if ranks.is_main:
-        result |= save_run(cfg, out, student, spec, model, tgs, weights, fingerprint, image_size, run.log.read())
+        result |= save_run(cfg, out, student, spec, model, tgs, weights, fingerprint, image_size, run.log.read(),
+                           pixels)
     barrier()
     return result
 
 
 def save_run(cfg: DistillConfig, out: Any, student: Any, spec: Any, model: Distiller, tgs: Teachers,
-             weights: dict[str, float], fingerprint: str | None, image_size: int, records: list[dict]
-             ) -> dict[str, Any]:
+             weights: dict[str, float], fingerprint: str | None, image_size: int, records: list[dict],
+             pixels: str = "") -> dict[str, Any]:
     """The run's files: the student, a head per teacher, config.json's record of them, the loss curve. One
     teacher's files keep the single-teacher form (config.json's targets and grid as values, heads/projector
     .safetensors, one "train loss" curve), which analyze and users read; several teachers' are keyed by name."""
@@ -239,7 +241,7 @@ def save_run(cfg: DistillConfig, out: Any, student: Any, spec: Any, model: Disti
               "store_fingerprint": tgs.fingerprint(n), "teacher": info.to_dict()} for n, info in tgs.info.items()]
     extra = {"fdpipe": {"stage": "distill", "store_fingerprint": fingerprint,
                         "targets": form({n: tgs.description(n) for n in names}),
-                        "teachers": heads, "image_size": image_size,
+                        "teachers": heads, "image_size": image_size, "pixels": pixels,
                         "grid": form({n: list(i.grid) for n, i in tgs.info.items()}), "config": {
                             k: v for k, v in dataclasses.asdict(cfg).items() if k != "storage_options"}}}
     save_model(student, out, "student.safetensors", spec, extra)

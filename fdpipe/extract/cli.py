@@ -19,6 +19,10 @@ def extract(ctx: click.Context, **params: Any) -> None:
     With several --teacher flags each image is decoded and cropped once, and every teacher's store
     (--out/<teacher>/) shares the plan, the index rows and the dataset fingerprint. Under torchrun or Slurm each
     rank writes its own shards; the last one to finish writes manifest.json.
+
+    Rerun the same command to resume. A rerun trusts what is committed: each rank skips its shards whose commit
+    marker is there and whose files have the sizes it records, without reading their bytes, and a complete store
+    is left as it is, in seconds. A file changed after its commit is `fdpipe store verify`'s to catch.
     """
     cfg = settings_from_cli(ExtractConfig, ctx, **params)
     from ..data import check_local_source  # a missing local --data answers now, not after torch loads

@@ -117,21 +117,26 @@ class TeacherStore:
 
 
 def check_same_images(writer: StoreWriter, done: set[int], source: ImageSource, spec: str) -> None:
-    """The committed shards of a resumed store hold the images `source` has at their positions (keys and where
-    they live, from the index): else resuming would fill the store's other shards from another dataset."""
+    """The committed shards `done` of a resumed store hold the images `source` has at their positions: else
+    resuming would fill the store's other shards from another dataset. Every image's key is compared (one
+    vectorized comparison a shard, from the index's key column), and where the first image of each shard lives."""
     from ..store import index as index_mod
 
+    keys = np.asarray(source.keys, dtype=object)
     for shard in sorted(done):
-        table = index_mod.decode(writer.loc.read_bytes(index_mod.part_name(shard)))
-        rows = table.select(["image_idx", "key", "source"]).to_pylist()[::writer.v]  # view 0 of each image
-        for r in rows:
-            i = r["image_idx"]
-            now = (source.keys[i], source.location(i)) if i < len(source) else (None, None)
-            if now != (r["key"], r["source"]):
-                raise FdpipeError(
-                    f"{writer.loc.url}: shard {shard} holds image {i} {r['key']!r} from {r['source']}, but --data "
-                    f"{spec} has {now[0]!r} from {now[1]} there: the store was started on other images; resume with "
-                    f"the --data it was started on, or use another --out")
+        table = index_mod.decode(writer.loc.read_bytes(index_mod.part_name(shard)), ["image_idx", "key", "source"])
+        idx = table.column("image_idx").to_numpy()[::writer.v]  # view 0 of each image
+        stored = np.asarray(table.column("key").to_pylist()[::writer.v], dtype=object)
+        now = np.where(idx < len(keys), keys[np.minimum(idx, len(keys) - 1)], None)
+        bad = np.flatnonzero(now != stored)
+        j = int(bad[0]) if len(bad) else 0
+        i, where = int(idx[j]), table.column("source")[j * writer.v].as_py()
+        here = (now[j], source.location(i) if i < len(source) else None)
+        if len(bad) or here != (stored[j], where):
+            raise FdpipeError(
+                f"{writer.loc.url}: shard {shard} holds image {i} {stored[j]!r} from {where}, but --data "
+                f"{spec} has {here[0]!r} from {here[1]} there: the store was started on other images; resume with "
+                f"the --data it was started on, or use another --out")
 
 
 def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPlan, device: torch.device,
@@ -166,10 +171,12 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
         out = cfg.out if len(made) == 1 else f"{cfg.out.rstrip('/')}/{re.sub(r'[^A-Za-z0-9._-]+', '-', alias)}"
         writer = StoreWriter(out, store_settings(cfg, teacher.info, n, plan, shard_size, student_views),
                              cfg.storage_options)
-        done = writer.open()
-        check_same_images(writer, done, source, cfg.data)
+        own = shards_of_rank(writer.num_shards, ranks.rank, ranks.world)
+        done = writer.open(own)  # this rank's committed shards (every shard of a complete store), trusted
+        if len(done) < writer.num_shards:  # a complete store writes nothing: no images to compare
+            check_same_images(writer, done, source, cfg.data)
         run = TeacherStore(alias, teacher, writer, geometry, transform, shape, done)
-        run.mine = {s for s in shards_of_rank(writer.num_shards, ranks.rank, ranks.world) if s not in done}
+        run.mine = {s for s in own if s not in done}
         runs.append(run)
     return runs, shared, student_views
 

@@ -68,25 +68,30 @@ def encode(rows: Iterable[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes) -> pa.Table:
-    """Parquet bytes -> the part's table; IndexSchemaError when a column is missing or has another type (columns
-    added by a later format version are allowed)."""
+def decode(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """Parquet bytes -> the part's table (only `columns`, when given: parquet reads no other column's pages);
+    IndexSchemaError when a column is missing or has another type (columns added by a later format version are
+    allowed)."""
     # An arrow buffer, not a Python file object: pyarrow reading through Python file objects can abort the
     # interpreter at exit ("terminate called without an active exception") once torch is loaded.
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        if columns is not None:
+            problem = schema_problem(pq.read_schema(pa.BufferReader(data)), columns)
+            if problem:
+                raise IndexSchemaError(problem)
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
     except pa.ArrowInvalid:
         raise
     except pa.ArrowException as e:  # e.g. a type pyarrow cannot read: a damaged file all the same
         raise IndexSchemaError(" ".join(str(e).split())) from None
-    problem = schema_problem(table.schema)
+    problem = schema_problem(table.schema, columns)
     if problem:
         raise IndexSchemaError(problem)
     return table
 
 
-def schema_problem(schema: pa.Schema) -> str | None:
-    for f in SCHEMA:
+def schema_problem(schema: pa.Schema, columns: list[str] | None = None) -> str | None:
+    for f in SCHEMA if columns is None else [f for f in SCHEMA if f.name in columns]:
         i = schema.get_field_index(f.name)
         if i < 0:
             return f"column {f.name!r} is missing"

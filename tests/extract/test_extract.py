@@ -432,3 +432,20 @@ def test_the_summary_counts_the_teachers_device_work_apart_from_the_data_path(ph
     cpu = time.process_time() - c0
     assert s["complete"] and len(calls) >= 2
     assert burn * len(calls) <= s["device_cpu_s"] < cpu - 0.01  # decoding and committing are not device work
+
+
+def test_a_rerun_on_a_complete_store_reads_none_of_its_shards_and_says_it_is_complete(cli, photo_dir, tmp_path,
+                                                                                       monkeypatch):
+    from fdpipe.store import index
+    from fdpipe.store.fs import StoreLocation
+
+    out = tmp_path / "s"
+    args = ("extract", "--teacher", "effnet-lite0", "--data", photo_dir, "--views", "2", "--image-size", "32",
+            "--shard-size", "2", "--workers", "0", "--out", out)
+    assert cli(*args).exit_code == 0
+    monkeypatch.setattr(index, "decode", lambda *a, **kw: pytest.fail("a rerun read an index part"))
+    monkeypatch.setattr(StoreLocation, "digest", lambda *a, **kw: pytest.fail("a rerun hashed a file"))
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "its store was already complete; skipped" in r.output and f"store complete: {out}" in r.output
+    assert "extracted 0 images" in r.output

@@ -140,6 +140,58 @@ def test_resume_skips_committed_shards_and_redoes_damaged_ones(tmp_path):
     assert StoreWriter(url, settings).open() == {0}
 
 
+def test_a_rerun_trusts_committed_shards_without_reading_their_bytes_and_verify_catches_a_later_change(
+        tmp_path, monkeypatch, cli):
+    from fdpipe.store.fs import StoreLocation
+
+    settings = store_settings(n=6, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, [0, 1])
+    files = json.loads((tmp_path / "s" / "_progress" / "shard-00000.json").read_text())["files"]
+    target = tmp_path / "s" / next(f for f in files if not f.startswith("index/"))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    target.write_bytes(bytes(data))
+
+    def no_hashing(self, rel, *a, **kw):
+        raise AssertionError(f"a rerun hashed {rel}")
+
+    monkeypatch.setattr(StoreLocation, "digest", no_hashing)
+    assert StoreWriter(url, settings).open() == {0, 1}
+    monkeypatch.undo()
+    _write_some(url, settings, [2])
+    r = cli("store", "verify", url)
+    assert r.exit_code == 1 and target.name in r.output, r.output
+
+
+def test_a_rank_opens_only_its_own_shards_markers(tmp_path, monkeypatch):
+    from fdpipe.store.fs import StoreLocation
+
+    settings = store_settings(n=8, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, [0, 1, 2])  # of 4: not complete
+    read, orig = [], StoreLocation.read_json
+    monkeypatch.setattr(StoreLocation, "read_json",
+                        lambda self, rel, *a, **kw: read.append(rel) or orig(self, rel, *a, **kw))
+    assert StoreWriter(url, settings).open([1]) == {1}
+    assert [r for r in read if r.startswith("_progress")] == ["_progress/shard-00001.json"]
+
+
+def test_a_rerun_on_a_complete_store_reads_no_shard(tmp_path, monkeypatch):
+    from fdpipe.store.fs import StoreLocation
+
+    settings = store_settings(n=6, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, None)
+    assert (tmp_path / "s" / "manifest.json").exists()
+    read, orig = [], StoreLocation.read_bytes
+    monkeypatch.setattr(StoreLocation, "read_bytes",
+                        lambda self, rel, *a, **kw: read.append(rel) or orig(self, rel, *a, **kw))
+    monkeypatch.setattr(StoreLocation, "sizes", lambda self: pytest.fail("a complete store was listed"))
+    assert StoreWriter(url, settings).open() == {0, 1, 2}
+    assert set(read) <= {"manifest.json"}
+
+
 def _all_files(url):
     root = Path(url)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()

@@ -265,17 +265,21 @@ class LiveViews(Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """This rank's (image_idx, view) pairs of one epoch, from `start` on; a pure function of its arguments."""
+    """This rank's (image_idx, view) pairs of one epoch, from `start` on; a pure function of its arguments.
+
+    `pairs` is one int32 array [n, 2], made by array operations (at ImageNet's 1.28M images a list of tuples took
+    2.4 s and 176 MB each epoch, and a resume at 90% built all of it to drop 90%)."""
 
     def __init__(self, valid: np.ndarray, views: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
                  start: int = 0, fresh: bool = False):
         ids = np.flatnonzero(valid)
-        pairs = epoch_samples(seed, epoch, len(ids), views, rank, world)
+        mine = epoch_samples(seed, epoch, len(ids), views, rank, world)[start:, 0]
         chosen = fresh_views(epoch, len(valid)) if fresh else epoch_views(seed, epoch, len(valid), views)
-        self.pairs = [(int(ids[p]), int(chosen[ids[p]])) for p, _ in pairs][start:]
+        images = ids[mine]
+        self.pairs = np.stack([images, chosen[images]], axis=1).astype(np.int32)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.pairs)
+        return iter(map(tuple, self.pairs.tolist()))
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -208,19 +208,19 @@ def refuse_zero_batch(store: Store, values: torch.Tensor) -> None:
 class EpochDataset(Dataset):
     """One epoch's (image_idx, view) pairs of a replay dataset, in order: item j is the epoch's j-th sample."""
 
-    def __init__(self, dataset: Dataset, pairs: list[tuple[int, int]]):
-        self.dataset, self.pairs = dataset, pairs
+    def __init__(self, dataset: Dataset, pairs: np.ndarray | Sequence[tuple[int, int]]):
+        self.dataset, self.pairs = dataset, np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, j: int | list[int]) -> dict[str, Any]:
         """Sample j, or the collated batch of the samples js (what `Replay.loader` asks for)."""
-        return self.batch(j) if isinstance(j, list) else self.dataset[self.pairs[j]]
+        return self.batch(j) if isinstance(j, list) else self.dataset[tuple(self.pairs[j].tolist())]
 
     def batch(self, js: list[int]) -> dict[str, Any]:
         """A collated batch: a store reads the batch's targets in one round, into one array."""
-        pairs = [self.pairs[j] for j in js]
+        pairs = [tuple(p) for p in self.pairs[js].tolist()]
         whole = getattr(self.dataset, "batch", None)
         return whole(pairs) if whole is not None else default_collate([self.dataset[p] for p in pairs])
 

@@ -105,3 +105,22 @@ def test_a_loader_resumed_by_round_robin_resume_continues_the_same_sequence(batc
         plays = [(nxt + k) % n for k in range(n)]  # the resumed loader's worker k plays worker (next + k) % n
         rest = _interleave([batches[w] - delivered[w] for w in plays])
         assert [plays[k] for k in rest] == whole[done:], (batches, done)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_an_epoch_sampler_from_start_k_is_the_whole_epochs_tail_with_each_images_epoch_view(world):
+    """The sampler's pairs are ids[perm[rank::world]] of the valid images, each with epoch_views' view of that image,
+    and a resume at sample k takes exactly the rest: the order a resumed run trains on."""
+    from fdpipe.replay import EpochSampler
+    from fdpipe.replay.order import epoch_views
+
+    valid = np.random.default_rng(0).random(101) > 0.2
+    ids = np.flatnonzero(valid)
+    for rank in range(world):
+        whole = EpochSampler(valid, 4, 5, 2, rank, world)
+        perm = epoch_permutation(5, 2, len(ids))
+        perm = perm[: len(perm) - len(perm) % world][rank::world]
+        want = [(int(ids[p]), int(epoch_views(5, 2, len(valid), 4)[ids[p]])) for p in perm]
+        assert list(whole) == want and len(whole) == len(want)
+        for k in (0, 1, 17, len(want)):
+            assert list(EpochSampler(valid, 4, 5, 2, rank, world, start=k)) == want[k:]

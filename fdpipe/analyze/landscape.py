@@ -59,11 +59,12 @@ def landscape_data(cfg: AnalyzeConfig, images: Images) -> LandscapeData:
     if not store.random_access:
         raise FdpipeError(f"{cfg.store} is a wds store; the landscape reads targets by index: convert it with "
                           f"`fdpipe store convert SRC DST --format zarr`")
-    status = store.index.column("status").to_pylist()[:: store.views]
+    rows = store.index_columns(["status", "key"])
+    status = rows.column("status").to_pylist()[:: store.views]
     chosen = [i for i, st in enumerate(status) if st == "ok"][: cfg.images]
     if not chosen:
         raise FdpipeError(f"{cfg.store} has no decodable images to compute the loss on")
-    keys = store.index.column("key").to_pylist()[:: store.views]
+    keys = rows.column("key").to_pylist()[:: store.views]
     # the views are replayed from --data when it holds the store's images (a moved copy), else from the store's own
     # source; the replay checks every image's sha256 either way
     source = open_source(images.spec) if cfg.data else None

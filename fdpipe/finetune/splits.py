@@ -69,7 +69,7 @@ def train_data(cfg: FinetuneConfig) -> TrainData:
     recorded = store.settings
     source = open_source(cfg.data or recorded.data_spec, limit=None if cfg.data else recorded.data_limit,
                          storage_options=cfg.storage_options or None)
-    idx = store.index
+    idx = store.index_columns(["label", "status"])
     rows = idx.column("label").to_pylist()[:: store.views]
     ok = np.array([s == "ok" for s in idx.column("status").to_pylist()[:: store.views]])
     labels = labelled(rows, cfg.teacher_store)

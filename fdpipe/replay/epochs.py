@@ -397,11 +397,9 @@ def check_source(store: Store, source: ImageSource) -> None:
     from ..store.consistency import check_index
 
     check_index(store)  # first: a seed or a count that disagrees names the alteration more precisely
-    keys, ok = [], []
-    for shard in range(store.num_shards):
-        part = store.index_part(shard)
-        keys += part.column("key").to_pylist()[::store.views]
-        ok += [s == "ok" for s in part.column("status").to_pylist()[::store.views]]
+    table = store.index_columns(["key", "status"])
+    keys = table.column("key").to_pylist()[::store.views]
+    ok = (table.column("status").to_numpy(zero_copy_only=False)[::store.views] == "ok").tolist()
     recorded = store.manifest["data"].get("spec")
     if isinstance(recorded, str) and source.spec == absolute_spec(recorded) and len(source) == len(keys):
         moved = next((i for i, (a, b) in enumerate(zip(keys, source.keys)) if a != b), None)

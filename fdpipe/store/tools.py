@@ -281,8 +281,8 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
             f"cannot merge: {diff} differs ({describe_value(ma, diff)!r} in {a_url}, {describe_value(mb, diff)!r} in "
             f"{b_url}); only stores of the same teacher, whitening, plan, target and dtype merge"
         )
-    keys_a = set(a.index.column("key").to_pylist())
-    both = sorted(keys_a.intersection(b.index.column("key").to_pylist()))
+    keys_a = set(a.index_columns(["key"]).column("key").to_pylist())
+    both = sorted(keys_a.intersection(b.index_columns(["key"]).column("key").to_pylist()))
     if both:
         raise StoreError(f"cannot merge: {len(both)} images are in both stores (first: {both[0]!r}); "
                          "merge stores over disjoint images")

@@ -298,3 +298,27 @@ def test_a_manifest_teacher_without_a_required_field_is_one_line():
     with pytest.raises(StoreError, match=r"^m.json: teacher.timm_name is missing; the file is corrupt$"):
         TeacherInfo.from_dict({"alias": "a", "tokens": 1, "channels": 2, "grid": [1, 1], "num_prefix_tokens": 0},
                               "m.json")
+
+
+def test_index_columns_read_only_the_named_columns_and_still_refuse_a_damaged_part(tmp_path, monkeypatch):
+    """Store.index_columns gives `index`'s rows of those columns alone (parquet reads no other column after a
+    part's first, whole check), and a truncated part is refused as `index` refuses it."""
+    import pyarrow.parquet as pq
+
+    settings = store_settings(n=6, s=2)
+    url = str(tmp_path / "s")
+    _write_some(url, settings, None)
+    store = open_store(url)
+    want = store.index.select(["key", "status"])
+    fresh = open_store(url)
+    fresh.index_part(0)  # checked whole once
+    asked, orig = [], pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **kw: asked.append(kw.get("columns")) or orig(*a, **kw))
+    got = fresh.index_columns(["key", "status"])
+    assert got.equals(want) and got.column_names == ["key", "status"]
+    assert asked[0] == ["key", "status"]  # part 0: checked before, so only its two columns are read
+    monkeypatch.undo()
+    part = tmp_path / "s" / "index" / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:-3])
+    with pytest.raises(StoreError, match="part-00001"):
+        open_store(url).index_columns(["key"])

@@ -30,6 +30,26 @@ def main() -> None:
     fdpipe demo      the whole pipeline on Fashion-MNIST with a real pretrained teacher
     fdpipe store     inspect, verify, convert and merge stores
     """
+    _warnings_as_lines()
+
+
+def _warnings_as_lines() -> None:
+    """An FdpipeWarning prints as one line, `warning: ...` (Python's own format adds the file and source line)."""
+    import sys
+    import warnings
+
+    from .errors import FdpipeWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        if issubclass(category, FdpipeWarning):
+            print(f"warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    if getattr(shown, "__name__", "") != "show":
+        warnings.showwarning = show
 
 
 # each command lives beside the code it drives (one package per stage)

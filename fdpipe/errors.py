@@ -15,3 +15,8 @@ class StoreError(FdpipeError):
 
 class IncompleteStoreError(StoreError):
     """The store has no manifest.json: extraction has not finished (or crashed) and can be resumed."""
+
+
+class FdpipeWarning(UserWarning):
+    """Something the user should know that does not stop the command (a slower path taken, a degenerate store):
+    the CLI prints it as one line, `warning: ...`."""

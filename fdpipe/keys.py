@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 
 _WDS_META = re.compile(r"__.*__")  # a part WebDataset skips as metadata (its skip_meta pattern)
+# What key_problem refuses, as one pattern (RE2 and Python's re read it alike) that finds a bad key among a column
+# of them at once: empty; a dot, a backslash or a control character; a leading, trailing or doubled '/'; a __part__.
+UNSAFE_KEY = r"^$|[\\.\x00-\x1f]|^/|/$|//|(^|/)__[^/]*__(/|$)"
 
 
 def sanitize_key(key: str) -> str:

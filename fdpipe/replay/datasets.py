@@ -28,6 +28,7 @@ from ..store.reader import StoredView
 from .order import buffer_order, epoch_samples, epoch_views, fresh_views, round_robin_resume, shard_order, shard_views
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from PIL import Image
 
 
@@ -142,28 +143,46 @@ class TargetReader(Protocol):
     def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
+class Strings:
+    """A string column read by position (`keys[i]`) without a Python object per row: ImageNet's 1.28M keys and
+    hashes as Python lists held 230 MB."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.array = column.combine_chunks()
+
+    def __getitem__(self, i: int) -> str | None:
+        return self.array[int(i)].as_py()
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Strings) and self.array.equals(other.array)
+
+
 class IndexRows:
-    """The index columns replay needs of a store, per image (keys, hashes, status) and per view (crop boxes), read
-    one index part at a time: memory grows by ~100 bytes per view."""
+    """The index columns replay needs of a store, per image (keys, hashes, status, recorded size) and per view
+    (crop boxes), from its checked consolidated index (`Store.images`), read in place: ~30 bytes a view."""
 
     def __init__(self, store: Store):
-        self.keys, self.shas, valid, params = [], [], [], {c: [] for c in PARAMS}
-        for shard in range(store.num_shards):
-            part = store.index_part(shard)
-            first = part.take(np.arange(0, part.num_rows, store.views))  # the image's own columns, on view 0
-            self.keys += first.column("key").to_pylist()
-            self.shas += first.column("image_sha256").to_pylist()
-            valid.append(first.column("status").to_numpy(zero_copy_only=False) == "ok")
-            for c in PARAMS:  # a failed image's crop columns are null: 0 here, and it is never replayed
-                params[c].append(np.nan_to_num(part.column(c).to_numpy(zero_copy_only=False).astype(np.float64))
-                                 .astype(np.int32))
-        self.params = {c: np.concatenate(v) for c, v in params.items()}
-        self.valid = np.concatenate(valid)
+        table, self.views = store.images, store.views
+        self.keys, self.shas = Strings(table.column("key")), Strings(table.column("image_sha256"))
+        self.valid = table.column("status").to_numpy(zero_copy_only=False) == "ok"
+        self.params = {c: table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                       for c in PARAMS if not c.startswith("orig_")}
+        self.sizes = {c: table.column(c).to_numpy() for c in PARAMS if c.startswith("orig_")}
+
+    def row(self, i: int, v: int) -> dict[str, Any]:
+        """What ViewBuilder.stored_view needs of view v of image i."""
+        r = i * self.views + v
+        return ({c: a[r].item() for c, a in self.params.items()} | {c: a[i].item() for c, a in self.sizes.items()}
+                | {"image_sha256": self.shas[i]})
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, IndexRows) and other.keys == self.keys and other.shas == self.shas
                 and np.array_equal(other.valid, self.valid)
-                and all(np.array_equal(other.params[c], self.params[c]) for c in PARAMS))
+                and all(np.array_equal(other.params[c], self.params[c]) for c in self.params)
+                and all(np.array_equal(other.sizes[c], self.sizes[c]) for c in self.sizes))
 
 
 class StoredViews(Dataset):
@@ -200,9 +219,7 @@ class StoredViews(Dataset):
         return self.num_images
 
     def view(self, i: int, v: int) -> torch.Tensor:
-        r = i * self.views + v
-        row = {c: a[r].item() for c, a in self.rows.params.items()} | {"image_sha256": self.rows.shas[i]}
-        return self.builder.stored_view(self.rows.keys[i], v, row)
+        return self.builder.stored_view(self.rows.keys[i], v, self.rows.row(i, v))
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         return self.__getitems__([item])[0]

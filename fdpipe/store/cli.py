@@ -60,6 +60,9 @@ def store_info(store_url: str, storage_options: dict, as_json: bool) -> None:
 def store_verify(store_url: str, deep: bool, storage_options: dict, cache_dir: str | None) -> None:
     """Re-hash every file of STORE and compare counts and shapes; exit 1 naming each damaged file.
 
+    Also checks every index part against the manifest and the plan (seeds, counts, the dataset fingerprint), and the
+    consolidated index that distill starts from against the parts (current, intact, the same rows).
+
     --deep also warns (exit 0) when most of each token's channels sit on one value (a student learns little from them).
     Hashes are always taken of the bytes in the store itself; --cache-dir serves the --deep decoding.
     """

@@ -132,11 +132,12 @@ def check_part(table: pa.Table, manifest: dict[str, Any], shard: int, where: str
         if bad.size:
             r = int(bad[0])
             raise fail(r, f"{name} is {None if null[r] else int(got[r])}, expected {int(want[r])}")
-    status = table.column("status").to_pylist()
-    for r, s in enumerate(status):
-        if s not in STATUSES:
-            raise fail(r, f"status is {s!r}, not one of {', '.join(STATUSES)}")
-    ok = np.array([s == "ok" for s in status], dtype=bool)
+    status = table.column("status")
+    bad = np.flatnonzero(~pc.fill_null(pc.is_in(status, pa.array(STATUSES)), False).to_numpy(zero_copy_only=False))
+    if bad.size:
+        r = int(bad[0])
+        raise fail(r, f"status is {status[r].as_py()!r}, not one of {', '.join(STATUSES)}")
+    ok = pc.equal(status, "ok").to_numpy(zero_copy_only=False)
     crop = {name: ints(name) for name in _CROP if name != "flip"}
     for name in _CROP:
         null = table.column(name).is_null().to_numpy(zero_copy_only=False)
@@ -150,33 +151,36 @@ def check_part(table: pa.Table, manifest: dict[str, Any], shard: int, where: str
         r = int(bad[0])
         raise fail(r, f"crop box top {top[r]} left {left[r]} height {h[r]} width {w[r]} is not inside the "
                       f"{oh[r]} x {ow[r]} image")
-    _check_keys(table.column("key").to_pylist(), views, fail)
     first = pa.array(j - j % views)  # each row's view 0
-    for name in IMAGE_COLUMNS[1:]:  # the key is checked above, with its own message
+    for name in IMAGE_COLUMNS:
         col = table.column(name)
         base = col.take(first)
         differs = pc.or_(pc.fill_null(pc.not_equal(col, base), False), pc.not_equal(col.is_null(), base.is_null()))
         bad = np.flatnonzero(differs.to_numpy(zero_copy_only=False))
         if bad.size:
             r = int(bad[0])
+            if name == "key":
+                raise fail(r, f"key {col[r].as_py()!r} differs from view 0's {base[r].as_py()!r}")
             raise fail(r, f"{name} is {col[r].as_py()!r}, but view 0 of the image says {base[r].as_py()!r}")
+    _check_keys(table.column("key").take(pa.array(j[::views])), views, fail)
 
 
-def _check_keys(keys: list[Any], views: int, fail: Any) -> None:
-    from ..keys import key_problem
+def _check_keys(keys: pa.Array, views: int, fail: Any) -> None:
+    """Each image's key (view 0's) is safe (keys.key_problem) and appears once: a column at a time, and the
+    first offender named."""
+    from ..keys import UNSAFE_KEY, key_problem
 
-    seen: set[str] = set()
-    for r in range(0, len(keys), views):
-        key = keys[r]
-        problem = key_problem(key)
-        if problem:
-            raise fail(r, f"key {key!r} {problem}")
-        other = next((v for v in range(1, views) if keys[r + v] != key), None)
-        if other is not None:
-            raise fail(r + other, f"key {keys[r + other]!r} differs from view 0's {key!r}")
-        if key in seen:
-            raise fail(r, f"key {key!r} appears twice")
-        seen.add(key)
+    unsafe = pc.fill_null(pc.match_substring_regex(keys, UNSAFE_KEY), True).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(unsafe)
+    if bad.size:
+        i = int(bad[0])
+        raise fail(i * views, f"key {keys[i].as_py()!r} {key_problem(keys[i].as_py()) or 'is not a safe key'}")
+    if pc.count_distinct(keys).as_py() < len(keys):
+        seen: set[str] = set()
+        for i, key in enumerate(keys.to_pylist()):
+            if key in seen:
+                raise fail(i * views, f"key {key!r} appears twice")
+            seen.add(key)
 
 
 def dataset_digest(parts: Iterable[pa.Table]) -> str:
@@ -186,7 +190,14 @@ def dataset_digest(parts: Iterable[pa.Table]) -> str:
 
     digest = hashlib.sha256()
     for table in parts:
-        for key, sha, view in zip(*(table.column(c).to_pylist() for c in ("key", "image_sha256", "view"))):
-            if view == 0:
-                digest.update(f"{key}\t{sha}\n".encode())
+        digest.update(digest_lines(table))
     return digest.hexdigest()
+
+
+def digest_lines(table: pa.Table) -> bytes:
+    """One part's share of `dataset_digest`: its images' "key\timage_sha256\n" lines, joined by arrow."""
+    first = pc.equal(table.column("view"), 0)
+    keys, shas = (pc.fill_null(table.column(c).filter(first), "None") for c in ("key", "image_sha256"))
+    lines = pc.binary_join_element_wise(keys, pc.binary_join_element_wise(shas, "", "\n"), "\t").combine_chunks()
+    whole = pa.ListArray.from_arrays(pa.array([0, len(lines)], pa.int32()), lines)
+    return pc.binary_join(whole, "")[0].as_py().encode() if len(lines) else b""

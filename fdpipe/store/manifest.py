@@ -99,10 +99,10 @@ def make_draft(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_final(draft: dict[str, Any], shards: list[dict[str, Any]], metadata_files: dict[str, Any],
-               counts: dict[str, int], dataset_fingerprint: str) -> dict[str, Any]:
+               counts: dict[str, int], dataset_fingerprint: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     m = dict(draft)
     m.update(shards=shards, metadata_files=metadata_files, counts=counts,
-             dataset_fingerprint=dataset_fingerprint, creator=creator())
+             dataset_fingerprint=dataset_fingerprint, creator=creator(), **(extra or {}))
     m["fingerprint"] = fingerprint(m)
     m["checksum"] = checksum(m)
     return m
@@ -387,3 +387,13 @@ def check_manifest(m: dict[str, Any], where: str) -> None:
     for key in ("fingerprint", "checksum", "dataset_fingerprint"):
         _get(m, key, where, key, str)
     _get(m, "creator", where, "creator", dict)
+    if m.get("consolidated_index") is not None:  # since finalize writes one (store.consolidated)
+        from .consolidated import ENTRY, NAME
+
+        rec = _get(m, ENTRY, where, ENTRY, dict)
+        if rec.get("file") != NAME:
+            raise _bad(where, f"{ENTRY}.file", f"is {_show(rec.get('file'))}, not {NAME}")
+        _int(rec, "bytes", where, f"{ENTRY}.bytes")
+        for key in ("sha256", "checked"):
+            if not _HEX64.fullmatch(_get(rec, key, where, f"{ENTRY}.{key}", str)):
+                raise _bad(where, f"{ENTRY}.{key}", f"is {_show(rec[key])}, not 64 lowercase hex digits")

@@ -167,10 +167,19 @@ class Store:
         return pa.concat_tables([self.index_part(i) for i in range(self.num_shards)])
 
     @cached_property
+    def images(self) -> pa.Table:
+        """Per image, what a replay needs of the index (store.consolidated: key, hash, status, recorded size, each
+        view's crop box), of an index checked against the manifest (store.consistency.checked_images): the one
+        consolidated file when it is current, else every part read and checked; one StoreError line otherwise."""
+        from .consistency import checked_images
+
+        return checked_images(self)
+
+    @cached_property
     def decodable(self) -> list[np.ndarray]:
         """Per shard, which of its images decoded (status ok): what replay trains on; failed images never are."""
-        return [self.index_part(i, ["status"]).column("status").to_numpy(zero_copy_only=False)[::self.views] == "ok"
-                for i in range(self.num_shards)]
+        ok = (self.images.column("status").to_numpy(zero_copy_only=False) == "ok")
+        return np.split(ok, np.arange(self.shard_size, self.num_images, self.shard_size))
 
     @property
     def decodable_per_shard(self) -> list[int]:

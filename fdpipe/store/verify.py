@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import StoreError
-from .consistency import box_problems, index_problems
+from . import consolidated
+from .consistency import Scan, box_problems, index_problems, scan_parts
 from .degenerate import ShareMeter, zero_views
 from .reader import Store, open_store
 
@@ -25,6 +26,8 @@ WHITENED_TOL = 0.05
 def _check_files(store: Store) -> Iterator[str]:
     m = store.manifest
     files = [(None, rel, meta) for rel, meta in m.get("metadata_files", {}).items()]
+    if m.get(consolidated.ENTRY):
+        files.append((None, consolidated.NAME, m[consolidated.ENTRY]))
     files += [(s["shard"], rel, meta) for s in m["shards"] for rel, meta in s["files"].items()]
     for shard, rel, meta in files:
         where = f"shard {shard}: {rel}" if shard is not None else rel
@@ -43,10 +46,27 @@ def _check_files(store: Store) -> Iterator[str]:
             yield f"{where}: crc32c {got['crc32c']}, manifest says {meta['crc32c']} (the manifest was altered)"
 
 
-def _check_index(store: Store) -> Iterator[str]:
+def _check_index(store: Store, scan: Scan) -> Iterator[str]:
     """The index rows against the manifest: counts, order, crop boxes and keys (index.check_part), seeds against the
-    plan, failed images against the counts, the dataset fingerprint (consistency.index_problems)."""
-    yield from index_problems(store)
+    plan, failed images against the counts, the dataset fingerprint (consistency.index_problems), from `scan`, which
+    read each part once."""
+    yield from index_problems(store, scan)
+
+
+def _check_consolidated(store: Store, scan: Scan) -> Iterator[str]:
+    """The consolidated index, which a replay reads instead of the parts, against them: current (its record of
+    what it was checked against is the manifest's), and row for row what they hold. Last, so that a change the
+    checks before it can name more precisely (a moved crop box, a view's targets) is named so."""
+    if consolidated.ENTRY not in store.manifest:
+        return
+    table, why = consolidated.problem(store.manifest, store.loc.read_bytes)
+    where = store.loc.path(consolidated.NAME)
+    if why:
+        yield (f"{where} {why}; the store was changed after it was finished (its checksums recomputed): extract it "
+               "again, or take it from its source")
+    elif (bad := consolidated.first_difference(table, scan.images)) is not None:
+        yield (f"{where}: image {bad} ({table.column('key')[bad].as_py()!r}) is not what the index parts record "
+               "for it; the consolidated index was altered")
 
 
 def _check_shape(store: Store) -> Iterator[str]:
@@ -109,21 +129,25 @@ def verify_store(url: str, storage_options: dict | None = None, deep: bool = Fal
         store = open_store(url, storage_options, cache_dir)
     except StoreError as e:
         return None, [str(e)]
-    problems: list[str] = []
-    for check in (_check_files, _check_index, _check_shape):  # each only once the ones before it found nothing
-        problems += check(store)
-        if problems:
-            return store, problems
+    problems = list(_check_files(store))  # each check only once the ones before it found nothing
+    if problems:
+        return store, problems
+    scan = scan_parts(store)
+    problems = list(_check_index(store, scan)) or list(_check_shape(store))
+    if problems:
+        return store, problems
+    meter = ShareMeter()
     if deep:
         problems += box_problems(store)
         if problems:
             return store, problems
         whitened = bool(store.manifest.get("whitening")) and store.manifest.get("target") == "features"
-        meter = ShareMeter()
         problems += _check_values(store, whitened, meter)
-        warning = meter.warning()
-        if warning and on_warning is not None and not problems:  # a refused store: its one line says why
-            on_warning(warning)
+    if not problems:
+        problems += _check_consolidated(store, scan)
+    warning = meter.warning()
+    if warning and on_warning is not None and not problems:  # a refused store: its one line says why
+        on_warning(warning)
     return store, problems
 
 

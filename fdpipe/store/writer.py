@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import StoreError
+from . import consolidated
 from . import index as index_mod
 from .contract import StoreSettings
 from .fs import StoreLocation
@@ -224,14 +225,31 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         shards.append({"shard": i, "images": marker["images"], "rows": marker["rows"], "files": marker["files"]})
         for k in counts:
             counts[k] += int(marker[k])
-    digest = index_mod.dataset_digest(index_mod.decode(loc.read_bytes(index_mod.part_name(i)))
-                                      for i in range(n_shards))
     meta = {}
     for rel in layout_for(draft)(loc, draft, get_quantizer(draft["dtype"])).metadata():
         nbytes, sha = loc.sha256(rel)
         meta[rel] = {"bytes": nbytes, "sha256": sha}
     # every shard is committed, so a temporary file left in a shard folder is debris of a crashed attempt
     loc.remove_stale_tmp([d for d in (PROGRESS, *FILE_DIRS) if loc.exists(d)])
+    images, digest = _checked_index(loc, make_final(draft, shards, meta, counts, ""))
     manifest = make_final(draft, shards, meta, counts, digest)
+    data = consolidated.encode(images)
+    loc.put_atomic(consolidated.NAME, data)
+    manifest = make_final(draft, shards, meta, counts, digest, {consolidated.ENTRY: consolidated.entry(data, manifest)})
     loc.put_atomic(MANIFEST, canonical(manifest))
     return manifest
+
+
+def _checked_index(loc: StoreLocation, manifest: dict[str, Any]) -> tuple[Any, str]:
+    """(the consolidated index, the dataset fingerprint) of every committed part, read once and checked as a
+    replay would (store.consistency): a store is finished only with an index its readers accept."""
+    from .consistency import scan_parts
+    from .reader import Store
+
+    scan = scan_parts(Store(loc, manifest))
+    if scan.problem:
+        raise StoreError(f"{scan.problem}; the store cannot be finished")
+    if scan.failed != manifest["counts"]["failed"]:
+        raise StoreError(f"{loc.url}: the index marks {scan.failed:,} images as failed, the shards' commit markers "
+                         f"{manifest['counts']['failed']:,}; the store cannot be finished")
+    return scan.images, scan.dataset_fingerprint

@@ -1,0 +1,234 @@
+"""The consolidated index (store.consolidated): finalize writes it, a replay starts from it instead of every index
+part, and a missing, stale or corrupt one costs the slow path and one warning line, never wrong samples; `store
+verify` names it. Also the vectorized checks it rests on (UNSAFE_KEY, view_seeds) against their per-item originals."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fdpipe.errors import FdpipeWarning
+from fdpipe.keys import UNSAFE_KEY, key_problem
+from fdpipe.seeds import derive_seed, view_seeds
+from fdpipe.store import consolidated, open_store
+from fdpipe.store.manifest import checksum, fingerprint
+from fdpipe.store.reader import Store
+
+from conftest import one_line_error
+
+LAYOUTS = ("zarr", "wds")
+
+
+def _manifest(url: str) -> dict:
+    return json.loads((Path(url) / "manifest.json").read_text())
+
+
+def _save(url: str, m: dict) -> None:
+    """Write the manifest with its fingerprint and checksum recomputed: a change the integrity check lets through."""
+    from fdpipe.store.manifest import canonical
+
+    m["fingerprint"] = fingerprint(m)
+    m["checksum"] = checksum(m)
+    (Path(url) / "manifest.json").write_bytes(canonical(m))
+
+
+def _first_batch(url: str) -> dict:
+    from fdpipe.replay import open_replay
+
+    replay = open_replay(open_store(url), None, images=False)
+    return next(iter(replay.loader(0, batch_size=4)))
+
+
+def _parts_images(url: str) -> pa.Table:
+    store = open_store(url)
+    return pa.concat_tables([consolidated.from_part(store.index_part(i), store.views) for i in range(store.num_shards)])
+
+
+def _slow_path_warnings(url: str) -> list[str]:
+    """The FdpipeWarning lines a replay's start gives (it must still produce its first batch)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _first_batch(url)
+    return [str(w.message) for w in caught if issubclass(w.category, FdpipeWarning)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_finalize_writes_a_consolidated_index_the_manifest_names(make_store, layout):
+    url, _, settings = make_store(layout, n=7, s=3)
+    m = _manifest(url)
+    rec = m[consolidated.ENTRY]
+    data = (Path(url) / consolidated.NAME).read_bytes()
+    assert rec == {"file": consolidated.NAME, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                   "checked": consolidated.checked_digest(m)}
+    table = pq.read_table(Path(url) / consolidated.NAME)  # plain pyarrow reads it
+    assert table.num_rows == 7 and table.column("key").to_pylist() == [f"img/{i:04d}" for i in range(7)]
+    assert table.equals(_parts_images(url))
+
+
+def test_a_zarr_start_and_epoch_read_the_consolidated_index_not_the_parts(make_store, monkeypatch):
+    url, _, _ = make_store("zarr", n=7, s=3)
+
+    def no_part(self, *a, **k):
+        raise AssertionError("an index part was read")
+
+    monkeypatch.setattr(Store, "index_part", no_part)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FdpipeWarning)
+        batch = _first_batch(url)
+    assert next(iter(batch["target"].values())).shape[0] == 4
+
+
+def test_a_wds_start_reads_the_consolidated_index_not_the_parts(make_store, monkeypatch):
+    """A wds epoch reads each shard's part beside its tar (its rows check each sample); the start reads none."""
+    from fdpipe.replay import open_replay
+
+    url, _, _ = make_store("wds", n=7, s=3)
+    store = open_store(url)
+    monkeypatch.setattr(Store, "index_part", lambda self, *a, **k: pytest.fail("an index part was read"))
+    replay = open_replay(store, None, images=False)
+    assert replay.samples_per_epoch(0) == 7 and store.images.num_rows == 7
+
+
+def _rewrite_part_same_rows(url: str) -> None:
+    """index part 0 written again with other parquet settings: the same rows, other bytes (manifest fixed up)."""
+    from fdpipe.store.fs import Digest
+
+    rel = "index/part-00000.parquet"
+    buf = io.BytesIO()
+    pq.write_table(pq.read_table(Path(url) / rel), buf, compression="none", row_group_size=1)
+    (Path(url) / rel).write_bytes(buf.getvalue())
+    d = Digest()
+    d.update(buf.getvalue())
+    m = _manifest(url)
+    m["shards"][0]["files"][rel] = d.entry()
+    _save(url, m)
+
+
+def _missing(url: str) -> None:
+    (Path(url) / consolidated.NAME).unlink()
+
+
+def _flipped(url: str) -> None:
+    p = Path(url) / consolidated.NAME
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+
+
+def _not_parquet(url: str) -> None:
+    """Other bytes with the manifest's size and sha256 recomputed for them: the checksum passes, the schema not."""
+    data = b"not a parquet file at all"
+    (Path(url) / consolidated.NAME).write_bytes(data)
+    m = _manifest(url)
+    m[consolidated.ENTRY].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    _save(url, m)
+
+
+BROKEN = {"stale": (_rewrite_part_same_rows, "is stale"), "missing": (_missing, "is missing"),
+          "flipped": (_flipped, "is corrupt (its sha256 is not the manifest's)"),
+          "not-parquet": (_not_parquet, "is corrupt")}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_consolidated_index_costs_the_slow_path_and_one_warning(make_store, layout, case):
+    url, _, _ = make_store(layout, n=7, s=3)
+    want = _parts_images(url)
+    BROKEN[case][0](url)
+    lines = _slow_path_warnings(url)
+    assert len(lines) == 1 and consolidated.NAME in lines[0] and BROKEN[case][1] in lines[0], lines
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FdpipeWarning)
+        assert open_store(url).images.equals(want)  # the rows the parts hold, not the broken file's
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_store_verify_names_a_broken_consolidated_index(make_store, cli, case):
+    url, _, _ = make_store("zarr", n=7, s=3)
+    BROKEN[case][0](url)
+    out = cli("store", "verify", url)
+    one_line_error(out, consolidated.NAME)
+
+
+def test_the_cli_prints_the_slow_path_warning_as_one_line(make_store, cli, tmp_path):
+    url, _, _ = make_store("zarr", n=7, s=3)
+    _missing(url)
+    out = cli("store", "verify", url)  # verify refuses, naming the file; a reader warns: `store ls` reads the index
+    assert out.exit_code == 1
+    import subprocess
+    import sys
+
+    code = ("import sys; from fdpipe.cli import _warnings_as_lines; _warnings_as_lines(); "
+            "from fdpipe.store import open_store; open_store(sys.argv[1]).images")
+    p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "is missing" in lines[0], p.stderr
+
+
+def test_verify_names_the_image_of_an_altered_consolidated_index(make_store, cli):
+    url, _, _ = make_store("zarr", n=7, s=3)
+    p = Path(url) / consolidated.NAME
+    table = pq.read_table(p)
+    keys = table.column("key").to_pylist()
+    keys[5] = "img/0099"
+    table = table.set_column(0, "key", pa.array(keys, pa.string()))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    p.write_bytes(buf.getvalue())
+    m = _manifest(url)
+    m[consolidated.ENTRY].update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    _save(url, m)
+    one_line_error(cli("store", "verify", url), "image 5", "'img/0099'", "altered")
+
+
+def test_a_store_of_an_earlier_fdpipe_opens_silently_from_its_parts(make_store):
+    url, _, _ = make_store("wds", n=7, s=3)
+    want = _parts_images(url)
+    _missing(url)
+    m = _manifest(url)
+    del m[consolidated.ENTRY]
+    _save(url, m)
+    assert _slow_path_warnings(url) == []
+    assert open_store(url).images.equals(want)
+
+
+def test_a_manifest_entry_of_the_wrong_shape_is_one_line(make_store, cli):
+    url, _, _ = make_store("zarr", n=5)
+    m = _manifest(url)
+    m[consolidated.ENTRY]["sha256"] = "xyz"
+    _save(url, m)
+    one_line_error(cli("store", "info", url), f"{consolidated.ENTRY}.sha256")
+
+
+KEYS = ["a", "a/b", "n01440764/n01440764_10026", "", ".", "a.b", "a/../b", "..", "a\\b", "/a", "a/", "a//b",
+        "a\x00b", "a\tb", "a\x1fb", "__key__", "a/__x__", "__x__/b", "a/__x__/b", "a__x__", "__a/b", "a/b__",
+        "_x_", "__", "a/____/b", "é/ü", "a b", "a-b_c"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_the_unsafe_key_pattern_refuses_exactly_what_key_problem_does(key):
+    assert bool(re.search(UNSAFE_KEY, key)) == (key_problem(key) is not None), key
+
+
+def test_the_vectorized_check_refuses_exactly_what_key_problem_does():
+    import pyarrow.compute as pc
+
+    found = pc.match_substring_regex(pa.array(KEYS), UNSAFE_KEY).to_pylist()  # as index.check_part runs it
+    assert found == [key_problem(k) is not None for k in KEYS]
+
+
+def test_view_seeds_are_derive_seed_of_each_key_and_view():
+    keys = ["a", "n01440764/n01440764_10026", "é/ü", "x" * 300]
+    got = view_seeds(12345, keys, 3)
+    assert got.dtype == np.uint64 and got.shape == (12,)
+    assert got.tolist() == [derive_seed(12345, k, v) for k in keys for v in range(3)]

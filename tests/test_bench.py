@@ -84,6 +84,18 @@ def test_extra_fields_each_script_promises(smoke_results):
     for case in m["cases"].values():
         assert set(case["rounds"]) == {"two teachers", "effnet-lite0", "effnet-lite2"} and case["ratio"] > 0
     assert m["ratio"] == max(m["ratios"].values())
+    sc = r["scale"]
+    assert set(sc["summary"]) == {f"{lay} {op}" for lay in ("zarr", "wds") for op in
+                                  ("start", "resume", "rerun", "verify", "finalize")}
+    for name, op in sc["summary"].items():
+        assert _positive(op["seconds"]) and _positive(op["headroom"]) and op["how"].startswith("extrapolated"), name
+        assert isinstance(op["exponent"], float) and op["met"] == (op["headroom"] >= 1), name
+    assert sc["ratio"] == min(op["headroom"] for op in sc["summary"].values())
+    for layout in ("zarr", "wds"):  # a start's and a resume's first batch is whole
+        for op in ("start", "resume"):
+            got = sc["results"][layout]["400"][op]
+            assert got["first_batch"][0] == got["batch_size"] == 100, (layout, op)
+        assert sc["results"][layout]["400"]["resume"]["start_sample"] == 300
 
 
 def _positive(x) -> bool:

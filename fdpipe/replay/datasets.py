@@ -14,6 +14,7 @@ pairs, `StreamedViews` (wds) streams the stores side by side and checks each sam
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
@@ -165,12 +166,28 @@ class IndexRows:
     (crop boxes), from its checked consolidated index (`Store.images`), read in place: ~30 bytes a view."""
 
     def __init__(self, store: Store):
-        table, self.views = store.images, store.views
-        self.keys, self.shas = Strings(table.column("key")), Strings(table.column("image_sha256"))
-        self.valid = table.column("status").to_numpy(zero_copy_only=False) == "ok"
-        self.params = {c: table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                       for c in PARAMS if not c.startswith("orig_")}
-        self.sizes = {c: table.column(c).to_numpy() for c in PARAMS if c.startswith("orig_")}
+        from ..store.consolidated import decodable
+
+        self.table, self.views = store.images, store.views
+        self.valid = decodable(self.table)
+
+    # each decoded on first use: a replay of stored targets or stored views needs none (300 MB at ImageNet size)
+    @cached_property
+    def keys(self) -> Strings:
+        return Strings(self.table.column("key"))
+
+    @cached_property
+    def shas(self) -> Strings:
+        return Strings(self.table.column("image_sha256"))
+
+    @cached_property
+    def params(self) -> dict[str, np.ndarray]:
+        return {c: self.table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                for c in PARAMS if not c.startswith("orig_")}
+
+    @cached_property
+    def sizes(self) -> dict[str, np.ndarray]:
+        return {c: self.table.column(c).to_numpy() for c in PARAMS if c.startswith("orig_")}
 
     def row(self, i: int, v: int) -> dict[str, Any]:
         """What ViewBuilder.stored_view needs of view v of image i."""
@@ -367,11 +384,13 @@ class StreamedViews(IterableDataset):
                 positions = range(pos, pos + len(decodable))
                 skip = frozenset(int(j) for j, p in zip(decodable, positions) if p in trained)
                 skip |= frozenset(int(j) for j in np.flatnonzero(~ok[shard]))  # failed images: never replayed
+                pos += len(decodable)
+                if len(skip) == len(ok[shard]):  # nothing of it left to train on: its tar is not opened
+                    continue
                 kept = (p for p in positions if p not in trained)
                 for it in store.iter_view(shard, int(chosen[shard]), skip):
                     if it.row["status"] == "ok":
                         yield next(kept), it
-                pos += len(decodable)
 
         arrived: dict[int, StoredView] = {}
         items = views()

@@ -394,10 +394,11 @@ def check_source(store: Store, source: ImageSource) -> None:
     position with its image, so rows moved from one image to another (seeds and hashes with them) would pair
     targets with the wrong pictures. Keys only: no image is read (their sha256 is checked as each is decoded)."""
     from ..data import absolute_spec
+    from ..store.consolidated import decodable
 
     table = store.images  # checked first: a seed or a count that disagrees names the alteration more precisely
     keys = table.column("key").to_pylist()
-    ok = (table.column("status").to_numpy(zero_copy_only=False) == "ok").tolist()
+    ok = decodable(table).tolist()
     recorded = store.manifest["data"].get("spec")
     if isinstance(recorded, str) and source.spec == absolute_spec(recorded) and len(source) == len(keys):
         moved = next((i for i, (a, b) in enumerate(zip(keys, source.keys)) if a != b), None)

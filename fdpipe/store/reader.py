@@ -141,30 +141,63 @@ class Store:
         """One shard's index rows (only `columns`, when given; a local file must have its recorded size). The first
         read of a part in this process reads it whole and checks its rows (`check_part`); later ones read only
         `columns`."""
+        return self._checked_parts(shard, [self._read_part(shard, columns)], columns)
+
+    def index_parts(self, columns: list[str] | None = None, group: int = 1, ahead: int = 16) -> Iterator[pa.Table]:
+        """`index_part` of every shard in order, `group` parts to a table (checked as one: `check_parts`), the next
+        `ahead` parts read and decoded by two threads while the caller works on these (parquet decodes without the
+        GIL). At ImageNet's 6,708 parts, groups of 64 and the threads took verify's index checks from 22 s to N s."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = self.num_shards
+        with ThreadPoolExecutor(2, thread_name_prefix="fdpipe-index") as pool:
+            pending = deque(pool.submit(self._read_part, i, columns) for i in range(min(ahead, n)))
+            submitted = len(pending)
+            for first in range(0, n, group):
+                tables = []
+                for _ in range(first, min(first + group, n)):
+                    tables.append(pending.popleft().result())
+                    if submitted < n:
+                        pending.append(pool.submit(self._read_part, submitted, columns))
+                        submitted += 1
+                yield self._checked_parts(first, tables, columns)
+
+    def _read_part(self, shard: int, columns: list[str] | None) -> pa.Table:
+        """A part's table as stored: whole on its first read in this process (to be checked), else `columns`."""
         rel = index_mod.part_name(shard)
         meta = self.manifest["shards"][shard]["files"].get(rel) if 0 <= shard < self.num_shards else None
-        checked = self.__dict__.setdefault("_parts_checked", set())
-        whole = columns is None or shard not in checked
+        whole = columns is None or shard not in self.__dict__.get("_parts_checked", ())
         try:
-            table = index_mod.decode(self.loc.read_bytes(rel, expect=meta), None if whole else columns)
+            return index_mod.decode(self.loc.read_bytes(rel, expect=meta), None if whole else columns)
         except FileNotFoundError:
             raise StoreError(f"{self.loc.path(rel)} is missing; the store is damaged (run `fdpipe store verify`)") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{self.loc.path(rel)} is not a readable parquet file ({e}); the store is damaged") from None
-        if shard not in checked:
-            index_mod.check_part(table, self.manifest, shard, self.loc.path(rel))  # rows, order, boxes, keys
-            checked.add(shard)
+
+    def _checked_parts(self, first: int, tables: list[pa.Table], columns: list[str] | None) -> pa.Table:
+        """The parts of shards first.. as one table of `columns`, each checked on its first read in this process."""
+        checked = self.__dict__.setdefault("_parts_checked", set())
+        todo = [first + k for k in range(len(tables)) if first + k not in checked]
+        where = lambda shard: self.loc.path(index_mod.part_name(shard))  # noqa: E731
+        if len(todo) == len(tables):
+            table = index_mod.check_parts(tables, self.manifest, first, where)
+        else:  # some read before, as `columns` alone
+            for shard in todo:
+                index_mod.check_parts([tables[shard - first]], self.manifest, shard, where)
+            table = pa.concat_tables([t if columns is None else t.select(columns) for t in tables])
+        checked.update(todo)
         return table if columns is None else table.select(columns)
 
     def index_columns(self, columns: list[str]) -> pa.Table:
         """Only `columns` of every index row, ordered by (image_idx, view): what a caller needs of `index` (whose
         every column of ImageNet's 1.28M images x 8 views is 3.5 GB)."""
-        return pa.concat_tables([self.index_part(i, columns) for i in range(self.num_shards)])
+        return pa.concat_tables(list(self.index_parts(columns, group=64)))
 
     @cached_property
     def index(self) -> pa.Table:
         """All index rows, ordered by (image_idx, view): row image_idx*V + view."""
-        return pa.concat_tables([self.index_part(i) for i in range(self.num_shards)])
+        return pa.concat_tables(list(self.index_parts(group=64)))
 
     @cached_property
     def images(self) -> pa.Table:
@@ -178,7 +211,9 @@ class Store:
     @cached_property
     def decodable(self) -> list[np.ndarray]:
         """Per shard, which of its images decoded (status ok): what replay trains on; failed images never are."""
-        ok = (self.images.column("status").to_numpy(zero_copy_only=False) == "ok")
+        from .consolidated import decodable
+
+        ok = decodable(self.images)
         return np.split(ok, np.arange(self.shard_size, self.num_images, self.shard_size))
 
     @property

@@ -146,7 +146,7 @@ class Store:
     def index_parts(self, columns: list[str] | None = None, group: int = 1, ahead: int = 16) -> Iterator[pa.Table]:
         """`index_part` of every shard in order, `group` parts to a table (checked as one: `check_parts`), the next
         `ahead` parts read and decoded by two threads while the caller works on these (parquet decodes without the
-        GIL). At ImageNet's 6,708 parts, groups of 64 and the threads took verify's index checks from 22 s to N s."""
+        GIL). At ImageNet's 6,708 parts, with groups of 64, verify's index checks took 12.6 s, one part at a time 22."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 

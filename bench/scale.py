@@ -194,12 +194,14 @@ def headroom(op: str, at: dict[str, float], start_read_mb: float) -> float:
 def run(ctx: common.Context) -> int:
     sizes = [int(s) for s in (ctx.args.sizes or ("200,400" if ctx.args.smoke else
                                                   f"1000,10000,100000,{IMAGENET}")).split(",")]
+    from fdpipe.store.layouts import facts
+
     results: dict[str, dict[int, dict[str, Any]]] = {}
     rows = []
     for layout in ctx.args.layouts.split(","):
         results[layout] = {}
         for n in sizes:
-            if layout == "wds" and n > ctx.args.wds_max:
+            if facts(layout).streams and n > ctx.args.wds_max:  # a streamed store stops at --wds-max
                 continue
             url = ctx.work / f"{layout}-{n}"
             shutil.rmtree(url, ignore_errors=True)

@@ -28,64 +28,24 @@ def big_store(tmp_path, layout: str, dtype: str):
     return url
 
 
-def tensorstore_bytes_read() -> int:
-    import tensorstore as ts
-
-    m = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
-    return sum(v["value"] for x in m for v in x["values"])
+def rchar() -> int:
+    """Bytes this process has read through read syscalls (/proc/self/io), page cache included."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split(":")[1])
+    raise AssertionError("no rchar in /proc/self/io")
 
 
 class Counted:
-    """Bytes read through the store's file layers: fdpipe's StoreLocation (wds), tensorstore's file kvstore (local
-    zarr: its own metric) and zarr's LocalStore (zarr-python)."""
+    """Bytes read by every reader of the store at once (fdpipe's preads of zarr chunks, tar streams, zarr-python,
+    tensorstore): the process's read syscalls."""
+
+    def __init__(self):
+        self.start = rchar()
 
     @property
     def bytes(self) -> int:
-        return self.python_bytes + tensorstore_bytes_read() - self.tensorstore_start
-
-    def __init__(self, monkeypatch):
-        import zarr.storage
-
-        from fdpipe.store import fs
-
-        self.python_bytes, self.tensorstore_start = 0, tensorstore_bytes_read()
-        counter = self
-        orig_open, orig_get = fs.StoreLocation.open, zarr.storage.LocalStore.get
-
-        class Reader:
-            def __init__(self, f):
-                self.f = f
-
-            def read(self, *a):
-                data = self.f.read(*a)
-                counter.python_bytes += len(data)
-                return data
-
-            def readinto(self, b):
-                n = self.f.readinto(b)
-                counter.python_bytes += n
-                return n
-
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
-
-        def open_(self, rel, mode="rb", expect=None):
-            return Reader(orig_open(self, rel, mode, expect))
-
-        async def get(self, key, prototype, byte_range=None):
-            buf = await orig_get(self, key, prototype, byte_range)
-            if buf is not None and not key.endswith("zarr.json"):
-                counter.python_bytes += len(buf)
-            return buf
-
-        monkeypatch.setattr(fs.StoreLocation, "open", open_)
-        monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
+        return rchar() - self.start
 
 
 @pytest.mark.parametrize("layout,dtype", [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"),
@@ -95,8 +55,8 @@ def test_an_epoch_reads_only_the_bytes_of_the_views_it_trains_on(tmp_path, monke
     replay = open_replay(store, None, images=False, seed=3)
     store.index  # the index is read once per run, not per epoch
     if layout == "zarr":
-        assert store.targets_layout.native_readers is not None  # a local store reads through tensorstore, opened once per process
-    counted = Counted(monkeypatch)
+        assert store.targets_layout.native_readers is not None  # a local store's readers, opened once per process
+    counted = Counted()
     used = 0
     for batch in replay.loader(1, 0, batch_size=2):  # {teacher: values}, {teacher: scales}: one teacher here
         for t in [*batch["target"].values(), *batch.get("scales", {}).values()]:
@@ -213,6 +173,41 @@ def test_uncompressed_shards_decode_as_zarr_python_s_own_encoding_in_every_reade
     pairs = [(i, v) for i in range(5) for v in range(3)]
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(fast.stored_targets(pairs),
                                                                    fast.targets_layout.zarr_python_targets(pairs)) if a is not None)
+
+
+@pytest.mark.parametrize("damage,says", [("index", "its shard index is corrupt"),
+                                          ("truncated", "shorter than its 260-byte shard index"),
+                                          ("chunk", "the targets of image 5 view 1: a chunk's bytes do not match")])
+def test_a_damaged_zarr_shard_is_one_line_naming_its_file_and_nothing_of_it_is_read(tmp_path, damage, says):
+    """The raw chunk reader decodes each shard index with zarr's sharding codec (crc32c-checked) and checks each
+    chunk's crc32c on the batch row it was read into: any damage is one line naming the file, before a value is
+    handed on."""
+    from fdpipe.errors import StoreError
+
+    store = open_store(big_store(tmp_path, "zarr", "float16"))  # 8 images x 4 views, shards of 4 images
+    f = tmp_path / "zarr-float16/targets.zarr/targets/c/1/0/0/0"
+    raw = bytearray(f.read_bytes())
+    at = 5 * (128 * 1024 * 2 + 4) + 1000  # inside image 5 view 1's chunk, the sixth of the shard in C order
+    raw = {"index": lambda: raw[:-9] + bytes([raw[-9] ^ 1]) + raw[-8:], "truncated": lambda: raw[:100],
+           "chunk": lambda: raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1:]}[damage]()
+    f.write_bytes(raw)
+    with pytest.raises(StoreError) as e:
+        store.stored_targets([(0, 0), (5, 1)])
+    assert str(f) in str(e.value) and says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_shard_file_replaced_after_its_index_was_read_is_read_afresh(tmp_path):
+    """Shard indexes are kept between batches, keyed by the file's size and mtime: a file replaced under a
+    running reader (here by a truncated copy) is not read through the old index."""
+    from fdpipe.errors import StoreError
+
+    store = open_store(big_store(tmp_path, "zarr", "float16"))
+    first = store.stored_targets([(5, 1)])[0]
+    assert np.array_equal(store.stored_targets([(5, 1)])[0], first)  # the kept index: the same values
+    f = tmp_path / "zarr-float16/targets.zarr/targets/c/1/0/0/0"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(StoreError, match="shard index is corrupt"):
+        store.stored_targets([(5, 1)])
 
 
 @pytest.mark.parametrize("header,message", [

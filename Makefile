@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.fdpipe-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test bench gpu-wheels setup data clean help
+.PHONY: demo test bench peers gpu-wheels setup data clean help
 
 help:
 	@echo "make demo   set up, then run extract -> distill -> finetune on Fashion-MNIST (see README)"
 	@echo "make test   set up, then run the full test suite"
 	@echo "make bench  set up, then run the benchmarks in bench/ (writes bench/results/*.json)"
+	@echo "make peers  install mosaicml-streaming and litdata into .peers/ for bench/peers.py (optional)"
 	@echo "make gpu-wheels  download into .whl/ the cp312 wheels bench/gpu.sh installs on a GPU machine"
 
 $(BIN)/python:
@@ -49,6 +50,22 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.run_all
 
+# The readers bench/peers.py compares fdpipe with, beside the venv (never a test dependency): mosaicml-streaming pins
+# numpy<2.2 and litdata pulls in lightning, so both go into .peers/ without their declared dependencies, with the
+# modules they import at these versions; the venv's numpy and torch serve them. `make peers` then
+# `PYTHONPATH=.peers .venv/bin/python -m bench.peers`.
+PEERS := mosaicml-streaming==0.13.0 litdata==0.2.76 xxhash==4.1.0 zstd==1.5.7.2 python-snappy==0.7.3 cramjam==2.14.0 \
+  Brotli==1.2.1 lightning-utilities==0.15.3 obstore==0.12.1 tifffile==2026.3.3 catalogue==2.0.10 \
+  transformers==4.57.6 huggingface-hub==0.36.2 tokenizers==0.22.2
+
+.peers/.installed: Makefile | $(STAMP)
+	rm -rf .peers
+	$(BIN)/python -m pip install -q --no-deps --target .peers $(PEERS)
+	touch $@
+
+peers: .peers/.installed
+	PYTHONPATH=.peers $(BIN)/python -c "import streaming, litdata; print('peers: mosaicml-streaming', streaming.__version__, '/ litdata', litdata.__version__)"
+
 # The wheels bench/gpu.sh installs on a GPU machine that has Python 3.12 with torch, timm, pyarrow, click, fsspec,
 # safetensors and tensorstore but no registry: fdpipe's other dependencies and their own (Requires-Dist) that such a
 # machine lacks, at the versions of constraints.txt. numpy, typing_extensions and packaging are installed there only
@@ -62,4 +79,4 @@ gpu-wheels:
 	@du -sh .whl
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) bench/results .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) bench/results .pytest_cache .peers

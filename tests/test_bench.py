@@ -98,6 +98,19 @@ def test_extra_fields_each_script_promises(smoke_results):
         assert sc["results"][layout]["400"]["resume"]["start_sample"] == 300
 
 
+def test_peers_sets_every_fdpipe_store_beside_the_pread_bound(smoke_results):
+    out, _ = smoke_results
+    p = json.loads((out / "peers.json").read_text())
+    want = {f"fdpipe {lay}/{dt}" for lay in ("zarr", "wds") for dt in ("float16", "int8")}
+    assert want | {"pread bound/float16", "pread bound/int8"} <= set(p["figures"])
+    for name in want:
+        f = p["figures"][name]
+        assert _positive(f["write"]) and _positive(f["warm"]) and _positive(f["resume_ms"]), name
+        assert f["vs_bound"] == f["warm"] / p["figures"][f"pread bound/{name.split('/')[1]}"]["warm"], name
+    assert p["ratio"] == min(p["margins"].values())
+    assert set(p["peers"]) == {"mds", "litdata"}  # installed or not, each says so
+
+
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 

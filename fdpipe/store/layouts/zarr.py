@@ -231,8 +231,8 @@ class ZarrLayout(Layout):
         return g["targets"], (g["scales"] if self.q.has_scales else None)
 
     def stored_student_views(self, pairs: list[tuple[int, int]]) -> list[bytes]:
-        """The encoded student views of the pairs: a local store reads them as raw chunks of tensorstore's sharding
-        kvstore (crc32c checked here), a remote one through zarr-python (which checks it)."""
+        """The encoded student views of the pairs: a local store reads them as raw chunks, one pread each (crc32c
+        checked here, `chunks.RawChunks`), a remote one through zarr-python (which checks it)."""
         if self.student_views is None:
             raise StoreError(f"{self.loc.url} holds no student views; extract with --student-views SIZE")
         self.arrays  # noqa: B018 - the checks against the manifest and their one-line refusals
@@ -254,8 +254,8 @@ class ZarrLayout(Layout):
             raise self.loc.explain(e) or StoreError(f"{self.loc.url}: cannot read student views ({e})") from None
 
     def stored_targets(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
-        """A local store reads the batch's chunks through tensorstore: uncompressed ones as raw chunks of its
-        sharding kvstore, checked here (`chunks.RawChunks`), others as one point-indexed read of its zarr3 driver.
+        """A local store reads the batch's uncompressed chunks with one preadv each into the batch, checked there
+        (`chunks.RawChunks`), others as one point-indexed read of tensorstore's zarr3 driver.
         A remote store reads them as one concurrent round of zarr-python chunk reads (`zarr_python_targets`)."""
         fast = self.native_readers
         if fast is not None:

@@ -196,6 +196,24 @@ def test_a_damaged_zarr_shard_is_one_line_naming_its_file_and_nothing_of_it_is_r
     assert str(f) in str(e.value) and says in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_a_zarr_without_the_shard_index_methods_reads_through_tensorstore_the_same(tmp_path, monkeypatch):
+    """The raw reader relies on zarr 3.1's internal shard-index decoding; without it the array is read by
+    tensorstore's zarr3 driver instead, with the same values."""
+    from zarr.codecs import ShardingCodec
+
+    from fdpipe.store.layouts import chunks
+
+    url = big_store(tmp_path, "zarr", "int8")
+    pairs = [(5, 1), (0, 3), (7, 0)]
+    raw = open_store(url)
+    assert isinstance(raw.targets_layout.native_readers[0], chunks.RawChunks)
+    want = raw.stored_targets(pairs)
+    monkeypatch.delattr(ShardingCodec, "_decode_shard_index")
+    store = open_store(url)
+    assert isinstance(store.targets_layout.native_readers[0], chunks.PointReads)
+    assert all(np.array_equal(a, b) for a, b in zip(store.stored_targets(pairs), want))
+
+
 def test_a_shard_file_replaced_after_its_index_was_read_is_read_afresh(tmp_path):
     """Shard indexes are kept between batches, keyed by the file's size and mtime: a file replaced under a
     running reader (here by a truncated copy) is not read through the old index."""

@@ -80,7 +80,10 @@ class RawChunks:
         self.shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.chunk = tuple(sharding["chunk_shape"])
         self.per_shard = tuple(s // c for s, c in zip(self.shard, self.chunk))
-        self.index_bytes = self.codec._shard_index_size(self.per_shard)  # zarr's own size of the encoded index
+        # zarr's own size and decoding of the encoded index: internal methods of zarr 3.1 (constraints.txt pins
+        # it); a zarr without them makes `open` return None, and tensorstore's zarr3 driver reads the array
+        self.index_bytes = self.codec._shard_index_size(self.per_shard)
+        getattr(self.codec, "_decode_shard_index")  # noqa: B009 - fail here, not at the first read
         self.index_at_end = sharding.get("index_location", "end") == "end"
         self.vlen = meta["data_type"] == "variable_length_bytes"  # one bytes object per cell (zarr's vlen-bytes)
         if not self.vlen:
@@ -112,7 +115,7 @@ class RawChunks:
                      and meta["chunk_key_encoding"]["name"] == "default"
                      and list(codecs[0]["configuration"]["chunk_shape"][:2]) == [1, 1])
             return cls(path, meta) if plain else None
-        except (ImportError, OSError, ValueError, KeyError, TypeError, IndexError):
+        except (ImportError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return None
 
     # ------------------------------------------------------------------------------------------- shard indexes

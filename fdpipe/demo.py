@@ -11,7 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,21 +226,25 @@ def parse_teachers(ctx: click.Context, param: click.Parameter, value: str) -> tu
               help="Also distil and fine-tune a student whose views are cut from the source images instead of read "
                    "from the store (one more distillation and fine-tune: about 10 more minutes), and report the "
                    "top-1 gap between the two against the spread between runs.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="The seed of every stage (the plan's views, the students' initialization and order). Two seeds "
+                   "give the spread a difference between rows must exceed to be a change.")
 @click_option("workers", workers_option("DataLoader workers per stage.", default=2), int)
 @click_option("device", device_option())
-def demo(out: str, quick: bool, teachers: tuple[str, ...], compare_sources: bool, workers: int, device: str) -> None:
+def demo(out: str, quick: bool, teachers: tuple[str, ...], compare_sources: bool, seed: int, workers: int,
+         device: str) -> None:
     """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
 
     Uses the real effnet-lite0 ImageNet teacher (--teachers effnet-lite0,effnet-lite2 adds a two-teacher student).
     Rerunning reuses every stage that is already complete.
     """
     run_demo(Path(out), quick=quick, workers=workers, device=device, teachers=teachers,
-             compare_sources=compare_sources)
+             compare_sources=compare_sources, seed=seed)
 
 
 def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto",
-             teachers: tuple[str, ...] = (TEACHER,), compare_sources: bool = False) -> dict[str, Any]:
-    sizes = QUICK if quick else FULL
+             teachers: tuple[str, ...] = (TEACHER,), compare_sources: bool = False, seed: int = 0) -> dict[str, Any]:
+    sizes = replace(QUICK if quick else FULL, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     timings_path, stages_path = out / "timings.json", out / "stages.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -338,7 +342,8 @@ def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool, 
 {t.layer} output, at {sizes.teacher_size} px over {sizes.pool} unlabeled Fashion-MNIST training images x
 {sizes.views} views (targets {t.tokens} tokens x {t.channels} channels, grid {t.grid[0]}x{t.grid[1]});
 student fd-vit-tiny at {sizes.student_size} px, distilled {sizes.distill_epochs} epochs{both}; every student
-fine-tuned {sizes.finetune_epochs} epochs on {sizes.labels_per_class} labels per class with the same recipe and seed,
+fine-tuned {sizes.finetune_epochs} epochs on {sizes.labels_per_class} labels per class with the same recipe and seed
+({sizes.seed}),
 and evaluated on {sizes.test_images} test images. {views_text}
 
 Commands, in order (each printed by the demo as it ran):

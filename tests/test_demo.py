@@ -94,6 +94,22 @@ def test_reuse_refuses_a_stage_made_by_other_settings(demo_run, tmp_path, monkey
     assert "Traceback" not in r.output and (out / "store" / "manifest.json").exists()  # nothing deleted
 
 
+def test_the_seed_reaches_every_stage_so_a_demo_of_another_seed_is_not_reused(demo_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fdpipe.cli import main
+    from fdpipe.demo import QUICK, stage_commands
+
+    commands = stage_commands(tmp_path, dataclasses.replace(QUICK, seed=7))
+    assert all(c[c.index("--seed") + 1] == "7" for c in commands.values())
+    out = tmp_path / "copy"
+    shutil.copytree(demo_run[0], out)
+    r = CliRunner().invoke(main, ["demo", "--quick", "--seed", "1", "--out", str(out), "--workers", "0"])
+    assert r.exit_code == 1 and f"{out / 'store'} was made by other demo settings" in r.output
+
+
 TWO = "effnet-lite0,effnet-lite2"
 
 

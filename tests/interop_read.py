@@ -14,14 +14,23 @@ store, out = sys.argv[1], sys.argv[2]
 manifest = json.load(open(f"{store}/manifest.json"))
 n, v = manifest["num_images"], manifest["views"]
 index = pq.read_table(f"{store}/index").sort_by([("image_idx", "ascending"), ("view", "ascending")]).to_pylist()
+
+
+def unpack(values: np.ndarray) -> np.ndarray:
+    """int4's bytes: channel 2i in the low nibble of byte i, 2i + 1 in the high one, offset by 8."""
+    if manifest["dtype"] != "int4":
+        return values.astype(np.float32)
+    return np.stack([values & 15, values >> 4], -1).reshape(*values.shape[:-1], -1).astype(np.float32) - 8
+
+
 params = np.array([[r["top"], r["left"], r["height"], r["width"], r["flip"]] for r in index], dtype=np.int64)
 
 if manifest["layout"] == "zarr":
     import zarr
 
     g = zarr.open_group(f"{store}/targets.zarr", mode="r")
-    targets = g["targets"][:].astype(np.float32)
-    if manifest["dtype"] == "int8":
+    targets = unpack(g["targets"][:])
+    if manifest["dtype"] in ("int8", "int4"):
         targets = targets * g["scales"][:].astype(np.float32)[..., None]
 else:  # format 2: wds/view-VV/shard-SSSSSS.tar holds view VV of every image of shard SSSSSS
     import webdataset as wds
@@ -30,7 +39,7 @@ else:  # format 2: wds/view-VV/shard-SSSSSS.tar holds view VV of every image of 
     for view in range(v):
         urls = [f"{store}/wds/view-{view:02d}/shard-{s['shard']:06d}.tar" for s in manifest["shards"]]
         for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-            t = np.load(io.BytesIO(sample["targets.npy"]), allow_pickle=False).astype(np.float32)
+            t = unpack(np.load(io.BytesIO(sample["targets.npy"]), allow_pickle=False))
             if "scales.npy" in sample:
                 t = t * np.load(io.BytesIO(sample["scales.npy"]), allow_pickle=False).astype(np.float32)[..., None]
             row = json.loads(sample["params.json"])

@@ -22,7 +22,8 @@ from fdpipe.store.manifest import FORMAT_VERSION, canonical, checksum, fingerpri
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "store-format.md"
 PLACEHOLDER = 'STORE = "/path/to/store"'
-LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
+LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("zarr", "int4"), ("wds", "float16"), ("wds", "int8"),
+           ("wds", "int4")]
 
 # Appended to each snippet: its result, for comparison with fdpipe's own reading.
 DUMP = """

@@ -189,23 +189,28 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, photos) -> dict[str, Path]:
-    """One small real store per layout: 4 photos, 2 views, 2 shards of 2 images."""
+    """One small real store per layout: 4 photos, 2 views, 2 shards of 2 images; and the same pair in int4
+    ("zarr-int4", "wds-int4"), whose packed targets are files of their own kind."""
     from click.testing import CliRunner
 
     from fdpipe.cli import main
 
     root = tmp_path_factory.mktemp("bases")
     runner = CliRunner()
-    r = runner.invoke(main, ["extract", "--data", str(photos), "--out", str(root / "zarr"), "--shard-size", "2",
-                             *EXTRACT])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(main, ["store", "convert", str(root / "zarr"), str(root / "wds"), "--format", "wds", "--quiet"])
-    assert r.exit_code == 0, r.output
-    return {"zarr": root / "zarr", "wds": root / "wds"}
+    stores = {}
+    for suffix, dtype in (("", "float16"), ("-int4", "int4")):
+        zarr_, wds_ = root / f"zarr{suffix}", root / f"wds{suffix}"
+        r = runner.invoke(main, ["extract", "--data", str(photos), "--out", str(zarr_), "--shard-size", "2",
+                                 "--dtype", dtype, *EXTRACT])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(main, ["store", "convert", str(zarr_), str(wds_), "--format", "wds", "--quiet"])
+        assert r.exit_code == 0, r.output
+        stores |= {f"zarr{suffix}": zarr_, f"wds{suffix}": wds_}
+    return stores
 
 
 def commands(store: Path, work: Path, layout: str, photos: Path) -> dict[str, list[Any]]:
-    other = "wds" if layout == "zarr" else "zarr"
+    other = "wds" if layout.startswith("zarr") else "zarr"
     return {
         "verify": ["store", "verify", store], "verify-deep": ["store", "verify", "--deep", store],
         "info": ["store", "info", store], "ls": ["store", "ls", store],
@@ -315,6 +320,22 @@ def _absolute(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, byte
 def _truncated(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     info.size = len(data) // 2
     return info, data[: len(data) // 2]
+
+
+def _unpacked_width(z: dict[str, Any]) -> None:
+    """int4 targets declared one byte a channel: [.., C] where [.., C / 2] belong."""
+    z["shape"][-1] *= 2
+    z["chunk_grid"]["configuration"]["chunk_shape"][-1] *= 2
+    z["codecs"][0]["configuration"]["chunk_shape"][-1] *= 2
+
+
+def _unpacked_npy(info: tarfile.TarInfo, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    """An int4 sample's targets.npy of one byte a channel, as a float16 store would lay it out."""
+    packed = np.load(io.BytesIO(data))
+    buf = io.BytesIO()
+    np.save(buf, np.repeat(packed, 2, axis=-1))
+    info.size = len(buf.getvalue())
+    return info, buf.getvalue()
 
 
 def _secret(root: Path) -> Path:
@@ -434,6 +455,18 @@ ZOO = [
             ("verify", "verify-deep", "distill", "convert"), "zarr.json: dtype is float64", ("zarr",), file=True,
             stale="targets.zarr/targets/zarr.json: "),
     Variant("tar-symlink-member", edit_tar(_symlink), TAR_READERS, "shard-000000.tar", ("wds",), file=True),
+    # int4's packed targets: a zarr array of another dtype or width, a member of unpacked width, the scales gone
+    _m("quantizer-int4-not-the-dtype", _set("quantizer.name", "int4-per-token-v1"),
+       "quantizer 'int4-per-token-v1' stores int4, but dtype is 'float16'"),
+    Variant("int4-zarr-dtype-int16", edit_zarr_metadata(lambda z: z.update(data_type="int16")),
+            ("verify", "verify-deep", "distill", "convert"), "zarr.json: dtype is int16, the manifest says uint8", ("zarr-int4",), file=True,
+            stale="targets.zarr/targets/zarr.json: "),
+    Variant("int4-zarr-unpacked-width", edit_zarr_metadata(_unpacked_width),
+            ("verify", "verify-deep", "distill", "convert"), "zarr.json: shape is [4, 2, 1, 1280], the manifest says [4, 2, 1, 640]", ("zarr-int4",),
+            file=True, stale="targets.zarr/targets/zarr.json: "),
+    Variant("int4-member-unpacked-width", edit_tar(_unpacked_npy, ".targets.npy"), TAR_READERS,
+            "holds uint8 [1, 1280], the manifest says uint8 [1, 640]", ("wds-int4",), file=True,
+            stale_readers=("distill", "convert")),
     Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
             file=True),
     _m("student-views-size-0", _set("student_views.size", 0), "student_views.size is 0"),

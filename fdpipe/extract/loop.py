@@ -24,6 +24,7 @@ from ..runtime import progress, ranks_from_env, resolve_device
 from ..store import StoreWriter, shard_range, shards_of_rank
 from ..store.contract import StoreSettings, TeacherInfo
 from ..store.degenerate import ShareMeter
+from ..store.quantize import get_quantizer
 from ..store.writer import default_shard_size
 from ..sizes import DEFAULT_PATCH, teacher_patch
 from .commits import Committer
@@ -159,9 +160,14 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
         teacher = create_teacher(spec.alias, weights=spec.weights, image_size=spec.image_size, layer=spec.layer,
                                  target=cfg.target, device=str(device), precision=cfg.teacher_precision)
         made.append((spec.alias, teacher, list(teacher.info.target_shape)))
-    itemsize = 2 if cfg.dtype == "float16" else 1
-    shard_size = cfg.shard_size or min(default_shard_size(cfg.views * int(np.prod(shape)) * itemsize)
-                                       for _, _, shape in made)
+    q = get_quantizer(cfg.dtype)
+    for alias, _, shape in made:
+        problem = q.check_shape(shape)
+        if problem:
+            raise FdpipeError(f"--dtype {cfg.dtype}: {alias} {problem}")
+    shard_size = cfg.shard_size or min(
+        default_shard_size(cfg.views * int(np.prod(q.stored_shape(shape))) * np.dtype(q.stored_dtype).itemsize)
+        for _, _, shape in made)
     info = made[0][1].info  # --student-views auto: the first teacher's grid at the student's default patch size
     student_views = cfg.views_setting(tuple(info.grid), teacher_patch(info.to_dict()) or DEFAULT_PATCH)
     transforms = [ViewTransform.from_data_config(teacher.data_config) for _, teacher, _ in made]

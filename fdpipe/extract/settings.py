@@ -15,7 +15,7 @@ from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy
                        device_option, option, quiet_option, seed_option, storage_options_option, view_codec_option, views_option,
                        workers_option)
 
-DTYPES = ("float16", "int8")
+DTYPES = ("float16", "int8", "int4")  # fdpipe.store.quantize.QUANTIZERS, without loading torch for --help
 TARGETS = ("features", "logits")
 PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
 
@@ -39,7 +39,8 @@ class ExtractConfig:
                                       multiple=True)
     layout: str = option("zarr", "zarr: random access by (image, view); wds: tar shards to stream.", flag="--format",
                          choices=LAYOUTS)
-    dtype: str = option("float16", "Stored dtype; int8 keeps a float16 scale per token.", choices=DTYPES)
+    dtype: str = option("float16", "Stored dtype: int8 and int4 (half and a quarter of float16's bytes) keep a "
+                                   "float16 scale per token.", choices=DTYPES)
     codec: str = option(DEFAULT_CODEC, "Chunk compressor of a zarr store (wds members stay plain .npy). Whitened dense "
                                    "features shrink by about 8%, so none is the fastest store; see bench/README.md.",
                         choices=CODECS)

@@ -20,6 +20,12 @@ least (seen + 1) x C / 64 channels, since the sample may miss a cluster there (R
 needs per-token max, min and two counts, and quantizing is two passes over the data in cache-sized chunks (max/min,
 then divide/round/clamp/convert).
 
+`int4` ("int4-per-token-v1") stores round(x / s) clipped to +-7, offset by 8 and packed two channels a byte (channel
+2i in the low nibble of byte i, 2i + 1 in the high one: a quarter of float16's bytes, plus the same float16 scale
+per token as int8). s is a / 7 x f for the f in INT4_FRACTIONS with the least squared error over the token, found
+exactly: at 15 levels, clipping the few largest values of a dense token costs less than the coarser step that keeps
+them (a Gaussian token's best f is about 0.7). C must be even.
+
 Tokens with a NaN or an infinite value (images that failed to decode arrive as all-NaN) get values 0 and a NaN
 scale (float16: NaN); all-zero tokens get scale 1.0 and values 0; scales stay within float16's finite range.
 """
@@ -39,16 +45,43 @@ CPU_BLOCK_ROWS = 8192
 CPU_CHUNK_ROWS = 256
 # float16 scales are kept within the finite, non-zero float16 range.
 _F16_TINY, _F16_MAX = 2.0 ** -24, 65504.0
+# int4's candidate steps, as fractions of a / 7 (a: the token's largest |value|); 1 clips nothing.
+INT4_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4)
 
 
 @dataclass(frozen=True)
 class Quantizer:
     name: str
-    dtype: str
+    dtype: str  # the manifest's dtype: what `--dtype` names
     has_scales: bool
+    bits: int = 0  # below 8: that many bits a channel, 8 // bits channels packed into a byte of `stored_dtype`
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "scales": "per-token float16" if self.has_scales else None}
+
+    @property
+    def stored_dtype(self) -> str:
+        """The numpy dtype of the stored arrays (int4's packed nibbles are uint8)."""
+        return "uint8" if self.bits else self.dtype
+
+    def stored_shape(self, target_shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+        """The stored array of one view: the target's shape, its channels packed for int4."""
+        *lead, c = target_shape
+        return (*lead, c * self.bits // 8) if self.bits else (*lead, c)
+
+    @property
+    def error_steps(self) -> float:
+        """How far (in steps) a token's stored mean may lie from its true one: int8 rounds each channel within half
+        a step and clips only when that costs less; int4 clips the tails of a dense token, paid in its mean by at
+        most its root-mean-square error, itself under a step (verify's whitening check widens by this)."""
+        return 1.0 if self.bits == 4 else 0.5
+
+    def check_shape(self, target_shape: tuple[int, ...] | list[int]) -> str | None:
+        """Why this quantizer cannot store targets of this shape (None: it can)."""
+        if self.bits and target_shape[-1] % (8 // self.bits):
+            return (f"{self.dtype} packs {8 // self.bits} channels a byte, and these targets have "
+                    f"{target_shape[-1]} channels (odd); choose --dtype int8 or float16")
+        return None
 
     # ------------------------------------------------------------------------------------------------ quantize
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -68,6 +101,9 @@ class Quantizer:
         if not self.has_scales:
             return x.to(torch.float16), None
         shape = x.shape
+        problem = self.check_shape(tuple(shape))
+        if problem:
+            raise ValueError(problem)
         x2 = x.reshape(-1, shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -75,31 +111,48 @@ class Quantizer:
         cpu = x.device.type == "cpu"
         outer = max(1, min(rows, CPU_BLOCK_ROWS) if cpu else rows)
         inner = min(outer, CPU_CHUNK_ROWS) if cpu else outer
-        values = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        stored = self.stored_shape(tuple(x2.shape))
+        values = torch.empty(stored, dtype=getattr(torch, self.stored_dtype), device=x.device)
         scales = torch.empty(rows, dtype=torch.float16, device=x.device)
         work = torch.empty((inner, x2.shape[1]), dtype=torch.float32, device=x.device)  # reused: no page faults
+        rounder = _int4 if self.bits == 4 else _int8_v2
         for a in range(0, rows, outer):
             b = min(rows, a + outer)
-            _int8_v2(x2[a:b], work, values[a:b], scales[a:b], inner)
-        return values.reshape(shape), scales.reshape(shape[:-1])
+            rounder(x2[a:b], work, values[a:b], scales[a:b], inner)
+        return values.reshape(self.stored_shape(tuple(shape))), scales.reshape(shape[:-1])
 
     # ---------------------------------------------------------------------------------------------- dequantize
     def dequantize(self, values: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
         v = np.asarray(values)
         if not self.has_scales:
             return v.astype(np.float32)
+        if self.bits == 4:  # the nibbles, low first, back to -7..7
+            out = np.empty((*v.shape, 2), np.float32)
+            np.bitwise_and(v, 15, out=out[..., 0], casting="unsafe")
+            np.right_shift(v, 4, out=out[..., 1], casting="unsafe")
+            v = out.reshape(*v.shape[:-1], -1)
+            v -= 8
+            v *= np.asarray(scales, dtype=np.float32)[..., None]
+            return v
         return v.astype(np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
 
     def dequantize_tensor(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-        """Stored values (and int8 scales) as tensors on any device -> float32 targets on that device."""
+        """Stored values (and scales) as tensors on any device -> float32 targets on that device."""
         if not self.has_scales:
             return values.float()
-        out = values.to(torch.float32, copy=True)  # one conversion, into memory of its own (the batch stays as is)
+        if self.bits == 4:
+            out = torch.empty((*values.shape, 2), dtype=torch.float32, device=values.device)
+            torch.bitwise_and(values, 15, out=out[..., 0])
+            torch.bitwise_right_shift(values, 4, out=out[..., 1])
+            out = out.view(*values.shape[:-1], -1).sub_(8)
+        else:
+            out = values.to(torch.float32, copy=True)  # one conversion, into memory of its own (the batch stays)
         return out.mul_(scales.to(device=out.device, dtype=torch.float32).unsqueeze(-1))  # in place: 4x less CPU
 
     @property
     def fill_value(self):
-        return np.float16(np.nan) if self.dtype == "float16" else 0
+        """What a chunk that was never written reads as: NaN, or values 0 (int4: two nibbles of 8)."""
+        return np.float16(np.nan) if self.dtype == "float16" else 0x88 if self.bits == 4 else 0
 
 
 def _int8_v2(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, inner: int) -> None:
@@ -161,10 +214,40 @@ def _int8_steps(hi: torch.Tensor, lo: torch.Tensor, seen: torch.Tensor, n: int, 
     return torch.where(zero, 1.0, s), bad
 
 
+def _int4(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, inner: int) -> None:
+    """float32 rows x [M, C] -> packed int4 values [M, C / 2] (uint8) and float16 scales [M], in place (see the
+    module docstring); chunks of `inner` rows, each tried at every step of INT4_FRACTIONS (work: float32 scratch)."""
+    m = x.shape[0]
+    for a in range(0, m, inner):
+        b = min(m, a + inner)
+        xa, w = x[a:b], work[:b - a]
+        amax = xa.abs().amax(-1, keepdim=True)
+        bad = ~torch.isfinite(amax)
+        zero = amax == 0
+        base = torch.where(bad | zero, 1.0, amax).div_(7.0)
+        best = err = None
+        for f in INT4_FRACTIONS:
+            s = (base * f).clamp_(_F16_TINY, _F16_MAX).half().float()  # the step as stored
+            e = torch.div(xa, s, out=w).round_().clamp_(-7, 7).mul_(s).sub_(xa).square_().sum(-1, keepdim=True)
+            if best is None:
+                best, err = s, e
+            else:
+                better = e < err
+                best, err = torch.where(better, s, best), torch.where(better, e, err)
+        s = torch.where(zero | bad, 1.0, best)
+        q = torch.div(xa, s, out=w).round_().clamp_(-7, 7).add_(8)
+        if bool(bad.any()):  # a NaN or inf token: values 0 (converting NaN to an integer is undefined)
+            q.masked_fill_(bad, 8.0)
+        q8 = q.to(torch.uint8)
+        values[a:b] = q8[:, 0::2] | (q8[:, 1::2] << 4)
+        scales[a:b] = torch.where(bad, float("nan"), s).squeeze(-1)
+
+
 # What `--dtype` writes.
 QUANTIZERS: dict[str, Quantizer] = {
     "float16": Quantizer("float16", "float16", False),
     "int8": Quantizer("int8-per-token-v2", "int8", True),
+    "int4": Quantizer("int4-per-token-v1", "int4", True, bits=4),
 }
 # Every quantizer name a store may record, with what it reads as: the writers' own, the retired int8 search
 # ("int8-per-token", format 2) and format 1's names; every int8 one dequantizes as values x scale.

@@ -78,9 +78,10 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
     """Every ok view's targets finite and (features) whitened, not all of them zero, and a failed image's all NaN;
     each image's tokens sampled into `meter`; every ok view's stored student view (format 4) decodes to its size.
 
-    Whitened means a token's mean within WHITENED_TOL of 0 and its variance of 1, widened for int8 by what its step s
-    allows: each channel is stored within s/2 of its value (the quantizer clips only a few channels, and only when
-    that costs less), so the stored mean may be off by s/2 and the variance by s + s^2/4. That bound is reached:
+    Whitened means a token's mean within WHITENED_TOL of 0 and its variance of 1, widened by what its step s allows:
+    int8 stores each channel within e = s/2 of its value (the quantizer clips only a few channels, and only when
+    that costs less), so the stored mean may be off by e and the variance by 2e + e^2; int4, which clips the tails
+    of dense tokens, within e = s in the mean (`Quantizer.error_steps`). The int8 bound is reached:
     when most of a token's channels share its minimum and the minimum sits half a step from 0, they all round the
     same way (effnet-lite0's head: mean 0.09 at s = 0.19), and no step does better without clipping the maximum.
     """
@@ -106,10 +107,10 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
         zeros += len(zero_views(x))
         meter.add(torch.from_numpy(x))
         if whitened and x.size:
-            step = 0.0 if it.scales is None else it.scales[ok].astype(np.float32)
+            off = 0.0 if it.scales is None else it.scales[ok].astype(np.float32) * store.quantizer.error_steps
             mean, var = x.mean(-1), x.var(-1)
-            bad = (np.abs(mean) > WHITENED_TOL + step / 2) | (
-                (np.abs(var - 1) > WHITENED_TOL + step + step ** 2 / 4) & (var > 1e-3))
+            bad = (np.abs(mean) > WHITENED_TOL + off) | (
+                (np.abs(var - 1) > WHITENED_TOL + 2 * off + off ** 2) & (var > 1e-3))
             if bad.any():
                 yield (f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r}) is not whitened "
                        f"(token mean {float(mean.flat[np.argmax(bad)]):.3f}, var {float(var.flat[np.argmax(bad)]):.3f})")

@@ -175,7 +175,7 @@ class StoreWriter:
         n = stop - start
         if values.shape[:2] != (n, self.v) or len(rows) != n * self.v:
             raise ValueError(f"shard {shard}: expected {n} images x {self.v} views, got {values.shape} / {len(rows)}")
-        if values.dtype != np.dtype(self.q.dtype) or (scales is None) == self.q.has_scales:
+        if values.dtype != np.dtype(self.q.stored_dtype) or (scales is None) == self.q.has_scales:
             raise ValueError(f"shard {shard}: values {values.dtype} / scales {scales is not None} do not match the "
                              f"quantizer {self.q.name}")
         if (student_views is None) != (self.settings.student_views is None) or (

@@ -270,3 +270,77 @@ def test_extract_refuses_to_resume_a_store_of_the_old_int8_quantizer(cli, tmp_pa
     r = cli(*args)
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "made with other settings: quantizer.name is 'int8-per-token' there" in r.output
+
+
+# ------------------------------------------------------------------------------------------------ int4
+INT4 = Q.get_quantizer("int4")
+
+
+def int4_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int4 written out plainly in numpy: every candidate step scored on every channel, the least squared error
+    kept, the nibbles packed low channel first."""
+    amax = np.abs(x).max(-1, keepdims=True)
+    base = np.where(np.isfinite(amax) & (amax > 0), amax, 1.0) / 7
+    errs, steps = [], []
+    for f in Q.INT4_FRACTIONS:
+        s = np.clip(base * f, 2.0 ** -24, 65504).astype(np.float16).astype(np.float32)
+        errs.append(((np.clip(np.rint(x / s), -7, 7) * s - x) ** 2).sum(-1))
+        steps.append(s[..., 0])
+    errs = np.nan_to_num(np.stack(errs), nan=0.0)
+    s = np.take_along_axis(np.stack(steps), errs.argmin(0)[None], 0)[0]  # the first of equal errors, as torch
+    s = np.where(amax[..., 0] == 0, 1.0, s)
+    with np.errstate(invalid="ignore"):
+        q = (np.clip(np.rint(x / s[..., None]), -7, 7) + 8)
+    bad = ~np.isfinite(amax[..., 0])
+    q[bad] = 8
+    q = q.astype(np.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4), np.where(bad, np.nan, s).astype(np.float16)
+
+
+def test_int4_packs_two_channels_a_byte_low_channel_first_with_the_least_squared_error_step():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([relu_whitened(rng, (3, 11, 64)), whitened(rng, (3, 11, 64))])
+    values, scales = INT4.quantize(x)
+    assert values.dtype == np.uint8 and values.shape == (6, 11, 32) and scales.shape == (6, 11)
+    want_v, want_s = int4_reference(x)
+    assert values.tobytes() == want_v.tobytes() and scales.tobytes() == want_s.tobytes()
+    # a token of known values: channel 0 -> low nibble, channel 1 -> high nibble, offset 8
+    one = np.array([[7.0, -7.0, 1.0, 0.0]], np.float32)
+    v, s = INT4.quantize(one)
+    assert s[0] == 1.0 and v.tolist() == [[15 | (1 << 4), 9 | (8 << 4)]]
+    assert INT4.dequantize(v, s).tolist() == one.tolist()
+
+
+def test_int4_keeps_dense_whitened_targets_near_cosine_0993_and_clips_where_that_costs_less():
+    x = whitened(np.random.default_rng(6), (4, 257, 1024))
+    y = INT4.dequantize(*INT4.quantize(x))
+    cos = view_cosine(x, y)
+    assert cos.min() > 0.99, cos
+    s = (np.abs(x).max(-1, keepdims=True) / 7).astype(np.float16).astype(np.float32)
+    plain = np.clip(np.rint(x / s), -7, 7) * s  # absmax: nothing clips, a coarser step
+    assert ((y - x) ** 2).sum() < 0.8 * ((plain - x) ** 2).sum()
+
+
+def test_int4_nan_zero_tokens_and_torch_bytes_on_every_device():
+    x = whitened(np.random.default_rng(7), (2, 6, 32))
+    x[0, 0] = np.nan
+    x[0, 1, 3] = np.inf
+    x[0, 2] = 0.0
+    values, scales = INT4.quantize(x)
+    assert np.isnan(scales[0, :2]).all() and (values[0, :2] == 0x88).all()
+    assert scales[0, 2] == 1.0 and (values[0, 2] == 0x88).all()
+    y = INT4.dequantize(values, scales)
+    assert np.isnan(y[0, :2]).all() and (y[0, 2] == 0).all() and np.isfinite(y[0, 3:]).all()
+    for device in DEVICES:
+        tv, ts = INT4.quantize_tensor(torch.from_numpy(x).to(device))
+        assert tv.dtype == torch.uint8 and tv.device.type == device
+        assert tv.cpu().numpy().tobytes() == values.tobytes() and ts.cpu().numpy().tobytes() == scales.tobytes()
+        yt = INT4.dequantize_tensor(tv, ts)
+        assert np.array_equal(yt.cpu().numpy(), y, equal_nan=True)
+
+
+def test_int4_refuses_an_odd_channel_count_saying_what_to_choose():
+    assert "9 channels (odd); choose --dtype int8 or float16" in INT4.check_shape([5, 9])
+    assert INT4.check_shape([5, 8]) is None and INT8.check_shape([5, 9]) is None
+    with pytest.raises(ValueError, match="packs 2 channels a byte"):
+        INT4.quantize(np.zeros((2, 9), np.float32))

@@ -15,7 +15,8 @@ from fdpipe.errors import IncompleteStoreError, StoreError
 from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.manifest import checksum, fingerprint
 
-LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
+LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("zarr", "int4"), ("wds", "float16"), ("wds", "int8"),
+           ("wds", "int4")]
 
 
 def read_all(url):
@@ -30,9 +31,15 @@ def test_round_trip_returns_what_went_in(make_store, layout, dtype):
     st, y, rows = read_all(url)
     if dtype == "float16":
         assert np.array_equal(y, x.astype(np.float16).astype(np.float32))
-    else:  # within one quantization step of each token's scale
+    elif dtype == "int8":  # within one quantization step of each token's scale
         step = np.abs(x).max(-1, keepdims=True) / 127
         assert np.all(np.abs(y - x) <= step * 0.5 + 1e-3 * step + 1e-6)
+    else:  # the quantizer's own bytes back, and within a step a / 7 of each token's value where nothing clipped
+        from fdpipe.store.quantize import get_quantizer
+
+        q = get_quantizer(dtype)
+        assert np.array_equal(y, q.dequantize(*q.quantize(x)))
+        assert np.all(np.abs(y - x) <= np.abs(x).max(-1, keepdims=True) / 7 * 0.6)
     expected = [r for s in range(st.num_shards) for r in shard_rows(settings, s)]
     assert len(rows) == len(expected) == 10
     for got, want in zip(rows, expected):

@@ -10,7 +10,8 @@ from conftest import one_line_error, part_store, shard_rows, store_settings, whi
 from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.tools import convert
 
-LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("wds", "float16"), ("wds", "int8")]
+LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("zarr", "int4"), ("wds", "float16"), ("wds", "int8"),
+           ("wds", "int4")]
 
 
 def files_of(url) -> dict[str, bytes]:

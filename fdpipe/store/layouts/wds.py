@@ -180,7 +180,8 @@ class WdsLayout(Layout):
         if "targets.npy" not in sample or self.q.has_scales != ("scales.npy" in sample):
             raise StoreError(f"{where}: members {sorted(k for k in sample if not k.startswith('__'))} do not match "
                              f"a {self.q.name} store; the store is damaged (run `fdpipe store verify --deep`)")
-        values = npy.load(sample["targets.npy"], f"{where}.targets.npy", self.q.dtype, (*lead, *self.target_shape))
+        values = npy.load(sample["targets.npy"], f"{where}.targets.npy", self.q.stored_dtype,
+                          (*lead, *self.q.stored_shape(self.target_shape)))
         scales = None if "scales.npy" not in sample else npy.load(
             sample["scales.npy"], f"{where}.scales.npy", "float16", (*lead, *self.target_shape[:-1]))
         return values, scales

@@ -62,11 +62,12 @@ def _arrays(group: zarr.Group, n: int, v: int, shape: list[int], s: int, q: Quan
             student_views: Any = None) -> None:
     # every chunk is written, a failed image's fill values too: checking each chunk for them cost more than the write
     config = {"write_empty_chunks": True}
+    stored = q.stored_shape(shape)  # int4: two channels a byte
+    last = ("packed_channel" if q.bits else "channel") if len(shape) == 2 else ("packed_class" if q.bits else "class")
     group.create_array(
-        "targets", shape=(n, v, *shape), chunks=(1, 1, *shape), shards=(s, v, *shape), dtype=q.dtype,
+        "targets", shape=(n, v, *stored), chunks=(1, 1, *stored), shards=(s, v, *stored), dtype=q.stored_dtype,
         compressors=compressors(codec), config=config,
-        fill_value=q.fill_value, dimension_names=("image", "view", *(["token", "channel"] if len(shape) == 2
-                                                                      else ["class"])),
+        fill_value=q.fill_value, dimension_names=("image", "view", *(["token"] if len(shape) == 2 else []), last),
     )
     if q.has_scales:
         group.create_array(
@@ -200,7 +201,7 @@ class ZarrLayout(Layout):
         except Exception as e:  # zarr raises several types for a missing/corrupt group
             raise loc.explain(e) or StoreError(f"cannot open {loc.path(ROOT)}: {e}") from None
         lead, shape = (self.num_images, self.views), self.target_shape
-        arrays = {"targets": (shape, self.q.dtype)}
+        arrays = {"targets": (self.q.stored_shape(shape), self.q.stored_dtype)}
         if self.q.has_scales:
             arrays["scales"] = (shape[:-1], "float16")
         if self.student_views is not None:
@@ -322,7 +323,7 @@ class ZarrLayout(Layout):
 
     def problems(self) -> Iterator[str]:
         t, _ = self.arrays
-        want = (self.num_images, self.views, *self.target_shape)
+        want = (self.num_images, self.views, *self.q.stored_shape(self.target_shape))
         if tuple(t.shape) != want:
             yield f"targets.zarr/targets: shape {tuple(t.shape)}, expected {want}"
         views = self.__dict__.get("_views")

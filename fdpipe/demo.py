@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .errors import FdpipeError
+from .extract.settings import DTYPES
 from .options import CONTEXT, click_option, device_option, workers_option
 
 
@@ -39,6 +40,7 @@ class DemoSizes:
     test_images: int
     eval_every: int = 5  # fine-tuning epochs between evaluations (the last is always evaluated)
     seed: int = 0
+    dtype: str = "float16"  # the store's (`extract --dtype`): the demo's top-1 at a smaller store
 
 
 # The recipe, beyond sizes (why each differs from the ImageNet defaults):
@@ -147,7 +149,8 @@ def stage_commands(out: Path, sizes: DemoSizes, teachers: tuple[str, ...] = (TEA
     commands = {
         "extract": ["extract", *[a for t in teachers for a in ("--teacher", t)], *TEACHER_OPTIONS, "--data",
                     "fashion-mnist", "--limit", str(sizes.pool), "--views", str(sizes.views), "--image-size",
-                    str(sizes.teacher_size), *VIEWS, "--out", str(root), *seed],
+                    str(sizes.teacher_size), *VIEWS, *(["--dtype", sizes.dtype] if sizes.dtype != "float16" else []),
+                    "--out", str(root), *seed],
         "distill": ["distill", "--store", stores[0], *student, "--out", str(out / "distill")],
     }
     if compare_sources:
@@ -229,22 +232,25 @@ def parse_teachers(ctx: click.Context, param: click.Parameter, value: str) -> tu
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="The seed of every stage (the plan's views, the students' initialization and order). Two seeds "
                    "give the spread a difference between rows must exceed to be a change.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES),
+              help="The store's dtype (extract --dtype): compare the top-1 of a smaller store with float16's.")
 @click_option("workers", workers_option("DataLoader workers per stage.", default=2), int)
 @click_option("device", device_option())
-def demo(out: str, quick: bool, teachers: tuple[str, ...], compare_sources: bool, seed: int, workers: int,
-         device: str) -> None:
+def demo(out: str, quick: bool, teachers: tuple[str, ...], compare_sources: bool, seed: int, dtype: str,
+         workers: int, device: str) -> None:
     """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
 
     Uses the real effnet-lite0 ImageNet teacher (--teachers effnet-lite0,effnet-lite2 adds a two-teacher student).
     Rerunning reuses every stage that is already complete.
     """
     run_demo(Path(out), quick=quick, workers=workers, device=device, teachers=teachers,
-             compare_sources=compare_sources, seed=seed)
+             compare_sources=compare_sources, seed=seed, dtype=dtype)
 
 
 def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto",
-             teachers: tuple[str, ...] = (TEACHER,), compare_sources: bool = False, seed: int = 0) -> dict[str, Any]:
-    sizes = replace(QUICK if quick else FULL, seed=seed)
+             teachers: tuple[str, ...] = (TEACHER,), compare_sources: bool = False, seed: int = 0,
+             dtype: str = "float16") -> dict[str, Any]:
+    sizes = replace(QUICK if quick else FULL, seed=seed, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     timings_path, stages_path = out / "timings.json", out / "stages.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -340,7 +346,8 @@ def report(out: Path, sizes: DemoSizes, timings: dict[str, float], quick: bool, 
 
 {'Quick smoke-test sizes.' if quick else 'Default sizes.'} Teacher {teachers[0]} (real ImageNet weights), block
 {t.layer} output, at {sizes.teacher_size} px over {sizes.pool} unlabeled Fashion-MNIST training images x
-{sizes.views} views (targets {t.tokens} tokens x {t.channels} channels, grid {t.grid[0]}x{t.grid[1]});
+{sizes.views} views (targets {t.tokens} tokens x {t.channels} channels, grid {t.grid[0]}x{t.grid[1]}, stored as
+{sizes.dtype});
 student fd-vit-tiny at {sizes.student_size} px, distilled {sizes.distill_epochs} epochs{both}; every student
 fine-tuned {sizes.finetune_epochs} epochs on {sizes.labels_per_class} labels per class with the same recipe and seed
 ({sizes.seed}),

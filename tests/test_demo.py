@@ -94,7 +94,7 @@ def test_reuse_refuses_a_stage_made_by_other_settings(demo_run, tmp_path, monkey
     assert "Traceback" not in r.output and (out / "store" / "manifest.json").exists()  # nothing deleted
 
 
-def test_the_seed_reaches_every_stage_so_a_demo_of_another_seed_is_not_reused(demo_run, tmp_path):
+def test_the_seed_and_dtype_reach_the_stages_so_a_demo_of_another_seed_is_not_reused(demo_run, tmp_path):
     import shutil
 
     from click.testing import CliRunner
@@ -104,6 +104,9 @@ def test_the_seed_reaches_every_stage_so_a_demo_of_another_seed_is_not_reused(de
 
     commands = stage_commands(tmp_path, dataclasses.replace(QUICK, seed=7))
     assert all(c[c.index("--seed") + 1] == "7" for c in commands.values())
+    assert "--dtype" not in commands["extract"]  # float16: the commands of earlier demos, so they are reused
+    int4 = stage_commands(tmp_path, dataclasses.replace(QUICK, dtype="int4"))["extract"]
+    assert int4[int4.index("--dtype") + 1] == "int4"
     out = tmp_path / "copy"
     shutil.copytree(demo_run[0], out)
     r = CliRunner().invoke(main, ["demo", "--quick", "--seed", "1", "--out", str(out), "--workers", "0"])

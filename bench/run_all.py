@@ -20,7 +20,7 @@ from pathlib import Path
 from .common import RESULTS, ROOT, fmt, table
 
 BENCHES = ("cached_vs_online", "read_overhead", "extract_overhead", "storage", "memory", "ceilings", "multi_teacher",
-           "scale", "peers")
+           "scale", "peers", "bytes")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,20 @@ def test_peers_sets_every_fdpipe_store_beside_the_pread_bound(smoke_results):
     assert set(p["peers"]) == {"mds", "litdata"}  # installed or not, each says so
 
 
+def test_bytes_measures_every_store_dtype_and_candidate_on_both_teachers(smoke_results):
+    from fdpipe.store.quantize import QUANTIZERS
+
+    out, _ = smoke_results
+    b = json.loads((out / "bytes.json").read_text())
+    assert len(b["teachers"]) == 2
+    for name, t in b["teachers"].items():
+        codecs = t["codecs"]
+        assert set(QUANTIZERS) | {"fp8-e4m3", "int4-fixed", "pca-C/4+int8"} <= set(codecs), name
+        assert codecs["float16"]["vs_float16"] == 1 and codecs["float16"]["cos_mean"] > 0.99999, name
+        assert codecs["int4"]["bytes_per_view"] == t["target_shape"][0] * (t["target_shape"][1] // 2 + 2), name
+        assert all(0 < c["cos_mean"] <= 1 + 1e-6 and c["rel_mse"] >= 0 for c in codecs.values()), name
+
+
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 

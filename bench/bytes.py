@@ -1,0 +1,266 @@
+"""How small can a store be: bytes per view and fidelity of every target codec on real targets of two teachers, and
+(with --demos) the demo's top-1 against the store's bytes, the size/accuracy frontier. Writes docs/bytes.md, a PNG
+beside it and bytes.json.
+
+Teachers (real ImageNet weights, nothing downloaded): effnet-lite2's last feature map at 260 px on photo crops, and
+the demo's effnet-lite0 block 4 at 128 px on Fashion-MNIST, whitened as `fdpipe extract` whitens them. Their targets
+are split by image: the first half fits what a codec fits (a PCA basis), the second half is measured.
+
+Codecs: the store's own quantizers (`fdpipe extract --dtype`: fdpipe.store.quantize.QUANTIZERS) and candidates
+measured here before any of them enters the store format:
+- `fp8-e4m3`: torch's float8 e4m3 with a float16 scale per token (a = 448 s);
+- `int4-fixed`: int4 with one fixed step for every token (whitened tokens have unit variance), no scales;
+- `pca-C/n+int8`: the K = C/n leading directions of the fitted tokens' second moment (a basis [C, K], C x K x 2 bytes once
+  per store), the K coefficients of each token stored as fdpipe's int8 (a float16 scale per token).
+Per codec: bytes per view of the stored arrays (values and scales; zarr's 16-byte chunk index entries and the basis
+left out), the ratio to float16's, and against float32: cosine per token (mean, min) and relative squared error.
+
+--demos DIR...: finished `fdpipe demo --dtype D --seed S` folders; their fine-tuned top-1 by (dtype, seed), and
+whether a codec's mean lies within float16's two-seed spread of float16's mean.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import common, fixtures
+from .common import log
+from .storage import fidelity, teacher_targets
+
+NAME = "bytes"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bytes.md"
+# (teacher, block or None for forward_features, pixels, source): the issue's two
+TEACHERS = (("effnet-lite2", None, 260, "photos"), ("effnet-lite0", 4, 128, "fashion-mnist"))
+PCA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)  # K as a fraction of C
+INT4_FIXED_STEP = 2.6 / 7  # about the least squared error for 15 levels of N(0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    auto = common.auto
+    p = common.parser(NAME, __doc__, images=auto("64; smoke 6; per teacher, half to fit"), views=2)
+    p.add_argument("--demos", nargs="*", default=[], help="finished `fdpipe demo` folders for the frontier")
+    p.add_argument("--doc", default=str(DOC), help="where the markdown goes (its PNG beside it)")
+    return common.run_with(NAME, p.parse_args(argv), run)
+
+
+# ------------------------------------------------------------------------------------------------ codecs
+def _pca_basis(fit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k leading eigenvectors [C, k] of the fitted tokens' second moment, and the energy fraction of each
+    direction (all C, descending)."""
+    t = torch.from_numpy(fit.reshape(-1, fit.shape[-1])).double()
+    vals, vecs = torch.linalg.eigh(t.T @ t)
+    vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
+    return vecs[:, :k].float().numpy(), (vals / vals.sum()).numpy()
+
+
+def candidates(fit: np.ndarray, channels: int) -> dict[str, tuple[callable, float]]:
+    """{name: (float32 [..., C] -> its reconstruction, bytes per token)} of the codecs not in the store."""
+    from fdpipe.store.quantize import get_quantizer
+
+    int8 = get_quantizer("int8")
+
+    def fp8(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x)
+        s = (t.abs().amax(-1, keepdim=True) / 448).clamp_min(2.0 ** -24).half().float()
+        return (t / s).to(torch.float8_e4m3fn).float().mul_(s).numpy()
+
+    def int4_fixed(x: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(x / INT4_FIXED_STEP), -7, 7) * INT4_FIXED_STEP
+
+    out = {"fp8-e4m3": (fp8, channels + 2), "int4-fixed": (int4_fixed, channels / 2)}
+    for frac in PCA_FRACTIONS:
+        k = max(1, round(channels * frac))
+        basis, _ = _pca_basis(fit, k)
+
+        def pca(x: np.ndarray, basis: np.ndarray = basis) -> np.ndarray:
+            coef = int8.dequantize(*int8.quantize(x @ basis))
+            return coef @ basis.T
+
+        out[f"pca-C/{round(1 / frac)}+int8"] = (pca, k + 2)  # the same name for every C: K = C/16 is 80 of 1280
+    return out
+
+
+def store_codecs(channels: int) -> dict[str, tuple[callable, float]]:
+    """The store's quantizers, as (round trip, bytes per token)."""
+    from fdpipe.store.quantize import QUANTIZERS
+
+    out = {}
+    for dtype, q in QUANTIZERS.items():
+        per_token = int(np.prod(q.stored_shape((channels,)))) * np.dtype(q.stored_dtype).itemsize
+        out[dtype] = (lambda x, q=q: q.dequantize(*q.quantize(x)), per_token + (2 if q.has_scales else 0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ frontier
+def frontier(demos: list[str]) -> dict:
+    """The demo folders' fine-tuned top-1 by dtype and seed, each dtype's mean and spread beside float16's."""
+    from fdpipe.store import open_store
+
+    runs = []
+    for d in map(Path, demos):
+        stages = json.loads((d / "stages.json").read_text())
+        extract = stages["extract"]
+        dtype = extract[extract.index("--dtype") + 1] if "--dtype" in extract else "float16"
+        st = open_store(str(d / "store"))
+        q, shape = st.quantizer, st.target_shape
+        target_bytes = int(np.prod(q.stored_shape(shape))) * np.dtype(q.stored_dtype).itemsize + (
+            2 * int(np.prod(shape[:-1])) if q.has_scales else 0)
+        top1 = {name: json.loads((d / f"finetune-{name}" / "metrics.json").read_text())["final"]["top1"]
+                for name in ("fd", "scratch")}
+        runs.append({"folder": str(d), "dtype": dtype, "seed": int(extract[extract.index("--seed") + 1]),
+                     "views": st.views, "target_bytes_per_view": target_bytes,
+                     "store_bytes_per_view": st.bytes_per_view(), "top1_fd": top1["fd"],
+                     "top1_scratch": top1["scratch"]})
+    by = {}
+    for r in runs:
+        by.setdefault(r["dtype"], []).append(r)
+    summary = {}
+    for dtype, rs in by.items():
+        t = [r["top1_fd"] for r in rs]
+        summary[dtype] = {"seeds": sorted(r["seed"] for r in rs), "top1": t, "mean": float(np.mean(t)),
+                          "spread": float(max(t) - min(t)), "target_bytes_per_view": rs[0]["target_bytes_per_view"],
+                          "bytes_per_image": rs[0]["target_bytes_per_view"] * rs[0]["views"]}
+    base = summary.get("float16")
+    for dtype, s in summary.items():
+        if base is not None:
+            s["gap_vs_float16"] = s["mean"] - base["mean"]
+            s["bytes_vs_float16"] = s["target_bytes_per_view"] / base["target_bytes_per_view"]
+            s["within_float16_spread"] = bool(abs(s["gap_vs_float16"]) <= base["spread"]) if len(base["top1"]) > 1 \
+                else None
+    return {"runs": runs, "by_dtype": summary}
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(ctx: common.Context) -> int:
+    from fdpipe.augment import AugmentationPlan
+    from fdpipe.data import open_source
+    from fdpipe.models import create_teacher
+
+    a, smoke = ctx.args, ctx.args.smoke
+    n = a.images or (6 if smoke else 64)
+    plan = AugmentationPlan(seed=0, views=a.views)
+    per_teacher, rows = {}, []
+    for alias, layer, size, data in TEACHERS:
+        size = 64 if smoke else size
+        t0 = time.time()
+        teacher = create_teacher(alias, weights=fixtures.teacher_weights(alias, size, ctx.work), image_size=size,
+                                 layer=layer, device=str(ctx.device))
+        spec = str(fixtures.make_photos(ctx.work / "photos", n, sizes=(48, 64) if smoke else (375, 500))) \
+            if data == "photos" else data
+        x, _ = teacher_targets(ctx, teacher, open_source(spec, limit=n), plan, 32)
+        x = x.astype(np.float32)
+        half = max(1, len(x) // 2)
+        fit, test = x[:half], x[half:]
+        channels, tokens = x.shape[-1], x.shape[-2]
+        _, energy = _pca_basis(fit, 1)
+        cum = np.cumsum(energy)
+        name = f"{alias}" + (f" block {layer}" if layer is not None else " features") + f" @ {size} px"
+        info = {"teacher": alias, "layer": layer, "image_size": size, "data": data, "target_shape": [tokens, channels],
+                "images_fit": half, "images_measured": len(test), "views": a.views,
+                "channels_for_95_energy": int(np.searchsorted(cum, 0.95) + 1),
+                "channels_for_99_energy": int(np.searchsorted(cum, 0.99) + 1), "codecs": {}}
+        f16_bytes = tokens * channels * 2
+        for kind, table in (("store", store_codecs(channels)), ("candidate", candidates(fit, channels))):
+            for codec, (round_trip, per_token) in table.items():
+                f = fidelity(test, round_trip(test))
+                bpv = per_token * tokens
+                info["codecs"][codec] = {"kind": kind, "bytes_per_view": bpv, "vs_float16": bpv / f16_bytes, **f}
+                rows.append([name, codec, kind, bpv, bpv / f16_bytes, f"{f['cos_mean']:.5f}", f"{f['cos_min']:.4f}",
+                             f["rel_mse"]])
+        per_teacher[name] = info
+        log(f"[{NAME}] {name}: {x.shape} in {time.time() - t0:.0f}s")
+    front = frontier(a.demos) if a.demos else None
+    teachers = list(per_teacher.values())
+    small = [c for c in teachers[0]["codecs"] if all(t["codecs"][c]["vs_float16"] <= 0.25 for t in teachers)]
+    best = max(small, key=lambda c: min(t["codecs"][c]["cos_mean"] for t in teachers), default=None)
+    worst = float("nan") if best is None else min(t["codecs"][best]["cos_mean"] for t in teachers)
+    g = common.goal(f"a codec at <= 1/4 of float16's bytes per view (best: {best}) keeps mean cosine >= 0.99 on "
+                    "both teachers (whether it keeps the top-1 is the frontier's question)", worst, 0.99)
+    result = {"ratio": worst, "goal": g, "teachers": per_teacher, "frontier": front}
+    headers = ["targets", "codec", "kind", "bytes/view", "x float16", "cos mean", "cos min", "rel sq err"]
+    path = common.finish(ctx, result, headers, rows, f"{NAME}: target codecs on real targets, {n} images x "
+                                                      f"{a.views} views per teacher (half fit, half measured)")
+    if not smoke or a.doc != str(DOC):
+        write_doc(Path(a.doc), json.loads(path.read_text()))
+    return 0
+
+
+def write_doc(doc: Path, result: dict) -> None:
+    """docs/bytes.md (and bytes.png beside it) from one run's results."""
+    m = result["machine"]
+    lines = ["# How small can a store be?", "",
+             f"Written by `python -m bench.bytes` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
+             f"{m.get('cpu') or 'CPU'}, torch {m.get('torch')}); rerun it to refresh this page. "
+             "Codecs marked *candidate* are measured here only: `fdpipe extract --dtype` writes the *store* ones.", ""]
+    for name, t in result["teachers"].items():
+        lines += [f"## {name}", "",
+                  f"Targets {t['target_shape']} from {t['data']}: {t['images_fit']} images x {t['views']} views fit "
+                  f"the PCA basis, {t['images_measured']} x {t['views']} are measured. "
+                  f"{t['channels_for_95_energy']} of {t['target_shape'][1]} directions hold 95% of the fitted "
+                  f"tokens' energy, {t['channels_for_99_energy']} hold 99%.", "",
+                  "| codec | kind | bytes per view | x float16 | cosine mean | cosine min | relative squared error |",
+                  "|---|---|---|---|---|---|---|"]
+        for c, v in t["codecs"].items():
+            lines.append(f"| {c} | {v['kind']} | {v['bytes_per_view']:,.0f} | {v['vs_float16']:.3f} | "
+                         f"{v['cos_mean']:.5f} | {v['cos_min']:.4f} | {v['rel_mse']:.2e} |")
+        lines.append("")
+    front = result.get("frontier")
+    if front:
+        lines += ["## The demo's top-1 against the store's bytes", "",
+                  "`fdpipe demo --dtype D --seed S` (Fashion-MNIST, 50 labels per class; bytes are the targets' "
+                  "own per view, the stored student views left out). A codec is within float16's spread when its "
+                  "mean top-1 lies within float16's two-seed spread (max - min) of float16's mean.", "",
+                  "| dtype | bytes per view | x float16 | seeds | top-1 (FD, fine-tuned) | mean | spread | "
+                  "mean - float16's | within float16's spread |", "|---|---|---|---|---|---|---|---|---|"]
+        for dtype, s in front["by_dtype"].items():
+            lines.append(f"| {dtype} | {s['target_bytes_per_view']:,} | {s.get('bytes_vs_float16', 1):.3f} | "
+                         f"{', '.join(map(str, s['seeds']))} | {', '.join(f'{t:.2f}%' for t in s['top1'])} | "
+                         f"{s['mean']:.2f}% | {s['spread']:.2f} | {s.get('gap_vs_float16', 0):+.2f} | "
+                         f"{s.get('within_float16_spread')} |")
+        lines.append("")
+    png = doc.with_suffix(".png")
+    if _plot(result, png):
+        lines += [f"![cosine against bytes per view]({png.name})", ""]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines))
+    log(f"wrote {doc}")
+
+
+def _plot(result: dict, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2 if result.get("frontier") else 1, figsize=(11 if result.get("frontier") else 6, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
+    for name, t in result["teachers"].items():
+        xs = [v["vs_float16"] for v in t["codecs"].values()]
+        ys = [1 - v["cos_mean"] for v in t["codecs"].values()]
+        ax.scatter(xs, ys, label=name)
+        for c, xv, yv in zip(t["codecs"], xs, ys):
+            ax.annotate(c, (xv, yv), fontsize=7)
+    ax.set(xscale="log", yscale="log", xlabel="bytes per view / float16's", ylabel="1 - mean cosine")
+    ax.legend(fontsize=7)
+    if result.get("frontier"):
+        ax = axes[0, 1]
+        for dtype, s in result["frontier"]["by_dtype"].items():
+            ax.scatter([s["bytes_per_image"]] * len(s["top1"]), s["top1"], label=dtype)
+        ax.set(xscale="log", xlabel="target bytes per image (V x bytes per view)", ylabel="demo top-1 (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

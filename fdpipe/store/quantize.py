@@ -22,9 +22,10 @@ then divide/round/clamp/convert).
 
 `int4` ("int4-per-token-v1") stores round(x / s) clipped to +-7, offset by 8 and packed two channels a byte (channel
 2i in the low nibble of byte i, 2i + 1 in the high one: a quarter of float16's bytes, plus the same float16 scale
-per token as int8). s is a / 7 x f for the f in INT4_FRACTIONS with the least squared error over the token, found
-exactly: at 15 levels, clipping the few largest values of a dense token costs less than the coarser step that keeps
-them (a Gaussian token's best f is about 0.7). C must be even.
+per token as int8). s is, of a / 7 x f for each f in INT4_FRACTIONS and INT4_RMS_STEP x the token's root mean
+square, the one with the least squared error over the token, found exactly: at 15 levels, clipping the few largest
+values of a dense token costs less than the coarser step that keeps them (a Gaussian token's best is the rms step,
+2.6 sigma / 7). C must be even.
 
 Tokens with a NaN or an infinite value (images that failed to decode arrive as all-NaN) get values 0 and a NaN
 scale (float16: NaN); all-zero tokens get scale 1.0 and values 0; scales stay within float16's finite range.
@@ -45,8 +46,11 @@ CPU_BLOCK_ROWS = 8192
 CPU_CHUNK_ROWS = 256
 # float16 scales are kept within the finite, non-zero float16 range.
 _F16_TINY, _F16_MAX = 2.0 ** -24, 65504.0
-# int4's candidate steps, as fractions of a / 7 (a: the token's largest |value|); 1 clips nothing.
+# int4's candidate steps, as fractions of a / 7 (a: the token's largest |value|; 1 clips nothing), and one of
+# INT4_RMS_STEP x the token's root mean square: about the least squared error for 15 levels of a Gaussian, the step
+# a whitened token (unit variance) wants.
 INT4_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4)
+INT4_RMS_STEP = 2.6 / 7
 
 
 @dataclass(frozen=True)
@@ -225,9 +229,10 @@ def _int4(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, scales: tor
         bad = ~torch.isfinite(amax)
         zero = amax == 0
         base = torch.where(bad | zero, 1.0, amax).div_(7.0)
+        rms = torch.where(bad | zero, 1.0, xa.square().mean(-1, keepdim=True).sqrt_())
         best = err = None
-        for f in INT4_FRACTIONS:
-            s = (base * f).clamp_(_F16_TINY, _F16_MAX).half().float()  # the step as stored
+        for s in [base * f for f in INT4_FRACTIONS] + [rms * INT4_RMS_STEP]:
+            s = s.clamp_(_F16_TINY, _F16_MAX).half().float()  # the step as stored
             e = torch.div(xa, s, out=w).round_().clamp_(-7, 7).mul_(s).sub_(xa).square_().sum(-1, keepdim=True)
             if best is None:
                 best, err = s, e

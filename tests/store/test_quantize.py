@@ -281,9 +281,11 @@ def int4_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     kept, the nibbles packed low channel first."""
     amax = np.abs(x).max(-1, keepdims=True)
     base = np.where(np.isfinite(amax) & (amax > 0), amax, 1.0) / 7
+    with np.errstate(invalid="ignore", over="ignore"):
+        rms = np.where(np.isfinite(amax) & (amax > 0), np.sqrt((x.astype(np.float32) ** 2).mean(-1, keepdims=True)), 1)
     errs, steps = [], []
-    for f in Q.INT4_FRACTIONS:
-        s = np.clip(base * f, 2.0 ** -24, 65504).astype(np.float16).astype(np.float32)
+    for s in [base * f for f in Q.INT4_FRACTIONS] + [rms * Q.INT4_RMS_STEP]:
+        s = np.clip(s, 2.0 ** -24, 65504).astype(np.float16).astype(np.float32)
         errs.append(((np.clip(np.rint(x / s), -7, 7) * s - x) ** 2).sum(-1))
         steps.append(s[..., 0])
     errs = np.nan_to_num(np.stack(errs), nan=0.0)

@@ -282,12 +282,18 @@ def run(ctx) -> int:
     log(f"[{NAME}] stored views: {vd['device_views_per_s']:.0f} views/s decoded on {dev} in batches of {batch} "
         f"vs {vd['cpu_views_per_core']:.0f} per CPU core")
 
+    # ---------------------------------------------------------------- (d) each dtype's reconstruction on the device
+    dq = dequantize_rates(dev, batch, [4, 16] if smoke else [257, 1024], rounds, timing)
+    save_partial("dequantize", dq)
+    log(f"[{NAME}] dequantize on {dev}: " + ", ".join(f"{d} {r['views_per_s']:,.0f} views/s" for d, r in dq.items()))
+
     # ---------------------------------------------------------------- result
     margins = {"extraction / teacher alone": ex["ratio"] / 0.90, "store-fed / RAM-fed distill": di["ratio"] / 0.95}
     ratio = min(margins.values())
     g = common.goal("extraction >= 0.90 x teacher alone and store-fed distill >= 0.95 x RAM-fed (worst share of "
                     "goal >= 1)", ratio, 1.0)
     result = {"ratio": ratio, "goal": g, "margins": margins, "extraction": ex, "distill": di, "view_decode": vd,
+              "dequantize": dq,
               "config": {"device": str(dev), "smoke": smoke, "total_s": time.time() - t_start}}
     if not g["met"]:
         worst = min(margins, key=margins.get)
@@ -305,7 +311,9 @@ def run(ctx) -> int:
             [f"distill {student}, RAM-fed", rate["memory"], "samples/s", "", "", ""],
             [f"distill {student}, store-fed", rate["store"], "samples/s", "RAM-fed", di["ratio"], ">= 0.95"],
             [f"stored views decoded on {dev} ({vd['codec']}, batches of {batch})", vd["device_views_per_s"],
-             "views/s", "one CPU core", vd["device_views_per_s"] / vd["cpu_views_per_core"], ""]]
+             "views/s", "one CPU core", vd["device_views_per_s"] / vd["cpu_views_per_core"], ""],
+            *[[f"{d} targets {r['target_shape']} dequantized on {dev} (batches of {batch})", r["views_per_s"],
+               "views/s", "", "", ""] for d, r in dq.items()]]
     title = (f"{NAME}: {info.timm_name}@{size} ({flops_per_view / 1e9:.1f} GFLOP/view, {ex['teacher_tflops']:.3g} "
              f"TFLOP/s alone), {views} views, {n} images; {student}@{image_size} batch {batch}; {workers} workers; "
              f"{ctx.machine.get('gpu', dev)}")
@@ -351,6 +359,35 @@ def view_decode(dev, photos: Path, size: int, batch: int, rounds: int, timing) -
     return {"codec": views.label, "batch": batch, "device_views_per_s": timing.median(dev_rates),
             "cpu_views_per_core": timing.median(cpu_rates),
             "bytes_per_view": sum(len(d) for d in data) / len(data)}
+
+
+def dequantize_rates(dev, batch: int, shape: list[int], rounds: int, timing) -> dict:
+    """Each store dtype's reconstruction of a batch of stored targets (`Quantizer.dequantize_tensor`, what the
+    training step runs on the device) in views per second: float16's conversion, int8's and int4's scales (int4
+    unpacks its nibbles first)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from fdpipe.store.quantize import QUANTIZERS
+
+    from . import fixtures
+
+    x = fixtures.whitened(np.random.default_rng(0), (batch, *shape))
+    out = {}
+    for dtype, q in QUANTIZERS.items():
+        values, scales = (None if t is None else torch.from_numpy(t).to(dev) for t in q.quantize(x))
+        q.dequantize_tensor(values, scales)  # warm-up
+        rates = []
+        for _ in range(rounds):
+            timing.sync(dev)
+            t0 = time.perf_counter()
+            q.dequantize_tensor(values, scales)
+            timing.sync(dev)
+            rates.append(batch / (time.perf_counter() - t0))
+        out[dtype] = {"target_shape": list(shape), "batch": batch, "views_per_s": timing.median(rates)}
+    return out
 
 
 if __name__ == "__main__":

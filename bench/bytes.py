@@ -15,8 +15,10 @@ measured here before any of them enters the store format:
 Per codec: bytes per view of the stored arrays (values and scales; zarr's 16-byte chunk index entries and the basis
 left out), the ratio to float16's, and against float32: cosine per token (mean, min) and relative squared error.
 
---demos DIR...: finished `fdpipe demo --dtype D --seed S` folders; their fine-tuned top-1 by (dtype, seed), and
-whether a codec's mean lies within float16's two-seed spread of float16's mean.
+The frontier: `--frontier float16:2,int4:2,int4:8` runs `fdpipe demo --dtype D --views V --seed S` for each point
+and each of `--seeds` (into --frontier-dir, reusing what a run there finished), and --demos adds finished demo
+folders. Their fine-tuned top-1 by (dtype, views), with each point's mean and two-seed spread, and whether its mean
+lies within float16's spread of float16's mean (float16 at the demo's 2 views is the reference).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ INT4_FIXED_STEP = 2.6 / 7  # about the least squared error for 15 levels of N(0,
 def main(argv: list[str] | None = None) -> int:
     auto = common.auto
     p = common.parser(NAME, __doc__, images=auto("64; smoke 6; per teacher, half to fit"), views=2)
-    p.add_argument("--demos", nargs="*", default=[], help="finished `fdpipe demo` folders for the frontier")
+    p.add_argument("--frontier", default="", help="DTYPE:VIEWS points to run the demo at, comma-separated "
+                                                   "(e.g. float16:2,int4:2,int4:8); none by default")
+    p.add_argument("--seeds", default="0,1", help="the demo's seeds for every frontier point")
+    p.add_argument("--frontier-dir", default="frontier", help="where the frontier's demo runs go (reused)")
+    p.add_argument("--demos", nargs="*", default=[], help="finished `fdpipe demo` folders to add to the frontier")
     p.add_argument("--doc", default=str(DOC), help="where the markdown goes (its PNG beside it)")
     return common.run_with(NAME, p.parse_args(argv), run)
 
@@ -97,6 +103,23 @@ def store_codecs(channels: int) -> dict[str, tuple[callable, float]]:
 
 
 # ------------------------------------------------------------------------------------------------ frontier
+def run_frontier(points: str, seeds: str, root: Path) -> list[str]:
+    """Run `fdpipe demo` at every (dtype, views) point and seed; returns the folders (a finished one is reused)."""
+    import subprocess
+    import sys
+
+    folders = []
+    for point in filter(None, (p.strip() for p in points.split(","))):
+        dtype, views = point.split(":")
+        for seed in filter(None, (s.strip() for s in seeds.split(","))):
+            out = root / f"{dtype}-v{views}-s{seed}"
+            log(f"[{NAME}] frontier: fdpipe demo --dtype {dtype} --views {views} --seed {seed} --out {out}")
+            subprocess.run([sys.executable, "-m", "fdpipe", "demo", "--dtype", dtype, "--views", views, "--seed",
+                            seed, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+            folders.append(str(out))
+    return folders
+
+
 def frontier(demos: list[str]) -> dict:
     """The demo folders' fine-tuned top-1 by dtype and seed, each dtype's mean and spread beside float16's."""
     from fdpipe.store import open_store
@@ -118,21 +141,24 @@ def frontier(demos: list[str]) -> dict:
                      "top1_scratch": top1["scratch"]})
     by = {}
     for r in runs:
-        by.setdefault(r["dtype"], []).append(r)
+        by.setdefault(f"{r['dtype']} x {r['views']} views", []).append(r)
     summary = {}
-    for dtype, rs in by.items():
-        t = [r["top1_fd"] for r in rs]
-        summary[dtype] = {"seeds": sorted(r["seed"] for r in rs), "top1": t, "mean": float(np.mean(t)),
-                          "spread": float(max(t) - min(t)), "target_bytes_per_view": rs[0]["target_bytes_per_view"],
+    for point, rs in sorted(by.items(), key=lambda kv: -kv[1][0]["target_bytes_per_view"] * kv[1][0]["views"]):
+        t = [r["top1_fd"] for r in sorted(rs, key=lambda r: r["seed"])]
+        summary[point] = {"dtype": rs[0]["dtype"], "views": rs[0]["views"], "seeds": sorted(r["seed"] for r in rs),
+                          "top1": t, "mean": float(np.mean(t)), "spread": float(max(t) - min(t)),
+                          "target_bytes_per_view": rs[0]["target_bytes_per_view"],
                           "bytes_per_image": rs[0]["target_bytes_per_view"] * rs[0]["views"]}
-    base = summary.get("float16")
+    base = summary.get("float16 x 2 views")
     for dtype, s in summary.items():
         if base is not None:
             s["gap_vs_float16"] = s["mean"] - base["mean"]
             s["bytes_vs_float16"] = s["target_bytes_per_view"] / base["target_bytes_per_view"]
+            s["bytes_per_image_vs_float16"] = s["bytes_per_image"] / base["bytes_per_image"]
             s["within_float16_spread"] = bool(abs(s["gap_vs_float16"]) <= base["spread"]) if len(base["top1"]) > 1 \
                 else None
-    return {"runs": runs, "by_dtype": summary}
+            s["seeds_overlap_float16"] = bool(min(s["top1"]) <= max(base["top1"]) and max(s["top1"]) >= min(base["top1"]))
+    return {"runs": runs, "points": summary}
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -174,7 +200,8 @@ def run(ctx: common.Context) -> int:
                              f["rel_mse"]])
         per_teacher[name] = info
         log(f"[{NAME}] {name}: {x.shape} in {time.time() - t0:.0f}s")
-    front = frontier(a.demos) if a.demos else None
+    demos = [*run_frontier(a.frontier, a.seeds, Path(a.frontier_dir)), *a.demos]
+    front = frontier(demos) if demos else None
     teachers = list(per_teacher.values())
     small = [c for c in teachers[0]["codecs"] if all(t["codecs"][c]["vs_float16"] <= 0.25 for t in teachers)]
     best = max(small, key=lambda c: min(t["codecs"][c]["cos_mean"] for t in teachers), default=None)
@@ -213,15 +240,18 @@ def write_doc(doc: Path, result: dict) -> None:
     if front:
         lines += ["## The demo's top-1 against the store's bytes", "",
                   "`fdpipe demo --dtype D --seed S` (Fashion-MNIST, 50 labels per class; bytes are the targets' "
-                  "own per view, the stored student views left out). A codec is within float16's spread when its "
-                  "mean top-1 lies within float16's two-seed spread (max - min) of float16's mean.", "",
-                  "| dtype | bytes per view | x float16 | seeds | top-1 (FD, fine-tuned) | mean | spread | "
-                  "mean - float16's | within float16's spread |", "|---|---|---|---|---|---|---|---|---|"]
-        for dtype, s in front["by_dtype"].items():
-            lines.append(f"| {dtype} | {s['target_bytes_per_view']:,} | {s.get('bytes_vs_float16', 1):.3f} | "
+                  "own per view, the stored student views left out). A store is within float16's spread when its "
+                  "mean top-1 lies within float16's two-seed spread (max - min) of float16's mean; its seeds "
+                  "overlap float16's when the two ranges of top-1 meet.", "",
+                  "| store | bytes per view | bytes per image | x float16 x 2 | seeds | top-1 (FD, fine-tuned) | "
+                  "mean | spread | mean - float16's | within float16's spread | seeds overlap float16's |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for point, s in front["points"].items():
+            lines.append(f"| {point} | {s['target_bytes_per_view']:,} | {s['bytes_per_image']:,} | "
+                         f"{s.get('bytes_per_image_vs_float16', 1):.3f} | "
                          f"{', '.join(map(str, s['seeds']))} | {', '.join(f'{t:.2f}%' for t in s['top1'])} | "
                          f"{s['mean']:.2f}% | {s['spread']:.2f} | {s.get('gap_vs_float16', 0):+.2f} | "
-                         f"{s.get('within_float16_spread')} |")
+                         f"{s.get('within_float16_spread')} | {s.get('seeds_overlap_float16')} |")
         lines.append("")
     png = doc.with_suffix(".png")
     if _plot(result, png):
@@ -252,8 +282,8 @@ def _plot(result: dict, png: Path) -> bool:
     ax.legend(fontsize=7)
     if result.get("frontier"):
         ax = axes[0, 1]
-        for dtype, s in result["frontier"]["by_dtype"].items():
-            ax.scatter([s["bytes_per_image"]] * len(s["top1"]), s["top1"], label=dtype)
+        for point, s in result["frontier"]["points"].items():
+            ax.scatter([s["bytes_per_image"]] * len(s["top1"]), s["top1"], label=point)
         ax.set(xscale="log", xlabel="target bytes per image (V x bytes per view)", ylabel="demo top-1 (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -234,23 +234,27 @@ def parse_teachers(ctx: click.Context, param: click.Parameter, value: str) -> tu
                    "give the spread a difference between rows must exceed to be a change.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES),
               help="The store's dtype (extract --dtype): compare the top-1 of a smaller store with float16's.")
+@click.option("--views", type=click.IntRange(1, 64), default=None,
+              help="Views per image in the store [default: 2]: with --dtype, a point of the store's size/accuracy "
+                   "frontier (bench/bytes.py).")
 @click_option("workers", workers_option("DataLoader workers per stage.", default=2), int)
 @click_option("device", device_option())
 def demo(out: str, quick: bool, teachers: tuple[str, ...], compare_sources: bool, seed: int, dtype: str,
-         workers: int, device: str) -> None:
+         views: int | None, workers: int, device: str) -> None:
     """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
 
     Uses the real effnet-lite0 ImageNet teacher (--teachers effnet-lite0,effnet-lite2 adds a two-teacher student).
     Rerunning reuses every stage that is already complete.
     """
     run_demo(Path(out), quick=quick, workers=workers, device=device, teachers=teachers,
-             compare_sources=compare_sources, seed=seed, dtype=dtype)
+             compare_sources=compare_sources, seed=seed, dtype=dtype, views=views)
 
 
 def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto",
              teachers: tuple[str, ...] = (TEACHER,), compare_sources: bool = False, seed: int = 0,
-             dtype: str = "float16") -> dict[str, Any]:
-    sizes = replace(QUICK if quick else FULL, seed=seed, dtype=dtype)
+             dtype: str = "float16", views: int | None = None) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    sizes = replace(sizes, seed=seed, dtype=dtype, views=views or sizes.views)
     out.mkdir(parents=True, exist_ok=True)
     timings_path, stages_path = out / "timings.json", out / "stages.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -194,3 +195,21 @@ def test_compare_sources_adds_a_student_from_the_source_images_and_reports_the_g
     cfg = json.loads((out / "distill-source" / "config.json").read_text())
     assert cfg["fdpipe"]["pixels"].startswith("student views: cropped from the source images")
     assert "stored views - views cut from the source images:" in r.output
+
+
+def test_the_frontier_reads_a_demos_store_bytes_and_top1(demo_run):
+    """bench/bytes.py's frontier table from a finished demo folder: the point, its bytes and its top-1."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.bytes import frontier
+    from fdpipe.store import open_store
+
+    out, _ = demo_run
+    f = frontier([str(out)])
+    point = f["points"]["float16 x 2 views"]
+    st = open_store(str(out / "store"))
+    assert point["target_bytes_per_view"] == 2 * int(np.prod(st.target_shape))
+    assert point["bytes_per_image"] == 2 * point["target_bytes_per_view"]
+    top1 = json.loads((out / "finetune-fd" / "metrics.json").read_text())["final"]["top1"]
+    assert point["top1"] == [top1] and point["seeds"] == [0] and point["within_float16_spread"] is None

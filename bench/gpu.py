@@ -344,29 +344,38 @@ def view_decode(dev, photos: Path, size: int, batch: int, rounds: int, timing) -
         if len(data) >= batch:
             break
     data = (data * (batch // max(1, len(data)) + 1))[:batch]
-    views.decode_batch(data, dev)  # warm-up: the decoder's handle, the allocator
-    dev_rates, cpu_rates = [], []
+    device_rate = on_device(lambda: views.decode_batch(data, dev), dev, batch, rounds, timing)
+    cpu_rates = []
     for _ in range(rounds):
-        timing.sync(dev)
-        t0 = time.perf_counter()
-        views.decode_batch(data, dev)
-        timing.sync(dev)
-        dev_rates.append(batch / (time.perf_counter() - t0))
         c0 = time.process_time()
         for d in data:
             views.decode(d.numpy().tobytes())
         cpu_rates.append(batch / (time.process_time() - c0))
-    return {"codec": views.label, "batch": batch, "device_views_per_s": timing.median(dev_rates),
+    return {"codec": views.label, "batch": batch, "device_views_per_s": device_rate,
             "cpu_views_per_core": timing.median(cpu_rates),
             "bytes_per_view": sum(len(d) for d in data) / len(data)}
+
+
+def on_device(work, dev, n: int, rounds: int, timing) -> float:
+    """n / seconds of `work()` on `dev` (synchronized before and after), the median of `rounds` after a warm-up
+    (the decoder's handle, the allocator)."""
+    import time
+
+    work()
+    rates = []
+    for _ in range(rounds):
+        timing.sync(dev)
+        t0 = time.perf_counter()
+        work()
+        timing.sync(dev)
+        rates.append(n / (time.perf_counter() - t0))
+    return timing.median(rates)
 
 
 def dequantize_rates(dev, batch: int, shape: list[int], rounds: int, timing) -> dict:
     """Each store dtype's reconstruction of a batch of stored targets (`Quantizer.dequantize_tensor`, what the
     training step runs on the device) in views per second: float16's conversion, int8's and int4's scales (int4
     unpacks its nibbles first)."""
-    import time
-
     import numpy as np
     import torch
 
@@ -378,15 +387,8 @@ def dequantize_rates(dev, batch: int, shape: list[int], rounds: int, timing) -> 
     out = {}
     for dtype, q in QUANTIZERS.items():
         values, scales = (None if t is None else torch.from_numpy(t).to(dev) for t in q.quantize(x))
-        q.dequantize_tensor(values, scales)  # warm-up
-        rates = []
-        for _ in range(rounds):
-            timing.sync(dev)
-            t0 = time.perf_counter()
-            q.dequantize_tensor(values, scales)
-            timing.sync(dev)
-            rates.append(batch / (time.perf_counter() - t0))
-        out[dtype] = {"target_shape": list(shape), "batch": batch, "views_per_s": timing.median(rates)}
+        out[dtype] = {"target_shape": list(shape), "batch": batch, "views_per_s": on_device(
+            lambda q=q, v=values, s=scales: q.dequantize_tensor(v, s), dev, batch, rounds, timing)}
     return out
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import click
 
 from .errors import FdpipeError
-from .extract.settings import DTYPES
-from .options import CONTEXT, click_option, device_option, workers_option
+from .options import CONTEXT, DTYPES, click_option, device_option, workers_option
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,9 @@ def test_extra_fields_each_script_promises(smoke_results):
     s = r["storage"]
     for src in s["sources"].values():
         assert {"float16", "int8"} <= set(src["quantizers"])
-        for q in src["quantizers"].values():
-            assert 0.99 < q["cos_mean"] <= 1.0 + 1e-6 and q["rel_mse"] >= 0
+        for dtype, q in src["quantizers"].items():
+            floor = 0.95 if dtype == "int4" else 0.99  # 15 levels a channel: about 0.985 on the smoke's targets
+            assert floor < q["cos_mean"] <= 1.0 + 1e-6 and q["rel_mse"] >= 0, dtype
             assert q["codecs"]["zstd-0 (zarr default)"]["ratio"] > 0
     assert s["codec_recommended"] in s["codec_totals"]
     assert set(s["distill_loss"]) >= {"float32", "float16", "int8"}

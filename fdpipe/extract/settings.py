@@ -11,11 +11,10 @@ from typing import Any
 from ..errors import FdpipeError
 from ..store.layouts import LAYOUTS, facts
 from ..store.manifest import CODECS, DEFAULT_CODEC
-from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy_option, crop_scale_option,
+from ..options import (DTYPES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy_option, crop_scale_option,
                        device_option, option, quiet_option, seed_option, storage_options_option, view_codec_option, views_option,
                        workers_option)
 
-DTYPES = ("float16", "int8", "int4")  # fdpipe.store.quantize.QUANTIZERS, without loading torch for --help
 TARGETS = ("features", "logits")
 PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
 

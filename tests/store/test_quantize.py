@@ -346,3 +346,9 @@ def test_int4_refuses_an_odd_channel_count_saying_what_to_choose():
     assert INT4.check_shape([5, 8]) is None and INT8.check_shape([5, 9]) is None
     with pytest.raises(ValueError, match="packs 2 channels a byte"):
         INT4.quantize(np.zeros((2, 9), np.float32))
+
+
+def test_the_command_lines_dtypes_are_the_quantizers_that_write():
+    from fdpipe.options import DTYPES
+
+    assert DTYPES == tuple(Q.QUANTIZERS)

@@ -130,14 +130,9 @@ class Quantizer:
         v = np.asarray(values)
         if not self.has_scales:
             return v.astype(np.float32)
-        if self.bits == 4:  # the nibbles, low first, back to -7..7
-            out = np.empty((*v.shape, 2), np.float32)
-            np.bitwise_and(v, 15, out=out[..., 0], casting="unsafe")
-            np.right_shift(v, 4, out=out[..., 1], casting="unsafe")
-            v = out.reshape(*v.shape[:-1], -1)
-            v -= 8
-            v *= np.asarray(scales, dtype=np.float32)[..., None]
-            return v
+        if self.bits == 4:  # the nibbles unpacked by dequantize_tensor, on CPU: one unpacking, the same values
+            v, s = (np.require(t, requirements=["C", "W"]) for t in (v, np.asarray(scales)))  # torch needs writable
+            return self.dequantize_tensor(torch.from_numpy(v), torch.from_numpy(s)).numpy()
         return v.astype(np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
 
     def dequantize_tensor(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:

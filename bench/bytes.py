@@ -97,8 +97,7 @@ def store_codecs(channels: int) -> dict[str, tuple[callable, float]]:
 
     out = {}
     for dtype, q in QUANTIZERS.items():
-        per_token = int(np.prod(q.stored_shape((channels,)))) * np.dtype(q.stored_dtype).itemsize
-        out[dtype] = (lambda x, q=q: q.dequantize(*q.quantize(x)), per_token + (2 if q.has_scales else 0))
+        out[dtype] = (lambda x, q=q: q.dequantize(*q.quantize(x)), q.stored_bytes((1, channels)))
     return out
 
 
@@ -131,8 +130,7 @@ def frontier(demos: list[str]) -> dict:
         dtype = extract[extract.index("--dtype") + 1] if "--dtype" in extract else "float16"
         st = open_store(str(d / "store"))
         q, shape = st.quantizer, st.target_shape
-        target_bytes = int(np.prod(q.stored_shape(shape))) * np.dtype(q.stored_dtype).itemsize + (
-            2 * int(np.prod(shape[:-1])) if q.has_scales else 0)
+        target_bytes = q.stored_bytes(shape)
         top1 = {name: json.loads((d / f"finetune-{name}" / "metrics.json").read_text())["final"]["top1"]
                 for name in ("fd", "scratch")}
         runs.append({"folder": str(d), "dtype": dtype, "seed": int(extract[extract.index("--seed") + 1]),

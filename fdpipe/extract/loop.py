@@ -166,7 +166,7 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
         if problem:
             raise FdpipeError(f"--dtype {cfg.dtype}: {alias} {problem}")
     shard_size = cfg.shard_size or min(
-        default_shard_size(cfg.views * int(np.prod(q.stored_shape(shape))) * np.dtype(q.stored_dtype).itemsize)
+        default_shard_size(cfg.views * q.values_bytes(shape))
         for _, _, shape in made)
     info = made[0][1].info  # --student-views auto: the first teacher's grid at the student's default patch size
     student_views = cfg.views_setting(tuple(info.grid), teacher_patch(info.to_dict()) or DEFAULT_PATCH)

@@ -73,6 +73,14 @@ class Quantizer:
         *lead, c = target_shape
         return (*lead, c * self.bits // 8) if self.bits else (*lead, c)
 
+    def values_bytes(self, target_shape: tuple[int, ...] | list[int]) -> int:
+        """Bytes of one view's stored values (what sizes a shard)."""
+        return int(np.prod(self.stored_shape(target_shape))) * np.dtype(self.stored_dtype).itemsize
+
+    def stored_bytes(self, target_shape: tuple[int, ...] | list[int]) -> int:
+        """Bytes one view costs on disk before compression: its values and its float16 per-token scales."""
+        return self.values_bytes(target_shape) + (2 * int(np.prod(target_shape[:-1])) if self.has_scales else 0)
+
     @property
     def error_steps(self) -> float:
         """How far (in steps) a token's stored mean may lie from its true one: int8 rounds each channel within half

@@ -352,3 +352,15 @@ def test_the_command_lines_dtypes_are_the_quantizers_that_write():
     from fdpipe.options import DTYPES
 
     assert DTYPES == tuple(Q.QUANTIZERS)
+
+
+def test_stored_bytes_are_the_bytes_one_view_writes_values_and_scales():
+    """What bench/bytes reports and what sizes a shard is what the quantizer's arrays hold: int4's packing and the
+    per-token float16 scales included (float16 [257, 1024]: 526,336; int8 + scales 263,682; int4 + scales 132,098)."""
+    shape = (257, 1024)
+    x = whitened(np.random.default_rng(0), (2, *shape))
+    for dtype, q in Q.QUANTIZERS.items():
+        values, scales = q.quantize(x)
+        assert q.values_bytes(shape) == values[0].nbytes, dtype
+        assert q.stored_bytes(shape) == values[0].nbytes + (0 if scales is None else scales[0].nbytes), dtype
+    assert [Q.QUANTIZERS[d].stored_bytes(shape) for d in ("float16", "int8", "int4")] == [526336, 263682, 132098]

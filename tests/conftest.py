@@ -135,6 +135,17 @@ def one_line_error(result, *says: str) -> str:
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 DATA = TESTS / "data"  # files the tests read: recorded numbers, stores written by earlier fdpipe versions
+
+
+def _stored_kinds() -> list[tuple[str, str]]:
+    from fdpipe.options import DTYPES
+
+    return [(layout, dtype) for layout in ("zarr", "wds") for dtype in DTYPES]
+
+
+# Every (layout, dtype) a store can be written in: the tests of what each store must do run over all of them, so a
+# new dtype in fdpipe.options is covered without editing each list.
+STORE_KINDS = _stored_kinds()
 BIN = Path(sys.executable).parent
 STAGES = {"extract": "fdpipe.extract.loop.extract", "distill": "fdpipe.distill.train.distill",
           "finetune": "fdpipe.finetune.train.finetune", "analyze": "fdpipe.analyze.run.analyze"}

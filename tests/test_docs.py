@@ -15,15 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shard_rows, store_settings, whitened
+from conftest import STORE_KINDS, shard_rows, store_settings, whitened
 from fdpipe.store import StoreWriter, open_store, shard_range
 from fdpipe.store.index import COLUMNS
 from fdpipe.store.manifest import FORMAT_VERSION, canonical, checksum, fingerprint
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "store-format.md"
 PLACEHOLDER = 'STORE = "/path/to/store"'
-LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("zarr", "int4"), ("wds", "float16"), ("wds", "int8"),
-           ("wds", "int4")]
 
 # Appended to each snippet: its result, for comparison with fdpipe's own reading.
 DUMP = """
@@ -91,10 +89,11 @@ def make_store_with_images(root: Path, layout: str, dtype: str) -> Path:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
-    return {(layout, dtype): make_store_with_images(root, layout, dtype) for layout, dtype in LAYOUTS}
+    return {(layout, dtype): make_store_with_images(root, layout, dtype) for layout, dtype in STORE_KINDS}
 
 
-CASES = [(i, layout, dtype) for i, block in enumerate(snippets()) for layout, dtype in LAYOUTS if layout in needs(block)]
+CASES = [(i, layout, dtype) for i, block in enumerate(snippets())
+         for layout, dtype in STORE_KINDS if layout in needs(block)]
 
 
 @pytest.mark.parametrize("which,layout,dtype", CASES)

@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, TESTS, one_line_error, shard_rows, store_settings, whitened, write_store
+from conftest import DATA, STORE_KINDS, TESTS, one_line_error, shard_rows, store_settings, whitened, write_store
 from fdpipe.errors import IncompleteStoreError, StoreError
 from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.manifest import checksum, fingerprint
 
-LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("zarr", "int4"), ("wds", "float16"), ("wds", "int8"),
-           ("wds", "int4")]
 
 
 def read_all(url):
@@ -25,7 +23,7 @@ def read_all(url):
     return st, np.stack([it.targets for it in its]), [r for it in its for r in it.rows]
 
 
-@pytest.mark.parametrize("layout,dtype", LAYOUTS)
+@pytest.mark.parametrize("layout,dtype", STORE_KINDS)
 def test_round_trip_returns_what_went_in(make_store, layout, dtype):
     url, x, settings = make_store(layout, dtype)
     st, y, rows = read_all(url)
@@ -74,7 +72,7 @@ def test_a_store_says_how_it_is_read_and_a_streamed_one_refuses_random_access_in
             st.targets([(0, 0)])
 
 
-@pytest.mark.parametrize("layout,dtype", LAYOUTS)
+@pytest.mark.parametrize("layout,dtype", STORE_KINDS)
 def test_plain_zarr_pyarrow_webdataset_read_the_same_targets_and_params(make_store, tmp_path, layout, dtype):
     url, _, _ = make_store(layout, dtype)
     out = tmp_path / "plain.npz"

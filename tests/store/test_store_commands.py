@@ -6,12 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_line_error, part_store, shard_rows, store_settings, whitened, write_store
+from conftest import STORE_KINDS, one_line_error, part_store, shard_rows, store_settings, whitened, write_store
 from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.tools import convert
 
-LAYOUTS = [("zarr", "float16"), ("zarr", "int8"), ("zarr", "int4"), ("wds", "float16"), ("wds", "int8"),
-           ("wds", "int4")]
 
 
 def files_of(url) -> dict[str, bytes]:
@@ -46,7 +44,7 @@ def stored(url):
 
 
 # ------------------------------------------------------------------------------------------------------ convert
-@pytest.mark.parametrize("layout,dtype", LAYOUTS)
+@pytest.mark.parametrize("layout,dtype", STORE_KINDS)
 def test_convert_there_and_back_is_bit_exact(make_store, cli, tmp_path, layout, dtype):
     url, _, _ = make_store(layout, dtype, n=7, s=3)
     other = "wds" if layout == "zarr" else "zarr"
@@ -133,7 +131,7 @@ def test_convert_refuses_embedding_into_zarr_and_into_itself(make_store, cli):
 
 
 
-@pytest.mark.parametrize("layout,dtype", LAYOUTS)
+@pytest.mark.parametrize("layout,dtype", STORE_KINDS)
 def test_merge_of_two_halves_equals_the_store_made_in_one_go(tmp_path, cli, layout, dtype):
     full = store_settings(layout, dtype, n=7, s=3)
     targets = whitened(np.random.default_rng(3), (7, 2, 4, 8))

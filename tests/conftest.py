@@ -135,20 +135,21 @@ def one_line_error(result, *says: str) -> str:
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 DATA = TESTS / "data"  # files the tests read: recorded numbers, stores written by earlier fdpipe versions
-
-
-def _stored_kinds() -> list[tuple[str, str]]:
-    from fdpipe.options import DTYPES
-
-    return [(layout, dtype) for layout in ("zarr", "wds") for dtype in DTYPES]
-
-
-# Every (layout, dtype) a store can be written in: the tests of what each store must do run over all of them, so a
-# new dtype in fdpipe.options is covered without editing each list.
-STORE_KINDS = _stored_kinds()
 BIN = Path(sys.executable).parent
 STAGES = {"extract": "fdpipe.extract.loop.extract", "distill": "fdpipe.distill.train.distill",
           "finetune": "fdpipe.finetune.train.finetune", "analyze": "fdpipe.analyze.run.analyze"}
+
+
+def store_kinds() -> list[tuple[str, str]]:
+    """Every (layout, dtype) a store can be written in, from the tables that declare them, so that the tests of what
+    each store must do cover a new layout or dtype without editing each list."""
+    from fdpipe.options import DTYPES
+    from fdpipe.store.layouts import LAYOUTS
+
+    return [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES]
+
+
+STORE_KINDS = store_kinds()
 
 
 def extract_cmd(data, out, *extra):

@@ -16,7 +16,6 @@ from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.manifest import checksum, fingerprint
 
 
-
 def read_all(url):
     st = open_store(url)
     its = list(st.iter_images())

@@ -11,7 +11,6 @@ from fdpipe.store import StoreWriter, open_store
 from fdpipe.store.tools import convert
 
 
-
 def files_of(url) -> dict[str, bytes]:
     """Every file of a local store but manifest.json (whose creation time differs between runs)."""
     root = Path(url)
@@ -128,7 +127,6 @@ def test_convert_refuses_embedding_into_zarr_and_into_itself(make_store, cli):
 
 
 # -------------------------------------------------------------------------------------------------------- merge
-
 
 
 @pytest.mark.parametrize("layout,dtype", STORE_KINDS)

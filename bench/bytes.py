@@ -9,7 +9,6 @@ are split by image: the first half fits what a codec fits (a PCA basis), the sec
 Codecs: the store's own quantizers (`fdpipe extract --dtype`: fdpipe.store.quantize.QUANTIZERS) and candidates
 measured here before any of them enters the store format:
 - `fp8-e4m3`: torch's float8 e4m3 with a float16 scale per token (a = 448 s);
-- `int4-fixed`: int4 with one fixed step for every token (whitened tokens have unit variance), no scales;
 - `pca-C/n+int8`: the K = C/n leading directions of the fitted tokens' second moment (a basis [C, K], C x K x 2 bytes once
   per store), the K coefficients of each token stored as fdpipe's int8 (a float16 scale per token).
 Per codec: bytes per view of the stored arrays (values and scales; zarr's 16-byte chunk index entries and the basis
@@ -39,7 +38,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "bytes.md"
 # (teacher, block or None for forward_features, pixels, source): the issue's two
 TEACHERS = (("effnet-lite2", None, 260, "photos"), ("effnet-lite0", 4, 128, "fashion-mnist"))
 PCA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)  # K as a fraction of C
-INT4_FIXED_STEP = 2.6 / 7  # about the least squared error for 15 levels of N(0, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +73,7 @@ def candidates(fit: np.ndarray, channels: int) -> dict[str, tuple[callable, floa
         s = (t.abs().amax(-1, keepdim=True) / 448).clamp_min(2.0 ** -24).half().float()
         return (t / s).to(torch.float8_e4m3fn).float().mul_(s).numpy()
 
-    def int4_fixed(x: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(x / INT4_FIXED_STEP), -7, 7) * INT4_FIXED_STEP
-
-    out = {"fp8-e4m3": (fp8, channels + 2), "int4-fixed": (int4_fixed, channels / 2)}
+    out = {"fp8-e4m3": (fp8, channels + 2)}
     for frac in PCA_FRACTIONS:
         k = max(1, round(channels * frac))
         basis, _ = _pca_basis(fit, k)

@@ -17,10 +17,14 @@ index = pq.read_table(f"{store}/index").sort_by([("image_idx", "ascending"), ("v
 
 
 def unpack(values: np.ndarray) -> np.ndarray:
-    """int4's bytes: channel 2i in the low nibble of byte i, 2i + 1 in the high one, offset by 8."""
-    if manifest["dtype"] != "int4":
+    """int4's bytes: channel 2i in the low nibble of byte i, 2i + 1 in the high one, offset by 8; int4-fixed's
+    the same, times its one step, nibble 0 standing for NaN."""
+    if manifest["dtype"] not in ("int4", "int4-fixed"):
         return values.astype(np.float32)
-    return np.stack([values & 15, values >> 4], -1).reshape(*values.shape[:-1], -1).astype(np.float32) - 8
+    q = np.stack([values & 15, values >> 4], -1).reshape(*values.shape[:-1], -1).astype(np.float32)
+    if manifest["dtype"] == "int4":
+        return q - 8
+    return np.where(q == 0, np.nan, (q - 8) * np.float32(manifest["quantizer"]["step"])).astype(np.float32)
 
 
 params = np.array([[r["top"], r["left"], r["height"], r["width"], r["flip"]] for r in index], dtype=np.int64)

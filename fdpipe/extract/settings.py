@@ -39,7 +39,8 @@ class ExtractConfig:
     layout: str = option("zarr", "zarr: random access by (image, view); wds: tar shards to stream.", flag="--format",
                          choices=LAYOUTS)
     dtype: str = option("float16", "Stored dtype: int8 and int4 (half and a quarter of float16's bytes) keep a "
-                                   "float16 scale per token.", choices=DTYPES)
+                                   "float16 scale per token; int4-fixed (exactly a quarter) one step for every "
+                                   "whitened token.", choices=DTYPES)
     codec: str = option(DEFAULT_CODEC, "Chunk compressor of a zarr store (wds members stay plain .npy). Whitened dense "
                                    "features shrink by about 8%, so none is the fastest store; see bench/README.md.",
                         choices=CODECS)
@@ -75,6 +76,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
+        from ..store.quantize import get_quantizer
 
         for name in ("teacher", "layer", "weights", "image_size"):  # one value from Python code: a tuple of one
             value = getattr(self, name)
@@ -97,6 +99,9 @@ class ExtractConfig:
         if self.teacher_precision not in PRECISIONS:
             raise FdpipeError(f"--teacher-precision must be one of {', '.join(PRECISIONS)} "
                               f"(got {self.teacher_precision})")
+        if get_quantizer(self.dtype).whitened_only and self.target != "features":
+            raise FdpipeError(f"--dtype {self.dtype} stores whitened features (one step for tokens of unit "
+                              f"variance), not --target {self.target}; choose --dtype int4 or int8")
         if self.codec != "none" and not facts(self.layout).compresses_chunks:
             raise FdpipeError(f"--codec {self.codec} is for zarr stores: wds members stay plain .npy so that webdataset "
                               "reads them; drop --codec or use --format zarr")

@@ -27,8 +27,14 @@ square, the one with the least squared error over the token, found exactly: at 1
 values of a dense token costs less than the coarser step that keeps them (a Gaussian token's best is the rms step,
 2.6 sigma / 7). C must be even.
 
+`int4-fixed` ("int4-fixed-step-v1") packs the nibbles as int4 does, with one step for every token and no scales:
+exactly a quarter of float16's bytes. The step is INT4_RMS_STEP, the rms step of a whitened token (unit variance),
+so it stores whitened features only (`whitened_only`; extraction refuses it for logits). Its nibble 0 (-8, which
+the +-7 rounding never writes) marks a non-finite token: it reads back as NaN, as a failed image must.
+
 Tokens with a NaN or an infinite value (images that failed to decode arrive as all-NaN) get values 0 and a NaN
-scale (float16: NaN); all-zero tokens get scale 1.0 and values 0; scales stay within float16's finite range.
+scale (float16: NaN; int4-fixed: nibbles 0); all-zero tokens get scale 1.0 and values 0; scales stay within
+float16's finite range.
 """
 
 from __future__ import annotations
@@ -59,9 +65,23 @@ class Quantizer:
     dtype: str  # the manifest's dtype: what `--dtype` names
     has_scales: bool
     bits: int = 0  # below 8: that many bits a channel, 8 // bits channels packed into a byte of `stored_dtype`
+    step: float = 0.0  # one step for every token (no scales stored); 0: each token's own scale, or float16
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "scales": "per-token float16" if self.has_scales else None}
+        d = {"name": self.name, "dtype": self.dtype, "scales": "per-token float16" if self.has_scales else None}
+        return {**d, "step": self.step} if self.step else d
+
+    @property
+    def whitened_only(self) -> bool:
+        """A fixed step fits tokens of unit variance only: such a quantizer stores whitened features, not logits."""
+        return bool(self.step)
+
+    def mean_error(self, scales: np.ndarray | None) -> np.ndarray | float:
+        """How far a token's stored mean may lie from its true one (per token, or one bound): `error_steps` steps
+        of its scale, or of the fixed step; 0 for float16 (verify's whitening check widens by this)."""
+        if scales is not None:
+            return scales.astype(np.float32) * self.error_steps
+        return self.step * self.error_steps
 
     @property
     def stored_dtype(self) -> str:
@@ -110,7 +130,7 @@ class Quantizer:
         x = x.detach()
         if x.dtype != torch.float32:
             x = x.float()
-        if not self.has_scales:
+        if not self.bits and not self.has_scales:
             return x.to(torch.float16), None
         shape = x.shape
         problem = self.check_shape(tuple(shape))
@@ -125,8 +145,13 @@ class Quantizer:
         inner = min(outer, CPU_CHUNK_ROWS) if cpu else outer
         stored = self.stored_shape(tuple(x2.shape))
         values = torch.empty(stored, dtype=getattr(torch, self.stored_dtype), device=x.device)
-        scales = torch.empty(rows, dtype=torch.float16, device=x.device)
         work = torch.empty((inner, x2.shape[1]), dtype=torch.float32, device=x.device)  # reused: no page faults
+        if self.step:
+            for a in range(0, rows, inner):
+                b = min(rows, a + inner)
+                _int4_fixed(x2[a:b], work[:b - a], values[a:b], self.step)
+            return values.reshape(self.stored_shape(tuple(shape))), None
+        scales = torch.empty(rows, dtype=torch.float16, device=x.device)
         rounder = _int4 if self.bits == 4 else _int8_v2
         for a in range(0, rows, outer):
             b = min(rows, a + outer)
@@ -136,30 +161,37 @@ class Quantizer:
     # ---------------------------------------------------------------------------------------------- dequantize
     def dequantize(self, values: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
         v = np.asarray(values)
+        if self.bits == 4:  # the nibbles unpacked by dequantize_tensor, on CPU: one unpacking, the same values
+            v = torch.from_numpy(np.require(v, requirements=["C", "W"]))  # torch needs writable memory
+            s = None if scales is None else torch.from_numpy(np.require(np.asarray(scales), requirements=["C", "W"]))
+            return self.dequantize_tensor(v, s).numpy()
         if not self.has_scales:
             return v.astype(np.float32)
-        if self.bits == 4:  # the nibbles unpacked by dequantize_tensor, on CPU: one unpacking, the same values
-            v, s = (np.require(t, requirements=["C", "W"]) for t in (v, np.asarray(scales)))  # torch needs writable
-            return self.dequantize_tensor(torch.from_numpy(v), torch.from_numpy(s)).numpy()
         return v.astype(np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
 
     def dequantize_tensor(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
         """Stored values (and scales) as tensors on any device -> float32 targets on that device."""
-        if not self.has_scales:
+        if not self.bits and not self.has_scales:
             return values.float()
         if self.bits == 4:
             out = torch.empty((*values.shape, 2), dtype=torch.float32, device=values.device)
             torch.bitwise_and(values, 15, out=out[..., 0])
             torch.bitwise_right_shift(values, 4, out=out[..., 1])
-            out = out.view(*values.shape[:-1], -1).sub_(8)
+            out = out.view(*values.shape[:-1], -1)
+            if self.step:  # nibble 0 marks a non-finite token: NaN, as a failed image's targets read
+                return out.masked_fill_(out == 0, float("nan")).sub_(8).mul_(self.step)
+            out = out.sub_(8)
         else:
             out = values.to(torch.float32, copy=True)  # one conversion, into memory of its own (the batch stays)
         return out.mul_(scales.to(device=out.device, dtype=torch.float32).unsqueeze(-1))  # in place: 4x less CPU
 
     @property
     def fill_value(self):
-        """What a chunk that was never written reads as: NaN, or values 0 (int4: two nibbles of 8)."""
-        return np.float16(np.nan) if self.dtype == "float16" else 0x88 if self.bits == 4 else 0
+        """What a chunk that was never written reads as: NaN (int4-fixed: nibbles 0, its NaN), or values 0 (int4:
+        two nibbles of 8; with a NaN scale)."""
+        if self.dtype == "float16":
+            return np.float16(np.nan)
+        return (0 if self.step else 0x88) if self.bits == 4 else 0
 
 
 def _int8_v2(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, inner: int) -> None:
@@ -251,11 +283,23 @@ def _int4(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, scales: tor
         scales[a:b] = torch.where(bad, float("nan"), s).squeeze(-1)
 
 
+def _int4_fixed(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, step: float) -> None:
+    """float32 rows [M, C] -> packed nibbles [M, C / 2] at one step, in place: round(x / step) clipped to +-7, plus 8;
+    a token with a NaN or an infinite value gets nibbles 0 (read back as NaN)."""
+    q = torch.div(x, step, out=work).round_().clamp_(-7, 7).add_(8)  # clamp maps +-inf to +-7, NaN stays NaN
+    bad = ~torch.isfinite(x).all(-1, keepdim=True)
+    if bool(bad.any()):
+        q.masked_fill_(bad, 0.0)
+    q8 = q.to(torch.uint8)
+    values.copy_(q8[:, 0::2] | (q8[:, 1::2] << 4))
+
+
 # What `--dtype` writes.
 QUANTIZERS: dict[str, Quantizer] = {
     "float16": Quantizer("float16", "float16", False),
     "int8": Quantizer("int8-per-token-v2", "int8", True),
     "int4": Quantizer("int4-per-token-v1", "int4", True, bits=4),
+    "int4-fixed": Quantizer("int4-fixed-step-v1", "int4-fixed", False, bits=4, step=INT4_RMS_STEP),
 }
 # Every quantizer name a store may record, with what it reads as: the writers' own, the retired int8 search
 # ("int8-per-token", format 2) and format 1's names; every int8 one dequantizes as values x scale.

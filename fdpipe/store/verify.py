@@ -81,7 +81,7 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
     Whitened means a token's mean within WHITENED_TOL of 0 and its variance of 1, widened by what its step s allows:
     int8 stores each channel within e = s/2 of its value (the quantizer clips only a few channels, and only when
     that costs less), so the stored mean may be off by e and the variance by 2e + e^2; int4, which clips the tails
-    of dense tokens, within e = s in the mean (`Quantizer.error_steps`). The int8 bound is reached:
+    of dense tokens, within e = s in the mean, s its scale or int4-fixed's one step (`Quantizer.mean_error`). The int8 bound is reached:
     when most of a token's channels share its minimum and the minimum sits half a step from 0, they all round the
     same way (effnet-lite0's head: mean 0.09 at s = 0.19), and no step does better without clipping the maximum.
     """
@@ -107,10 +107,13 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
         zeros += len(zero_views(x))
         meter.add(torch.from_numpy(x))
         if whitened and x.size:
-            off = 0.0 if it.scales is None else it.scales[ok].astype(np.float32) * store.quantizer.error_steps
+            off = store.quantizer.mean_error(None if it.scales is None else it.scales[ok])
             mean, var = x.mean(-1), x.var(-1)
+            # a fixed step clips every token's tails at 2.6 of its unit deviation, so a sparse token keeps less
+            # variance: only its upper bound holds there
+            low = np.inf if store.quantizer.step else WHITENED_TOL + 2 * off + off ** 2
             bad = (np.abs(mean) > WHITENED_TOL + off) | (
-                (np.abs(var - 1) > WHITENED_TOL + 2 * off + off ** 2) & (var > 1e-3))
+                ((var - 1 > WHITENED_TOL + 2 * off + off ** 2) | (1 - var > low)) & (var > 1e-3))
             if bad.any():
                 yield (f"shard {it.rows[0]['shard']}: image {it.image_idx} ({it.key!r}) is not whitened "
                        f"(token mean {float(mean.flat[np.argmax(bad)]):.3f}, var {float(var.flat[np.argmax(bad)]):.3f})")

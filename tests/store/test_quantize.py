@@ -341,6 +341,41 @@ def test_int4_nan_zero_tokens_and_torch_bytes_on_every_device():
         assert np.array_equal(yt.cpu().numpy(), y, equal_nan=True)
 
 
+INT4_FIXED = Q.get_quantizer("int4-fixed")
+
+
+def test_int4_fixed_is_int4s_nibbles_at_one_step_exactly_a_quarter_of_float16_with_nibble_0_for_nan():
+    """One step for every token, no scales: round(x / s) clipped to +-7 plus 8, channel 2i in the low nibble; a
+    non-finite token is nibbles 0 and reads back as NaN (a failed image), on every device alike."""
+    x = whitened(np.random.default_rng(3), (2, 6, 32))
+    x[0, 0] = np.nan
+    x[0, 1, 3] = np.inf
+    values, scales = INT4_FIXED.quantize(x)
+    s = np.float32(INT4_FIXED.step)
+    q = (np.clip(np.round(x / s), -7, 7) + 8).astype(np.uint8)
+    want = q[..., 0::2] | (q[..., 1::2] << 4)
+    assert scales is None and values.shape == (2, 6, 16)
+    assert (values[0, :2] == 0).all() and np.array_equal(values[0, 2:], want[0, 2:])
+    assert np.array_equal(values[1], want[1])
+    y = INT4_FIXED.dequantize(values)
+    assert np.isnan(y[0, :2]).all() and np.isfinite(y[0, 2:]).all()
+    inside = np.abs(x[1]) <= 7 * s
+    assert np.all(np.abs(y[1] - x[1])[inside] <= s / 2 + 1e-6)
+    assert INT4_FIXED.stored_bytes([257, 1024]) * 4 == Q.get_quantizer("float16").stored_bytes([257, 1024])
+    for device in DEVICES:
+        tv, ts = INT4_FIXED.quantize_tensor(torch.from_numpy(x).to(device))
+        assert ts is None and tv.cpu().numpy().tobytes() == values.tobytes()
+        assert np.array_equal(INT4_FIXED.dequantize_tensor(tv).cpu().numpy(), y, equal_nan=True)
+
+
+def test_int4_fixed_is_refused_for_logits_in_one_line_saying_what_to_choose():
+    from fdpipe.errors import FdpipeError
+    from fdpipe.extract import ExtractConfig
+
+    with pytest.raises(FdpipeError, match="--dtype int4-fixed stores whitened features .*choose --dtype int4 or int8"):
+        ExtractConfig(teacher="effnet-lite0", data="x", out="y", dtype="int4-fixed", target="logits")
+
+
 def test_int4_refuses_an_odd_channel_count_saying_what_to_choose():
     assert "9 channels (odd); choose --dtype int8 or float16" in INT4.check_shape([5, 9])
     assert INT4.check_shape([5, 8]) is None and INT8.check_shape([5, 9]) is None

@@ -81,8 +81,8 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
     Whitened means a token's mean within WHITENED_TOL of 0 and its variance of 1, widened by what its step s allows:
     int8 stores each channel within e = s/2 of its value (the quantizer clips only a few channels, and only when
     that costs less), so the stored mean may be off by e and the variance by 2e + e^2; int4, which clips the tails
-    of dense tokens, within e = s in the mean, s its scale or int4-fixed's one step (`Quantizer.mean_error`). The int8 bound is reached:
-    when most of a token's channels share its minimum and the minimum sits half a step from 0, they all round the
+    of dense tokens, within e = s in the mean, s its scale or int4-fixed's one step (`Quantizer.mean_error`).
+    The int8 bound is reached: when most of a token's channels share its minimum and the minimum sits half a step from 0, they all round the
     same way (effnet-lite0's head: mean 0.09 at s = 0.19), and no step does better without clipping the maximum.
     """
     views = zeros = 0
@@ -111,7 +111,7 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
             mean, var = x.mean(-1), x.var(-1)
             # a fixed step clips every token's tails at 2.6 of its unit deviation, so a sparse token keeps less
             # variance: only its upper bound holds there
-            low = np.inf if store.quantizer.step else WHITENED_TOL + 2 * off + off ** 2
+            low = np.inf if store.quantizer.whitened_only else WHITENED_TOL + 2 * off + off ** 2
             bad = (np.abs(mean) > WHITENED_TOL + off) | (
                 ((var - 1 > WHITENED_TOL + 2 * off + off ** 2) | (1 - var > low)) & (var > 1e-3))
             if bad.any():

@@ -41,6 +41,8 @@ from .errors import FdpipeError
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=110)
 # The stored dtypes (`--dtype` of extract and demo): fdpipe.store.quantize.QUANTIZERS, without loading torch for --help.
 DTYPES = ("float16", "int8", "int4", "int4-fixed")
+# Those whose quantizer has one step for tokens of unit variance (`Quantizer.whitened_only`): whitened features only.
+WHITENED_ONLY_DTYPES = ("int4-fixed",)
 _KEY = "fdpipe"  # the dataclasses.field metadata key
 
 

@@ -70,8 +70,12 @@ def test_extra_fields_each_script_promises(smoke_results):
     for src in s["sources"].values():
         assert {"float16", "int8"} <= set(src["quantizers"])
         for dtype, q in src["quantizers"].items():
-            floor = 0.95 if dtype == "int4" else 0.99  # 15 levels a channel: about 0.985 on the smoke's targets
+            # 15 levels a channel: about 0.985 on the smoke's targets; int4-fixed's one step clips the sparse 64 px
+            # tokens' tails (about 0.86 there), and int4, which may choose that step per token, is never worse
+            floor = {"int4": 0.95, "int4-fixed": 0.8}.get(dtype, 0.99)
             assert floor < q["cos_mean"] <= 1.0 + 1e-6 and q["rel_mse"] >= 0, dtype
+            if dtype == "int4-fixed":
+                assert q["cos_mean"] <= src["quantizers"]["int4"]["cos_mean"] + 1e-3
             assert q["codecs"]["zstd-0 (zarr default)"]["ratio"] > 0
     assert s["codec_recommended"] in s["codec_totals"]
     assert set(s["distill_loss"]) >= {"float32", "float16", "int8"}

@@ -11,9 +11,9 @@ from typing import Any
 from ..errors import FdpipeError
 from ..store.layouts import LAYOUTS, facts
 from ..store.manifest import CODECS, DEFAULT_CODEC
-from ..options import (DTYPES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy_option, crop_scale_option,
-                       device_option, option, quiet_option, seed_option, storage_options_option, view_codec_option, views_option,
-                       workers_option)
+from ..options import (DTYPES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, WHITENED_ONLY_DTYPES, check_bounds, crop_policy_option,
+                       crop_scale_option, device_option, option, quiet_option, seed_option, storage_options_option,
+                       view_codec_option, views_option, workers_option)
 
 TARGETS = ("features", "logits")
 PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
@@ -76,7 +76,6 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         from ..augment import make_plan  # here, not at the top: `fdpipe --help` must not load torch
-        from ..store.quantize import get_quantizer
 
         for name in ("teacher", "layer", "weights", "image_size"):  # one value from Python code: a tuple of one
             value = getattr(self, name)
@@ -99,7 +98,7 @@ class ExtractConfig:
         if self.teacher_precision not in PRECISIONS:
             raise FdpipeError(f"--teacher-precision must be one of {', '.join(PRECISIONS)} "
                               f"(got {self.teacher_precision})")
-        if get_quantizer(self.dtype).whitened_only and self.target != "features":
+        if self.dtype in WHITENED_ONLY_DTYPES and self.target != "features":
             raise FdpipeError(f"--dtype {self.dtype} stores whitened features (one step for tokens of unit "
                               f"variance), not --target {self.target}; choose --dtype int4 or int8")
         if self.codec != "none" and not facts(self.layout).compresses_chunks:

@@ -384,9 +384,10 @@ def test_int4_refuses_an_odd_channel_count_saying_what_to_choose():
 
 
 def test_the_command_lines_dtypes_are_the_quantizers_that_write():
-    from fdpipe.options import DTYPES
+    from fdpipe.options import DTYPES, WHITENED_ONLY_DTYPES
 
     assert DTYPES == tuple(Q.QUANTIZERS)
+    assert WHITENED_ONLY_DTYPES == tuple(d for d, q in Q.QUANTIZERS.items() if q.whitened_only)
 
 
 def test_stored_bytes_are_the_bytes_one_view_writes_values_and_scales():

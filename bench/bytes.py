@@ -13,6 +13,9 @@ measured here before any of them enters the store format:
   per store), the K coefficients of each token stored as fdpipe's int8 (a float16 scale per token).
 Per codec: bytes per view of the stored arrays (values and scales; zarr's 16-byte chunk index entries and the basis
 left out), the ratio to float16's, and against float32: cosine per token (mean, min) and relative squared error.
+Per store codec, its CPU cost at CLIP-L shape (8 views of [257, 1024] whitened targets, one thread): quantizing
+(what extraction pays on a CPU; a GPU does it in the teacher's shadow) and dequantizing (what the training device
+pays on a CPU), views per CPU-second, the median of ROUNDS. Reading the stored bytes is `bench.ceilings --dtype`'s.
 
 The frontier: `--frontier float16:2,int4:2,int4:8` runs `fdpipe demo --dtype D --views V --seed S` for each point
 and each of `--seeds` (into --frontier-dir, reusing what a run there finished), and --demos adds finished demo
@@ -38,6 +41,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "bytes.md"
 # (teacher, block or None for forward_features, pixels, source): the issue's two
 TEACHERS = (("effnet-lite2", None, 260, "photos"), ("effnet-lite0", 4, 128, "fashion-mnist"))
 PCA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)  # K as a fraction of C
+CLIP_L = (8, 257, 1024)  # views x tokens x channels: the shape each codec's CPU cost is measured at
+ROUNDS = 5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +99,54 @@ def store_codecs(channels: int) -> dict[str, tuple[callable, float]]:
     for dtype, q in QUANTIZERS.items():
         out[dtype] = (lambda x, q=q: q.dequantize(*q.quantize(x)), q.stored_bytes((1, channels)))
     return out
+
+
+def codec_cpu(smoke: bool) -> dict[str, dict[str, float]]:
+    """Each store codec's quantize and dequantize rates on this CPU at CLIP-L shape (views per CPU-second, one
+    thread, the median of ROUNDS), on whitened N(0, 1) targets: the codec's own CPU cost, apart from reading."""
+    from fdpipe.store.quantize import QUANTIZERS
+
+    shape = (2, 5, 16) if smoke else CLIP_L
+    x = fixtures.whitened(np.random.default_rng(0), shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for dtype, q in QUANTIZERS.items():
+            def rate(fn) -> float:
+                times = []
+                for _ in range(1 if smoke else ROUNDS):
+                    t0 = time.process_time()
+                    fn()
+                    times.append(time.process_time() - t0)
+                return shape[0] / max(float(np.median(times)), 1e-9)
+
+            xt = torch.from_numpy(x)
+            values, scales = q.quantize_tensor(xt)
+            out[dtype] = {"quantize_views_per_cpu_s": rate(lambda: q.quantize_tensor(xt)),
+                          "dequantize_views_per_cpu_s": rate(lambda: q.dequantize_tensor(values, scales)),
+                          "shape": list(shape)}
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def verdict(front: dict) -> str:
+    """Issue 27's second question, answered from the frontier: which store at <= 1/4 of float16's bytes per view
+    keeps a mean top-1 within float16's two-seed spread (none, plainly, when none does)."""
+    points = front["points"]
+    base = points.get("float16 x 2 views")
+    if base is None:
+        return "No float16 x 2 views point: nothing to compare with."
+    small = {p: s for p, s in points.items() if s["dtype"] != "float16" and s["bytes_vs_float16"] <= 0.25 + 1e-9}
+    held = [p for p, s in small.items() if s.get("within_float16_spread")]
+    head = (f"float16 x 2 views: {', '.join(f'{t:.2f}%' for t in base['top1'])} (mean {base['mean']:.2f}%, spread "
+            f"{base['spread']:.2f}). ")
+    if held:
+        return head + f"Within that spread at <= 1/4 of float16's bytes per view: {', '.join(held)}."
+    tried = "; ".join(f"{p}: mean {s['mean']:.2f}% ({s['gap_vs_float16']:+.2f})" for p, s in small.items())
+    return head + ("No store at <= 1/4 of float16's bytes per view keeps a mean top-1 within that spread"
+                   + (f" ({tried})." if tried else " (none was run)."))
 
 
 # ------------------------------------------------------------------------------------------------ frontier
@@ -193,15 +246,21 @@ def run(ctx: common.Context) -> int:
                              f["rel_mse"]])
         per_teacher[name] = info
         log(f"[{NAME}] {name}: {x.shape} in {time.time() - t0:.0f}s")
+    cpu = codec_cpu(smoke)
     demos = [*run_frontier(a.frontier, a.seeds, Path(a.frontier_dir)), *a.demos]
     front = frontier(demos) if demos else None
+    if front:
+        demo_teacher = next(t for t in per_teacher.values() if t["teacher"] == "effnet-lite0")["codecs"]
+        for s in front["points"].values():
+            s.update(cos_mean_demo_teacher=demo_teacher[s["dtype"]]["cos_mean"], **cpu[s["dtype"]])
+        front["verdict"] = verdict(front)
     teachers = list(per_teacher.values())
     small = [c for c in teachers[0]["codecs"] if all(t["codecs"][c]["vs_float16"] <= 0.25 for t in teachers)]
     best = max(small, key=lambda c: min(t["codecs"][c]["cos_mean"] for t in teachers), default=None)
     worst = float("nan") if best is None else min(t["codecs"][best]["cos_mean"] for t in teachers)
     g = common.goal(f"a codec at <= 1/4 of float16's bytes per view (best: {best}) keeps mean cosine >= 0.99 on "
                     "both teachers (whether it keeps the top-1 is the frontier's question)", worst, 0.99)
-    result = {"ratio": worst, "goal": g, "teachers": per_teacher, "frontier": front}
+    result = {"ratio": worst, "goal": g, "teachers": per_teacher, "codec_cpu": cpu, "frontier": front}
     headers = ["targets", "codec", "kind", "bytes/view", "x float16", "cos mean", "cos min", "rel sq err"]
     path = common.finish(ctx, result, headers, rows, f"{NAME}: target codecs on real targets, {n} images x "
                                                       f"{a.views} views per teacher (half fit, half measured)")
@@ -229,23 +288,37 @@ def write_doc(doc: Path, result: dict) -> None:
             lines.append(f"| {c} | {v['kind']} | {v['bytes_per_view']:,.0f} | {v['vs_float16']:.3f} | "
                          f"{v['cos_mean']:.5f} | {v['cos_min']:.4f} | {v['rel_mse']:.2e} |")
         lines.append("")
+    cpu = result.get("codec_cpu") or {}
+    if cpu:
+        shape = next(iter(cpu.values()))["shape"]
+        lines += ["## CPU cost at CLIP-L shape", "",
+                  f"Views of {shape[1:]} whitened targets per CPU-second (one thread, this machine), batches of "
+                  f"{shape[0]}: quantizing is extraction's on a CPU (a GPU does it in the teacher's shadow), "
+                  "dequantizing the training device's. Reading the stored bytes: `python -m bench.ceilings --dtype D`.",
+                  "", "| codec | quantize | dequantize |", "|---|---|---|"]
+        lines += [f"| {d} | {c['quantize_views_per_cpu_s']:,.0f} | {c['dequantize_views_per_cpu_s']:,.0f} |"
+                  for d, c in cpu.items()]
+        lines.append("")
     front = result.get("frontier")
     if front:
         lines += ["## The demo's top-1 against the store's bytes", "",
-                  "`fdpipe demo --dtype D --seed S` (Fashion-MNIST, 50 labels per class; bytes are the targets' "
-                  "own per view, the stored student views left out). A store is within float16's spread when its "
-                  "mean top-1 lies within float16's two-seed spread (max - min) of float16's mean; its seeds "
-                  "overlap float16's when the two ranges of top-1 meet.", "",
-                  "| store | bytes per view | bytes per image | x float16 x 2 | seeds | top-1 (FD, fine-tuned) | "
-                  "mean | spread | mean - float16's | within float16's spread | seeds overlap float16's |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "`fdpipe demo --dtype D --views V --seed S` (Fashion-MNIST, 50 labels per class; bytes are the "
+                  "targets' own per view, the stored student views left out). A store is within float16's spread "
+                  "when its mean top-1 lies within float16's two-seed spread (max - min) of float16's mean; its "
+                  "seeds overlap float16's when the two ranges of top-1 meet. Cosine: the demo teacher's (effnet-lite0 "
+                  "block 4) above; CPU: views per CPU-second at CLIP-L shape, above.", "",
+                  "| store | bytes per view | bytes per image | x float16 x 2 | cosine | quantize / CPU-s | "
+                  "dequantize / CPU-s | seeds | top-1 (FD, fine-tuned) | mean | spread | mean - float16's | "
+                  "within float16's spread | seeds overlap float16's |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for point, s in front["points"].items():
             lines.append(f"| {point} | {s['target_bytes_per_view']:,} | {s['bytes_per_image']:,} | "
-                         f"{s.get('bytes_per_image_vs_float16', 1):.3f} | "
+                         f"{s.get('bytes_per_image_vs_float16', 1):.3f} | {s.get('cos_mean_demo_teacher', 1):.5f} | "
+                         f"{s.get('quantize_views_per_cpu_s', 0):,.0f} | {s.get('dequantize_views_per_cpu_s', 0):,.0f} | "
                          f"{', '.join(map(str, s['seeds']))} | {', '.join(f'{t:.2f}%' for t in s['top1'])} | "
                          f"{s['mean']:.2f}% | {s['spread']:.2f} | {s.get('gap_vs_float16', 0):+.2f} | "
                          f"{s.get('within_float16_spread')} | {s.get('seeds_overlap_float16')} |")
-        lines.append("")
+        lines += ["", f"**{front['verdict']}**" if front.get("verdict") else "", ""]
     png = doc.with_suffix(".png")
     if _plot(result, png):
         lines += [f"![cosine against bytes per view]({png.name})", ""]

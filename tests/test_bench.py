@@ -128,6 +128,27 @@ def test_bytes_measures_every_store_dtype_and_candidate_on_both_teachers(smoke_r
         assert codecs["float16"]["vs_float16"] == 1 and codecs["float16"]["cos_mean"] > 0.99999, name
         assert codecs["int4"]["bytes_per_view"] == t["target_shape"][0] * (t["target_shape"][1] // 2 + 2), name
         assert all(0 < c["cos_mean"] <= 1 + 1e-6 and c["rel_mse"] >= 0 for c in codecs.values()), name
+    assert set(b["codec_cpu"]) == set(QUANTIZERS)  # each store codec's CPU cost beside its bytes and cosine
+    assert all(_positive(c["quantize_views_per_cpu_s"]) and _positive(c["dequantize_views_per_cpu_s"])
+               for c in b["codec_cpu"].values())
+
+
+def test_bytes_verdict_names_a_quarter_size_store_within_float16s_spread_or_says_none_is():
+    from bench.bytes import verdict
+
+    def point(dtype, top1, bytes_vs):
+        gap = sum(top1) / 2 - 70.5
+        return {"dtype": dtype, "top1": top1, "mean": sum(top1) / 2, "spread": max(top1) - min(top1),
+                "bytes_vs_float16": bytes_vs, "gap_vs_float16": gap, "within_float16_spread": abs(gap) <= 0.2}
+
+    base = point("float16", [70.4, 70.6], 1.0)
+    near = {"float16 x 2 views": base, "int4-fixed x 2 views": point("int4-fixed", [70.3, 70.8], 0.25),
+            "int8 x 2 views": point("int8", [70.5, 70.5], 0.5)}
+    assert verdict({"points": near}).endswith("1/4 of float16's bytes per view: int4-fixed x 2 views.")
+    far = {**near, "int4-fixed x 2 views": point("int4-fixed", [69.0, 69.4], 0.25)}
+    assert "No store at <= 1/4 of float16's bytes per view" in verdict({"points": far})
+    assert "int4-fixed x 2 views: mean 69.20% (-1.30)" in verdict({"points": far})
+    assert "int8" not in verdict({"points": far})  # half of float16's bytes: not the question
 
 
 def _positive(x) -> bool:

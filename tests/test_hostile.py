@@ -190,7 +190,8 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, photos) -> dict[str, Path]:
     """One small real store per layout: 4 photos, 2 views, 2 shards of 2 images; and the same pair in int4
-    ("zarr-int4", "wds-int4"), whose packed targets are files of their own kind."""
+    ("zarr-int4", "wds-int4") and int4-fixed ("zarr-int4-fixed", "wds-int4-fixed": packed, without scales), whose
+    packed targets are files of their own kind."""
     from click.testing import CliRunner
 
     from fdpipe.cli import main
@@ -198,7 +199,7 @@ def bases(tmp_path_factory, photos) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
     runner = CliRunner()
     stores = {}
-    for suffix, dtype in (("", "float16"), ("-int4", "int4")):
+    for suffix, dtype in (("", "float16"), ("-int4", "int4"), ("-int4-fixed", "int4-fixed")):
         zarr_, wds_ = root / f"zarr{suffix}", root / f"wds{suffix}"
         r = runner.invoke(main, ["extract", "--data", str(photos), "--out", str(zarr_), "--shard-size", "2",
                                  "--dtype", dtype, *EXTRACT])
@@ -466,6 +467,15 @@ ZOO = [
             file=True, stale="targets.zarr/targets/zarr.json: "),
     Variant("int4-member-unpacked-width", edit_tar(_unpacked_npy, ".targets.npy"), TAR_READERS,
             "holds uint8 [1, 1280], the manifest says uint8 [1, 640]", ("wds-int4",), file=True,
+            stale_readers=("distill", "convert")),
+    # int4-fixed: one step for every token, named by the quantizer; the same packed files without scales
+    Variant("int4-fixed-step-changed", edit_manifest(_set("quantizer.step", 0.5)), message="records step 0.5",
+            layouts=("zarr-int4-fixed", "wds-int4-fixed")),
+    Variant("int4-fixed-zarr-unpacked-width", edit_zarr_metadata(_unpacked_width),
+            ("verify", "verify-deep", "distill", "convert"), "zarr.json: shape is [4, 2, 1, 1280], the manifest says [4, 2, 1, 640]", ("zarr-int4-fixed",),
+            file=True, stale="targets.zarr/targets/zarr.json: "),
+    Variant("int4-fixed-member-unpacked-width", edit_tar(_unpacked_npy, ".targets.npy"), TAR_READERS,
+            "holds uint8 [1, 1280], the manifest says uint8 [1, 640]", ("wds-int4-fixed",), file=True,
             stale_readers=("distill", "convert")),
     Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
             file=True),

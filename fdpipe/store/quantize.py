@@ -330,4 +330,8 @@ def quantizer_of(manifest: dict, where: str) -> Quantizer:
     if q.dtype != manifest["dtype"]:
         raise StoreError(f"{where}: quantizer {name!r} stores {q.dtype}, but dtype is {manifest['dtype']!r}; the "
                          "manifest is damaged or was not written by fdpipe")
+    step = manifest["quantizer"].get("step", 0.0)
+    if step != q.step:  # the reader undoes the name's step: another one recorded would read back mis-scaled
+        raise StoreError(f"{where}: quantizer {name!r} records step {step!r}, where {name!r} has "
+                         f"{q.step or 'none'}; the manifest is damaged or was not written by fdpipe")
     return q

@@ -391,6 +391,17 @@ class Variant:
     # refuse it by its crc32c only when the change is not fixed up
 
 
+def _unpacked_variants(dtype: str) -> list[Variant]:
+    """A packed dtype's targets declared one byte a channel: in zarr.json, and as a wds member of unpacked width."""
+    return [Variant(f"{dtype}-zarr-unpacked-width", edit_zarr_metadata(_unpacked_width),
+                    ("verify", "verify-deep", "distill", "convert"),
+                    "zarr.json: shape is [4, 2, 1, 1280], the manifest says [4, 2, 1, 640]", (f"zarr-{dtype}",),
+                    file=True, stale="targets.zarr/targets/zarr.json: "),
+            Variant(f"{dtype}-member-unpacked-width", edit_tar(_unpacked_npy, ".targets.npy"), TAR_READERS,
+                    "holds uint8 [1, 1280], the manifest says uint8 [1, 640]", (f"wds-{dtype}",), file=True,
+                    stale_readers=("distill", "convert"))]
+
+
 def _m(name: str, change: Callable[[dict[str, Any], Path], None], message: str) -> Variant:
     return Variant(name, edit_manifest(change), message=message)
 
@@ -462,21 +473,11 @@ ZOO = [
     Variant("int4-zarr-dtype-int16", edit_zarr_metadata(lambda z: z.update(data_type="int16")),
             ("verify", "verify-deep", "distill", "convert"), "zarr.json: dtype is int16, the manifest says uint8", ("zarr-int4",), file=True,
             stale="targets.zarr/targets/zarr.json: "),
-    Variant("int4-zarr-unpacked-width", edit_zarr_metadata(_unpacked_width),
-            ("verify", "verify-deep", "distill", "convert"), "zarr.json: shape is [4, 2, 1, 1280], the manifest says [4, 2, 1, 640]", ("zarr-int4",),
-            file=True, stale="targets.zarr/targets/zarr.json: "),
-    Variant("int4-member-unpacked-width", edit_tar(_unpacked_npy, ".targets.npy"), TAR_READERS,
-            "holds uint8 [1, 1280], the manifest says uint8 [1, 640]", ("wds-int4",), file=True,
-            stale_readers=("distill", "convert")),
+    *_unpacked_variants("int4"),
     # int4-fixed: one step for every token, named by the quantizer; the same packed files without scales
     Variant("int4-fixed-step-changed", edit_manifest(_set("quantizer.step", 0.5)), message="records step 0.5",
             layouts=("zarr-int4-fixed", "wds-int4-fixed")),
-    Variant("int4-fixed-zarr-unpacked-width", edit_zarr_metadata(_unpacked_width),
-            ("verify", "verify-deep", "distill", "convert"), "zarr.json: shape is [4, 2, 1, 1280], the manifest says [4, 2, 1, 640]", ("zarr-int4-fixed",),
-            file=True, stale="targets.zarr/targets/zarr.json: "),
-    Variant("int4-fixed-member-unpacked-width", edit_tar(_unpacked_npy, ".targets.npy"), TAR_READERS,
-            "holds uint8 [1, 1280], the manifest says uint8 [1, 640]", ("wds-int4-fixed",), file=True,
-            stale_readers=("distill", "convert")),
+    *_unpacked_variants("int4-fixed"),
     Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
             file=True),
     _m("student-views-size-0", _set("student_views.size", 0), "student_views.size is 0"),

@@ -25,7 +25,8 @@ class ImageViews:
     image_idx: int
     key: str
     label: int | None
-    pixels: list[torch.Tensor] | None  # per view geometry, the V views uint8 [V, 3, H, W]; None when it failed
+    pixels: list[torch.Tensor] | None  # per view geometry, the V views uint8 [V, 3, H, W] (channels-last memory:
+    # stack_views); None when it failed
     rows: list[dict[str, Any]]  # V index rows (without `shard`)
     embed: tuple[str, bytes] | None = None
     student_views: list[bytes] | None = None  # the V encoded student views (b"" each for a failed image)
@@ -68,7 +69,7 @@ class PlanViews(Dataset):
                      status="ok") for v, (s, p) in enumerate(zip(seeds, params))]
         cut = self.plan.prepare(image)  # once per image: every view and every teacher's transform cuts from it
         views = [[tf.pixels(cut, p) for p in params] for tf in self.transforms]
-        return ImageViews(i, key, label, [torch.stack(v) for v in views], rows,
+        return ImageViews(i, key, label, [stack_views(v) for v in views], rows,
                           encoded_image(sample.data) if self.embed else None, self.student_views(cut, params, views))
 
     def student_views(self, cut: Any, params: list[Any], views: list[list[torch.Tensor]]) -> list[bytes] | None:
@@ -81,6 +82,13 @@ class PlanViews(Dataset):
         else:
             own = [self.student_tf.pixels(cut, p) for p in params]
         return [self.student.encode(v) for v in own]
+
+
+def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [V, 3, H, W] of the views, in channels-last memory: each view as `pixels` cut it ([H, W, 3] memory)
+    copied once, in order. Stacking them channels-first reordered every byte on the CPU (0.3 ms a 224 px view, an
+    eighth of extraction's data path); `on_teacher` makes the batch contiguous on the teacher's device instead."""
+    return torch.stack([v.permute(1, 2, 0) for v in views]).permute(0, 3, 1, 2)
 
 
 def collate(items: list[ImageViews]) -> list[ImageViews]:
@@ -104,13 +112,16 @@ def geometries(transforms: list[ViewTransform]) -> tuple[list[ViewTransform], li
 
 
 def host_views(items: list[ImageViews], geometry: int) -> torch.Tensor:
-    """uint8 [sum of V, 3, H, W] on the host: the items' views of one geometry, as one batch."""
+    """uint8 [sum of V, 3, H, W] on the host: the items' views of one geometry, as one batch (channels-last
+    memory, as `stack_views` made each)."""
     return torch.cat([it.pixels[geometry] for it in items])
 
 
 def on_teacher(views: torch.Tensor, transform: ViewTransform, device: torch.device | str) -> torch.Tensor:
-    """A host batch of uint8 views as the teacher's float32 input on `device`, normalized there."""
-    return transform.normalize(views.to(device, non_blocking=True))
+    """A host batch of uint8 views as the teacher's float32 input on `device`, contiguous (channels first) and
+    normalized there: the teacher sees the tensor it saw before `stack_views`, value for value and stride for
+    stride."""
+    return transform.normalize(views.to(device, non_blocking=True).contiguous())
 
 
 def teacher_inputs(items: list[ImageViews], geometry: int, transform: ViewTransform,

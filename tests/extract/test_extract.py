@@ -449,3 +449,28 @@ def test_a_rerun_on_a_complete_store_reads_none_of_its_shards_and_says_it_is_com
     assert r.exit_code == 0, r.output
     assert "its store was already complete; skipped" in r.output and f"store complete: {out}" in r.output
     assert "extracted 0 images" in r.output
+
+
+@pytest.mark.parametrize("policy", [1, 2])
+def test_views_cross_in_channels_last_memory_and_the_teacher_gets_the_contiguous_batch_it_got_before(photo_dir,
+                                                                                                   policy):
+    """PlanViews stacks each image's views without reordering their bytes on the CPU (stack_views); on_teacher
+    makes the batch channels-first contiguous on the device, with the values a channels-first stack gives."""
+    from fdpipe.augment import ViewTransform, make_plan
+    from fdpipe.data import decode_rgb, open_source
+    from fdpipe.extract.views import PlanViews, on_teacher
+
+    plan = make_plan(0, 3, policy_version=policy)
+    tf = ViewTransform((48, 48), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bicubic")
+    views = PlanViews(open_source(str(photo_dir)), plan, [tf])
+    items = [views[i] for i in range(2)]
+    batch = torch.cat([it.pixels[0] for it in items])
+    assert batch.shape == (6, 3, 48, 48) and batch.is_contiguous(memory_format=torch.channels_last)
+    image = decode_rgb(views.source[0].data)
+    cut = plan.prepare(image)
+    params = [plan.sample_seeded(plan.view_seed(views.source.keys[0], v), (image.height, image.width))
+              for v in range(3)]
+    assert torch.equal(items[0].pixels[0], torch.stack([tf.pixels(cut, p) for p in params]).contiguous())
+    x = on_teacher(batch, tf, "cpu")
+    assert x.is_contiguous()
+    assert torch.equal(x, tf.normalize(batch.contiguous()))

@@ -82,8 +82,9 @@ def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[s
     int8 stores each channel within e = s/2 of its value (the quantizer clips only a few channels, and only when
     that costs less), so the stored mean may be off by e and the variance by 2e + e^2; int4, which clips the tails
     of dense tokens, within e = s in the mean, s its scale or int4-fixed's one step (`Quantizer.mean_error`).
-    The int8 bound is reached: when most of a token's channels share its minimum and the minimum sits half a step from 0, they all round the
-    same way (effnet-lite0's head: mean 0.09 at s = 0.19), and no step does better without clipping the maximum.
+    The int8 bound is reached: when most of a token's channels share its minimum and the minimum sits half a step
+    from 0, they all round the same way (effnet-lite0's head: mean 0.09 at s = 0.19), and no step does better
+    without clipping the maximum.
     """
     views = zeros = 0
     for it in store.iter_stored():

@@ -108,20 +108,21 @@ def codec_cpu(smoke: bool) -> dict[str, dict[str, float]]:
 
     shape = (2, 5, 16) if smoke else CLIP_L
     x = fixtures.whitened(np.random.default_rng(0), shape)
+    xt = torch.from_numpy(x)
+
+    def rate(fn) -> float:
+        times = []
+        for _ in range(1 if smoke else ROUNDS):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        return shape[0] / max(float(np.median(times)), 1e-9)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = {}
         for dtype, q in QUANTIZERS.items():
-            def rate(fn) -> float:
-                times = []
-                for _ in range(1 if smoke else ROUNDS):
-                    t0 = time.process_time()
-                    fn()
-                    times.append(time.process_time() - t0)
-                return shape[0] / max(float(np.median(times)), 1e-9)
-
-            xt = torch.from_numpy(x)
             values, scales = q.quantize_tensor(xt)
             out[dtype] = {"quantize_views_per_cpu_s": rate(lambda: q.quantize_tensor(xt)),
                           "dequantize_views_per_cpu_s": rate(lambda: q.dequantize_tensor(values, scales)),

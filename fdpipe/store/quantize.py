@@ -278,9 +278,14 @@ def _int4(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, scales: tor
         q = torch.div(xa, s, out=w).round_().clamp_(-7, 7).add_(8)
         if bool(bad.any()):  # a NaN or inf token: values 0 (converting NaN to an integer is undefined)
             q.masked_fill_(bad, 8.0)
-        q8 = q.to(torch.uint8)
-        values[a:b] = q8[:, 0::2] | (q8[:, 1::2] << 4)
+        values[a:b] = _packed(q)
         scales[a:b] = torch.where(bad, float("nan"), s).squeeze(-1)
+
+
+def _packed(q: torch.Tensor) -> torch.Tensor:
+    """Nibbles 0-15 as float rows [M, C] -> uint8 [M, C / 2]: channel 2i in the low nibble of byte i, 2i + 1 high."""
+    q8 = q.to(torch.uint8)
+    return q8[:, 0::2] | (q8[:, 1::2] << 4)
 
 
 def _int4_fixed(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, step: float) -> None:
@@ -290,8 +295,7 @@ def _int4_fixed(x: torch.Tensor, work: torch.Tensor, values: torch.Tensor, step:
     bad = ~torch.isfinite(x).all(-1, keepdim=True)
     if bool(bad.any()):
         q.masked_fill_(bad, 0.0)
-    q8 = q.to(torch.uint8)
-    values.copy_(q8[:, 0::2] | (q8[:, 1::2] << 4))
+    values.copy_(_packed(q))
 
 
 # What `--dtype` writes.

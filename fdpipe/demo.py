@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from .errors import FdpipeError
-from .options import CONTEXT, DTYPES, click_option, device_option, workers_option
+from .options import CONTEXT, click_option, dtype_option, device_option, workers_option
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,8 @@ def parse_teachers(ctx: click.Context, param: click.Parameter, value: str) -> tu
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="The seed of every stage (the plan's views, the students' initialization and order). Two seeds "
                    "give the spread a difference between rows must exceed to be a change.")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES),
-              help="The store's dtype (extract --dtype): compare the top-1 of a smaller store with float16's.")
+@click_option("dtype", dtype_option("The store's dtype (extract --dtype): compare the top-1 of a smaller store with "
+                                    "float16's."))
 @click.option("--views", type=click.IntRange(1, 64), default=None,
               help="Views per image in the store [default: 2]: with --dtype, a point of the store's size/accuracy "
                    "frontier (bench/bytes.py).")

@@ -28,6 +28,7 @@ import errno
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING
@@ -43,6 +44,28 @@ CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_conten
 DTYPES = ("float16", "int8", "int4", "int4-fixed")
 # Those whose quantizer has one step for tokens of unit variance (`Quantizer.whitened_only`): whitened features only.
 WHITENED_ONLY_DTYPES = ("int4-fixed",)
+# `--dtype pca-K`: K int8 coefficients a token in a channel basis fitted on the store's first shard (whitened only)
+PCA_DTYPE = re.compile(r"pca-([0-9]+)")
+
+
+def parse_dtype(value: str) -> str:
+    """--dtype: a name of DTYPES, or pca-K with K >= 1 (K below the teacher's channels is checked once it is built)."""
+    m = PCA_DTYPE.fullmatch(str(value))
+    if value in DTYPES or (m and int(m.group(1)) >= 1):
+        return str(value)
+    if m:
+        raise click.BadParameter(f"{value}: K is the number of coefficients a token keeps, at least 1 (e.g. pca-256)")
+    raise click.BadParameter(f"{value!r} is not one of {', '.join(DTYPES)} or pca-K (e.g. pca-256)")
+
+
+def dtype_option(help: str) -> Any:
+    """--dtype of extract and demo: a name of DTYPES or pca-K (parse_dtype), float16 by default."""
+    return option("float16", help, parse=parse_dtype, show=str, metavar="|".join((*DTYPES, "pca-K")))
+
+
+def whitened_only(dtype: str) -> bool:
+    """Whether `dtype` stores whitened features only: a fixed step, or a basis fitted on whitened tokens."""
+    return dtype in WHITENED_ONLY_DTYPES or bool(PCA_DTYPE.fullmatch(dtype))
 _KEY = "fdpipe"  # the dataclasses.field metadata key
 
 

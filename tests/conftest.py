@@ -76,13 +76,29 @@ def shard_rows(settings, shard: int) -> list[dict]:
     return rows
 
 
-def write_store(url: str, settings, targets: np.ndarray, shards: list[int] | None = None,
-                edit_row=None) -> None:
-    """The store of `targets` through fdpipe's writer; `edit_row(row) -> row` changes index rows on the way."""
+def open_writer(url: str, settings, targets: np.ndarray):
+    """fdpipe's writer on `url`, opened; a pca-K store's basis fitted on the first shard of `targets` (all its
+    images, as extract fits it) and put in the store."""
+    import torch
+
     from fdpipe.store import StoreWriter, shard_range
+    from fdpipe.store.basis import SecondMoment
 
     w = StoreWriter(url, settings)
     w.open()
+    if w.needs_basis:
+        moment = SecondMoment()
+        moment.add(torch.from_numpy(targets[slice(*shard_range(0, w.s, w.n))]))
+        w.put_basis(moment.basis(w.q.rank))
+    return w
+
+
+def write_store(url: str, settings, targets: np.ndarray, shards: list[int] | None = None,
+                edit_row=None) -> None:
+    """The store of `targets` through fdpipe's writer; `edit_row(row) -> row` changes index rows on the way."""
+    from fdpipe.store import shard_range
+
+    w = open_writer(url, settings, targets)
     for shard in range(w.num_shards) if shards is None else shards:
         a, b = shard_range(shard, w.s, w.n)
         rows = shard_rows(settings, shard)
@@ -142,11 +158,12 @@ STAGES = {"extract": "fdpipe.extract.loop.extract", "distill": "fdpipe.distill.t
 
 def store_kinds() -> list[tuple[str, str]]:
     """Every (layout, dtype) a store can be written in, from the tables that declare them, so that the tests of what
-    each store must do cover a new layout or dtype without editing each list."""
+    each store must do cover a new layout or dtype without editing each list. pca-K stands for every K as pca-4
+    (half the 8 channels of `store_settings`)."""
     from fdpipe.options import DTYPES
     from fdpipe.store.layouts import LAYOUTS
 
-    return [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES]
+    return [(layout, dtype) for layout in LAYOUTS for dtype in (*DTYPES, "pca-4")]
 
 
 STORE_KINDS = store_kinds()
@@ -183,13 +200,12 @@ KILLER = textwrap.dedent("""
 
 def part_store(url: str, full, targets: np.ndarray, lo: int, hi: int, shard_size: int, layout: str, dtype: str):
     """A store of images [lo, hi) of the full store's images, numbered from 0, as an extraction of that part."""
-    from fdpipe.store import StoreWriter, shard_range
+    from fdpipe.store import shard_range
 
     settings = store_settings(layout, dtype, n=hi - lo, s=shard_size, v=full.views)
     rows = [r for s in range(-(-full.num_images // full.shard_size)) for r in shard_rows(full, s)]
     rows = [{**r, "image_idx": r["image_idx"] - lo} for r in rows if lo <= r["image_idx"] < hi]
-    w = StoreWriter(url, settings)
-    w.open()
+    w = open_writer(url, settings, targets[lo:hi])
     v = full.views
     for shard in range(w.num_shards):
         a, b = shard_range(shard, w.s, w.n)

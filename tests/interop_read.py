@@ -27,6 +27,15 @@ def unpack(values: np.ndarray) -> np.ndarray:
     return np.where(q == 0, np.nan, (q - 8) * np.float32(manifest["quantizer"]["step"])).astype(np.float32)
 
 
+def scaled(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int8 and int4 (and pca's coefficients): values x each token's float16 scale; pca-K then times the basis'
+    transpose, the basis read from its file with numpy alone."""
+    x = values * scales.astype(np.float32)[..., None]
+    if manifest["dtype"].startswith("pca-"):
+        x = x @ np.load(f"{store}/{manifest['quantizer']['basis']}")["basis"].T
+    return x
+
+
 params = np.array([[r["top"], r["left"], r["height"], r["width"], r["flip"]] for r in index], dtype=np.int64)
 
 if manifest["layout"] == "zarr":
@@ -34,8 +43,8 @@ if manifest["layout"] == "zarr":
 
     g = zarr.open_group(f"{store}/targets.zarr", mode="r")
     targets = unpack(g["targets"][:])
-    if manifest["dtype"] in ("int8", "int4"):
-        targets = targets * g["scales"][:].astype(np.float32)[..., None]
+    if "scales" in g:
+        targets = scaled(targets, g["scales"][:])
 else:  # format 2: wds/view-VV/shard-SSSSSS.tar holds view VV of every image of shard SSSSSS
     import webdataset as wds
 
@@ -45,7 +54,7 @@ else:  # format 2: wds/view-VV/shard-SSSSSS.tar holds view VV of every image of 
         for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
             t = unpack(np.load(io.BytesIO(sample["targets.npy"]), allow_pickle=False))
             if "scales.npy" in sample:
-                t = t * np.load(io.BytesIO(sample["scales.npy"]), allow_pickle=False).astype(np.float32)[..., None]
+                t = scaled(t, np.load(io.BytesIO(sample["scales.npy"]), allow_pickle=False))
             row = json.loads(sample["params.json"])
             assert row["view"] == view and int(row["seed"]) >= 0
             targets[row["image_idx"], view] = t

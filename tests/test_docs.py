@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import STORE_KINDS, shard_rows, store_settings, whitened
+from conftest import STORE_KINDS, open_writer, shard_rows, store_settings, whitened
 from fdpipe.store import StoreWriter, open_store, shard_range
 from fdpipe.store.index import COLUMNS
 from fdpipe.store.manifest import FORMAT_VERSION, canonical, checksum, fingerprint
@@ -67,8 +67,7 @@ def make_store_with_images(root: Path, layout: str, dtype: str) -> Path:
     targets = whitened(np.random.default_rng(7), (5, 2, 4, 8))
     images = root / "images"
     url = root / f"{layout}-{dtype}"
-    w = StoreWriter(str(url), settings)
-    w.open()
+    w = open_writer(str(url), settings, targets)
     rng = np.random.default_rng(0)
     for shard in range(w.num_shards):
         rows = shard_rows(settings, shard)
@@ -113,7 +112,11 @@ def test_doc_snippets_run_as_written(stores, tmp_path, which, layout, dtype):
     target = np.load(str(out) + ".npy")
     row = json.loads(Path(str(out) + ".json").read_text())
     want = next(it for it in st.iter_images() if it.image_idx == 2)
-    assert target.dtype == np.float32 and np.array_equal(target, want.targets[1])
+    assert target.dtype == np.float32
+    if dtype.startswith("pca-"):  # numpy's product with the basis sums in another order than torch's
+        assert np.allclose(target, want.targets[1], rtol=0, atol=1e-5)
+    else:
+        assert np.array_equal(target, want.targets[1])
     want_row = want.rows[1]
     if layout == "wds":  # params.json carries the 64-bit seed as a string (int64 JSON readers overflow on it)
         want_row = {**want_row, "seed": str(want_row["seed"])}

@@ -191,7 +191,8 @@ def photos(tmp_path_factory) -> Path:
 def bases(tmp_path_factory, photos) -> dict[str, Path]:
     """One small real store per layout: 4 photos, 2 views, 2 shards of 2 images; and the same pair in int4
     ("zarr-int4", "wds-int4") and int4-fixed ("zarr-int4-fixed", "wds-int4-fixed": packed, without scales), whose
-    packed targets are files of their own kind."""
+    packed targets are files of their own kind, and pca-8 ("zarr-pca", "wds-pca"), whose basis is a file of its
+    own."""
     from click.testing import CliRunner
 
     from fdpipe.cli import main
@@ -199,7 +200,7 @@ def bases(tmp_path_factory, photos) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
     runner = CliRunner()
     stores = {}
-    for suffix, dtype in (("", "float16"), ("-int4", "int4"), ("-int4-fixed", "int4-fixed")):
+    for suffix, dtype in (("", "float16"), ("-int4", "int4"), ("-int4-fixed", "int4-fixed"), ("-pca", "pca-8")):
         zarr_, wds_ = root / f"zarr{suffix}", root / f"wds{suffix}"
         r = runner.invoke(main, ["extract", "--data", str(photos), "--out", str(zarr_), "--shard-size", "2",
                                  "--dtype", dtype, *EXTRACT])
@@ -402,6 +403,56 @@ def _unpacked_variants(dtype: str) -> list[Variant]:
                     stale_readers=("distill", "convert"))]
 
 
+def edit_basis(change: Callable[[bytes], bytes]) -> Callable[[Path, bool], None]:
+    """Change a pca store's basis/pca.npz (change returns the new bytes); fix: record its new size and sha256 in
+    the manifest's metadata_files."""
+    rel = "basis/pca.npz"
+
+    def build(root: Path, fix: bool) -> None:
+        data = change((root / rel).read_bytes())
+        (root / rel).write_bytes(data)
+        if fix:
+            m = load(root)
+            m["metadata_files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            save(root, m, True)
+
+    return build
+
+
+def _flip_basis_value(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[len(out) // 2] ^= 0x10  # a byte of the array, under the zip's CRC-32
+    return bytes(out)
+
+
+def _wider_basis(data: bytes) -> bytes:
+    from fdpipe.store import basis
+
+    b = basis.decode(data, "basis", 1280, 8)
+    return basis.encode(np.concatenate([b, b[:, :1]], 1))
+
+
+def _no_basis(root: Path, fix: bool) -> None:
+    (root / "basis" / "pca.npz").unlink()
+
+
+def _pca_variants() -> list[Variant]:
+    """A pca store's basis missing, damaged (under the zip's CRC and the manifest's sha256), of another shape, not
+    listed, or the quantizer's record of K changed: every command that opens the store names it, since no target
+    reads back without it."""
+    pca = ("zarr-pca", "wds-pca")
+    readers = ("verify", "verify-deep", "info", "ls", "distill", "convert")
+    return [Variant("pca-basis-missing", _no_basis, readers, "basis/pca.npz is missing", pca, file=True,
+                    stale="basis/pca.npz is missing"),
+            Variant("pca-basis-value-flipped", edit_basis(_flip_basis_value), readers, "basis/pca.npz", pca,
+                    file=True, stale="basis/pca.npz"),
+            Variant("pca-basis-wider", edit_basis(_wider_basis), readers, "basis/pca.npz", pca, file=True,
+                    stale="basis/pca.npz"),
+            Variant("pca-basis-unlisted", edit_manifest(lambda m, root: m["metadata_files"].pop("basis/pca.npz")),
+                    readers, "is not among the manifest's metadata_files", pca),
+            Variant("pca-rank-changed", edit_manifest(_set("quantizer.rank", 9)), readers, "records rank 9", pca)]
+
+
 def _m(name: str, change: Callable[[dict[str, Any], Path], None], message: str) -> Variant:
     return Variant(name, edit_manifest(change), message=message)
 
@@ -478,6 +529,7 @@ ZOO = [
     Variant("int4-fixed-step-changed", edit_manifest(_set("quantizer.step", 0.5)), message="records step 0.5",
             layouts=("zarr-int4-fixed", "wds-int4-fixed")),
     *_unpacked_variants("int4-fixed"),
+    *_pca_variants(),
     Variant("tar-absolute-member", edit_tar(_absolute), TAR_READERS, "unsafe tar member name", ("wds",),
             file=True),
     _m("student-views-size-0", _set("student_views.size", 0), "student_views.size is 0"),

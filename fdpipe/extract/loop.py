@@ -187,6 +187,25 @@ def open_teachers(cfg: ExtractConfig, source: ImageSource, plan: AugmentationPla
     return runs, shared, student_views
 
 
+def fit_bases(runs: list[TeacherStore], dataset: PlanViews, features: Callable[..., Any],
+              images: tuple[int, int], per_batch: int, cfg: ExtractConfig) -> None:
+    """Fit and write each pca-K store's basis on the targets of `images` (the first shard: the same images, views
+    and teacher arithmetic for every rank and every resume), before any of its shards is quantized."""
+    from ..store.basis import SecondMoment
+
+    batches = [list(range(a, min(a + per_batch, images[1]))) for a in range(*images, per_batch)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate)
+    moments = [SecondMoment() for _ in runs]
+    bar = progress(total=images[1] - images[0], desc="fit pca basis", unit="img", disable=cfg.quiet)
+    for items in loader:
+        for run, moment in zip(runs, moments):
+            moment.add(features(run, items)[0])
+        bar.update(len(items))
+    bar.close()
+    for run, moment in zip(runs, moments):
+        run.writer.put_basis(moment.basis(run.writer.q.rank))
+
+
 def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Fill (or resume) the store(s) at cfg.out with this rank's shards; returns a summary. create_teacher builds
     each teacher (fdpipe.models.create_teacher's signature; that function by default).
@@ -218,8 +237,9 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
                    unit="img", disable=cfg.quiet)
 
     @torch.inference_mode()
-    def targets(run: TeacherStore, items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch's stored targets (and scales) on the device; NaN targets for failed images, quantized alike.
+    def features(run: TeacherStore, items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's float targets [n, V, *target_shape] on the device, NaN for failed images, and those of the
+        images that did not fail (None when all did).
 
         Everything after the host's batch of uint8 views is the teacher's device work (on a GPU this thread only
         launches it); its CPU seconds are counted apart (`device_cpu_s`), so that a CPU-only run can tell the data
@@ -228,19 +248,32 @@ def extract(cfg: ExtractConfig, *, create_teacher: Callable[..., Any] | None = N
         ok = [j for j, it in enumerate(items) if it.pixels is not None]
         host = host_views([items[j] for j in ok], run.geometry) if ok else None
         c0 = time.thread_time()
-        y = None
+        y = good = None
         if ok:
             x = on_teacher(host, run.transform, device)
-            y = run.teacher(x).float().reshape(len(ok), cfg.views, *run.target_shape)
-            run.shares.add(y)
+            y = good = run.teacher(x).float().reshape(len(ok), cfg.views, *run.target_shape)
         if len(ok) < len(items):
-            full = torch.full((len(items), cfg.views, *run.target_shape), float("nan"), device=device)
+            y = torch.full((len(items), cfg.views, *run.target_shape), float("nan"), device=device)
             if ok:
-                full[ok] = y
-            y = full
+                y[ok] = good
+        device_cpu_s += time.thread_time() - c0
+        return y, good
+
+    @torch.inference_mode()
+    def targets(run: TeacherStore, items: list[ImageViews]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's stored targets (and scales) on the device; a failed image's NaN targets quantized alike."""
+        nonlocal device_cpu_s
+        y, good = features(run, items)
+        c0 = time.thread_time()
+        if good is not None:
+            run.shares.add(good)
         stored = run.writer.q.quantize_tensor(y)
         device_cpu_s += time.thread_time() - c0
         return stored
+
+    unfitted = [run for run in runs if run.mine and run.writer.needs_basis]
+    if unfitted:  # pca-K: the basis first, from the first shard's targets (store.basis), before any shard
+        fit_bases(unfitted, dataset, features, shard_range(0, first.s, first.n), per_batch, cfg)
 
     with Committer(cfg.commit_workers, cfg.commit_queue) as committer:
         for items in loader:

@@ -11,9 +11,9 @@ from typing import Any
 from ..errors import FdpipeError
 from ..store.layouts import LAYOUTS, facts
 from ..store.manifest import CODECS, DEFAULT_CODEC
-from ..options import (DTYPES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, WHITENED_ONLY_DTYPES, check_bounds, crop_policy_option,
-                       crop_scale_option, device_option, option, quiet_option, seed_option, storage_options_option,
-                       view_codec_option, views_option, workers_option)
+from ..options import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_bounds, crop_policy_option, crop_scale_option,
+                       device_option, dtype_option, option, quiet_option, seed_option, storage_options_option,
+                       view_codec_option, views_option, whitened_only, workers_option)
 
 TARGETS = ("features", "logits")
 PRECISIONS = ("fp32", "bf16")  # fdpipe.models.teachers.PRECISIONS, without loading torch for --help
@@ -38,9 +38,10 @@ class ExtractConfig:
                                       multiple=True)
     layout: str = option("zarr", "zarr: random access by (image, view); wds: tar shards to stream.", flag="--format",
                          choices=LAYOUTS)
-    dtype: str = option("float16", "Stored dtype: int8 and int4 (half and a quarter of float16's bytes) keep a "
-                                   "float16 scale per token; int4-fixed (exactly a quarter) one step for every "
-                                   "whitened token.", choices=DTYPES)
+    dtype: str = dtype_option("Stored dtype: int8 and int4 (half and a quarter of float16's bytes) keep a float16 "
+                              "scale per token; int4-fixed (exactly a quarter) one step for every whitened token; "
+                              "pca-K K int8 coefficients a token in a channel basis fitted on the first shard (K/C "
+                              "of int8's bytes).")
     codec: str = option(DEFAULT_CODEC, "Chunk compressor of a zarr store (wds members stay plain .npy). Whitened dense "
                                    "features shrink by about 8%, so none is the fastest store; see bench/README.md.",
                         choices=CODECS)
@@ -98,9 +99,9 @@ class ExtractConfig:
         if self.teacher_precision not in PRECISIONS:
             raise FdpipeError(f"--teacher-precision must be one of {', '.join(PRECISIONS)} "
                               f"(got {self.teacher_precision})")
-        if self.dtype in WHITENED_ONLY_DTYPES and self.target != "features":
-            raise FdpipeError(f"--dtype {self.dtype} stores whitened features (one step for tokens of unit "
-                              f"variance), not --target {self.target}; choose --dtype int4 or int8")
+        if whitened_only(self.dtype) and self.target != "features":
+            raise FdpipeError(f"--dtype {self.dtype} stores whitened features (one step, or a basis, for tokens "
+                              f"of unit variance), not --target {self.target}; choose --dtype int4 or int8")
         if self.codec != "none" and not facts(self.layout).compresses_chunks:
             raise FdpipeError(f"--codec {self.codec} is for zarr stores: wds members stay plain .npy so that webdataset "
                               "reads them; drop --codec or use --format zarr")

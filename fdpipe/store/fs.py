@@ -462,6 +462,26 @@ class StoreLocation:
         self.commit(tmp, rel)
         return digest.entry()
 
+    def put_new(self, rel: str, data: bytes) -> bool:
+        """Write `rel` only where it is absent; True when this call's bytes became the file. Locally the complete
+        file is hard-linked into place, which fails when another writer got there first; on an object store the
+        name is checked and then written, so two writers at once may both write it (the last wins), and callers
+        read the file back rather than trust their own bytes."""
+        if self.exists(rel):
+            return False
+        if not self.is_local:
+            self.put_atomic(rel, data)
+            return True
+        staged = self._tmp_name(rel)
+        self.put_atomic(staged, data)
+        try:
+            os.link(self.inside(staged), self.inside(rel))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(self.inside(staged))
+
     def _tmp_name(self, rel: str) -> str:
         head, _, name = rel.rpartition("/")
         tmp = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"

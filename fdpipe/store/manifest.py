@@ -26,12 +26,13 @@ from typing import Any
 from ..errors import StoreError
 
 FORMAT = "fdpipe-store"
-FORMAT_VERSION = 6  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
+FORMAT_VERSION = 7  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
 # end in a crc32c (the codec zarr and tensorstore check on every read), and every file entry carries a crc32c that
 # readers check as a wds tar streams. 4: `student_views` (null, or the student pixels of every view, stored encoded
 # beside its targets: fdpipe.viewcodec). 5: dtype `int4` (two channels a byte; a reader of version 4 would take its
 # uint8 bytes for values, so the version says it is new). 6: dtype `int4-fixed` (int4's nibbles at one step for every
-# token, no scales; a new quantizer)
+# token, no scales; a new quantizer). 7: dtype `pca-K` (int8 coefficients in the channel basis basis/pca.npz, a
+# file listed in metadata_files: store.basis)
 MANIFEST = "manifest.json"
 DRAFT = "manifest.draft.json"
 
@@ -47,7 +48,7 @@ from ..augment import MAX_VIEWS  # noqa: E402 - the plan's bound
 MAX_SHARDS = 100_000  # 75 TB at the default 0.75 GiB; `store ls --json` of that many takes ~250 MB
 MAX_TARGET_SIZE = 1 << 24  # values per view (CLIP-L features are 257 x 1024 = 263k)
 # The folders a store's listed files live in (index parts, the zarr group, the wds tars).
-FILE_DIRS = ("index", "targets.zarr", "wds")
+FILE_DIRS = ("index", "targets.zarr", "wds", "basis")
 
 # Settings that must agree for a resumed run (and for a merge, minus the dataset).
 SETTING_KEYS = (
@@ -219,9 +220,13 @@ def _choice(tree: dict[str, Any], key: str, choices: tuple[str, ...], where: str
     if value not in choices or not isinstance(value, str):
         if key not in tree:
             raise _bad(where, key, "is missing")
-        raise StoreError(f"{where}: unknown {what} {_show(value)} (this fdpipe reads {', '.join(choices)}); "
-                         "upgrade fdpipe, or the store is damaged")
+        _unknown(where, what, value, choices)
     return value
+
+
+def _unknown(where: str, what: str, value: Any, choices: tuple[str, ...]) -> None:
+    raise StoreError(f"{where}: unknown {what} {_show(value)} (this fdpipe reads {', '.join(choices)}); "
+                     "upgrade fdpipe, or the store is damaged")
 
 
 def name_problem(rel: Any) -> str | None:
@@ -267,11 +272,14 @@ def check_settings(s: Any, where: str) -> None:
     """
     if not isinstance(s, dict):
         raise StoreError(f"{where} holds a JSON {type(s).__name__}, not an object; the file is corrupt")
-    from .quantize import QUANTIZERS
+    from .quantize import QUANTIZERS, known_dtype
 
     _choice(s, "layout", LAYOUTS, where, "layout")
     target = _choice(s, "target", TARGETS, where, "target")
-    _choice(s, "dtype", tuple(QUANTIZERS), where, "dtype")
+    if "dtype" not in s:
+        raise _bad(where, "dtype", "is missing")
+    if not known_dtype(s["dtype"]):  # a name of QUANTIZERS, or pca-K
+        _unknown(where, "dtype", s["dtype"], (*QUANTIZERS, "pca-K"))
     if "codec" in s:
         _choice(s, "codec", CODECS, where, "codec")
     n = _int(s, "num_images", where, "num_images", 1)

@@ -32,6 +32,14 @@ exactly a quarter of float16's bytes. The step is INT4_RMS_STEP, the rms step of
 so it stores whitened features only (`whitened_only`; extraction refuses it for logits). Its nibble 0 (-8, which
 the +-7 rounding never writes) marks a non-finite token: it reads back as NaN, as a failed image must.
 
+`pca-K` ("pca-int8-v1", format 7) stores each whitened token's K coefficients in a channel basis B [C, K] (the
+store's `basis/pca.npz`, fitted once on the first shard's targets: store.basis), as int8 does a token of K channels:
+round(x B / s) with one float16 scale s per token. A target reads back as (values x s) B^T, on whatever device the
+values are on. Whitened tokens have mean 0 over their channels, so B is orthogonal to the all-ones vector and the
+reconstruction keeps a mean of 0; its variance is the share of the token's energy in B's span (under 1). The
+quantizer is bound to its basis (`with_basis`): the writer binds it once the basis is in the store, the reader when
+it opens the store.
+
 Tokens with a NaN or an infinite value (images that failed to decode arrive as all-NaN) get values 0 and a NaN
 scale (float16: NaN; int4-fixed: nibbles 0); all-zero tokens get scale 1.0 and values 0; scales stay within
 float16's finite range.
@@ -39,7 +47,9 @@ float16's finite range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +67,9 @@ _F16_TINY, _F16_MAX = 2.0 ** -24, 65504.0
 # a whitened token (unit variance) wants.
 INT4_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4)
 INT4_RMS_STEP = 2.6 / 7
+# `--dtype pca-K`: K coefficients a token in the store's channel basis
+PCA_DTYPE = re.compile(r"pca-([0-9]+)")
+PCA_NAME = "pca-int8-v1"
 
 
 @dataclass(frozen=True)
@@ -66,15 +79,35 @@ class Quantizer:
     has_scales: bool
     bits: int = 0  # below 8: that many bits a channel, 8 // bits channels packed into a byte of `stored_dtype`
     step: float = 0.0  # one step for every token (no scales stored); 0: each token's own scale, or float16
+    rank: int = 0  # pca-K: K coefficients a token in the store's basis; 0: the channels themselves
+    basis: Any = field(default=None, compare=False, repr=False)  # pca-K: float32 [C, K] (numpy), once bound
+    _on: dict = field(default_factory=dict, compare=False, repr=False)  # the basis as a tensor, by device
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "dtype": self.dtype, "scales": "per-token float16" if self.has_scales else None}
+        if self.rank:
+            from .basis import NAME
+
+            d.update(rank=self.rank, basis=NAME)
         return {**d, "step": self.step} if self.step else d
 
     @property
     def whitened_only(self) -> bool:
-        """A fixed step fits tokens of unit variance only: such a quantizer stores whitened features, not logits."""
-        return bool(self.step)
+        """A fixed step fits tokens of unit variance only, and a basis is fitted on whitened tokens: such a quantizer
+        stores whitened features, not logits."""
+        return bool(self.step or self.rank)
+
+    def with_basis(self, basis: np.ndarray) -> "Quantizer":
+        """This pca-K quantizer bound to the store's basis [C, K] (float32), which quantizing and reading need."""
+        return replace(self, basis=np.ascontiguousarray(basis, dtype=np.float32), _on={})
+
+    def _basis_on(self, device: torch.device) -> torch.Tensor:
+        if self.basis is None:
+            raise RuntimeError(f"{self.dtype}: the quantizer is not bound to its store's basis (with_basis)")
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = torch.from_numpy(self.basis).to(device)
+        return self._on[key]
 
     def mean_error(self, scales: np.ndarray | None) -> np.ndarray | float:
         """How far a token's stored mean may lie from its true one (per token, or one bound): `error_steps` steps
@@ -85,13 +118,13 @@ class Quantizer:
 
     @property
     def stored_dtype(self) -> str:
-        """The numpy dtype of the stored arrays (int4's packed nibbles are uint8)."""
-        return "uint8" if self.bits else self.dtype
+        """The numpy dtype of the stored arrays (int4's packed nibbles are uint8, pca's coefficients int8)."""
+        return "uint8" if self.bits else "int8" if self.rank else self.dtype
 
     def stored_shape(self, target_shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
-        """The stored array of one view: the target's shape, its channels packed for int4."""
+        """The stored array of one view: the target's shape, its channels packed for int4, K coefficients for pca."""
         *lead, c = target_shape
-        return (*lead, c * self.bits // 8) if self.bits else (*lead, c)
+        return (*lead, c * self.bits // 8) if self.bits else (*lead, self.rank or c)
 
     def values_bytes(self, target_shape: tuple[int, ...] | list[int]) -> int:
         """Bytes of one view's stored values (what sizes a shard)."""
@@ -110,6 +143,9 @@ class Quantizer:
 
     def check_shape(self, target_shape: tuple[int, ...] | list[int]) -> str | None:
         """Why this quantizer cannot store targets of this shape (None: it can)."""
+        if self.rank and not 0 < self.rank < target_shape[-1]:
+            return (f"has {target_shape[-1]} channels, and pca-K needs 1 <= K < {target_shape[-1]} (got K = "
+                    f"{self.rank}); choose a smaller K, or --dtype int8")
         if self.bits and target_shape[-1] % (8 // self.bits):
             return (f"{self.dtype} packs {8 // self.bits} channels a byte, and these targets have "
                     f"{target_shape[-1]} channels (odd); choose --dtype int8 or float16")
@@ -137,6 +173,8 @@ class Quantizer:
         if problem:
             raise ValueError(problem)
         x2 = x.reshape(-1, shape[-1])
+        if self.rank:  # the K coefficients, then int8 as for any token
+            x2 = x2 @ self._basis_on(x.device)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         rows = x2.shape[0]
@@ -161,7 +199,7 @@ class Quantizer:
     # ---------------------------------------------------------------------------------------------- dequantize
     def dequantize(self, values: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
         v = np.asarray(values)
-        if self.bits == 4:  # the nibbles unpacked by dequantize_tensor, on CPU: one unpacking, the same values
+        if self.bits == 4 or self.rank:  # through dequantize_tensor on CPU: one unpacking or product, the same values
             v = torch.from_numpy(np.require(v, requirements=["C", "W"]))  # torch needs writable memory
             s = None if scales is None else torch.from_numpy(np.require(np.asarray(scales), requirements=["C", "W"]))
             return self.dequantize_tensor(v, s).numpy()
@@ -183,7 +221,8 @@ class Quantizer:
             out = out.sub_(8)
         else:
             out = values.to(torch.float32, copy=True)  # one conversion, into memory of its own (the batch stays)
-        return out.mul_(scales.to(device=out.device, dtype=torch.float32).unsqueeze(-1))  # in place: 4x less CPU
+        out = out.mul_(scales.to(device=out.device, dtype=torch.float32).unsqueeze(-1))  # in place: 4x less CPU
+        return out @ self._basis_on(out.device).T if self.rank else out
 
     @property
     def fill_value(self):
@@ -312,13 +351,21 @@ READABLE: dict[str, Quantizer] = {q.name: q for q in (*QUANTIZERS.values(), Quan
 
 
 def get_quantizer(dtype: str) -> Quantizer:
-    """The quantizer that writes `dtype` now."""
-    try:
+    """The quantizer that writes `dtype` now (pca-K: not yet bound to a basis)."""
+    if dtype in QUANTIZERS:
         return QUANTIZERS[dtype]
-    except KeyError:
-        from ..errors import FdpipeError
+    m = PCA_DTYPE.fullmatch(dtype) if isinstance(dtype, str) else None
+    if m and int(m.group(1)) > 0:
+        return Quantizer(PCA_NAME, dtype, True, rank=int(m.group(1)))
+    from ..errors import FdpipeError
 
-        raise FdpipeError(f"unknown dtype {dtype!r}; choose one of {', '.join(QUANTIZERS)}") from None
+    raise FdpipeError(f"unknown dtype {dtype!r}; choose one of {', '.join(QUANTIZERS)} or pca-K (K >= 1)")
+
+
+def known_dtype(dtype: Any) -> bool:
+    """Whether a store may record `dtype`: a name of QUANTIZERS, or pca-K with K >= 1."""
+    m = PCA_DTYPE.fullmatch(dtype) if isinstance(dtype, str) else None
+    return dtype in QUANTIZERS or bool(m and int(m.group(1)) > 0)
 
 
 def quantizer_of(manifest: dict, where: str) -> Quantizer:
@@ -328,9 +375,19 @@ def quantizer_of(manifest: dict, where: str) -> Quantizer:
 
     name = manifest["quantizer"].get("name")
     q = READABLE.get(name) if isinstance(name, str) else None
+    if name == PCA_NAME:  # one name for every K: the dtype says which
+        pca = known_dtype(manifest["dtype"]) and PCA_DTYPE.fullmatch(manifest["dtype"])
+        q = get_quantizer(manifest["dtype"]) if pca else None
+        if q is None or q.rank == 0:
+            raise StoreError(f"{where}: quantizer {name!r} stores pca-K, but dtype is {manifest['dtype']!r}; the "
+                             "manifest is damaged or was not written by fdpipe")
+        if manifest["quantizer"].get("rank") != q.rank:
+            raise StoreError(f"{where}: quantizer {name!r} records rank {manifest['quantizer'].get('rank')!r}, "
+                             f"but dtype is {manifest['dtype']!r}; the manifest is damaged or was not written by "
+                             "fdpipe")
     if q is None:
-        raise StoreError(f"{where}: unknown quantizer {name!r} (this fdpipe reads {', '.join(READABLE)}); "
-                         "upgrade fdpipe to read this store")
+        raise StoreError(f"{where}: unknown quantizer {name!r} (this fdpipe reads {', '.join(READABLE)}, "
+                         f"{PCA_NAME}); upgrade fdpipe to read this store")
     if q.dtype != manifest["dtype"]:
         raise StoreError(f"{where}: quantizer {name!r} stores {q.dtype}, but dtype is {manifest['dtype']!r}; the "
                          "manifest is damaged or was not written by fdpipe")

@@ -79,6 +79,12 @@ class Store:
         self.loc = loc
         self.manifest = manifest
         self.quantizer = quantizer_of(manifest, loc.path(MANIFEST))
+        if self.quantizer.rank:  # pca-K: its basis, checked against the manifest's record of it
+            from . import basis
+
+            self.quantizer = self.quantizer.with_basis(basis.read(
+                loc, int(manifest["target_shape"][-1]), self.quantizer.rank,
+                manifest["metadata_files"].get(basis.NAME), listed=True))
 
     # ---------------------------------------------------------------------------------------------- description
     url = property(lambda self: self.loc.url)

@@ -76,13 +76,18 @@ def list_shards(url: str, storage_options: dict | None = None) -> dict[str, Any]
 
 
 # -------------------------------------------------------------------------------------------- shared by both
-def _writer(dst: str, settings: StoreSettings, storage_options: dict | None) -> tuple[StoreWriter, set[int]]:
+def _writer(dst: str, settings: StoreSettings, storage_options: dict | None, src: Store
+            ) -> tuple[StoreWriter, set[int]]:
     """A writer on an empty DST, or on the DST of the same command: half-written (it resumes) or complete (nothing
-    to do, as for a rerun extract); a DST made with other settings is refused by the writer."""
+    to do, as for a rerun extract); a DST made with other settings is refused by the writer. A pca store's basis
+    is SRC's (the values are copied as stored, so they need the same one)."""
     w = StoreWriter(dst, settings, storage_options, role="DST")
     if not w.loc.exists():
         w.loc.check_bucket()
-    return w, w.open()
+    done = w.open()
+    if w.needs_basis:
+        w.put_basis(src.quantizer.basis)
+    return w, done
 
 
 def _checked(store: Store) -> Store:
@@ -216,7 +221,7 @@ def convert(src_url: str, dst_url: str, layout: str, *, embed_images: bool = Fal
     dst_so = storage_options if dst_storage_options is None else dst_storage_options
     if _same_place(src.loc, StoreLocation(dst_url, dst_so or {})):
         raise FdpipeError(f"DST {dst_url} is SRC; convert into a new or empty location")
-    w, done = _writer(dst_url, src.settings.replace(layout=layout), dst_so)
+    w, done = _writer(dst_url, src.settings.replace(layout=layout), dst_so, src)
     sources = SourceImages(src, storage_options) if embed_images else None
     dropped = 0
     try:
@@ -281,6 +286,10 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
             f"cannot merge: {diff} differs ({describe_value(ma, diff)!r} in {a_url}, {describe_value(mb, diff)!r} in "
             f"{b_url}); only stores of the same teacher, whitening, plan, target and dtype merge"
         )
+    if a.quantizer.rank and not np.array_equal(a.quantizer.basis, b.quantizer.basis):
+        raise StoreError(f"cannot merge: {a_url} and {b_url} are pca stores with different bases (each fitted on "
+                         "its own first shard), so their coefficients mean different targets; extract the images "
+                         "into one store instead")
     keys_a = set(a.index_columns(["key"]).column("key").to_pylist())
     both = sorted(keys_a.intersection(b.index_columns(["key"]).column("key").to_pylist()))
     if both:
@@ -293,7 +302,7 @@ def merge(a_url: str, b_url: str, dst_url: str, *, storage_options: dict | None 
     da, db = a.manifest["data"], b.manifest["data"]
     data = da if da == db else {"spec": None, "sources": _sources(da) + _sources(db)}
     settings = a.settings.replace(num_images=a.num_images + b.num_images, data=data)
-    w, done = _writer(dst_url, settings, dst_so)
+    w, done = _writer(dst_url, settings, dst_so, a)
     parts = [(_Images(a), 0, a.num_images), (_Images(b), a.num_images, b.num_images)]
     for shard in range(w.num_shards):
         if shard in done:

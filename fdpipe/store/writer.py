@@ -113,8 +113,34 @@ class StoreWriter:
         for rel, data in self.targets_layout.metadata().items():
             if not loc.exists(rel):
                 loc.put_atomic(rel, data)
+        if self.q.rank:
+            self._open_basis()
         sizes = loc.sizes()
         return {i for i in (range(self.num_shards) if shards is None else shards) if self.is_committed(i, sizes)}
+
+    # ---------------------------------------------------------------------------------------------- pca basis
+    @property
+    def needs_basis(self) -> bool:
+        """A pca-K store whose basis is not in the store yet: `put_basis` before any shard."""
+        return bool(self.q.rank) and self.q.basis is None
+
+    def _open_basis(self) -> None:
+        """Bind the quantizer to the store's basis when it is there (refusing a damaged one in one line); a store
+        with committed shards and no basis is refused, since those shards cannot be read without it."""
+        from . import basis
+
+        if self.loc.exists(basis.NAME):
+            self.q = self.q.with_basis(basis.read(self.loc, self.settings.target_shape[-1], self.q.rank))
+        elif committed_markers(self.loc):
+            raise basis.missing(self.loc.path(basis.NAME))
+
+    def put_basis(self, fitted: np.ndarray) -> None:
+        """Write the basis unless another writer (a rank of this job) got there first, then bind the quantizer to
+        the file that is there, so that every writer quantizes against the same one."""
+        from . import basis
+
+        self.loc.put_new(basis.NAME, basis.encode(fitted))
+        self.q = self.q.with_basis(basis.read(self.loc, self.settings.target_shape[-1], self.q.rank))
 
     def _check_same(self, existing: dict[str, Any], name: str) -> None:
         old = {k: existing.get(k) for k in self.draft}
@@ -226,7 +252,12 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         for k in counts:
             counts[k] += int(marker[k])
     meta = {}
-    for rel in layout_for(draft)(loc, draft, get_quantizer(draft["dtype"])).metadata():
+    q = get_quantizer(draft["dtype"])
+    from . import basis
+
+    for rel in [*layout_for(draft)(loc, draft, q).metadata(), *([basis.NAME] if q.rank else [])]:
+        if not loc.exists(rel):
+            raise StoreError(f"{url}: {rel} is missing; the store cannot be finished")
         nbytes, sha = loc.sha256(rel)
         meta[rel] = {"bytes": nbytes, "sha256": sha}
     # every shard is committed, so a temporary file left in a shard folder is debris of a crashed attempt

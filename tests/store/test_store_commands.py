@@ -140,6 +140,9 @@ def test_merge_of_two_halves_equals_the_store_made_in_one_go(tmp_path, cli, layo
     part_store(b, full, targets, 4, 7, 2, layout, dtype)   # B: another shard size; re-sharded after A's images
     merged = tmp_path / "merged"
     r = cli("store", "merge", a, b, merged)
+    if dtype.startswith("pca-"):  # each half fitted its basis on its own first shard: their coefficients differ
+        assert one_line_error(r, "are pca stores with different bases")
+        return
     assert r.exit_code == 0, r.output
     assert f"complete {layout} store: 7 images in 3 shards of 3" in r.output
     assert_same_store(one, str(merged))

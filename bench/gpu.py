@@ -375,17 +375,16 @@ def on_device(work, dev, n: int, rounds: int, timing) -> float:
 def dequantize_rates(dev, batch: int, shape: list[int], rounds: int, timing) -> dict:
     """Each store dtype's reconstruction of a batch of stored targets (`Quantizer.dequantize_tensor`, what the
     training step runs on the device) in views per second: float16's conversion, int8's and int4's scales (int4
-    unpacks its nibbles first)."""
+    unpacks its nibbles first), pca-K's product with its basis (bench.bytes.store_quantizers)."""
     import numpy as np
     import torch
 
-    from fdpipe.store.quantize import QUANTIZERS
-
     from . import fixtures
+    from .bytes import store_quantizers
 
     x = fixtures.whitened(np.random.default_rng(0), (batch, *shape))
     out = {}
-    for dtype, q in QUANTIZERS.items():
+    for dtype, q in store_quantizers(x).items():
         values, scales = (None if t is None else torch.from_numpy(t).to(dev) for t in q.quantize(x))
         out[dtype] = {"target_shape": list(shape), "batch": batch, "views_per_s": on_device(
             lambda q=q, v=values, s=scales: q.dequantize_tensor(v, s), dev, batch, rounds, timing)}

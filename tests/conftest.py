@@ -79,17 +79,13 @@ def shard_rows(settings, shard: int) -> list[dict]:
 def open_writer(url: str, settings, targets: np.ndarray):
     """fdpipe's writer on `url`, opened; a pca-K store's basis fitted on the first shard of `targets` (all its
     images, as extract fits it) and put in the store."""
-    import torch
-
     from fdpipe.store import StoreWriter, shard_range
-    from fdpipe.store.basis import SecondMoment
+    from fdpipe.store.basis import fitted
 
     w = StoreWriter(url, settings)
     w.open()
     if w.needs_basis:
-        moment = SecondMoment()
-        moment.add(torch.from_numpy(targets[slice(*shard_range(0, w.s, w.n))]))
-        w.put_basis(moment.basis(w.q.rank))
+        w.put_basis(fitted(targets[slice(*shard_range(0, w.s, w.n))], w.q.rank))
     return w
 
 

@@ -117,6 +117,7 @@ def test_peers_sets_every_fdpipe_store_beside_the_pread_bound(smoke_results):
 
 
 def test_bytes_measures_every_store_dtype_and_candidate_on_both_teachers(smoke_results):
+    from bench.bytes import PCA_FRACTIONS, pca_dtype
     from fdpipe.store.quantize import QUANTIZERS
 
     out, _ = smoke_results
@@ -124,13 +125,25 @@ def test_bytes_measures_every_store_dtype_and_candidate_on_both_teachers(smoke_r
     assert len(b["teachers"]) == 2
     for name, t in b["teachers"].items():
         codecs = t["codecs"]
-        assert set(QUANTIZERS) | {"fp8-e4m3", "int4-fixed", "pca-C/4+int8"} <= set(codecs), name
+        pca = {pca_dtype(t["target_shape"][1], f) for f in PCA_FRACTIONS}  # the store's pca-K, K = C x each
+        assert set(QUANTIZERS) | {"fp8-e4m3"} | pca <= set(codecs), name
+        k = int(pca_dtype(t["target_shape"][1], 1 / 4)[4:])  # K int8 coefficients and a float16 scale a token
+        assert codecs[f"pca-{k}"]["bytes_per_view"] == t["target_shape"][0] * (k + 2), name
         assert codecs["float16"]["vs_float16"] == 1 and codecs["float16"]["cos_mean"] > 0.99999, name
         assert codecs["int4"]["bytes_per_view"] == t["target_shape"][0] * (t["target_shape"][1] // 2 + 2), name
         assert all(0 < c["cos_mean"] <= 1 + 1e-6 and c["rel_mse"] >= 0 for c in codecs.values()), name
-    assert set(b["codec_cpu"]) == set(QUANTIZERS)  # each store codec's CPU cost beside its bytes and cosine
+    # each store codec's CPU cost beside its bytes and cosine, pca-K at the smoke's 16 channels x each fraction
+    assert set(b["codec_cpu"]) == set(QUANTIZERS) | {pca_dtype(16, f) for f in PCA_FRACTIONS}
     assert all(_positive(c["quantize_views_per_cpu_s"]) and _positive(c["dequantize_views_per_cpu_s"])
                for c in b["codec_cpu"].values())
+
+
+def test_a_pca_frontier_point_takes_the_cpu_cost_of_the_same_k_over_c_at_clip_l():
+    from bench.bytes import PCA_FRACTIONS, clip_l_dtype, pca_dtype
+
+    assert clip_l_dtype("pca-128", 320) == "pca-410" == pca_dtype(1024, 2 / 5)  # the demo's 320 channels
+    assert {clip_l_dtype(pca_dtype(320, f), 320) for f in PCA_FRACTIONS} == {pca_dtype(1024, f) for f in PCA_FRACTIONS}
+    assert clip_l_dtype("int4", 320) == "int4"
 
 
 def test_bytes_verdict_names_a_quarter_size_store_within_float16s_spread_or_says_none_is():

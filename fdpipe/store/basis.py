@@ -48,6 +48,13 @@ class SecondMoment:
         return fit(self.sum.cpu().numpy(), k)
 
 
+def fitted(sample: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """The basis [C, k] of one sample of targets [..., C] (what extraction fits on the first shard)."""
+    moment = SecondMoment()
+    moment.add(torch.as_tensor(sample))
+    return moment.basis(k)
+
+
 def fit(moment: np.ndarray, k: int) -> np.ndarray:
     """The top-k eigenvectors of a symmetric [C, C] moment as float32 [C, k], largest first, each signed so that
     its largest-magnitude entry is positive (eigh's signs are arbitrary).

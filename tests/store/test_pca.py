@@ -21,9 +21,7 @@ def low_rank_whitened(rng: np.random.Generator, shape: tuple[int, ...], rank: in
 
 
 def fitted(x: np.ndarray, k: int) -> Q.Quantizer:
-    moment = B.SecondMoment()
-    moment.add(torch.from_numpy(x))
-    return Q.get_quantizer(f"pca-{k}").with_basis(moment.basis(k))
+    return Q.get_quantizer(f"pca-{k}").with_basis(B.fitted(x, k))
 
 
 def test_a_token_in_the_basis_span_reads_back_within_int8s_error_of_its_k_coefficients():

@@ -20,6 +20,8 @@ from ..options import (MAX_IMAGE_SIZE, MAX_PATCH_SIZE, MIN_IMAGE_SIZE, cache_dir
                        workers_option)
 from .recipe import DROP_PATH_DEFAULT
 
+TARGET_SPACES = ("features", "coefficients")
+
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     store: tuple[str, ...] = option((), "Store to train from (path or fsspec URL); repeat it to distill several "
@@ -50,6 +52,10 @@ class DistillConfig:
     patch_size: int | None = option(None, "Student patch size in pixels.",
                                     show_default="the teacher's (14 for clip-l: FD's ViT-L/14 at 224), else 16",
                                     min=1, max=MAX_PATCH_SIZE)
+    target_space: str = option("features", "What the heads predict: features (the teacher's C channels; a pca-K "
+                                           "store's targets reconstructed on the device) or coefficients (a pca-K "
+                                           "store's K coefficients a token: heads K wide, the loss in that space).",
+                               choices=TARGET_SPACES)
     resample_grid: bool = option(False, "Bilinearly resample the student's patch tokens to the teacher grid.")
     # running
     workers: int = workers_option("DataLoader workers for decoding and cropping.")
@@ -122,6 +128,11 @@ class DistillConfig:
             self.student_codec(224)  # one line for a bad codec, before any work
         if self.view_source == "store" and not self.store:
             raise FdpipeError("--view-source store reads a store's own student views: give --store")
+        if self.target_space not in TARGET_SPACES:
+            raise FdpipeError(f"--target-space must be one of {', '.join(TARGET_SPACES)} (got {self.target_space})")
+        if self.target_space == "coefficients" and not self.store:
+            raise FdpipeError("--target-space coefficients reads a pca-K store's coefficients: give --store (a live "
+                              "teacher has no basis)")
         if self.fresh_views and self.store:
             raise FdpipeError("--fresh-views runs the teacher live on new crops each epoch: give --teacher and --data "
                               "instead of --store (a store holds only its V views)")

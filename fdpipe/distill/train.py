@@ -99,6 +99,22 @@ def teachers_from_stores(cfg: DistillConfig) -> Teachers:
                     stores=dict(zip(names, stores)), urls=dict(zip(names, cfg.store)))
 
 
+def heads(cfg: DistillConfig, tgs: Teachers) -> dict[str, Any]:
+    """What each projection head predicts: the teacher's channels, or (--target-space coefficients) its pca-K
+    store's K coefficients, refused in one line for a store of another dtype."""
+    if cfg.target_space != "coefficients":
+        return tgs.info
+    out = {}
+    for n, info in tgs.info.items():
+        k = tgs.stores[n].quantizer.rank
+        if not k:
+            raise FdpipeError(f"--target-space coefficients needs pca-K stores; {tgs.urls[n]} is "
+                              f"{tgs.stores[n].manifest['dtype']} (extract it with --dtype pca-K, or drop "
+                              "--target-space)")
+        out[n] = (k, info.grid, info.num_prefix_tokens)
+    return out
+
+
 def teachers_online(cfg: DistillConfig, device: torch.device, create_teacher: Callable[..., Any]) -> Teachers:
     live = {}
     for name, alias, weights, size, layer in zip(teacher_names(cfg.teacher), cfg.teacher, cfg.per_teacher("weights"),
@@ -110,9 +126,11 @@ def teachers_online(cfg: DistillConfig, device: torch.device, create_teacher: Ca
 
 
 def distill_step(model: Distiller, data: Replay, device: torch.device, teacher: Mapping[str, Any] | None = None,
-                 seen: JsonlLog | None = None, weights: Mapping[str, float] | None = None):
+                 seen: JsonlLog | None = None, weights: Mapping[str, float] | None = None,
+                 coefficients: bool = False):
     """distill's (prepare, loss) for the training loop: views are normalized and targets dequantized on the device;
-    the target comes from the stores or from `teacher` ({teacher: live model}).
+    the target comes from the stores or from `teacher` ({teacher: live model}); coefficients: the pca stores' K
+    coefficients a token (--target-space coefficients).
 
     model is the mapping form of Distiller, keyed like `data.teachers`; the loss is the `weights` sum of the teachers'
     FD losses (1 each by default), each one logged as loss/<teacher>.
@@ -124,7 +142,7 @@ def distill_step(model: Distiller, data: Replay, device: torch.device, teacher: 
             inputs = data.named_teacher_inputs(batch, device)
             target = {n: teacher[n](inputs[n]) for n in model.names}
         else:
-            target = data.named_targets(batch, device)
+            target = data.named_targets(batch, device, coefficients)
         if seen is not None:
             seen.write(step=pos.step, epoch=pos.epoch, image_idx=batch["image_idx"].tolist(),
                        view=batch["view"].tolist())
@@ -163,7 +181,7 @@ def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = N
     for n, info in tgs.info.items():
         check_grid(student, info.grid, cfg.resample_grid, spec.model_args.get("patch_size", cfg.patch_size),
                    n if len(names) > 1 else None)
-    model = Distiller(student, tgs.info).to(device)  # the heads are drawn from the RNG in the teachers' order
+    model = Distiller(student, heads(cfg, tgs)).to(device)  # the heads are drawn from the RNG in the teachers' order
     tf = student_transform(student, image_size)
     if tgs.stores:
         readers = {n: targets[u] for n, u in tgs.urls.items() if u in (targets or {})}
@@ -208,7 +226,8 @@ def distill(cfg: DistillConfig, *, create_teacher: Callable[..., Any] | None = N
 
     run = RunFiles(out, state_path, ranks, {"fingerprint": fingerprint}, check)
     seen = JsonlLog(out / f"samples.rank{ranks.rank}.jsonl", enabled=cfg.log_samples)
-    prepare, loss = distill_step(model, data, device, tgs.live or None, seen, weights)
+    prepare, loss = distill_step(model, data, device, tgs.live or None, seen, weights,
+                                 cfg.target_space == "coefficients")
     trainer = Trainer(model, optimizer, prepare, loss, device, loop, ranks)
     pos = run.begin(trainer, cfg.resume, cfg, schedule=schedule)
     pin = device.type == "cuda"
@@ -236,7 +255,7 @@ def save_run(cfg: DistillConfig, out: Any, student: Any, spec: Any, model: Disti
         return named[names[0]] if one else named
 
     heads = [{"name": n, "alias": info.alias, "projector": projector_filename(None if one else n),
-              "weight": weights[n], "channels": info.channels, "grid": list(info.grid),
+              "weight": weights[n], "channels": model.projectors[n].out_features, "grid": list(info.grid),
               "num_prefix_tokens": info.num_prefix_tokens, "store": tgs.urls.get(n),
               "store_fingerprint": tgs.fingerprint(n), "teacher": info.to_dict()} for n, info in tgs.info.items()]
     extra = {"fdpipe": {"stage": "distill", "store_fingerprint": fingerprint,

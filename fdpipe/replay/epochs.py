@@ -72,8 +72,10 @@ class Replay:
             return self.transform.normalize(x)
         return self.transform.normalize(batch["x"].to(device, non_blocking=True))
 
-    def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """{teacher: float32 targets} on `device` (a store's replay)."""
+    def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu",
+                      coefficients: bool = False) -> dict[str, torch.Tensor]:
+        """{teacher: float32 targets} on `device` (a store's replay); coefficients: a pca-K store's K coefficients
+        a token, not their reconstruction."""
         raise FdpipeError(f"{type(self).__name__} has no stored targets; its batches carry the teachers' inputs")
 
     def named_teacher_inputs(self, batch: dict[str, Any], device: torch.device | str = "cpu"
@@ -129,15 +131,17 @@ class StoredReplay(Replay):
         first = next(iter(self.stores.values()))
         super().__init__(list(self.stores), single, source, transform, first.views, seed, rank, world)
 
-    def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def named_targets(self, batch: dict[str, Any], device: torch.device | str = "cpu",
+                      coefficients: bool = False) -> dict[str, torch.Tensor]:
         """float32 targets on `device`: the stored values (and int8 scales) dequantized there, as each store's
-        quantizer says."""
+        quantizer says (coefficients: a pca-K store's coefficients, without the product by its basis)."""
         for n, st in self.stores.items():
             refuse_zero_batch(st, batch["target"][n])
         scales = batch.get("scales") or {}
         return ({n: st.quantizer.dequantize_tensor(
             batch["target"][n].to(device, non_blocking=True),
-            scales[n].to(device, non_blocking=True) if n in scales else None) for n, st in self.stores.items()})
+            scales[n].to(device, non_blocking=True) if n in scales else None, coefficients=coefficients)
+            for n, st in self.stores.items()})
 
 
 class ZarrReplay(StoredReplay):

@@ -207,8 +207,10 @@ class Quantizer:
             return v.astype(np.float32)
         return v.astype(np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
 
-    def dequantize_tensor(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-        """Stored values (and scales) as tensors on any device -> float32 targets on that device."""
+    def dequantize_tensor(self, values: torch.Tensor, scales: torch.Tensor | None = None,
+                          coefficients: bool = False) -> torch.Tensor:
+        """Stored values (and scales) as tensors on any device -> float32 targets on that device (coefficients:
+        a pca-K store's K coefficients a token, without the product by its basis)."""
         if not self.bits and not self.has_scales:
             return values.float()
         if self.bits == 4:
@@ -222,7 +224,7 @@ class Quantizer:
         else:
             out = values.to(torch.float32, copy=True)  # one conversion, into memory of its own (the batch stays)
         out = out.mul_(scales.to(device=out.device, dtype=torch.float32).unsqueeze(-1))  # in place: 4x less CPU
-        return out @ self._basis_on(out.device).T if self.rank else out
+        return out @ self._basis_on(out.device).T if self.rank and not coefficients else out
 
     @property
     def fill_value(self):

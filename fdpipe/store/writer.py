@@ -50,9 +50,15 @@ def shards_of_rank(n_shards: int, rank: int, world: int) -> list[int]:
     return [i for i in range(n_shards) if i % world == rank]
 
 
+# A zarr shard's index holds 16 bytes for every (image, view) cell of each array and is read whole when the shard is
+# opened: without a bound, tiny targets (a pca-K store of a one-token teacher: a few bytes a view) would make shards
+# of 10^8 images whose index alone is gigabytes (more than one pread returns).
+MAX_DEFAULT_SHARD_IMAGES = 16384
+
+
 def default_shard_size(bytes_per_image: int, target_bytes: int = 768 << 20) -> int:
-    """Images per shard so that a shard holds about 0.5-1 GiB."""
-    return max(1, target_bytes // max(1, bytes_per_image))
+    """Images per shard so that a shard holds about 0.5-1 GiB, and at most MAX_DEFAULT_SHARD_IMAGES."""
+    return max(1, min(MAX_DEFAULT_SHARD_IMAGES, target_bytes // max(1, bytes_per_image)))
 
 
 class StoreWriter:

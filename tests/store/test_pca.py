@@ -129,3 +129,21 @@ def test_pca_is_for_whitened_features_not_logits(cli, tmp_path):
     r = cli("extract", "--teacher", "effnet-lite0", "--data", tmp_path, "--out", tmp_path / "o", "--dtype",
             "pca-8", "--target", "logits")
     one_line_error(r, "--dtype pca-8 stores whitened features", "choose --dtype int4 or int8")
+
+
+def test_coefficients_are_the_reconstruction_before_the_product_by_the_basis():
+    x = low_rank_whitened(np.random.default_rng(6), (4, 2, 3, 16), 4)
+    q = fitted(x, 4)
+    v, s = (torch.from_numpy(a) for a in q.quantize(x))
+    coef = q.dequantize_tensor(v, s, coefficients=True)
+    assert coef.shape == (4, 2, 3, 4) and torch.equal(coef, v.float() * s.float().unsqueeze(-1))
+    assert torch.allclose(coef @ torch.from_numpy(q.basis).T, q.dequantize_tensor(v, s), atol=1e-6)
+
+
+def test_the_default_shard_size_stays_bounded_for_tiny_targets():
+    """A pca-3 view of a one-token teacher is 5 bytes: sized by bytes alone a shard would hold 10^8 images, and its
+    zarr shard index (16 bytes a cell) would be more than one pread can read back."""
+    from fdpipe.store.writer import MAX_DEFAULT_SHARD_IMAGES, default_shard_size
+
+    assert default_shard_size(2 * 5) == MAX_DEFAULT_SHARD_IMAGES
+    assert default_shard_size(8 * 257 * 1024 * 2) == 191  # CLIP-L float16, 8 views: sized by its bytes

@@ -18,7 +18,8 @@ Per store codec, its CPU cost at CLIP-L shape (8 views of [257, 1024] whitened t
 pays on a CPU), views per CPU-second, the median of ROUNDS. Reading the stored bytes is `bench.ceilings --dtype`'s.
 
 The frontier: `--frontier float16:2,int4:2,int4:8` runs `fdpipe demo --dtype D --views V --seed S` for each point
-and each of `--seeds` (into --frontier-dir, reusing what a run there finished), and --demos adds finished demo
+(`pca-K/coefficients:V`: with `--target-space coefficients`, heads that predict the K coefficients) and each of
+`--seeds` (into --frontier-dir, reusing what a run there finished), and --demos adds finished demo
 folders. Their fine-tuned top-1 by (dtype, views), with each point's mean and two-seed spread, and whether its mean
 lies within float16's spread of float16's mean (float16 at the demo's 2 views is the reference).
 """
@@ -50,8 +51,9 @@ ROUNDS = 5
 def main(argv: list[str] | None = None) -> int:
     auto = common.auto
     p = common.parser(NAME, __doc__, images=auto("64; smoke 6; per teacher, half to fit"), views=2)
-    p.add_argument("--frontier", default="", help="DTYPE:VIEWS points to run the demo at, comma-separated "
-                                                   "(e.g. float16:2,int4:2,int4:8); none by default")
+    p.add_argument("--frontier", default="", help="DTYPE[/coefficients]:VIEWS points to run the demo at, "
+                                                   "comma-separated (e.g. float16:2,int4:2,pca-128/coefficients:2); "
+                                                   "none by default")
     p.add_argument("--seeds", default="0,1", help="the demo's seeds for every frontier point")
     p.add_argument("--frontier-dir", default="frontier", help="where the frontier's demo runs go (reused)")
     p.add_argument("--demos", nargs="*", default=[], help="finished `fdpipe demo` folders to add to the frontier")
@@ -173,11 +175,14 @@ def run_frontier(points: str, seeds: str, root: Path) -> list[str]:
     folders = []
     for point in filter(None, (p.strip() for p in points.split(","))):
         dtype, views = point.split(":")
+        dtype, _, space = dtype.partition("/")  # pca-K/coefficients: heads that predict the coefficients
         for seed in filter(None, (s.strip() for s in seeds.split(","))):
-            out = root / f"{dtype}-v{views}-s{seed}"
-            log(f"[{NAME}] frontier: fdpipe demo --dtype {dtype} --views {views} --seed {seed} --out {out}")
+            out = root / f"{dtype}{'-' + space if space else ''}-v{views}-s{seed}"
+            more = ["--target-space", space] if space else []
+            log(f"[{NAME}] frontier: fdpipe demo --dtype {dtype} --views {views} --seed {seed} {' '.join(more)} "
+                f"--out {out}")
             subprocess.run([sys.executable, "-m", "fdpipe", "demo", "--dtype", dtype, "--views", views, "--seed",
-                            seed, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+                            seed, *more, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
             folders.append(str(out))
     return folders
 
@@ -189,20 +194,23 @@ def frontier(demos: list[str]) -> dict:
     runs = []
     for d in map(Path, demos):
         stages = json.loads((d / "stages.json").read_text())
-        extract = stages["extract"]
+        extract, distill = stages["extract"], stages["distill"]
         dtype = extract[extract.index("--dtype") + 1] if "--dtype" in extract else "float16"
+        space = distill[distill.index("--target-space") + 1] if "--target-space" in distill else "features"
         st = open_store(str(d / "store"))
         q, shape = st.quantizer, st.target_shape
         target_bytes = q.stored_bytes(shape)
         top1 = {name: json.loads((d / f"finetune-{name}" / "metrics.json").read_text())["final"]["top1"]
                 for name in ("fd", "scratch")}
-        runs.append({"folder": str(d), "dtype": dtype, "seed": int(extract[extract.index("--seed") + 1]),
+        runs.append({"folder": str(d), "dtype": dtype, "target_space": space,
+                     "seed": int(extract[extract.index("--seed") + 1]),
                      "views": st.views, "target_bytes_per_view": target_bytes,
                      "store_bytes_per_view": st.bytes_per_view(), "top1_fd": top1["fd"],
                      "top1_scratch": top1["scratch"]})
     by = {}
     for r in runs:
-        by.setdefault(f"{r['dtype']} x {r['views']} views", []).append(r)
+        heads = " (coefficient heads)" if r["target_space"] == "coefficients" else ""
+        by.setdefault(f"{r['dtype']}{heads} x {r['views']} views", []).append(r)
     summary = {}
     for point, rs in sorted(by.items(), key=lambda kv: -kv[1][0]["target_bytes_per_view"] * kv[1][0]["views"]):
         t = [r["top1_fd"] for r in sorted(rs, key=lambda r: r["seed"])]

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from .errors import FdpipeError
-from .options import CONTEXT, click_option, dtype_option, device_option, workers_option
+from .options import CONTEXT, click_option, device_option, dtype_option, target_space_option, workers_option
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class DemoSizes:
     eval_every: int = 5  # fine-tuning epochs between evaluations (the last is always evaluated)
     seed: int = 0
     dtype: str = "float16"  # the store's (`extract --dtype`): the demo's top-1 at a smaller store
+    target_space: str = "features"  # what distill's head predicts (`distill --target-space`)
 
 
 # The recipe, beyond sizes (why each differs from the ImageNet defaults):
@@ -144,7 +145,8 @@ def stage_commands(out: Path, sizes: DemoSizes, teachers: tuple[str, ...] = (TEA
                 "--eval-every", str(sizes.eval_every), *seed]
     student = ["--student", "fd-vit-tiny", "--image-size", str(sizes.student_size), "--epochs",
                str(sizes.distill_epochs), "--batch-size", str(sizes.distill_batch), "--lr", str(sizes.distill_lr),
-               *DISTILL, "--warmup-epochs", f"{sizes.distill_epochs * DISTILL_WARMUP:g}", *seed]
+               *DISTILL, "--warmup-epochs", f"{sizes.distill_epochs * DISTILL_WARMUP:g}", *seed,
+               *(["--target-space", sizes.target_space] if sizes.target_space != "features" else [])]
     commands = {
         "extract": ["extract", *[a for t in teachers for a in ("--teacher", t)], *TEACHER_OPTIONS, "--data",
                     "fashion-mnist", "--limit", str(sizes.pool), "--views", str(sizes.views), "--image-size",
@@ -236,24 +238,25 @@ def parse_teachers(ctx: click.Context, param: click.Parameter, value: str) -> tu
 @click.option("--views", type=click.IntRange(1, 64), default=None,
               help="Views per image in the store [default: 2]: with --dtype, a point of the store's size/accuracy "
                    "frontier (bench/bytes.py).")
+@click_option("target_space", target_space_option())
 @click_option("workers", workers_option("DataLoader workers per stage.", default=2), int)
 @click_option("device", device_option())
 def demo(out: str, quick: bool, teachers: tuple[str, ...], compare_sources: bool, seed: int, dtype: str,
-         views: int | None, workers: int, device: str) -> None:
+         views: int | None, target_space: str, workers: int, device: str) -> None:
     """Run extract -> distill -> finetune (FD and scratch) on Fashion-MNIST and print a comparison table.
 
     Uses the real effnet-lite0 ImageNet teacher (--teachers effnet-lite0,effnet-lite2 adds a two-teacher student).
     Rerunning reuses every stage that is already complete.
     """
     run_demo(Path(out), quick=quick, workers=workers, device=device, teachers=teachers,
-             compare_sources=compare_sources, seed=seed, dtype=dtype, views=views)
+             compare_sources=compare_sources, seed=seed, dtype=dtype, views=views, target_space=target_space)
 
 
 def run_demo(out: Path, quick: bool = False, workers: int = 2, device: str = "auto",
              teachers: tuple[str, ...] = (TEACHER,), compare_sources: bool = False, seed: int = 0,
-             dtype: str = "float16", views: int | None = None) -> dict[str, Any]:
+             dtype: str = "float16", views: int | None = None, target_space: str = "features") -> dict[str, Any]:
     sizes = QUICK if quick else FULL
-    sizes = replace(sizes, seed=seed, dtype=dtype, views=views or sizes.views)
+    sizes = replace(sizes, seed=seed, dtype=dtype, views=views or sizes.views, target_space=target_space)
     out.mkdir(parents=True, exist_ok=True)
     timings_path, stages_path = out / "timings.json", out / "stages.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}

@@ -63,6 +63,16 @@ def dtype_option(help: str) -> Any:
     return option("float16", help, parse=parse_dtype, show=str, metavar="|".join((*DTYPES, "pca-K")))
 
 
+TARGET_SPACES = ("features", "coefficients")
+
+
+def target_space_option() -> Any:
+    """--target-space of distill and demo: what the projection heads predict."""
+    return option("features", "What the heads predict: features (the teacher's C channels; a pca-K store's targets "
+                              "reconstructed on the device) or coefficients (a pca-K store's K coefficients a token: "
+                              "heads K wide, the loss in that space).", choices=TARGET_SPACES)
+
+
 def whitened_only(dtype: str) -> bool:
     """Whether `dtype` stores whitened features only: a fixed step, or a basis fitted on whitened tokens."""
     return dtype in WHITENED_ONLY_DTYPES or bool(PCA_DTYPE.fullmatch(dtype))

@@ -108,6 +108,10 @@ def test_the_seed_and_dtype_reach_the_stages_so_a_demo_of_another_seed_is_not_re
     assert "--dtype" not in commands["extract"]  # float16: the commands of earlier demos, so they are reused
     int4 = stage_commands(tmp_path, dataclasses.replace(QUICK, dtype="int4"))["extract"]
     assert int4[int4.index("--dtype") + 1] == "int4"
+    assert all("--target-space" not in c for c in commands.values())  # features: earlier demos' commands
+    coef = stage_commands(tmp_path, dataclasses.replace(QUICK, dtype="pca-32", target_space="coefficients"))
+    assert [n for n, c in coef.items() if "--target-space" in c] == ["distill"]  # the head, not the fine-tune
+    assert coef["distill"][coef["distill"].index("--target-space") + 1] == "coefficients"
     out = tmp_path / "copy"
     shutil.copytree(demo_run[0], out)
     r = CliRunner().invoke(main, ["demo", "--quick", "--seed", "1", "--out", str(out), "--workers", "0"])

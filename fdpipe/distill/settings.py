@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FdpipeError
-from ..options import (MAX_IMAGE_SIZE, MAX_PATCH_SIZE, MIN_IMAGE_SIZE, cache_dir_option, check_bounds,
-                       crop_policy_option, crop_scale_option, device_option, option, parse_floats, quiet_option,
-                       seed_option, show_floats, storage_options_option, view_codec_option, views_option,
-                       workers_option)
+from ..options import (MAX_IMAGE_SIZE, MAX_PATCH_SIZE, MIN_IMAGE_SIZE, TARGET_SPACES, cache_dir_option,
+                       check_bounds, crop_policy_option, crop_scale_option, device_option, option, parse_floats,
+                       quiet_option, seed_option, show_floats, storage_options_option, target_space_option,
+                       view_codec_option, views_option, workers_option)
 from .recipe import DROP_PATH_DEFAULT
-
-TARGET_SPACES = ("features", "coefficients")
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
@@ -52,10 +50,7 @@ class DistillConfig:
     patch_size: int | None = option(None, "Student patch size in pixels.",
                                     show_default="the teacher's (14 for clip-l: FD's ViT-L/14 at 224), else 16",
                                     min=1, max=MAX_PATCH_SIZE)
-    target_space: str = option("features", "What the heads predict: features (the teacher's C channels; a pca-K "
-                                           "store's targets reconstructed on the device) or coefficients (a pca-K "
-                                           "store's K coefficients a token: heads K wide, the loss in that space).",
-                               choices=TARGET_SPACES)
+    target_space: str = target_space_option()
     resample_grid: bool = option(False, "Bilinearly resample the student's patch tokens to the teacher grid.")
     # running
     workers: int = workers_option("DataLoader workers for decoding and cropping.")

@@ -355,14 +355,11 @@ def _list_file(name: Callable[[Path], str]) -> Callable[[dict[str, Any], Path], 
     return change
 
 
-def edit_zarr_metadata(change: Callable[[dict[str, Any]], None]) -> Callable[[Path, bool], None]:
-    """Change targets.zarr/targets/zarr.json; fix: record its new sha256 in the manifest's metadata_files."""
-    rel = "targets.zarr/targets/zarr.json"
+def edit_metadata_file(rel: str, change: Callable[[bytes], bytes]) -> Callable[[Path, bool], None]:
+    """Replace a file of the manifest's metadata_files by change(its bytes); fix: record its new size and sha256."""
 
     def build(root: Path, fix: bool) -> None:
-        meta = json.loads((root / rel).read_text())
-        change(meta)
-        data = json.dumps(meta).encode()
+        data = change((root / rel).read_bytes())
         (root / rel).write_bytes(data)
         if fix:
             m = load(root)
@@ -370,6 +367,17 @@ def edit_zarr_metadata(change: Callable[[dict[str, Any]], None]) -> Callable[[Pa
             save(root, m, True)
 
     return build
+
+
+def edit_zarr_metadata(change: Callable[[dict[str, Any]], None]) -> Callable[[Path, bool], None]:
+    """Change targets.zarr/targets/zarr.json (as JSON); fix: record its new sha256 in the manifest."""
+
+    def edit(raw: bytes) -> bytes:
+        meta = json.loads(raw)
+        change(meta)
+        return json.dumps(meta).encode()
+
+    return edit_metadata_file("targets.zarr/targets/zarr.json", edit)
 
 
 def _one_giant_shard(m: dict[str, Any], root: Path) -> None:
@@ -404,19 +412,8 @@ def _unpacked_variants(dtype: str) -> list[Variant]:
 
 
 def edit_basis(change: Callable[[bytes], bytes]) -> Callable[[Path, bool], None]:
-    """Change a pca store's basis/pca.npz (change returns the new bytes); fix: record its new size and sha256 in
-    the manifest's metadata_files."""
-    rel = "basis/pca.npz"
-
-    def build(root: Path, fix: bool) -> None:
-        data = change((root / rel).read_bytes())
-        (root / rel).write_bytes(data)
-        if fix:
-            m = load(root)
-            m["metadata_files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            save(root, m, True)
-
-    return build
+    """Change a pca store's basis/pca.npz (change returns the new bytes); fix: record it in metadata_files."""
+    return edit_metadata_file("basis/pca.npz", change)
 
 
 def _flip_basis_value(data: bytes) -> bytes:

@@ -186,6 +186,7 @@ class Setup:
     targets: np.ndarray = field(repr=False)
     rows: list[list[dict[str, Any]]] = field(repr=False)
     stored: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+    quantizers: dict[str, Any] = field(repr=False, default_factory=dict)  # by dtype; pca-K bound to its basis
 
     @property
     def cfgs(self) -> list[Config]:
@@ -198,6 +199,16 @@ class Setup:
             st = st.replace(codec=self.codec)
         return st
 
+    def writer(self, url: str, settings):
+        """fdpipe's writer on `url`, opened, with a pca store's basis (the one its values were quantized against)."""
+        from fdpipe.store import StoreWriter
+
+        w = StoreWriter(url, settings)
+        w.open()
+        if w.needs_basis:
+            w.put_basis(self.quantizers[settings.dtype].basis)
+        return w
+
     def stored_inputs(self, w, shard: int):
         """(values, scales, rows) of one shard of writer `w`."""
         from fdpipe.store import shard_range
@@ -209,6 +220,7 @@ class Setup:
 
 def setup(a: Any) -> Setup:
     from fdpipe.augment import AugmentationPlan
+    from fdpipe.store.basis import fitted
     from fdpipe.store.quantize import get_quantizer
 
     smoke = a.smoke
@@ -218,10 +230,13 @@ def setup(a: Any) -> Setup:
     targets = fixtures.whitened(np.random.default_rng(0), (N, V, T, C))
     dtypes = [x.strip() for x in a.dtype.split(",") if x.strip()]
     layouts = [x.strip() for x in a.layout.split(",") if x.strip()]
-    return Setup(T=T, C=C, V=V, N=N, S=a.shard_size or (4 if smoke else 16), batch=a.batch_size or (4 if smoke else 16),
+    S = a.shard_size or (4 if smoke else 16)
+    quantizers = {dt: get_quantizer(dt) for dt in dtypes}  # pca-K: the basis of the first shard, as extract fits it
+    quantizers = {dt: q.with_basis(fitted(targets[:S], q.rank)) if q.rank else q for dt, q in quantizers.items()}
+    return Setup(T=T, C=C, V=V, N=N, S=S, batch=a.batch_size or (4 if smoke else 16),
                  size=a.image_size or (32 if smoke else 224), rounds=a.rounds or (1 if smoke else 3),
                  n_pairs=a.pairs or (16 if smoke else 256), layouts=layouts, dtypes=dtypes, codec=a.codec, targets=targets, rows=[synthetic_rows(plan, i) for i in range(N)],
-                 stored={dt: get_quantizer(dt).quantize(targets) for dt in dtypes})
+                 stored={dt: q.quantize(targets) for dt, q in quantizers.items()}, quantizers=quantizers)
 
 
 def run(ctx: common.Context) -> int:
@@ -256,11 +271,9 @@ def run(ctx: common.Context) -> int:
 
 def measure_quantize(su: Setup) -> dict[str, float]:
     """The CPU quantizer, float32 -> stored: views per CPU-second over one shard x rounds, per dtype."""
-    from fdpipe.store.quantize import get_quantizer
-
     out = {}
     for dt in su.dtypes:
-        q, m = get_quantizer(dt), Meter()
+        q, m = su.quantizers[dt], Meter()
         q.quantize(su.targets[:su.S])
         for _ in range(su.rounds):
             with m():
@@ -272,13 +285,10 @@ def measure_quantize(su: Setup) -> dict[str, float]:
 def measure_write_stages(ctx: common.Context, su: Setup) -> dict[str, dict[str, float]]:
     """A warm-up shard per configuration (first-call costs: imports, zarr's event loop, allocations), then one
     shard's write by stage."""
-    from fdpipe.store import StoreWriter
-
     stages: dict[str, dict[str, float]] = {}
     for lay, dt in su.cfgs:
         warm = ctx.work / f"warm-{lay}-{dt}"
-        w = StoreWriter(str(warm), su.settings(lay, dt, min(su.N, su.S)))
-        w.open()
+        w = su.writer(str(warm), su.settings(lay, dt, min(su.N, su.S)))
         w.write_stored(0, *su.stored_inputs(w, 0))
         stages[f"{lay}/{dt}"] = write_stages(lambda: w.write_stored(0, *su.stored_inputs(w, 0)))
         shutil.rmtree(warm, ignore_errors=True)
@@ -287,7 +297,6 @@ def measure_write_stages(ctx: common.Context, su: Setup) -> dict[str, dict[str, 
 
 def measure_writes(ctx: common.Context, su: Setup) -> tuple[dict[Config, str], dict[Config, list[dict[str, float]]]]:
     """Whole stores, rounds alternating between configurations; the latest store of each is the one replayed."""
-    from fdpipe.store import StoreWriter
 
     urls: dict[Config, str] = {}
     writes: dict[Config, list[dict[str, float]]] = {c: [] for c in su.cfgs}
@@ -295,8 +304,7 @@ def measure_writes(ctx: common.Context, su: Setup) -> tuple[dict[Config, str], d
     def write_side(cfg: Config) -> Callable[[int], dict[str, float]]:
         def side(r: int) -> dict[str, float]:
             url = str(ctx.work / f"store-{cfg[0]}-{cfg[1]}-{r}")
-            w = StoreWriter(url, su.settings(*cfg))
-            w.open()
+            w = su.writer(url, su.settings(*cfg))
             m = Meter()
             for shard in range(w.num_shards):
                 inputs = su.stored_inputs(w, shard)

@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .basis import NAME as BASIS_NAME
+
 # Channels over which the counts of a token's minimum and maximum are taken (all of them when C is this or less).
 COUNT_SAMPLE = 64
 # On CPU, rows are handled in blocks of CPU_BLOCK_ROWS (the per-token choice of step runs once a block, its few dozen
@@ -86,9 +88,7 @@ class Quantizer:
     def to_dict(self) -> dict:
         d = {"name": self.name, "dtype": self.dtype, "scales": "per-token float16" if self.has_scales else None}
         if self.rank:
-            from .basis import NAME
-
-            d.update(rank=self.rank, basis=NAME)
+            d.update(rank=self.rank, basis=BASIS_NAME)
         return {**d, "step": self.step} if self.step else d
 
     @property

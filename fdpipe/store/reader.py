@@ -21,6 +21,7 @@ from .fs import MAX_JSON_BYTES, StoreLocation, parse_json
 from .layouts import facts, layout_for
 from .layouts.base import Layout, StoredImage, StoredView
 from .manifest import DRAFT, MANIFEST, check_integrity, check_version
+from . import basis
 from .quantize import quantizer_of
 
 __all__ = ["ImageTargets", "Store", "StoredImage", "StoredView", "open_store"]
@@ -80,8 +81,6 @@ class Store:
         self.manifest = manifest
         self.quantizer = quantizer_of(manifest, loc.path(MANIFEST))
         if self.quantizer.rank:  # pca-K: its basis, checked against the manifest's record of it
-            from . import basis
-
             self.quantizer = self.quantizer.with_basis(basis.read(
                 loc, int(manifest["target_shape"][-1]), self.quantizer.rank,
                 manifest["metadata_files"].get(basis.NAME), listed=True))

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import StoreError
-from . import consolidated
+from . import basis, consolidated
 from . import index as index_mod
 from .contract import StoreSettings
 from .fs import StoreLocation
@@ -133,8 +133,6 @@ class StoreWriter:
     def _open_basis(self) -> None:
         """Bind the quantizer to the store's basis when it is there (refusing a damaged one in one line); a store
         with committed shards and no basis is refused, since those shards cannot be read without it."""
-        from . import basis
-
         if self.loc.exists(basis.NAME):
             self.q = self.q.with_basis(basis.read(self.loc, self.settings.target_shape[-1], self.q.rank))
         elif committed_markers(self.loc):
@@ -143,8 +141,6 @@ class StoreWriter:
     def put_basis(self, fitted: np.ndarray) -> None:
         """Write the basis unless another writer (a rank of this job) got there first, then bind the quantizer to
         the file that is there, so that every writer quantizes against the same one."""
-        from . import basis
-
         self.loc.put_new(basis.NAME, basis.encode(fitted))
         self.q = self.q.with_basis(basis.read(self.loc, self.settings.target_shape[-1], self.q.rank))
 
@@ -259,8 +255,6 @@ def finalize(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             counts[k] += int(marker[k])
     meta = {}
     q = get_quantizer(draft["dtype"])
-    from . import basis
-
     for rel in [*layout_for(draft)(loc, draft, q).metadata(), *([basis.NAME] if q.rank else [])]:
         if not loc.exists(rel):
             raise StoreError(f"{url}: {rel} is missing; the store cannot be finished")

@@ -15,13 +15,13 @@ import pyarrow as pa
 from ..augment import AugmentationPlan
 from ..viewcodec import StudentViews
 from ..errors import IncompleteStoreError, StoreError
+from . import basis
 from . import index as index_mod
 from .contract import StoreSettings, TeacherInfo
 from .fs import MAX_JSON_BYTES, StoreLocation, parse_json
 from .layouts import facts, layout_for
 from .layouts.base import Layout, StoredImage, StoredView
 from .manifest import DRAFT, MANIFEST, check_integrity, check_version
-from . import basis
 from .quantize import quantizer_of
 
 __all__ = ["ImageTargets", "Store", "StoredImage", "StoredView", "open_store"]

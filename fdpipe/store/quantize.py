@@ -47,13 +47,13 @@ float16's finite range.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..options import PCA_DTYPE
 from .basis import NAME as BASIS_NAME
 
 # Channels over which the counts of a token's minimum and maximum are taken (all of them when C is this or less).
@@ -69,8 +69,7 @@ _F16_TINY, _F16_MAX = 2.0 ** -24, 65504.0
 # a whitened token (unit variance) wants.
 INT4_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4)
 INT4_RMS_STEP = 2.6 / 7
-# `--dtype pca-K`: K coefficients a token in the store's channel basis
-PCA_DTYPE = re.compile(r"pca-([0-9]+)")
+# `--dtype pca-K` (options.PCA_DTYPE): K coefficients a token in the store's channel basis
 PCA_NAME = "pca-int8-v1"
 
 

@@ -7,9 +7,9 @@ hashes it and a reader checks it when the store opens.
 
 The fit is deterministic: the uncentred second moment of every finite token of the first shard (all its views),
 summed in float64, its top K eigenvectors orthogonal to the all-ones vector, each signed so that its largest entry
-is positive. The first shard should hold many more tokens than K (a CLIP-L shard: 191 images x 8 views x 257). Every rank fits it
-and writes it only where it is absent (`StoreLocation.put_new`), then reads back the file that is there, so the
-ranks of one job, and a resume, use one basis.
+is positive. The first shard should hold many more tokens than K (a CLIP-L shard: 191 images x 8 views x 257).
+Every rank fits it and writes it only where it is absent (`StoreLocation.put_new`), then reads back the file that is
+there, so the ranks of one job, and a resume, use one basis.
 """
 
 from __future__ import annotations

@@ -328,7 +328,8 @@ def samples_per_epoch(valid: np.ndarray, world: int = 1) -> int:
 class StreamedViews(IterableDataset):
     """Streaming replay from wds stores of one plan, one image set and one shard size: shard shuffle, then a seeded
     sample buffer; one view per image, the same view for every image of a shard in an epoch (`shard_views`), so an
-    epoch reads one view's tar per shard. Items carry {teacher: target}.
+    epoch reads one view's tar per shard. Items are whole batches of `batch_size` (the DataLoader hands them on as
+    they are), each carrying {teacher: targets [B, ...]}; a worker's last, partial batch is dropped.
 
     Rank r takes every world-th shard of the epoch's shard order, each DataLoader worker every num_workers-th of
     those. Everything is a pure function of (seed, epoch, rank, worker), so a resume replays the same stream.
@@ -337,6 +338,10 @@ class StreamedViews(IterableDataset):
     depends only on how many samples a worker streams, and the loader interleaves its workers' batches round-robin,
     so which samples those were is known from the index: they are neither read nor decoded, and worker k takes up
     the stream of the worker whose turn came next (`round_robin_resume`), so the batches continue as they were.
+
+    The order is computed from the index alone, so a store whose index records each sample's byte range (format 8,
+    local: `Store.reads_ranges`) reads each batch's samples straight into one array, as a zarr replay does; other
+    stores stream their tars front to back (`stream`) and give the same batches.
 
     Every store streams the same (image_idx, view) sequence (the same shard order, view per shard and buffer order,
     a function of the sample count); each sample's pair is checked to agree, and the first store's crops the
@@ -364,17 +369,24 @@ class StreamedViews(IterableDataset):
         order = shard_order(self.seed, self.epoch, self.store.num_shards)
         return min(int(sum(ok[int(s)] for s in order[r:: self.world])) for r in range(self.world))
 
-    def stream(self, store: Store, wid: int, nw: int) -> Iterator[StoredView]:
-        """One store's views for loader worker `wid` of `nw`, in training order, from `start` on."""
+    def plan(self, store: Store, wid: int, nw: int) -> tuple[list[int], np.ndarray, list[int], int]:
+        """Loader worker `wid` of `nw`'s stream: its shards in order, the view of every shard, the buffer's order
+        of the stream's positions (each a decodable image of those shards, in order) and how many of them the
+        epoch already trained on."""
         rank_shards = [int(s) for s in shard_order(self.seed, self.epoch, store.num_shards)[self.rank:: self.world]]
         ok = store.decodable
         counts = [int(sum(ok[s].sum() for s in rank_shards[w::nw])) for w in range(nw)]
         delivered, turn = round_robin_resume([c // self.batch_size for c in counts], self.start // self.batch_size)
         worker = (turn + wid) % nw  # the stream this loader worker continues
-        shards = rank_shards[worker::nw]
         chosen = shard_views(self.seed, self.epoch, store.num_shards, store.views)
         order = buffer_order(counts[worker], self.seed, self.epoch, self.buffer, stream=f"{self.rank}/{worker}")
-        done = delivered[worker] * self.batch_size
+        return rank_shards[worker::nw], chosen, order, delivered[worker] * self.batch_size
+
+    def stream(self, store: Store, wid: int, nw: int) -> Iterator[StoredView]:
+        """One store's views for loader worker `wid` of `nw`, in training order, from `start` on, its tars read
+        front to back (a store of format 7 or earlier, or a remote one)."""
+        shards, chosen, order, done = self.plan(store, wid, nw)
+        ok = store.decodable
         trained = set(order[:done])
 
         def views():  # (position in this worker's stream, view) of every decodable image still to train on
@@ -403,33 +415,103 @@ class StreamedViews(IterableDataset):
                 arrived[got[0]] = got[1]
             yield arrived.pop(p)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    def ranged(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+        """Loader worker `wid` of `nw`'s batches, each sample of every store read by its byte range (`stream`'s
+        order, from the index alone)."""
+        shards, chosen, order, done = self.plan(self.store, wid, nw)
+        ok = self.store.decodable
+        for n in self.names[1:]:
+            if not all(np.array_equal(a, b) for a, b in zip(self.stores[n].decodable, ok)):
+                raise FdpipeError(f"{self.stores[n].url}: its decodable images differ from {self.store.url}'s; the wds "
+                                  "stores of several teachers must share the plan, the images and the shard size")
+        shard_of = np.repeat(np.asarray(shards, np.int64), [int(ok[s].sum()) for s in shards])
+        in_shard = np.concatenate([np.flatnonzero(ok[s]) for s in shards] or [np.zeros(0, np.int64)])
+        todo = np.asarray(order[done:], np.int64)
+        size, b = self.store.shard_size, self.batch_size
+        for first in range(0, len(todo) - b + 1, b):
+            at = todo[first:first + b]
+            items = [(int(s), int(chosen[s]), int(j)) for s, j in zip(shard_of[at], in_shard[at])]
+            batch: dict[str, Any] = {"target": {}, "image_idx": torch.from_numpy(shard_of[at] * size + in_shard[at]),
+                                     "view": torch.from_numpy(chosen[shard_of[at]].astype(np.int64))}
+            scales, student = {}, None
+            for n in self.names:
+                values, s, views = self.stores[n].read_samples(items)
+                batch["target"][n] = torch.from_numpy(values)
+                if s is not None:
+                    scales[n] = torch.from_numpy(s)
+                student = views if n == self.names[0] else student
+            if scales:
+                batch["scales"] = scales
+            self._pixels(batch, student, items)
+            yield batch
+
+    def _pixels(self, batch: dict[str, Any], student: list[bytes] | None, items: list[tuple[int, int, int]],
+                rows: list[dict[str, Any]] | None = None) -> None:
+        """The batch's x: the stored student views decoded, or the source's crops (`rows`: the samples' index
+        rows, else read from the index parts)."""
+        if self.pixels is None and self.builder is None:
+            return
+        idx, views = batch["image_idx"].tolist(), batch["view"].tolist()
+        if self.pixels is not None:
+            keys = _Keys(self.store, items, idx) if rows is None else {i: r["key"] for i, r in zip(idx, rows)}
+            batch["x"] = self.pixels.decode_batch(student, idx, views, keys, "cpu")
+            return
+        if rows is None:
+            rows = [self.store.index_part(s).slice(j * self.store.views + v, 1).to_pylist()[0] for s, v, j in items]
+        batch["x"] = torch.stack([self.builder.stored_view(r["key"], v, r) for r, v in zip(rows, views)])
+
+    def streamed(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+        """Loader worker `wid` of `nw`'s batches from its tars, streamed (`stream`), each sample's (image_idx, view)
+        checked to agree across the stores."""
         streams = {n: self.stream(st, wid, nw) for n, st in self.stores.items()}
         first = self.names[0]
+        group: list[dict[str, StoredView]] = []
         for it in streams[first]:
             v = int(it.row["view"])
-            item: dict[str, Any] = {"target": {}, "image_idx": it.image_idx, "view": v}
-            scales = {}
-            for n in self.names:
-                got = it if n == first else next(streams[n], None)
+            sample = {first: it}
+            for n in self.names[1:]:
+                got = next(streams[n], None)
                 if got is None or (got.image_idx, int(got.row["view"])) != (it.image_idx, v):
                     what = "nothing" if got is None else f"image {got.image_idx} view {int(got.row['view'])}"
                     raise FdpipeError(f"{self.stores[n].url} streams {what} where {self.store.url} streams image "
                                       f"{it.image_idx} view {v}; the wds stores of several teachers must share the "
                                       "plan, the images and the shard size")
-                item["target"][n] = torch.from_numpy(np.ascontiguousarray(got.values))
-                if got.scales is not None:
-                    scales[n] = torch.from_numpy(np.ascontiguousarray(got.scales))
-            if scales:
-                item["scales"] = scales
-            if self.pixels is not None:
-                item["x"] = self.pixels.decode(it.student_view, it.image_idx, v, it.key)
-            elif self.builder is not None:
-                item["x"] = self.builder.stored_view(it.key, v, it.row)
-            yield item
+                sample[n] = got
+            group.append(sample)
+            if len(group) == self.batch_size:
+                yield self._collate(group)
+                group = []
         for n in self.names[1:]:
             if next(streams[n], None) is not None:
                 raise FdpipeError(f"{self.stores[n].url} streams more samples than {self.store.url}; the wds stores "
                                   "of several teachers must share the plan, the images and the shard size")
+
+    def _collate(self, group: list[dict[str, StoredView]]) -> dict[str, Any]:
+        firsts = [g[self.names[0]] for g in group]
+        batch: dict[str, Any] = {
+            "target": {n: torch.from_numpy(np.stack([g[n].values for g in group])) for n in self.names},
+            "image_idx": torch.tensor([it.image_idx for it in firsts], dtype=torch.int64),
+            "view": torch.tensor([int(it.row["view"]) for it in firsts], dtype=torch.int64)}
+        scales = {n: torch.from_numpy(np.stack([g[n].scales for g in group])) for n in self.names
+                  if group[0][n].scales is not None}
+        if scales:
+            batch["scales"] = scales
+        self._pixels(batch, [it.student_view for it in firsts], [], rows=[it.row for it in firsts])
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        fast = all(st.reads_ranges for st in self.stores.values())
+        return self.ranged(wid, nw) if fast else self.streamed(wid, nw)
+
+
+class _Keys:
+    """keys[image_idx] of a batch's images, for messages: read from the index only when one is asked for."""
+
+    def __init__(self, store: Store, items: list[tuple[int, int, int]], idx: list[int]):
+        self.store, self.at = store, dict(zip(idx, items))
+
+    def __getitem__(self, i: int) -> str:
+        s, v, j = self.at[i]
+        return self.store.index_part(s, ["key"]).column("key")[j * self.store.views + v].as_py()

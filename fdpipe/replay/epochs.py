@@ -98,8 +98,8 @@ class Replay:
 
     def epoch(self, epoch: int, start: int = 0, batch_size: int = 1) -> Dataset | IterableDataset:
         """This rank's samples of `epoch` from sample `start` on, in training order: a map-style Dataset (zarr,
-        online) or an IterableDataset (wds: `start` and `batch_size` say which samples its DataLoader's batches
-        already delivered, and those are not read)."""
+        online) or an IterableDataset of whole batches (wds: `start` and `batch_size` say which samples its
+        DataLoader's batches already delivered, and those are not read)."""
         return EpochDataset(self.dataset, EpochSampler(self.valid, self.views, self.seed, epoch, self.rank,
                                                        self.world, start=start, fresh=self.fresh_views).pairs)
 
@@ -115,8 +115,8 @@ class Replay:
         data = self.epoch(epoch, start, batch_size)
         common = dict(num_workers=workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(self.seed))  # off the global RNG
-        if isinstance(data, IterableDataset):
-            return DataLoader(data, batch_size=batch_size, drop_last=True, **common)
+        if isinstance(data, IterableDataset):  # wds: the dataset yields whole batches (StreamedViews)
+            return DataLoader(data, batch_size=None, **common)
         # map-style: the dataset makes each batch whole (EpochDataset.batch), in the epoch's order
         return DataLoader(data, batch_size=None, sampler=BatchSampler(SequentialSampler(data), batch_size, True),
                           **common)

@@ -67,6 +67,9 @@ def scan_parts(store: "Store") -> Scan:
                         f"(image {keys[r // views]!r}, view {r % views}): seed {table.column('seed')[r].as_py()} is "
                         f"not the plan's {int(want[r])} for that image and view (plan.seed {plan.seed}); the index "
                         "was altered or belongs to another plan")
+        problem = store.targets_layout.index_problem(table, first)  # wds: the samples' byte ranges
+        if problem:
+            return Scan(problem)
         failed += len(keys) - int(consolidated.decodable(table)[::views].sum())
         digest.update(index_mod.digest_lines(table))
         images.append(consolidated.from_part(table, views))

@@ -37,8 +37,15 @@ SCHEMA = pa.schema([
     ("shard", pa.int32()),
     ("status", pa.string()),
     ("error", pa.string()),
+    # wds, format 8: this view's sample in its tar (view-VV/shard-SSSSSS.tar), as one byte range with its crc32c,
+    # so that a replay reads each sample with one pread straight into its batch (null in zarr stores)
+    ("tar_offset", pa.int64()),
+    ("tar_bytes", pa.int64()),
+    ("tar_crc32c", pa.uint32()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+# Columns a part of an earlier format version lacks (a reader of such a store takes them as null).
+SPAN_COLUMNS = ("tar_offset", "tar_bytes", "tar_crc32c")
 STATUSES = ("ok", "error")
 _CROP = ("top", "left", "height", "width", "flip", "orig_height", "orig_width")
 # What every view of one image records alike: the image's own columns.
@@ -95,6 +102,8 @@ def decode(data: bytes, columns: list[str] | None = None) -> pa.Table:
 def schema_problem(schema: pa.Schema, columns: list[str] | None = None) -> str | None:
     for f in SCHEMA if columns is None else [f for f in SCHEMA if f.name in columns]:
         i = schema.get_field_index(f.name)
+        if i < 0 and f.name in SPAN_COLUMNS and columns is None:
+            continue  # a part of format 7 or earlier (the wds layout refuses a format-8 part without them)
         if i < 0:
             return f"column {f.name!r} is missing"
         if not schema.field(i).type.equals(f.type):

@@ -26,13 +26,14 @@ from typing import Any
 from ..errors import StoreError
 
 FORMAT = "fdpipe-store"
-FORMAT_VERSION = 7  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
+FORMAT_VERSION = 8  # 2: wds stores hold one tar per (shard, view); `codec` names the chunk compressor. 3: zarr chunks
 # end in a crc32c (the codec zarr and tensorstore check on every read), and every file entry carries a crc32c that
 # readers check as a wds tar streams. 4: `student_views` (null, or the student pixels of every view, stored encoded
 # beside its targets: fdpipe.viewcodec). 5: dtype `int4` (two channels a byte; a reader of version 4 would take its
 # uint8 bytes for values, so the version says it is new). 6: dtype `int4-fixed` (int4's nibbles at one step for every
 # token, no scales; a new quantizer). 7: dtype `pca-K` (int8 coefficients in the channel basis basis/pca.npz, a
-# file listed in metadata_files: store.basis)
+# file listed in metadata_files: store.basis). 8: a wds store's index records each sample's byte range and crc32c
+# in its tar (index.SPAN_COLUMNS), so a replay reads samples as zarr reads chunks; the tars are unchanged
 MANIFEST = "manifest.json"
 DRAFT = "manifest.draft.json"
 

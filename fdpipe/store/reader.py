@@ -247,6 +247,17 @@ class Store:
         for shard in range(self.num_shards) if shards is None else shards:
             yield from self.targets_layout.iter_stored(shard)
 
+    @property
+    def reads_ranges(self) -> bool:
+        """Whether a streamed (wds) store's samples can be read by byte range (`read_samples`): format 8, local."""
+        return bool(getattr(self.targets_layout, "reads_ranges", False))
+
+    def read_samples(self, items: list[tuple[int, int, int]]
+                     ) -> tuple[np.ndarray, np.ndarray | None, list[bytes] | None]:
+        """Values [B, *target_shape] as stored, int8 scales or None, and the encoded student views or None, of the
+        (shard, view, position in the shard) samples of a `reads_ranges` store, each checked against its crc32c."""
+        return self.targets_layout.read_samples(items)
+
     def iter_view(self, shard: int, view: int, skip: frozenset[int] = frozenset()) -> Iterator[StoredView]:
         """One view of every image of a shard, in order, as stored: for a wds store of format 2 or later an epoch
         that trains on view `view` of this shard reads only these bytes. Images at the in-shard positions in

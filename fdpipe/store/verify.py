@@ -74,6 +74,28 @@ def _check_shape(store: Store) -> Iterator[str]:
     return store.targets_layout.problems()
 
 
+def _check_ranges(store: Store) -> Iterator[str]:
+    """A wds store of format 8: every sample read by its byte range in the index, as a replay reads it, is the one
+    its tar streams (the index's ranges and the tars were not altered apart)."""
+    if not store.reads_ranges:
+        return
+    for shard in range(store.num_shards):
+        for view in range(store.views):
+            for j, it in enumerate(store.iter_view(shard, view)):
+                try:
+                    values, scales, student = store.read_samples([(shard, view, j)])
+                except StoreError as e:
+                    yield str(e)
+                    return
+                same = values[0].tobytes() == it.values.tobytes() and (
+                    scales is None or scales[0].tobytes() == it.scales.tobytes()) and (
+                    student is None or student[0] == (it.student_view or b""))
+                if not same:
+                    yield (f"shard {shard}: image {it.image_idx} ({it.key!r}) view {view}: its byte range in the "
+                           "index holds another sample than its tar streams; the index was altered")
+                    return
+
+
 def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[str]:
     """Every ok view's targets finite and (features) whitened, not all of them zero, and a failed image's all NaN;
     each image's tokens sampled into `meter`; every ok view's stored student view (format 4) decodes to its size.
@@ -148,6 +170,8 @@ def verify_store(url: str, storage_options: dict | None = None, deep: bool = Fal
             return store, problems
         whitened = bool(store.manifest.get("whitening")) and store.manifest.get("target") == "features"
         problems += _check_values(store, whitened, meter)
+        if not problems:
+            problems += _check_ranges(store)
     if not problems:
         problems += _check_consolidated(store, scan)
     warning = meter.warning()

@@ -210,7 +210,8 @@ class StoreWriter:
                 student_views is not None and [len(v) for v in student_views] != [self.v] * n):
             raise ValueError(f"shard {shard}: student views do not match the store's settings "
                              f"({self.settings.student_views})")
-        rows = [index_mod.normalize(r, shard=shard) for r in rows]
+        spans = dict.fromkeys(index_mod.SPAN_COLUMNS)  # the layout's to record (a copied row's are its source's)
+        rows = [index_mod.normalize(r, shard=shard, **spans) for r in rows]
         files = self.targets_layout.write_shard(shard, values, scales, rows, images, student_views)
         part = index_mod.encode(rows)
         files[index_mod.part_name(shard)] = self.loc.put_atomic(index_mod.part_name(shard), part)

@@ -39,6 +39,7 @@ TABLE: dict[tuple[str, int], tuple[LayoutFacts, str]] = {
     ("zarr", 5): (ZARR, "zarr:ZarrLayout"),
     ("zarr", 6): (ZARR, "zarr:ZarrLayout"),
     ("zarr", 7): (ZARR, "zarr:ZarrLayout"),
+    ("zarr", 8): (ZARR, "zarr:ZarrLayout"),
     ("wds", 1): (WDS, "wds:WdsV1Layout"),
     ("wds", 2): (WDS, "wds:WdsLayout"),
     ("wds", 3): (WDS, "wds:WdsLayout"),
@@ -46,6 +47,7 @@ TABLE: dict[tuple[str, int], tuple[LayoutFacts, str]] = {
     ("wds", 5): (WDS, "wds:WdsLayout"),
     ("wds", 6): (WDS, "wds:WdsLayout"),
     ("wds", 7): (WDS, "wds:WdsLayout"),
+    ("wds", 8): (WDS, "wds:WdsLayout"),
 }
 LAYOUTS = tuple(dict.fromkeys(name for name, _ in TABLE))  # what --format accepts, the default first
 

@@ -68,7 +68,8 @@ class Layout:
                     images: list[tuple[str, bytes] | None] | None,
                     student_views: list[list[bytes]] | None = None) -> dict[str, dict[str, Any]]:
         """Write one shard's target files (values [n, V, ...] in the stored dtype, checked by the writer, and the
-        n x V encoded student views where the store holds them); returns their manifest entries by relative path."""
+        n x V encoded student views where the store holds them); returns their manifest entries by relative path.
+        A layout that records where each view lies in its files fills those index columns of `rows` (wds)."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------------------- reading
@@ -93,6 +94,10 @@ class Layout:
                 yield StoredView(it.image_idx, it.key, it.values[view],
                                  None if it.scales is None else it.scales[view], it.rows[view],
                                  None if it.student_views is None else it.student_views[view])
+
+    def index_problem(self, table: Any, first: int) -> str | None:
+        """What is wrong with the layout's own index columns in the checked parts of shards first.. (`table`)."""
+        return None
 
     def problems(self) -> Iterator[str]:
         """What `fdpipe store verify` finds wrong with the layout's own files beyond their checksums."""

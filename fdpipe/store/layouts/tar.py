@@ -13,15 +13,46 @@ from ...errors import StoreError
 from ..fs import StoreLocation
 
 
-def write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]]) -> dict[str, Any]:
-    """Stream one tar to a temporary name and move it into place; returns its manifest entry."""
+def write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]],
+              spans: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+    """Stream one tar to a temporary name and move it into place; returns its manifest entry. `spans`, when given,
+    receives each sample's (offset, bytes, crc32c) in the tar: its headers, members and padding, in one piece."""
     with loc.open_atomic(rel) as f:
-        with _tar_writer()(f, encoder=False, mtime=0) as tw:  # an int: no PAX header (1 KiB) per member
+        out = SpanCrc(f)
+        with _tar_writer()(out, encoder=False, mtime=0) as tw:  # an int: no PAX header (1 KiB) per member
             if all(ustar_name(f"{s['__key__']}.{k}") for s in samples for k in s if k != "__key__"):
                 tw.tarstream.format = tarfile.USTAR_FORMAT  # the same bytes, without the PAX checks' cost
             for sample in samples:
+                start = out.start_span()
                 tw.write(sample)
+                if spans is not None:
+                    spans.append((start, out.pos - start, out.crc))
     return f.entry
+
+
+class SpanCrc:
+    """A writable file passing bytes on to `f`, with the crc32c of what it passed since `start_span`: tarfile
+    writes each member's header, data and padding before `write` returns, so a sample's bytes are one span."""
+
+    def __init__(self, f: Any):
+        import google_crc32c
+
+        self.f, self.pos, self.crc, self._extend = f, 0, 0, google_crc32c.extend
+
+    def start_span(self) -> int:
+        self.crc = 0
+        return self.pos
+
+    def write(self, b: Any) -> int:
+        self.crc = self._extend(self.crc, b if isinstance(b, bytes) else np.frombuffer(b, np.uint8))
+        self.pos += memoryview(b).nbytes
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def ustar_name(name: str) -> bool:

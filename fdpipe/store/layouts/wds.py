@@ -8,7 +8,8 @@ Each sample repeats its index row in params.json, which the reader checks agains
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from ...errors import StoreError
 from .. import index as index_mod
 from . import npy, tar
 from .base import Layout, StoredImage, StoredView
+
+if TYPE_CHECKING:
+    from .ranges import SampleRanges
 
 ROOT = "wds"
 # The members of a wds sample that are not the embedded image.
@@ -42,8 +46,10 @@ def images_name(shard: int) -> str:
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:
     """An index row as params.json holds it: the 64-bit view seed as a decimal string, since JSON readers that
-    parse integers as int64 (Hugging Face datasets, pyarrow) overflow on seeds above 2**63."""
-    return {**row, "seed": str(row["seed"])} if row.get("seed") is not None else dict(row)
+    parse integers as int64 (Hugging Face datasets, pyarrow) overflow on seeds above 2**63; without the sample's
+    byte range in its tar, which only the index can know."""
+    row = {k: v for k, v in row.items() if k not in index_mod.SPAN_COLUMNS}
+    return {**row, "seed": str(row["seed"])} if row.get("seed") is not None else row
 
 
 def row_from_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -65,8 +71,13 @@ def view_sample(key: str, values: np.ndarray, scales: np.ndarray | None, row: di
     return sample
 
 
+# From this format on the index records each sample's byte range in its tar (index.SPAN_COLUMNS).
+RANGES_FORMAT = 8
+
+
 class WdsLayout(Layout):
-    """Format 2 and 3: one tar per (shard, view); format 3 tars are crc32c-checked as they stream."""
+    """Format 2 and later: one tar per (shard, view); from format 3 tars are crc32c-checked as they stream, and
+    from format 8 a local store's samples are read by byte range (`read_samples`)."""
 
     # -------------------------------------------------------------------------------------------------- writing
     def write_shard(self, shard: int, values: np.ndarray, scales: np.ndarray | None, rows: list[dict[str, Any]],
@@ -81,7 +92,10 @@ class WdsLayout(Layout):
                                    rows[j * v + view], rows[j * v].get("label"),
                                    None if ext is None else (ext, student_views[j][view])) for j in range(n)]
             rel = view_name(shard, view)
-            files[rel] = tar.write_tar(self.loc, rel, samples)
+            spans: list[tuple[int, int, int]] | None = [] if self.format_version >= RANGES_FORMAT else None
+            files[rel] = tar.write_tar(self.loc, rel, samples, spans)
+            for j, (offset, size, crc) in enumerate(spans or ()):
+                rows[j * v + view].update(tar_offset=offset, tar_bytes=size, tar_crc32c=crc)
         if images and any(im is not None for im in images):
             samples = [{"__key__": rows[j * v]["key"], images[j][0]: images[j][1]}
                        for j in range(n) if images[j] is not None]
@@ -90,6 +104,37 @@ class WdsLayout(Layout):
         return files
 
     # -------------------------------------------------------------------------------------------------- reading
+    @property
+    def reads_ranges(self) -> bool:
+        """Whether `read_samples` applies: a local store whose index records each sample's byte range."""
+        return self.format_version >= RANGES_FORMAT and self.loc.is_local
+
+    @cached_property
+    def _ranges(self) -> "SampleRanges":
+        from .ranges import SampleRanges
+
+        return SampleRanges(self.loc.path, self.q.stored_shape(self.target_shape),
+                            self.q.stored_dtype, self.q.has_scales,
+                            None if self.student_views is None else self.student_views.extension, self.views,
+                            self._index_part, self.file_meta, view_name)
+
+    def read_samples(self, items: list[tuple[int, int, int]]
+                     ) -> tuple[np.ndarray, np.ndarray | None, list[bytes] | None]:
+        """Values [B, ...] as stored (scales, student views) of the (shard, view, position in the shard) samples,
+        each read by its byte range and checked against its crc32c (`reads_ranges` stores only)."""
+        return self._ranges.read(items)
+
+    def index_problem(self, table: Any, first: int) -> str | None:
+        """Format 8: the samples' byte ranges in the index parts of shards first.. (`table`) follow each other
+        inside their tars (`store.consistency.scan_parts`: verify and finalize)."""
+        if self.format_version < RANGES_FORMAT:
+            return None
+        from .ranges import spans_problem
+
+        problem = spans_problem(table, self.views, self.shard_size, first, self._ranges.tar_bytes)
+        return None if problem is None else (f"{self.loc.path(view_name(problem[0], problem[1]))}: {problem[2]}; the "
+                                             "index or the tar was altered (run `fdpipe store verify --deep`)")
+
     def iter_stored(self, shard: int) -> Iterator[StoredImage]:
         views = [self.iter_view(shard, v) for v in range(self.views)]
         images = self._images(shard)
@@ -156,6 +201,7 @@ class WdsLayout(Layout):
         for row, index_row in zip(got, want):
             row = row_from_json(row)
             diff = next((c for c in index_mod.COLUMNS if (c in row or c in PARAMS_REQUIRED)
+                         and c not in index_mod.SPAN_COLUMNS
                          and row.get(c) != index_row[c]), None)
             if diff is not None:
                 raise StoreError(f"{where}.params.json: view {index_row['view']}'s {diff} is {row.get(diff)!r}, the "

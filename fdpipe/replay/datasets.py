@@ -457,8 +457,19 @@ class StreamedViews(IterableDataset):
             batch["x"] = self.pixels.decode_batch(student, idx, views, keys, "cpu")
             return
         if rows is None:
-            rows = [self.store.index_part(s).slice(j * self.store.views + v, 1).to_pylist()[0] for s, v, j in items]
+            rows = [self._rows_of(s)[j * self.store.views + v] for s, v, j in items]
         batch["x"] = torch.stack([self.builder.stored_view(r["key"], v, r) for r, v in zip(rows, views)])
+
+    def _rows_of(self, shard: int) -> list[dict[str, Any]]:
+        """A shard's index rows, read once while its samples are being trained on (the last `ROWS_KEPT` shards)."""
+        kept = self.__dict__.setdefault("_rows", {})
+        if shard not in kept:
+            if len(kept) >= self.ROWS_KEPT:
+                kept.pop(next(iter(kept)))
+            kept[shard] = self.store.index_part(shard).to_pylist()
+        return kept[shard]
+
+    ROWS_KEPT = 8  # shards a sample buffer spans at once, with room to spare
 
     def streamed(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
         """Loader worker `wid` of `nw`'s batches from its tars, streamed (`stream`), each sample's (image_idx, view)

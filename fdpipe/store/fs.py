@@ -592,19 +592,24 @@ def _name_the_file(e: OSError, path: str) -> None:
         e.filename = path
 
 
+def crc32c_extend(crc: int, piece: Any) -> int:
+    """`crc` extended by the bytes of `piece` (bytes, or any buffer: google-crc32c takes read-only bytes or arrays,
+    so a bytearray or memoryview is wrapped as one without a copy)."""
+    import google_crc32c
+
+    return google_crc32c.extend(crc, piece if isinstance(piece, bytes) else np.frombuffer(piece, np.uint8))
+
+
 class Digest:
     """A file's bytes, sha256 (what `verify` and resume check) and crc32c (what a reader checks as it streams: 5x
     cheaper than sha256, so replay can afford it on every read), updated piece by piece without copies."""
 
     def __init__(self) -> None:
-        import google_crc32c
-
-        self._extend = google_crc32c.extend
         self._sha, self.crc, self.bytes = hashlib.sha256(), 0, 0
 
     def update(self, piece: Any) -> None:
         self._sha.update(piece)
-        self.crc = self._extend(self.crc, piece if isinstance(piece, bytes) else np.frombuffer(piece, np.uint8))
+        self.crc = crc32c_extend(self.crc, piece)
         self.bytes += memoryview(piece).nbytes
 
     def entry(self) -> dict[str, Any]:

@@ -74,26 +74,29 @@ def _check_shape(store: Store) -> Iterator[str]:
     return store.targets_layout.problems()
 
 
-def _check_ranges(store: Store) -> Iterator[str]:
+def _check_ranges(store: Store, chunk: int = 32) -> Iterator[str]:
     """A wds store of format 8: every sample read by its byte range in the index, as a replay reads it, is the one
-    its tar streams (the index's ranges and the tars were not altered apart)."""
+    its tar streams (the index's ranges and the tars were not altered apart); `chunk` samples a read."""
     if not store.reads_ranges:
         return
     for shard in range(store.num_shards):
         for view in range(store.views):
-            for j, it in enumerate(store.iter_view(shard, view)):
+            streamed = list(store.iter_view(shard, view))
+            for a in range(0, len(streamed), chunk):
                 try:
-                    values, scales, student = store.read_samples([(shard, view, j)])
+                    values, scales, student = store.read_samples([(shard, view, j)
+                                                                  for j in range(a, min(a + chunk, len(streamed)))])
                 except StoreError as e:
                     yield str(e)
                     return
-                same = values[0].tobytes() == it.values.tobytes() and (
-                    scales is None or scales[0].tobytes() == it.scales.tobytes()) and (
-                    student is None or student[0] == (it.student_view or b""))
-                if not same:
-                    yield (f"shard {shard}: image {it.image_idx} ({it.key!r}) view {view}: its byte range in the "
-                           "index holds another sample than its tar streams; the index was altered")
-                    return
+                for k, it in enumerate(streamed[a:a + chunk]):
+                    same = values[k].tobytes() == it.values.tobytes() and (
+                        scales is None or scales[k].tobytes() == it.scales.tobytes()) and (
+                        student is None or student[k] == (it.student_view or b""))
+                    if not same:
+                        yield (f"shard {shard}: image {it.image_idx} ({it.key!r}) view {view}: its byte range in the "
+                               "index holds another sample than its tar streams; the index was altered")
+                        return
 
 
 def _check_values(store: Store, whitened: bool, meter: ShareMeter) -> Iterator[str]:

@@ -74,7 +74,7 @@ def members(head: memoryview, key: str, where: str) -> dict[str, tuple[int, int]
         kind = bytes(h[156:157])
         start = pos + BLOCK
         if kind == b"x":  # PAX records for the next member: "LEN path=NAME\n" ...
-            name = _pax_path(bytes(head[start:start + size]), where)
+            name = _pax_path(bytes(head[start:start + size]))
         else:
             member = name if name is not None else bytes(h[:100]).split(b"\0", 1)[0].decode("utf-8", "replace")
             name = None
@@ -92,7 +92,7 @@ def _octal(field: memoryview, where: str) -> int:
         raise damaged(where, "a tar header's size is not a number") from None
 
 
-def _pax_path(records: bytes, where: str) -> str | None:
+def _pax_path(records: bytes) -> str | None:
     for line in records.split(b"\n"):
         _, _, kv = line.partition(b" ")
         k, eq, v = kv.partition(b"=")

@@ -7,10 +7,8 @@ import functools
 import tarfile
 from typing import Any, Iterator
 
-import numpy as np
-
 from ...errors import StoreError
-from ..fs import StoreLocation
+from ..fs import StoreLocation, crc32c_extend
 
 
 def write_tar(loc: StoreLocation, rel: str, samples: list[dict[str, bytes | str]],
@@ -35,16 +33,14 @@ class SpanCrc:
     writes each member's header, data and padding before `write` returns, so a sample's bytes are one span."""
 
     def __init__(self, f: Any):
-        import google_crc32c
-
-        self.f, self.pos, self.crc, self._extend = f, 0, 0, google_crc32c.extend
+        self.f, self.pos, self.crc = f, 0, 0
 
     def start_span(self) -> int:
         self.crc = 0
         return self.pos
 
     def write(self, b: Any) -> int:
-        self.crc = self._extend(self.crc, b if isinstance(b, bytes) else np.frombuffer(b, np.uint8))
+        self.crc = crc32c_extend(self.crc, b)
         self.pos += memoryview(b).nbytes
         return self.f.write(b)
 
@@ -150,12 +146,10 @@ class Crc32cReader:
     gap, so that tar padding and skipped members are covered too."""
 
     def __init__(self, f: Any):
-        import google_crc32c
-
-        self.f, self.pos, self.crc, self._extend = f, 0, 0, google_crc32c.extend
+        self.f, self.pos, self.crc = f, 0, 0
 
     def _hash(self, b: Any) -> None:
-        self.crc = self._extend(self.crc, b if isinstance(b, bytes) else np.frombuffer(b, np.uint8))
+        self.crc = crc32c_extend(self.crc, b)
         self.pos += len(b)
 
     def read(self, n: int = -1) -> bytes:

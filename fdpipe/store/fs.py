@@ -505,7 +505,12 @@ class StoreLocation:
         """Delete temporary files left under the given folders by crashed writers; returns how many."""
         removed, prefix = 0, self.root.rstrip("/") + "/"
         for rel in under:
-            for path in self.fs.find(self.inside(rel, "delete")):
+            top = self.inside(rel, "delete")
+            # a local store is walked by os.walk (links not followed): fsspec's find asked for every file's info,
+            # 3 s of finalize for ImageNet's 20,000 files
+            paths = ([f"{d}/{f}" for d, _, files in os.walk(top) for f in files] if self.is_local
+                     else self.fs.find(top))
+            for path in paths:
                 if path.rpartition("/")[2].startswith(TMP_PREFIX):
                     self.fs.rm_file(self.inside(path[len(prefix):], "delete") if path.startswith(prefix) else path)
                     removed += 1

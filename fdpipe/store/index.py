@@ -68,10 +68,13 @@ def normalize(row: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 
 
 def encode(rows: Iterable[dict[str, Any]]) -> bytes:
-    """Rows -> parquet bytes with the fixed schema."""
+    """Rows -> parquet bytes with the fixed schema: snappy (parquet's default codec, which every reader reads) over
+    plain pages, no dictionary. A part is 1,528 rows, so its decode is per-column overhead: at ImageNet's 6,708 parts
+    this reads in 0.45 ms a part where zstd over dictionaries took 0.91 (3 s of every verify and finalize), for
+    50 KB a part instead of 30."""
     table = pa.Table.from_pylist([normalize(r) for r in rows], schema=SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="snappy", use_dictionary=False)
     return buf.getvalue()
 
 
@@ -174,17 +177,20 @@ def check_parts(tables: list[pa.Table], manifest: dict[str, Any], first: int, wh
         r = int(bad[0])
         raise fail(r, f"crop box top {top[r]} left {left[r]} height {h[r]} width {w[r]} is not inside the "
                       f"{oh[r]} x {ow[r]} image")
-    view0 = pa.array(j - j % views)  # each row's view 0
+    later = (j[1:] % views) != 0  # row r > 0 that is not its image's view 0
     for name in IMAGE_COLUMNS:
+        # each row against the row before it (zero-copy slices, no gather): the first later view that differs
+        # from its predecessor is the first that differs from view 0, as the views before it equal view 0
         col = table.column(name)
-        base = col.take(view0)
-        differs = pc.or_(pc.fill_null(pc.not_equal(col, base), False), pc.not_equal(col.is_null(), base.is_null()))
-        bad = np.flatnonzero(differs.to_numpy(zero_copy_only=False))
+        row, prev = col.slice(1), col.slice(0, max(table.num_rows - 1, 0))
+        differs = pc.or_(pc.fill_null(pc.not_equal(row, prev), False), pc.not_equal(row.is_null(), prev.is_null()))
+        bad = np.flatnonzero(differs.to_numpy(zero_copy_only=False) & later) + 1
         if bad.size:
             r = int(bad[0])
+            base = col[r - r % views].as_py()
             if name == "key":
-                raise fail(r, f"key {col[r].as_py()!r} differs from view 0's {base[r].as_py()!r}")
-            raise fail(r, f"{name} is {col[r].as_py()!r}, but view 0 of the image says {base[r].as_py()!r}")
+                raise fail(r, f"key {col[r].as_py()!r} differs from view 0's {base!r}")
+            raise fail(r, f"{name} is {col[r].as_py()!r}, but view 0 of the image says {base!r}")
     _check_keys(table.column("key").take(pa.array(j[::views])), views, fail)
     return table
 

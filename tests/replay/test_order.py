@@ -83,6 +83,26 @@ def test_buffer_order_is_the_positions_buffer_shuffle_emits_for_any_items_of_tha
     assert [items[i] for i in order] == list(buffer_shuffle(iter(items), 5, 2, 6))
 
 
+def _one_draw_per_item(n: int, seed: int, epoch: int, size: int, stream: str) -> list[int]:
+    """The buffer as fdpipe ran it up to store format 8, one `integers` call per item: a resumed run of a newer
+    fdpipe must find the same epoch order."""
+    rng, buf, out = epoch_rng(seed, epoch, stream), [], []
+    for item in range(n):
+        buf.append(item)
+        if len(buf) >= size:
+            out.append(buf.pop(int(rng.integers(len(buf)))))
+    while buf:
+        out.append(buf.pop(int(rng.integers(len(buf)))))
+    return out
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 8, 256])
+def test_buffer_order_draws_in_bulk_the_stream_one_draw_per_item_gave(size):
+    for n in (0, 1, 2, size - 1, size, size + 1, 50, 1000):
+        if n >= 0:
+            assert buffer_order(n, 3, 1, size, "0/1") == _one_draw_per_item(n, 3, 1, size, "0/1"), n
+
+
 def _interleave(batches: list[int]) -> list[int]:
     """Which worker delivers each batch of an epoch: round-robin, an exhausted worker's turn skipped."""
     return [w for r in range(max(batches, default=0)) for w in range(len(batches)) if r < batches[w]]

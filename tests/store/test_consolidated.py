@@ -232,3 +232,40 @@ def test_view_seeds_are_derive_seed_of_each_key_and_view():
     got = view_seeds(12345, keys, 3)
     assert got.dtype == np.uint64 and got.shape == (12,)
     assert got.tolist() == [derive_seed(12345, k, v) for k in keys for v in range(3)]
+
+
+def _parts(images: int, views: int, size: int) -> list[pa.Table]:
+    """Index parts of `images` decoded images of `size` a shard, every row valid."""
+    from fdpipe.store import index
+
+    rows = [index.normalize(dict(image_idx=i, key=f"k{i}", source=f"s{i}", label=i % 3, view=v, seed=0, top=0,
+                                 left=0, height=4, width=4, flip=False, orig_height=8, orig_width=8 + i % 2,
+                                 image_sha256=f"{i:064x}", shard=i // size, status="ok"))
+            for i in range(images) for v in range(views)]
+    return [pa.Table.from_pylist(rows[s * size * views:(s + 1) * size * views], schema=index.SCHEMA)
+            for s in range((images + size - 1) // size)]
+
+
+@pytest.mark.parametrize("image,view,column,value,message", [
+    (0, 0, "key", "other", "row 1 (image 0, view 1): key 'k0' differs from view 0's 'other'"),
+    (4, 5, "image_sha256", None, "row 13 (image 4, view 5): image_sha256 is None, but view 0 of the image says"),
+    (5, 7, "orig_width", 10, "row 23 (image 5, view 7): orig_width is 10, but view 0 of the image says 9"),
+    (3, 1, "label", 2, "row 1 (image 3, view 1): label is 2, but view 0 of the image says 0"),
+])
+def test_check_parts_names_the_first_view_that_is_not_its_image_view_0(image, view, column, value, message):
+    """Each row is compared with the row before it; the first later view that differs is the one named, even when
+    view 0 is the odd one out, in the group's second part as in its first."""
+    from fdpipe.errors import StoreError
+    from fdpipe.store import index
+
+    views, size = 8, 3
+    tables = _parts(6, views, size)
+    manifest = {"num_images": 6, "views": views, "shard_size": size}
+    index.check_parts(tables, manifest, 0, lambda s: f"part-{s}")  # valid as built
+    shard, j = image // size, (image % size) * views + view
+    rows = tables[shard].to_pylist()
+    rows[j][column] = value
+    tables[shard] = pa.Table.from_pylist(rows, schema=index.SCHEMA)
+    with pytest.raises(StoreError) as e:
+        index.check_parts(tables, manifest, 0, lambda s: f"part-{s}")
+    assert str(e.value).startswith(f"part-{shard}: ") and message in str(e.value), str(e.value)

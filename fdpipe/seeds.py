@@ -37,6 +37,18 @@ def view_seeds(plan_seed: int, keys: "list[str]", views: int) -> "np.ndarray":
     return np.frombuffer(out, dtype="<u8").astype(np.uint64)
 
 
+def first_mismatch(plan_seed: int, keys: "list[str]", seeds: "np.ndarray", views: int) -> int:
+    """The first position where `seeds` (key-major, as `view_seeds` orders them) is not the plan's; -1 when every
+    one is. A module-level function of plain values, so that a second process can run it (store.consistency)."""
+    import numpy as np
+
+    want = view_seeds(plan_seed, keys, views)
+    if len(want) != len(seeds):
+        return min(len(want), len(seeds))
+    bad = np.flatnonzero(seeds != want)
+    return int(bad[0]) if bad.size else -1
+
+
 def seeded_rng(*parts: object) -> np.random.Generator:
     """A private Philox stream named by `parts` (numpy loads here, not when the settings import this module)."""
     import numpy as np

@@ -15,7 +15,11 @@ the image's) is the replay's: its source check (fdpipe.replay.epochs.check_sourc
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import warnings
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -23,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import FdpipeWarning, StoreError
-from ..seeds import view_seeds
+from ..seeds import derive_seed, first_mismatch
 from . import consolidated
 from . import index as index_mod
 
@@ -43,38 +47,77 @@ class Scan:
 
 
 GROUP = 64  # index parts checked as one table: arrow's per-call cost spread over 12,000 images, not 191
+LAG = 2  # groups whose seeds may still be in the second process while the next ones are checked
+
+
+@contextmanager
+def _seed_process(use: bool) -> Iterator["ProcessPoolExecutor | None"]:
+    """A second process for the seeds' blake2b (a GIL-bound 4 s of one core at ImageNet's 10M views, which held
+    back the threads decoding and checking the parts), or None for a store of one group, where starting one costs
+    more than it saves. Forked, and before the index threads start: a spawned one would re-run the caller's main
+    module (a script without a `__main__` guard), and the child runs only hashlib and numpy on plain values, as a
+    DataLoader's forked workers run beside torch."""
+    if not use or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    try:
+        pool.submit(int).result()  # the fork happens now, while this process has no threads of ours
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def scan_parts(store: "Store") -> Scan:
     """Read and check every index part once: its rows (index.check_parts) and its seeds against the plan, `GROUP`
-    parts at a time."""
+    parts at a time; the seeds of a store of several groups in a second process, at most `LAG` groups behind, so
+    that the first problem found is still the first in the store's order."""
     plan, views, size = store.plan, store.views, store.shard_size
     failed, digest, images = 0, hashlib.sha256(), []
-    parts = store.index_parts(group=GROUP)  # index.check_parts: rows, order, boxes, keys, one image's views alike
-    for first in range(0, store.num_shards, GROUP):
-        try:
-            table = next(parts)
-        except StoreError as e:
-            return Scan(str(e))
-        keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, views))).to_pylist()
-        seeds = table.column("seed").fill_null(0).to_numpy()
-        want = view_seeds(plan.seed, keys, views)
-        bad = np.flatnonzero(seeds != want) if len(seeds) == len(want) else np.array([0])
-        if bad.size:
-            r = int(bad[0])
-            shard = first + r // views // size
-            return Scan(f"{store.loc.path(index_mod.part_name(shard))}: row {r - (shard - first) * size * views} "
-                        f"(image {keys[r // views]!r}, view {r % views}): seed {table.column('seed')[r].as_py()} is "
-                        f"not the plan's {int(want[r])} for that image and view (plan.seed {plan.seed}); the index "
-                        "was altered or belongs to another plan")
-        problem = store.targets_layout.index_problem(table, first)  # wds: the samples' byte ranges
-        if problem:
-            return Scan(problem)
-        failed += len(keys) - int(consolidated.decodable(table)[::views].sum())
-        digest.update(index_mod.digest_lines(table))
-        images.append(consolidated.from_part(table, views))
+    with _seed_process(store.num_shards > GROUP) as process:
+        parts = store.index_parts(group=GROUP)  # index.check_parts: rows, order, boxes, keys, one image's views alike
+        pending: deque = deque()  # (first shard, keys, seed column, the first mismatch or its future)
+
+        def seed_problem(lag: int) -> str | None:
+            while len(pending) > lag:
+                first, keys, column, bad = pending.popleft()
+                r = bad if process is None else bad.result()
+                if r >= 0:
+                    return _seed_message(store, first, keys, column, r)
+            return None
+
+        for first in range(0, store.num_shards, GROUP):
+            try:
+                table = next(parts)
+            except StoreError as e:
+                return Scan(seed_problem(0) or str(e))
+            keys = table.column("key").take(pa.array(np.arange(0, table.num_rows, views))).to_pylist()
+            column = table.column("seed")
+            args = (plan.seed, keys, column.fill_null(0).to_numpy(), views)
+            pending.append((first, keys, column, first_mismatch(*args) if process is None else
+                            process.submit(first_mismatch, *args)))
+            problem = seed_problem(LAG) or store.targets_layout.index_problem(table, first)  # wds: byte ranges
+            if problem:
+                return Scan(seed_problem(0) or problem)
+            failed += len(keys) - int(consolidated.decodable(table)[::views].sum())
+            digest.update(index_mod.digest_lines(table))
+            images.append(consolidated.from_part(table, views))
+        problem = seed_problem(0)
+    if problem:
+        return Scan(problem)
     return Scan(None, failed, digest.hexdigest(),
                 pa.concat_tables(images) if images else consolidated.schema(views).empty_table())
+
+
+def _seed_message(store: "Store", first: int, keys: list[str], column: pa.ChunkedArray, r: int) -> str:
+    """The line for row r of the group of parts from shard `first`, whose seed is not the plan's."""
+    views, size = store.views, store.shard_size
+    shard = first + r // views // size
+    key = keys[r // views] if r // views < len(keys) else None
+    stored = column[r].as_py() if r < len(column) else None
+    return (f"{store.loc.path(index_mod.part_name(shard))}: row {r - (shard - first) * size * views} "
+            f"(image {key!r}, view {r % views}): seed {stored} is not the plan's {derive_seed(store.plan.seed, key, r % views)} "
+            f"for that image and view (plan.seed {store.plan.seed}); the index was altered or belongs to another plan")
 
 
 def index_problems(store: "Store", scan: Scan | None = None) -> Iterator[str]:

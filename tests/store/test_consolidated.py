@@ -269,3 +269,65 @@ def test_check_parts_names_the_first_view_that_is_not_its_image_view_0(image, vi
     with pytest.raises(StoreError) as e:
         index.check_parts(tables, manifest, 0, lambda s: f"part-{s}")
     assert str(e.value).startswith(f"part-{shard}: ") and message in str(e.value), str(e.value)
+
+
+def _part_changed(store: Store, shard: int, change) -> None:
+    """Rewrite shard's index part with `change(rows)` applied, re-signed in `store`'s manifest (in memory)."""
+    from fdpipe.store import index
+    from fdpipe.store.fs import Digest
+
+    rel = index.part_name(shard)
+    rows = pq.read_table(Path(store.loc.path(rel))).to_pylist()
+    change(rows)
+    data = index.encode(rows)
+    Path(store.loc.path(rel)).write_bytes(data)
+    digest = Digest()
+    digest.update(data)
+    store.manifest["shards"][shard]["files"][rel] = digest.entry()
+
+
+def _scan(url: str, monkeypatch, process: bool, edits=()):
+    """scan_parts of the store at url, one part to a group, the seeds in a second process or not, after `edits`
+    ((shard, change) pairs); and whether scan_parts asked for the process (a store of more than one group)."""
+    from fdpipe.store import consistency
+
+    asked = []
+    real = consistency._seed_process
+    monkeypatch.setattr(consistency, "GROUP", 1)
+    monkeypatch.setattr(consistency, "_seed_process", lambda use: asked.append(use) or real(use and process))
+    store = open_store(url)
+    for shard, change in edits:
+        _part_changed(store, shard, change)
+    return consistency.scan_parts(store), asked == [True]
+
+
+def _seed_bumped(row: int):
+    def change(rows):
+        rows[row]["seed"] = (rows[row]["seed"] + 1) % 2**64
+    return change
+
+
+def _key_unsafe(rows):
+    for r in rows[:2]:
+        r["key"] = "../escape"
+
+
+@pytest.mark.parametrize("edits, says", [
+    ((), None),
+    (((3, _seed_bumped(1)),), "part-00003.parquet: row 1 (image 'img/0006', view 1): seed"),
+    (((0, _seed_bumped(3)),), "part-00000.parquet: row 3 (image 'img/0001', view 1): seed"),
+    # a seed problem in an earlier part is named before a row problem found in a later one
+    (((0, _seed_bumped(2)), (2, _key_unsafe)), "part-00000.parquet: row 2 (image 'img/0001', view 0): seed"),
+], ids=["clean", "seed-in-last-part", "seed-in-first-part", "seed-before-a-later-key"])
+def test_seeds_checked_in_a_second_process_find_what_one_process_finds(make_store, monkeypatch, tmp_path, edits, says):
+    url, _, _ = make_store("zarr", n=7, s=2)  # 4 parts, so 4 groups of 1: the seeds go to the second process
+    alone, _ = _scan(url, monkeypatch, False, edits)
+    url2, _, _ = make_store("zarr", n=7, s=2, name="again")
+    beside, asked = _scan(url2, monkeypatch, True, edits)
+    assert asked
+    assert (beside.problem or "").replace("again", "zarr-float16") == (alone.problem or "")
+    if says is None:
+        assert alone.problem is None and beside.dataset_fingerprint == alone.dataset_fingerprint
+        assert beside.images.equals(alone.images)
+    else:
+        assert says in alone.problem and "is not the plan's" in alone.problem

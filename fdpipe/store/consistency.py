@@ -116,8 +116,9 @@ def _seed_message(store: "Store", first: int, keys: list[str], column: pa.Chunke
     key = keys[r // views] if r // views < len(keys) else None
     stored = column[r].as_py() if r < len(column) else None
     return (f"{store.loc.path(index_mod.part_name(shard))}: row {r - (shard - first) * size * views} "
-            f"(image {key!r}, view {r % views}): seed {stored} is not the plan's {derive_seed(store.plan.seed, key, r % views)} "
-            f"for that image and view (plan.seed {store.plan.seed}); the index was altered or belongs to another plan")
+            f"(image {key!r}, view {r % views}): seed {stored} is not the plan's "
+            f"{derive_seed(store.plan.seed, key, r % views)} for that image and view (plan.seed {store.plan.seed}); "
+            "the index was altered or belongs to another plan")
 
 
 def index_problems(store: "Store", scan: Scan | None = None) -> Iterator[str]:

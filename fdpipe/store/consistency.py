@@ -56,8 +56,9 @@ def _seed_process(use: bool) -> Iterator["ProcessPoolExecutor | None"]:
     back the threads decoding and checking the parts), or None for a store of one group, where starting one costs
     more than it saves. Forked, and before the index threads start: a spawned one would re-run the caller's main
     module (a script without a `__main__` guard), and the child runs only hashlib and numpy on plain values, as a
-    DataLoader's forked workers run beside torch."""
-    if not use or "fork" not in multiprocessing.get_all_start_methods():
+    DataLoader's forked workers run beside torch. A daemonic process (a DataLoader worker's) may not have children,
+    so it checks them itself."""
+    if not use or multiprocessing.current_process().daemon or "fork" not in multiprocessing.get_all_start_methods():
         yield None
         return
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))

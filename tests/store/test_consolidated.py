@@ -331,3 +331,17 @@ def test_seeds_checked_in_a_second_process_find_what_one_process_finds(make_stor
         assert beside.images.equals(alone.images)
     else:
         assert says in alone.problem and "is not the plan's" in alone.problem
+
+
+def test_a_daemonic_process_checks_the_seeds_itself(monkeypatch):
+    """A DataLoader worker is daemonic and may not start a process: the seed check stays in it."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from fdpipe.store import consistency
+
+    with consistency._seed_process(True) as pool:
+        assert pool is not None
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    with consistency._seed_process(True) as pool:
+        assert pool is None

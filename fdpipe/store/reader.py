@@ -149,10 +149,9 @@ class Store:
         `columns`."""
         return self._checked_parts(shard, [self._read_part(shard, columns)], columns)
 
-    def index_parts(self, columns: list[str] | None = None, group: int = 1, ahead: int | None = None
-                    ) -> Iterator[pa.Table]:
+    def index_parts(self, columns: list[str] | None = None, group: int = 1) -> Iterator[pa.Table]:
         """`index_part` of every shard in order, `group` parts to a table (checked as one: `check_parts`). The next
-        `ahead` parts (default: two groups, at least 16) are read and decoded by two threads, and each group is
+        groups (two, or 16 parts when groups are smaller) are read and decoded by two threads, and each group is
         checked by a third, while the caller works on the one before (parquet decodes and arrow computes without
         the GIL). At ImageNet's 6,708 parts in groups of 64, one part at a time took verify's index checks 22 s;
         decoding ahead, 12.6; checking ahead too (and the seeds in a second process: scan_parts), 9.5."""
@@ -160,7 +159,7 @@ class Store:
         from concurrent.futures import ThreadPoolExecutor
 
         n = self.num_shards
-        groups = max(2, -(-(max(16, 2 * group) if ahead is None else ahead) // group))  # groups in flight
+        groups = max(2, -(-16 // group))  # groups in flight
         firsts = iter(range(0, n, group))
         with ThreadPoolExecutor(2, thread_name_prefix="fdpipe-index") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="fdpipe-index-check") as checker:
